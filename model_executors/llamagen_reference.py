@@ -1,0 +1,195 @@
+"""Plain-PyTorch LlamaGen class-to-image GPT and its generate loop: the test oracle and speed baseline.
+
+Written independently of the vLLM model class (`llamagen.py`) on purpose: 2D RoPE in complex form,
+a static KV cache and an explicit boolean mask, as in LlamaGen's `autoregressive/models/gpt.py` and
+`generate.py` (and gpt-fast). Parameter names are LlamaGen's, so one state dict serves both. The
+same module also trains the embedded model (`scripts/train_embedded.py`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
+from vllm_visual_ar.samplers.sampling import cfg_mix, sample
+
+
+def rope_2d_table(cfg: LlamaGenConfig) -> torch.Tensor:
+    """Complex rotations [cls_token_num + grid^2, head_dim/2].
+
+    LlamaGen (`precompute_freqs_cis_2d`): the first head_dim/4 frequency pairs rotate by the row
+    index, the next head_dim/4 by the column index (base^(2i/(head_dim/2))). The class-token prefix
+    gets rows of zeros (cos = sin = 0), which zeroes its query and key: a quirk of the original
+    checkpoints that the model must reproduce.
+    """
+    half = cfg.head_dim // 2
+    freqs = 1.0 / (cfg.rope_base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    t = torch.arange(cfg.image_grid).float()
+    row = torch.outer(t, freqs)[:, None, :].expand(-1, cfg.image_grid, -1)
+    col = torch.outer(t, freqs)[None, :, :].expand(cfg.image_grid, -1, -1)
+    angles = torch.cat([row, col], dim=-1).reshape(cfg.image_grid ** 2, half)
+    rot = torch.polar(torch.ones_like(angles), angles)
+    return torch.cat([torch.zeros(cfg.cls_token_num, half, dtype=rot.dtype), rot])
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H, D] rotated pairwise (interleaved) by rot [S, D/2] complex."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * rot[None, :, None, :]).flatten(3).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = (
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        self.wqkv = nn.Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        self.k_cache: torch.Tensor | None = None  # [B, H_kv, S_max, D]
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x, rot, mask, input_pos=None):
+        b, s, _ = x.shape
+        q, k, v = self.wqkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], -1)
+        q = apply_rope(q.view(b, s, self.n_head, self.head_dim), rot).transpose(1, 2)
+        k = apply_rope(k.view(b, s, self.n_kv_head, self.head_dim), rot).transpose(1, 2)
+        v = v.view(b, s, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if input_pos is not None:  # static cache: write at the given positions, attend to all of it
+            self.k_cache[:b, :, input_pos] = k
+            self.v_cache[:b, :, input_pos] = v
+            k, v = self.k_cache[:b], self.v_cache[:b]
+        rep = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, rot, mask, input_pos=None):
+        h = x + self.attention(self.attention_norm(x), rot, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LabelEmbedder(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig):
+        super().__init__()
+        self.embedding_table = nn.Embedding(cfg.num_classes + 1, cfg.hidden_size)  # last row: null class
+
+
+class LlamaGenReference(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig):
+        super().__init__()
+        self.config = cfg
+        self.cls_embedding = LabelEmbedder(cfg)
+        self.tok_embeddings = nn.Embedding(cfg.codebook_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.output = nn.Linear(cfg.hidden_size, cfg.codebook_size, bias=False)
+        self.register_buffer("rope", rope_2d_table(cfg), persistent=False)
+
+    # -- full-sequence forward (training, and the logits oracle) --------------------------------
+    def forward(self, labels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """labels [B] (num_classes = null), codes [B, S] -> logits [B, 1 + S, codebook_size].
+
+        Row j predicts image code j (teacher forcing: the input is [class, code_0..code_{S-1}])."""
+        h = torch.cat([self.cls_embedding.embedding_table(labels)[:, None], self.tok_embeddings(codes)], 1)
+        n = h.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
+        for layer in self.layers:
+            h = layer(h, self.rope[:n], mask)
+        return self.output(self.norm(h)).float()
+
+    # -- KV-cached inference ---------------------------------------------------------------------
+    def setup_cache(self, batch: int, dtype=torch.float32, device="cpu"):
+        cfg = self.config
+        max_len = cfg.cls_token_num + cfg.num_image_tokens
+        for layer in self.layers:
+            att = layer.attention
+            shape = (batch, att.n_kv_head, max_len, att.head_dim)
+            att.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            att.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.causal_mask = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
+
+    def step(self, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Embedded inputs h [B, S, D] at positions input_pos [S] -> logits of the last position [B, V]."""
+        mask = self.causal_mask[None, None, input_pos]
+        rot = self.rope[input_pos]
+        for layer in self.layers:
+            h = layer(h, rot, mask, input_pos)
+        return self.output(self.norm(h[:, -1])).float()
+
+
+@dataclass
+class ReferenceResult:
+    codes: torch.Tensor  # [N, grid*grid] raster order
+    forward_passes: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def generate(model: LlamaGenReference, classes: list[int], guidance_scale: float = 4.0,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> ReferenceResult:
+    """LlamaGen's c2i generate loop: batch [cond; uncond], prefill the class token, then one token
+    per forward, guidance `uncond + s(cond - uncond)` at every step, one sample shared by both halves.
+    guidance_scale == 1 runs a single (cond) stream, as the engine does."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    labels = torch.tensor(classes, device=device)
+    guided = guidance_scale != 1.0
+    n = len(classes)
+    if guided:
+        labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
+    model.setup_cache(labels.shape[0], device=device)
+
+    def next_token(logits):
+        if guided:
+            logits = cfg_mix(logits[:n], logits[n:], guidance_scale)
+        return sample(logits, temperature, top_k, top_p, generator)
+
+    pos = torch.arange(cfg.cls_token_num, device=device)
+    h = model.cls_embedding.embedding_table(labels)[:, None]
+    token = next_token(model.step(h, pos))
+    codes = [token]
+    for i in range(cfg.num_image_tokens - 1):
+        pos = torch.tensor([cfg.cls_token_num + i], device=device)
+        x = torch.cat([token, token]) if guided else token
+        token = next_token(model.step(model.tok_embeddings(x)[:, None], pos))
+        codes.append(token)
+    return ReferenceResult(torch.stack(codes, 1), cfg.num_image_tokens, time.perf_counter() - t0)
