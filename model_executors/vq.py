@@ -223,18 +223,21 @@ class VQModel(nn.Module):
         return self.decode(z_q)
 
 
+VQ_WEIGHTS = os.path.join("vq", "model.safetensors")
+
 # Keys in official checkpoints that are training state, not weights.
 _IGNORED_KEYS = ("quantize.codebook_used",)
 
 
 def load_vq(model_dir: str, device: str = "cpu") -> VQModel:
-    """Load the tokenizer of a converted model folder (`vq` section of config.json + vq.safetensors)."""
+    """Load the tokenizer of a converted model folder (`vq` section of config.json, weights in
+    `vq/model.safetensors`: a subfolder, because vLLM loads every *.safetensors at the top level)."""
     from safetensors.torch import load_file
 
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = VQConfig.from_dict(json.load(f)["vq"])
     model = VQModel(cfg)
-    state = load_file(os.path.join(model_dir, "vq.safetensors"))
+    state = load_file(os.path.join(model_dir, VQ_WEIGHTS))
     load_vq_state_dict(model, state)
     return model.to(device).eval()
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from vllm_visual_ar.evaluation import CLASSIFIER_DIR, MNISTClassifier
 from vllm_visual_ar.mnist import load_mnist_5k, split_indices, to_model_space
+from vllm_visual_ar.model_executors.convert import write_model_folder
 from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
 from vllm_visual_ar.model_executors.llamagen_reference import LlamaGenReference
 from vllm_visual_ar.model_executors.vq import VQConfig, VQModel
@@ -135,11 +136,7 @@ def train_gpt(vq: VQModel, epochs: int, batch_size: int = 32, lr: float = 2e-3, 
 
 
 def save_model(gpt: LlamaGenReference, vq: VQModel, out_dir: str = EMBEDDED_MODEL_DIR):
-    os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in gpt.state_dict().items()}, os.path.join(out_dir, "model.safetensors"))
-    decoder_only = {k: v for k, v in vq.state_dict().items() if not k.startswith(("encoder.", "quant_conv."))}
-    save_file(decoder_only, os.path.join(out_dir, "vq.safetensors"))
-    gpt.config.to_json_file(os.path.join(out_dir, "config.json"))
+    write_model_folder(out_dir, gpt.config, gpt.state_dict(), vq.state_dict())
 
 
 def main():

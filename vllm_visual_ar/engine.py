@@ -1,0 +1,48 @@
+"""How to build a vLLM engine that serves an image model: the plugin's scheduler and worker, no
+tokenizer, and sizes taken from the model folder. Used by the offline API, the CLI and the tests."""
+from __future__ import annotations
+
+import os
+
+from vllm_visual_ar.models import resolve_model_dir
+
+SCHEDULER_CLS = "vllm_visual_ar.scheduler.VisualARScheduler"
+WORKER_CLS = "vllm_visual_ar.worker.VisualARWorker"
+
+
+def set_engine_env() -> None:
+    """Environment defaults that must be in place before vLLM starts its engine process."""
+    # The plugin wires into the V1 model runner; the V2 runner (default on GPU in 0.33) is not supported.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    # On CPU, vLLM otherwise reserves 90% of RAM for KV cache; 1 GiB holds thousands of small images.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def engine_kwargs(model: str | None = None, max_images_in_flight: int = 16, **overrides) -> dict:
+    """Keyword arguments for `vllm.LLM` / `EngineArgs`. Each guided image in flight takes two
+    sequences (cond and uncond)."""
+    from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
+
+    model_dir = resolve_model_dir(model)
+    config = LlamaGenConfig.from_pretrained(model_dir)
+    kwargs = dict(
+        model=model_dir,
+        skip_tokenizer_init=True,
+        scheduler_cls=SCHEDULER_CLS,
+        worker_cls=WORKER_CLS,
+        max_num_seqs=2 * max_images_in_flight,
+        max_model_len=config.max_position_embeddings,
+        max_num_batched_tokens=max(2048, 4 * max_images_in_flight),
+        seed=0,
+    )
+    if is_cpu():
+        # AVX2-only CPUs emulate bf16 slowly; eager mode skips minutes of compilation for tiny models.
+        kwargs.update(dtype="float32", enforce_eager=True)
+    kwargs.update(overrides)
+    return kwargs

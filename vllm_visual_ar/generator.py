@@ -1,0 +1,98 @@
+"""Offline batch API: classes in, PIL images out, on `vllm.LLM`.
+
+    from vllm_visual_ar import ImageGenerator
+    gen = ImageGenerator()                      # the embedded MNIST model
+    images = gen.generate(classes=[3, 7], n=4, guidance_scale=4.0, seed=0)
+    images[0].image.save("three.png"); print(images[0].stats)
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from vllm_visual_ar.engine import engine_kwargs, set_engine_env
+from vllm_visual_ar.requests import SamplingSettings, image_requests, validate_class_id
+
+
+@dataclass
+class ImageStats:
+    tokens: int           # image tokens generated
+    forward_passes: int   # model forwards this image took (raster: one per token)
+    seconds: float        # wall time of the generate() call that produced it
+    streams: int          # 2 for a guided image (cond + uncond), else 1
+
+
+@dataclass
+class GeneratedImage:
+    image: "object"        # PIL.Image
+    class_id: int
+    codes: torch.Tensor    # [grid, grid] image codes, raster order
+    seed: int | None
+    stats: ImageStats
+
+
+class ImageGenerator:
+    def __init__(self, model: str | None = None, max_images_in_flight: int = 16, **engine_overrides):
+        from vllm import LLM
+
+        from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
+        from vllm_visual_ar.model_executors.vq import load_vq
+
+        set_engine_env()
+        kwargs = engine_kwargs(model, max_images_in_flight, **engine_overrides)
+        self.model_dir = kwargs["model"]
+        self.config = LlamaGenConfig.from_pretrained(self.model_dir)
+        self.vq = load_vq(self.model_dir)
+        self.llm = LLM(**kwargs)
+
+    def generate(self, classes: list[int] | int, n: int = 1, guidance_scale: float = 4.0,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 progress: bool = False) -> list[GeneratedImage]:
+        """n images per class, in order (class-major). Image i of the call uses seed + i, so a seed
+        gives the same images whatever else is in the batch."""
+        classes = [classes] if isinstance(classes, int) else list(classes)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if not classes:
+            raise ValueError("classes must name at least one class")
+        for c in classes:
+            validate_class_id(self.config, c)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        settings = SamplingSettings(guidance_scale, temperature, top_k, top_p)
+
+        jobs = [(c, None if seed is None else seed + i) for i, c in enumerate(c for c in classes for _ in range(n))]
+        prompts, params, owners = [], [], []
+        for index, (c, s) in enumerate(jobs):
+            for prompt, sp in image_requests(self.config, c, settings, s, image_id=uuid.uuid4().hex):
+                prompts.append(prompt)
+                params.append(sp)
+                owners.append(index)
+        t0 = time.perf_counter()
+        outputs = self.llm.generate(prompts, params, use_tqdm=progress)
+        seconds = time.perf_counter() - t0
+
+        codes = {}
+        for owner, sp, out in zip(owners, params, outputs):
+            if sp.extra_args["visual_ar"]["role"] != "uncond":
+                codes[owner] = torch.tensor(out.outputs[0].token_ids)
+        grid = self.config.image_grid
+        stack = torch.stack([codes[i] for i in range(len(jobs))]).view(-1, grid, grid)
+        images = self.decode(stack)
+        streams = 2 if settings.guided else 1
+        return [GeneratedImage(img, c, stack[i], s, ImageStats(grid * grid, grid * grid, seconds, streams))
+                for i, ((c, s), img) in enumerate(zip(jobs, images))]
+
+    def decode(self, codes: torch.Tensor) -> list:
+        """codes [N, grid, grid] -> PIL images (grayscale for 1-channel tokenizers, else RGB)."""
+        from PIL import Image
+
+        from vllm_visual_ar.model_executors.vq import images_to_uint8
+
+        pixels = images_to_uint8(torch.cat([self.vq.decode_codes(c) for c in codes.split(64)]))
+        if pixels.shape[-1] == 1:
+            return [Image.fromarray(p[..., 0].numpy(), mode="L") for p in pixels]
+        return [Image.fromarray(p.numpy(), mode="RGB") for p in pixels]

@@ -1,0 +1,95 @@
+"""The plugin's request format: how an image becomes vLLM requests, and how the engine reads them back.
+
+An unguided image (guidance_scale == 1) is one request. A guided image is two requests, one per
+classifier-free-guidance stream, that the plugin scheduler runs in lockstep and the runner samples
+as one:
+
+    cond:   TokensPrompt([class_token]),      extra_args["visual_ar"] = {"image_id": ID, "role": "cond", "guidance_scale": s}
+    uncond: TokensPrompt([null_class_token]), extra_args["visual_ar"] = {"image_id": ID, "role": "uncond", "guidance_scale": s}
+
+Both carry the same max_tokens (the image's token count); the cond request carries the sampling
+settings and the seed. `image_requests` builds exactly this, for `LLM.generate` or the engine client.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+EXTRA_ARGS_KEY = "visual_ar"
+ROLES = ("single", "cond", "uncond")
+
+
+@dataclass(frozen=True)
+class ImageRequestInfo:
+    image_id: str
+    role: str  # "single", "cond" or "uncond"
+    guidance_scale: float
+
+    @property
+    def guided(self) -> bool:
+        return self.role != "single"
+
+
+def image_request_info(sampling_params) -> ImageRequestInfo | None:
+    """What the plugin needs to know about a request; None for a request that is not one of ours."""
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    info = extra.get(EXTRA_ARGS_KEY)
+    if info is None:
+        return None
+    return ImageRequestInfo(str(info["image_id"]), info.get("role", "single"),
+                            float(info.get("guidance_scale", 1.0)))
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Sampling settings of one image, validated. top_k 0 and top_p 1 switch those filters off;
+    temperature 0 (or top_k 1) is greedy."""
+    guidance_scale: float = 4.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number >= 0, got {self.guidance_scale!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+
+def validate_class_id(config, class_id) -> int:
+    if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id < config.num_classes:
+        raise ValueError(f"class {class_id!r} is not one of this model's classes (0..{config.num_classes - 1})")
+    return class_id
+
+
+def image_requests(config, class_id: int, settings: SamplingSettings, seed: int | None = None,
+                   image_id: str | None = None) -> list[tuple[dict, "object"]]:
+    """-> [(prompt, SamplingParams)] for one image: one pair for a guided image, one entry otherwise."""
+    from vllm import SamplingParams
+
+    validate_class_id(config, class_id)
+    image_id = image_id or uuid.uuid4().hex
+    greedy = settings.temperature == 0 or settings.top_k == 1
+
+    def params(role: str, with_seed: bool) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=config.num_image_tokens, min_tokens=config.num_image_tokens, ignore_eos=True,
+            temperature=0.0 if greedy else settings.temperature,
+            top_k=0 if greedy else settings.top_k, top_p=1.0 if greedy else settings.top_p,
+            seed=seed if with_seed else None, detokenize=False,
+            extra_args={EXTRA_ARGS_KEY: {"image_id": image_id, "role": role,
+                                         "guidance_scale": float(settings.guidance_scale)}})
+
+    cond_prompt = {"prompt_token_ids": [config.class_token(class_id)]}
+    if not settings.guided:
+        return [(cond_prompt, params("single", True))]
+    return [(cond_prompt, params("cond", True)),
+            ({"prompt_token_ids": [config.null_class_token]}, params("uncond", False))]

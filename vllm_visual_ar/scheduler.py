@@ -1,0 +1,138 @@
+"""vLLM scheduler for image requests: classifier-free-guidance pairs advance in lockstep.
+
+A guided image is two requests (cond, uncond; see `requests.py`) whose logits the runner mixes in
+every step, so both must be scheduled together or not at all. vLLM's scheduler admits, budgets and
+preempts request by request, so this subclass wraps it rather than rewriting it:
+
+- Admission. Before each `schedule()`, only whole groups (a pair, or an unguided request) stay in
+  the waiting queue, in arrival order, and only while the group fits: sequence slots, the token
+  budget, and the KV blocks for the *whole* image. An image's length is fixed (max_tokens), so
+  reserving its blocks up front means running requests never need preemption, which would split
+  a pair. A half whose partner has not arrived yet waits.
+- Abort. Aborting one half aborts its partner; the frontend is told in the next output.
+- Every step checks that no pair was split; a split is a bug and raises.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+from vllm.v1.request import Request, RequestStatus
+
+from vllm_visual_ar.requests import image_request_info
+
+
+class VisualARScheduler(Scheduler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pair_members: dict[str, set[str]] = defaultdict(set)  # image_id -> request ids
+        self._aborted_partners: list[Request] = []  # finished here; the frontend must hear of it
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    @staticmethod
+    def _pair_key(request: Request) -> str | None:
+        info = image_request_info(request.sampling_params)
+        return info.image_id if info is not None and info.guided else None
+
+    def add_request(self, request: Request) -> None:
+        super().add_request(request)
+        if (key := self._pair_key(request)) is not None:
+            self._pair_members[key].add(request.request_id)
+
+    def _free_request(self, request: Request, delay_free_blocks: bool = False):
+        if (key := self._pair_key(request)) is not None:
+            members = self._pair_members.get(key)
+            if members is not None:
+                members.discard(request.request_id)
+                if not members:
+                    del self._pair_members[key]
+        return super()._free_request(request, delay_free_blocks)
+
+    def _partner_id(self, request_id: str) -> str | None:
+        request = self.requests.get(request_id)
+        key = self._pair_key(request) if request is not None else None
+        others = self._pair_members.get(key, set()) - {request_id} if key is not None else set()
+        return next(iter(others), None)
+
+    # -- abort both halves -----------------------------------------------------------------------
+    def finish_requests(self, request_ids, finished_status: RequestStatus) -> list[Request]:
+        if request_ids is None or finished_status != RequestStatus.FINISHED_ABORTED:
+            return super().finish_requests(request_ids, finished_status)
+        asked = {request_ids} if isinstance(request_ids, str) else set(request_ids)
+        partners = {p for rid in asked if (p := self._partner_id(rid)) is not None} - asked
+        finished = super().finish_requests(asked | partners, finished_status)
+        self._aborted_partners += [r for r in finished if r.request_id in partners]
+        return finished
+
+    def update_from_output(self, scheduler_output, model_runner_output) -> dict[int, EngineCoreOutputs]:
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for request in self._aborted_partners:
+            eco = outputs.setdefault(request.client_index, EngineCoreOutputs())
+            eco.outputs.append(EngineCoreOutput(request_id=request.request_id, new_token_ids=[],
+                                                finish_reason=request.get_finished_reason()))
+        self._aborted_partners = []
+        return outputs
+
+    # -- admission -------------------------------------------------------------------------------
+    def _blocks_for_whole_request(self, request: Request) -> int:
+        spec = self.vllm_config.speculative_config
+        lookahead = spec.num_speculative_tokens if spec is not None else 0
+        return math.ceil((request.num_prompt_tokens + request.max_tokens + lookahead) / self.block_size)
+
+    def _admissible_groups(self) -> list[Request]:
+        """Waiting requests that this step may admit, whole groups in arrival order."""
+        waiting = list(self.waiting)
+        halves: dict[str, list[Request]] = defaultdict(list)
+        for r in waiting:
+            if (key := self._pair_key(r)) is not None:
+                halves[key].append(r)
+        free_seqs = self.max_num_running_reqs - len(self.running)
+        free_blocks = self.kv_cache_manager.block_pool.get_num_free_blocks() - sum(
+            max(0, self._blocks_for_whole_request(r) - math.ceil(r.num_computed_tokens / self.block_size))
+            for r in self.running)
+        free_tokens = self.max_num_scheduled_tokens - sum(
+            r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens for r in self.running)
+        admitted: list[Request] = []
+        seen: set[str] = set()
+        for r in waiting:
+            key = self._pair_key(r)
+            if r.request_id in seen:
+                continue
+            group = [r] if key is None else halves[key]
+            if key is not None and len(group) != 2:
+                continue  # the other half has not arrived yet
+            seen.update(g.request_id for g in group)
+            blocks = sum(self._blocks_for_whole_request(g) for g in group)
+            tokens = sum(g.num_tokens - g.num_computed_tokens for g in group)
+            if len(group) > free_seqs or blocks > free_blocks or tokens > free_tokens:
+                break  # first come, first served: nothing overtakes a group that does not fit
+            free_seqs, free_blocks, free_tokens = free_seqs - len(group), free_blocks - blocks, free_tokens - tokens
+            admitted += group
+        return admitted
+
+    def schedule(self, *args, **kwargs) -> SchedulerOutput:
+        waiting = list(self.waiting)
+        admitted = self._admissible_groups()
+        held = [r for r in waiting if r not in set(admitted)]
+        self.waiting.remove_requests(waiting)
+        for r in admitted:
+            self.waiting.add_request(r)
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            # Anything not admitted goes back in front, in its original order.
+            self.waiting.prepend_requests(reversed(held))
+        self._check_pairs(output)
+        return output
+
+    def _check_pairs(self, output: SchedulerOutput) -> None:
+        scheduled = output.num_scheduled_tokens
+        for rid, n in scheduled.items():
+            partner = self._partner_id(rid)
+            if partner is not None and scheduled.get(partner) != n:
+                raise RuntimeError(
+                    f"guidance pair split: {rid} scheduled {n} tokens, its partner {partner} "
+                    f"{scheduled.get(partner, 0)}")
