@@ -27,27 +27,33 @@ def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
 
 
 def gpt_config_from_state(state: dict, image_size: int, downsample: int, vq: VQConfig,
-                          gpt_size: str | None = None) -> LlamaGenConfig:
+                          gpt_size: str | None = None, num_heads: int | None = None) -> LlamaGenConfig:
+    """Sizes from the weights; the head count (not visible in fused wqkv) from the official size
+    table, or `num_heads` for other models."""
     if "tok_embeddings.weight" not in state or "cls_embedding.embedding_table.weight" not in state:
         raise ValueError("GPT checkpoint lacks tok_embeddings / cls_embedding.embedding_table: "
                          "only class-conditional (c2i) LlamaGen models are supported")
     codebook_size, dim = state["tok_embeddings.weight"].shape
     n_layer = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k)))
-    if gpt_size is None:
-        matches = [name for name, s in GPT_SIZES.items() if s["dim"] == dim and s["n_layer"] == n_layer]
-        if not matches:
-            raise ValueError(f"no official GPT size has dim={dim}, n_layer={n_layer}; pass gpt_size")
-        gpt_size = matches[0]
-    size = GPT_SIZES[gpt_size]
-    if (size["dim"], size["n_layer"]) != (dim, n_layer):
-        raise ValueError(f"{gpt_size} does not match the checkpoint (dim={dim}, n_layer={n_layer})")
-    head_dim = dim // size["n_head"]
+    if num_heads is None:
+        if gpt_size is None:
+            matches = [name for name, s in GPT_SIZES.items() if s["dim"] == dim and s["n_layer"] == n_layer]
+            if not matches:
+                raise ValueError(f"no official GPT size has dim={dim}, n_layer={n_layer}; pass num_heads")
+            gpt_size = matches[0]
+        if gpt_size not in GPT_SIZES:
+            raise ValueError(f"unknown GPT size {gpt_size!r}; one of {sorted(GPT_SIZES)}")
+        size = GPT_SIZES[gpt_size]
+        if (size["dim"], size["n_layer"]) != (dim, n_layer):
+            raise ValueError(f"{gpt_size} does not match the checkpoint (dim={dim}, n_layer={n_layer})")
+        num_heads = size["n_head"]
+    head_dim = dim // num_heads
     qkv_rows = state["layers.0.attention.wqkv.weight"].shape[0]
-    n_kv_head = (qkv_rows // head_dim - size["n_head"]) // 2
+    n_kv_head = (qkv_rows // head_dim - num_heads) // 2
     if image_size % downsample:
         raise ValueError(f"image size {image_size} is not a multiple of the VQ downsample {downsample}")
     return LlamaGenConfig(
-        hidden_size=dim, num_hidden_layers=n_layer, num_attention_heads=size["n_head"],
+        hidden_size=dim, num_hidden_layers=n_layer, num_attention_heads=num_heads,
         num_key_value_heads=n_kv_head, intermediate_size=state["layers.0.feed_forward.w1.weight"].shape[0],
         codebook_size=codebook_size, num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1,
         image_grid=image_size // downsample, image_size=image_size, vq=vq.to_dict())
@@ -81,7 +87,7 @@ def write_model_folder(out_dir: str, config: LlamaGenConfig, gpt_state: dict, vq
 
 
 def convert_llamagen(gpt_path: str, vq_path: str, out_dir: str, image_size: int | None = None,
-                     gpt_size: str | None = None) -> str:
+                     gpt_size: str | None = None, num_heads: int | None = None) -> str:
     if image_size is None:
         m = re.search(r"_(\d{3,4})\.pt$", os.path.basename(gpt_path))
         if not m:
@@ -92,5 +98,5 @@ def convert_llamagen(gpt_path: str, vq_path: str, out_dir: str, image_size: int 
     vq_cfg = vq_config_from_state(vq_state)
     if vq_cfg.codebook_size != gpt_state["tok_embeddings.weight"].shape[0]:
         raise ValueError("the GPT and VQ checkpoints disagree on the codebook size")
-    config = gpt_config_from_state(gpt_state, image_size, vq_cfg.downsample, vq_cfg, gpt_size)
+    config = gpt_config_from_state(gpt_state, image_size, vq_cfg.downsample, vq_cfg, gpt_size, num_heads)
     return write_model_folder(out_dir, config, gpt_state, vq_state)

@@ -34,3 +34,18 @@ def write_tiny_model(out_dir: str, config: LlamaGenConfig | None = None, seed: i
     torch.manual_seed(seed)
     write_model_folder(str(out_dir), config, model.state_dict(), VQModel(TINY_VQ).state_dict())
     return model
+
+
+def write_official_checkpoints(root, config: LlamaGenConfig, seed: int = 0):
+    """Random tiny GPT and VQ saved as LlamaGen's release files: `{"model": state_dict}` .pt with
+    LlamaGen's key names, the VQ including its encoder and `codebook_used` training buffer."""
+    model = random_reference(config, seed)
+    torch.manual_seed(seed + 1)
+    vq = VQModel(TINY_VQ)
+    with torch.no_grad():
+        vq.quantize.embedding.weight.normal_()
+    vq_state = dict(vq.state_dict(), **{"quantize.codebook_used": torch.zeros(65536)})
+    gpt_pt, vq_pt = root / f"c2i_tiny_{config.image_size}.pt", root / "vq_tiny.pt"
+    torch.save({"model": model.state_dict(), "steps": 1}, gpt_pt)
+    torch.save({"model": vq_state}, vq_pt)
+    return model, gpt_pt, vq_pt

@@ -1,0 +1,46 @@
+import os
+
+# Before vLLM is imported anywhere: small KV cache, no CPU pinning, and the engine in this process
+# so tests can look at the scheduler's state (free KV blocks, live requests).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny_models import tiny_config, write_official_checkpoints  # noqa: E402
+
+TINY_MAX_IMAGES = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """(folder, reference model): random tiny LlamaGen written in the official release layout and
+    converted by the plugin's converter, so every engine test also exercises conversion."""
+    from vllm_visual_ar.model_executors.convert import convert_llamagen
+
+    root = tmp_path_factory.mktemp("tiny")
+    config = tiny_config(grid=8)
+    reference, gpt_pt, vq_pt = write_official_checkpoints(root, config)
+    folder = convert_llamagen(str(gpt_pt), str(vq_pt), str(root / "converted"),
+                              image_size=config.image_size, num_heads=config.num_attention_heads)
+    return folder, reference
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_model):
+    """One engine for all tiny-model tests. Raw logits come back as logprobs so tests can compare
+    the engine's logits with the reference model's."""
+    from vllm_visual_ar.generator import ImageGenerator
+
+    folder, _ = tiny_model
+    gen = ImageGenerator(folder, max_images_in_flight=TINY_MAX_IMAGES,
+                         max_logprobs=tiny_config().codebook_size, logprobs_mode="raw_logits")
+    yield gen
+    del gen
+
+
+def scheduler_of(generator):
+    """The engine-core scheduler (in-process engine, see the environment above)."""
+    return generator.llm.llm_engine.engine_core.engine_core.scheduler

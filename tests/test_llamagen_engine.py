@@ -1,0 +1,167 @@
+"""The LlamaGen model class and guided (CFG) raster decoding in vLLM's engine, against the
+plain-PyTorch reference model and generate loop."""
+import pytest
+import torch
+from conftest import scheduler_of
+
+from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_generate
+from vllm_visual_ar.requests import SamplingSettings, image_requests
+from vllm_visual_ar.samplers.sampling import cfg_mix
+
+GREEDY = dict(top_k=1)
+
+
+def logits_of(output, codebook_size: int) -> torch.Tensor:
+    """Raw logits per generated position [S, codebook_size] from vLLM's logprobs (raw_logits mode)."""
+    rows = []
+    for step in output.outputs[0].logprobs:
+        row = torch.full((codebook_size,), float("nan"))
+        for token, lp in step.items():
+            if token < codebook_size:
+                row[token] = lp.logprob
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_engine_logits_equal_reference_logits(tiny_generator, tiny_model, guidance_scale):
+    _, ref = tiny_model
+    cfg = tiny_generator.config
+    settings = SamplingSettings(guidance_scale=guidance_scale, temperature=1.0)
+    requests = image_requests(cfg, 3, settings, seed=7)
+    for _, sp in requests:
+        sp.logprobs = cfg.codebook_size
+    outputs = tiny_generator.llm.generate([p for p, _ in requests], [sp for _, sp in requests], use_tqdm=False)
+    codes = torch.tensor(outputs[0].outputs[0].token_ids)[None]
+    engine_logits = logits_of(outputs[0], cfg.codebook_size)
+    with torch.no_grad():
+        cond = ref(torch.tensor([3]), codes[:, :-1])[0]
+        expected = cond
+        if guidance_scale != 1.0:
+            uncond = ref(torch.tensor([cfg.num_classes]), codes[:, :-1])[0]
+            expected = cfg_mix(cond, uncond, guidance_scale)
+            assert torch.equal(torch.tensor(outputs[1].outputs[0].token_ids), codes[0]), "both streams share tokens"
+            assert rel_err(logits_of(outputs[1], cfg.codebook_size), uncond) <= 1e-4
+    assert not engine_logits.isnan().any()
+    assert rel_err(engine_logits, expected) <= 1e-4
+
+
+@pytest.mark.parametrize("classes,guidance_scale", [([4], 4.0), ([4], 1.0), ([0, 1, 2, 3, 5, 6], 4.0),
+                                                    ([2, 9, 9], 1.0)])
+def test_greedy_generation_equals_reference_loop(tiny_generator, tiny_model, classes, guidance_scale):
+    _, ref = tiny_model
+    images = tiny_generator.generate(classes, guidance_scale=guidance_scale, **GREEDY)
+    expected = reference_generate(ref, classes, guidance_scale=guidance_scale, **GREEDY).codes
+    got = torch.stack([im.codes.flatten() for im in images])
+    assert torch.equal(got, expected)
+
+
+def test_mixed_guidance_scales_share_a_batch(tiny_generator, tiny_model):
+    _, ref = tiny_model
+    cfg = tiny_generator.config
+    jobs = [(1, 1.0), (2, 2.0), (3, 5.0), (4, 0.0)]  # unguided, guided at three scales, pure uncond
+    prompts, params = [], []
+    for c, s in jobs:
+        for p, sp in image_requests(cfg, c, SamplingSettings(guidance_scale=s, **GREEDY)):
+            prompts.append(p)
+            params.append(sp)
+    outputs = tiny_generator.llm.generate(prompts, params, use_tqdm=False)
+    by_image = [o for o, sp in zip(outputs, params) if sp.extra_args["visual_ar"]["role"] != "uncond"]
+    for (c, s), out in zip(jobs, by_image):
+        expected = reference_generate(ref, [c], guidance_scale=s, **GREEDY).codes[0]
+        assert torch.equal(torch.tensor(out.outputs[0].token_ids), expected), (c, s)
+
+
+def _run_engine(engine, submit_at: dict[int, list[tuple[str, dict, object]]], max_steps: int = 2000):
+    """Step the engine, adding requests at the given step numbers; -> {request_id: token ids}."""
+    done: dict[str, list[int]] = {}
+    step = 0
+    while step < max_steps and (engine.has_unfinished_requests() or any(k >= step for k in submit_at)):
+        for rid, prompt, sp in submit_at.get(step, []):
+            engine.add_request(rid, prompt, sp)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        step += 1
+    return done
+
+
+def test_staggered_arrivals_stay_exact(tiny_generator, tiny_model):
+    """Continuous batching: images join and leave mid-flight, more than fit at once; each equals
+    the reference run alone. Halves of one pair even arrive at different steps."""
+    _, ref = tiny_model
+    cfg = tiny_generator.config
+    engine = tiny_generator.llm.llm_engine
+    plan = [(0, 1, 4.0), (0, 2, 1.0), (5, 3, 2.0), (17, 4, 4.0), (17, 5, 4.0), (17, 6, 1.0), (40, 7, 3.0)]
+    submit_at: dict[int, list] = {}
+    for i, (step, c, s) in enumerate(plan):
+        reqs = image_requests(cfg, c, SamplingSettings(guidance_scale=s, **GREEDY), image_id=f"img{i}")
+        for j, (prompt, sp) in enumerate(reqs):
+            # The uncond half of image 2 arrives 3 steps after its cond half.
+            submit_at.setdefault(step + (3 if (i == 2 and j == 1) else 0), []).append((f"img{i}-{j}", prompt, sp))
+    done = _run_engine(engine, submit_at)
+    for i, (_, c, s) in enumerate(plan):
+        expected = reference_generate(ref, [c], guidance_scale=s, **GREEDY).codes[0]
+        assert torch.equal(torch.tensor(done[f"img{i}-0"]), expected), i
+        if s != 1.0:
+            assert done[f"img{i}-1"] == done[f"img{i}-0"]
+
+
+def test_abort_of_one_half_frees_both_streams(tiny_generator):
+    cfg = tiny_generator.config
+    engine = tiny_generator.llm.llm_engine
+    scheduler = scheduler_of(tiny_generator)
+    idle_free = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    for i, (prompt, sp) in enumerate(image_requests(cfg, 5, SamplingSettings(guidance_scale=4.0), image_id="abort-me")):
+        engine.add_request(f"abort-{i}", prompt, sp)
+    for _ in range(5):
+        engine.step()
+    assert len(scheduler.running) == 2
+    engine.abort_request(["abort-0"])  # the cond half only
+    for _ in range(20):
+        if not engine.has_unfinished_requests():
+            break
+        engine.step()
+    assert not engine.has_unfinished_requests(), "the uncond half must finish with its cond half"
+    assert not scheduler.requests and not scheduler.running
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == idle_free
+
+
+def test_same_seed_gives_same_image_alone_or_in_a_batch(tiny_generator):
+    sampling = dict(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9)
+    alone = tiny_generator.generate([3], seed=11, **sampling)[0].codes
+    again = tiny_generator.generate([3], seed=11, **sampling)[0].codes
+    batch = tiny_generator.generate([1, 3, 5], seed=10, **sampling)  # class 3 is image 1 -> seed 11
+    other = tiny_generator.generate([3], seed=12, **sampling)[0].codes
+    assert torch.equal(alone, again)
+    assert torch.equal(alone, batch[1].codes)
+    assert not torch.equal(alone, other)
+
+
+@pytest.mark.parametrize("kwargs,names", [
+    (dict(classes=[10]), "class"), (dict(classes=[-1]), "class"), (dict(classes=[]), "classes"),
+    (dict(classes=[1], guidance_scale=-0.5), "guidance_scale"), (dict(classes=[1], n=0), "n must"),
+    (dict(classes=[1], top_p=0.0), "top_p"), (dict(classes=[1], top_p=1.5), "top_p"),
+    (dict(classes=[1], top_k=-2), "top_k"), (dict(classes=[1], temperature=-1.0), "temperature"),
+    (dict(classes=[1], seed=-3), "seed"),
+])
+def test_bad_input_raises_value_error_and_engine_keeps_working(tiny_generator, tiny_model, kwargs, names):
+    with pytest.raises(ValueError, match=names):
+        tiny_generator.generate(**kwargs)
+    _, ref = tiny_model
+    image = tiny_generator.generate([2], guidance_scale=2.0, **GREEDY)[0]
+    assert torch.equal(image.codes.flatten(), reference_generate(ref, [2], guidance_scale=2.0, **GREEDY).codes[0])
+
+
+def test_unknown_model_folder_is_a_value_error(tmp_path):
+    from vllm_visual_ar.generator import ImageGenerator
+
+    with pytest.raises(ValueError, match="does not exist"):
+        ImageGenerator(str(tmp_path / "no-such-model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="config.json"):
+        ImageGenerator(str(tmp_path / "empty"))

@@ -1,0 +1,107 @@
+"""Command line: `vllm-visual-ar generate ...` and `vllm-visual-ar convert llamagen ...`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_classes(text: str) -> list[int]:
+    """'0-9', '3,7' or '1-3,7' -> [ints]."""
+    classes = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            classes += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"classes must look like '0-9' or '3,7', got {text!r}") from None
+    return classes
+
+
+def image_grid(images: list, columns: int):
+    """Paste equally sized PIL images into rows of `columns`."""
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new(images[0].mode, (columns * w, rows * h))
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def cmd_generate(args) -> int:
+    from vllm_visual_ar.generator import ImageGenerator
+
+    gen = ImageGenerator(args.model, max_images_in_flight=args.max_images_in_flight)
+    results = gen.generate(args.classes, n=args.n, guidance_scale=args.guidance_scale,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           seed=args.seed, progress=True)
+    os.makedirs(args.out, exist_ok=True)
+    counts: dict[int, int] = {}
+    for r in results:
+        i = counts[r.class_id] = counts.get(r.class_id, -1) + 1
+        r.image.save(os.path.join(args.out, f"class{r.class_id}_{i}.png"))
+    scale = max(1, 256 // results[0].image.size[0])  # small digits are upscaled in the grid only
+    grid = image_grid([r.image.resize((r.image.size[0] * scale,) * 2) for r in results], args.n)
+    grid.save(os.path.join(args.out, "grid.png"))
+    seconds = results[0].stats.seconds
+    summary = {"images": len(results), "seconds": round(seconds, 2),
+               "images_per_second": round(len(results) / seconds, 2),
+               "forward_passes_per_image": results[0].stats.forward_passes,
+               "tokens_per_image": results[0].stats.tokens, "out": os.path.abspath(args.out)}
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from vllm_visual_ar.model_executors.convert import convert_llamagen
+
+    out = convert_llamagen(args.gpt, args.vq, args.out, image_size=args.image_size, gpt_size=args.gpt_size,
+                           num_heads=args.num_heads)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vllm-visual-ar", description="Visual autoregressive image generation on vLLM")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images offline (one PNG per image, plus grid.png)")
+    g.add_argument("--model", default=None, help="converted model folder (default: the embedded MNIST model)")
+    g.add_argument("--classes", type=parse_classes, default=parse_classes("0-9"), help="e.g. 0-9 or 3,7")
+    g.add_argument("--n", type=int, default=4, help="images per class")
+    g.add_argument("--out", default="out", help="output folder")
+    g.add_argument("--seed", type=int, default=None, help="image i of the run uses seed + i")
+    g.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale; 1 = unguided")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-images-in-flight", type=int, default=16)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert official checkpoints into a folder vLLM loads")
+    csub = c.add_subparsers(dest="family", required=True)
+    lg = csub.add_parser("llamagen", help="LlamaGen class-conditional GPT + VQ tokenizer")
+    lg.add_argument("--gpt", required=True, help="e.g. c2i_XL_384.pt")
+    lg.add_argument("--vq", required=True, help="e.g. vq_ds16_c2i.pt")
+    lg.add_argument("--out", required=True)
+    lg.add_argument("--image-size", type=int, default=None, help="default: from the GPT file name (_384.pt)")
+    lg.add_argument("--gpt-size", default=None, help="GPT-B, GPT-L, GPT-XL, GPT-XXL or GPT-3B (default: inferred)")
+    lg.add_argument("--num-heads", type=int, default=None, help="attention heads, for non-official sizes")
+    lg.set_defaults(func=cmd_convert)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
