@@ -88,8 +88,11 @@ def write_model_folder(out_dir: str, config: LlamaGenConfig, gpt_state: dict, vq
 
 def convert_llamagen(gpt_path: str, vq_path: str, out_dir: str, image_size: int | None = None,
                      gpt_size: str | None = None, num_heads: int | None = None) -> str:
+    for path in (gpt_path, vq_path):
+        if not os.path.isfile(path):
+            raise ValueError(f"no such file: {path}")
     if image_size is None:
-        m = re.search(r"_(\d{3,4})\.pt$", os.path.basename(gpt_path))
+        m = re.search(r"_(\d{2,4})\.pt$", os.path.basename(gpt_path))
         if not m:
             raise ValueError("cannot tell the image size from the GPT file name; pass --image-size")
         image_size = int(m.group(1))

@@ -193,3 +193,14 @@ def generate(model: LlamaGenReference, classes: list[int], guidance_scale: float
         token = next_token(model.step(model.tok_embeddings(x)[:, None], pos))
         codes.append(token)
     return ReferenceResult(torch.stack(codes, 1), cfg.num_image_tokens, time.perf_counter() - t0)
+
+
+def load_reference(model_dir: str, device: str = "cpu") -> LlamaGenReference:
+    """The reference model with a converted folder's weights (`model.safetensors`, LlamaGen names)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    model = LlamaGenReference(LlamaGenConfig.from_pretrained(model_dir))
+    model.load_state_dict(load_file(os.path.join(model_dir, "model.safetensors")))
+    return model.to(device).eval()

@@ -58,6 +58,10 @@ def test_greedy_generation_equals_reference_loop(tiny_generator, tiny_model, cla
     expected = reference_generate(ref, classes, guidance_scale=guidance_scale, **GREEDY).codes
     got = torch.stack([im.codes.flatten() for im in images])
     assert torch.equal(got, expected)
+    n_tokens = tiny_generator.config.num_image_tokens
+    for im in images:  # raster order: one forward per token, counted from the engine's per-step outputs
+        assert (im.stats.tokens, im.stats.forward_passes) == (n_tokens, n_tokens)
+        assert im.stats.streams == (2 if guidance_scale != 1.0 else 1)
 
 
 def test_mixed_guidance_scales_share_a_batch(tiny_generator, tiny_model):

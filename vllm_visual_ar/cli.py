@@ -46,7 +46,7 @@ def cmd_generate(args) -> int:
     scale = max(1, 256 // results[0].image.size[0])  # small digits are upscaled in the grid only
     grid = image_grid([r.image.resize((r.image.size[0] * scale,) * 2) for r in results], args.n)
     grid.save(os.path.join(args.out, "grid.png"))
-    seconds = results[0].stats.seconds
+    seconds = max(r.stats.seconds for r in results)
     summary = {"images": len(results), "seconds": round(seconds, 2),
                "images_per_second": round(len(results) / seconds, 2),
                "forward_passes_per_image": results[0].stats.forward_passes,

