@@ -169,3 +169,30 @@ def test_unknown_model_folder_is_a_value_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="config.json"):
         ImageGenerator(str(tmp_path / "empty"))
+
+
+def test_kv_limited_admission_keeps_pairs_whole_and_exact(tiny_model):
+    """With KV blocks for only 5 streams (one block holds a whole tiny image), images wait for
+    room as whole pairs; none is preempted, and each equals the reference run alone."""
+    from vllm_visual_ar.generator import ImageGenerator
+
+    folder, ref = tiny_model
+    gen = ImageGenerator(folder, max_images_in_flight=8, num_gpu_blocks_override=5)
+    cfg, engine, scheduler = gen.config, gen.llm.llm_engine, scheduler_of(gen)
+    plan = [(1, 4.0), (2, 1.0), (3, 4.0), (4, 2.0), (5, 1.0), (6, 4.0), (7, 3.0)]
+    for i, (c, s) in enumerate(plan):
+        for j, (prompt, sp) in enumerate(image_requests(cfg, c, SamplingSettings(guidance_scale=s, **GREEDY))):
+            engine.add_request(f"kv{i}-{j}", prompt, sp)
+    done, most_running = {}, 0
+    for _ in range(2000):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        most_running = max(most_running, len(scheduler.running))
+        assert all(r.num_preemptions == 0 for r in scheduler.running)
+    assert most_running <= 5
+    for i, (c, s) in enumerate(plan):
+        expected = reference_generate(ref, [c], guidance_scale=s, **GREEDY).codes[0]
+        assert torch.equal(torch.tensor(done[f"kv{i}-0"]), expected), i
