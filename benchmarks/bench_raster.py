@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--guidance-scale", type=float, default=4.0)
+    ap.add_argument("--per-class", type=int, default=20, help="images per class for the quality rows")
     args = ap.parse_args()
 
     import torch
@@ -56,9 +57,28 @@ def main():
         rows.append([n, fwd, fwd, f"{n / t_ref:.2f}", f"{n / t_vllm:.2f}", f"{t_ref / t_vllm:.2f}x"])
         print(rows[-1], flush=True)
 
+    # Sample quality of both paths, 20 images per class, judged by the project's evaluator.
+    from vllm_visual_ar.evaluation import Evaluator
+    from vllm_visual_ar.mnist import from_model_space
+
+    evaluator = Evaluator()
+    classes = [c for c in range(10) for _ in range(args.per_class)]
+    ref_codes = torch.cat([generate(reference, classes[i:i + 50], generator=torch.Generator().manual_seed(i),
+                                    **sampling).codes for i in range(0, len(classes), 50)])
+    vllm_codes = torch.stack([r.codes.flatten() for r in engine.generate(classes, seed=0, **sampling)])
+    grid = reference.config.image_grid
+    quality = {}
+    for name, codes in (("reference loop", ref_codes), ("vLLM", vllm_codes)):
+        pixels = from_model_space(engine.vq.decode_codes(codes.view(-1, grid, grid)))
+        q = evaluator(pixels, classes)
+        quality[name] = q
+        print(f"{name}: class agreement {q.class_agreement:.3f}, Frechet distance {q.frechet:.2f}", flush=True)
+
     header = ["images in flight", "forwards/image (reference)", "forwards/image (vLLM)",
               "images/s reference loop", "images/s vLLM", "vLLM speed-up"]
-    table = markdown_table(header, rows)
+    table = markdown_table(header, rows) + "\n\n" + markdown_table(
+        ["sampler", "images", "class agreement", "Fréchet distance (classifier features)"],
+        [[name, q.n, f"{q.class_agreement:.3f}", f"{q.frechet:.2f}"] for name, q in quality.items()])
     print(table)
     notes = ("Guided (scale {g}), temperature 1, no top-k/top-p, 16x16 tokens per image. Both run raster "
              "order: one forward per image token (the first from the class-token prefill). vLLM runs "

@@ -99,6 +99,19 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _run_level(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One resolution level: res blocks (each followed by attention at the lowest resolution),
+    then the level's down- or upsampler if it has one."""
+    for i, res in enumerate(block.res):
+        h = res(h)
+        if len(block.attn) > 0:
+            h = block.attn[i](h)
+    for resample in ("downsample", "upsample"):
+        if hasattr(block, resample):
+            h = getattr(block, resample)(h)
+    return h
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
@@ -125,13 +138,8 @@ class Encoder(nn.Module):
 
     def forward(self, x):
         h = self.conv_in(x)
-        for level, block in enumerate(self.conv_blocks):
-            for i, res in enumerate(block.res):
-                h = res(h)
-                if len(block.attn) > 0:
-                    h = block.attn[i](h)
-            if hasattr(block, "downsample"):
-                h = block.downsample(h)
+        for block in self.conv_blocks:
+            h = _run_level(block, h)
         for m in self.mid:
             h = m(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -166,12 +174,7 @@ class Decoder(nn.Module):
         for m in self.mid:
             h = m(h)
         for block in self.conv_blocks:
-            for i, res in enumerate(block.res):
-                h = res(h)
-                if len(block.attn) > 0:
-                    h = block.attn[i](h)
-            if hasattr(block, "upsample"):
-                h = block.upsample(h)
+            h = _run_level(block, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
