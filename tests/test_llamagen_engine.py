@@ -196,3 +196,18 @@ def test_kv_limited_admission_keeps_pairs_whole_and_exact(tiny_model):
     for i, (c, s) in enumerate(plan):
         expected = reference_generate(ref, [c], guidance_scale=s, **GREEDY).codes[0]
         assert torch.equal(torch.tensor(done[f"kv{i}-0"]), expected), i
+
+
+def test_head_size_without_a_kernel_is_padded_exactly(tmp_path):
+    """LlamaGen-3B has head_dim 100, which vLLM's attention kernels lack: the model zero-pads
+    q, k and v to 112. A tiny model with head_dim 100 must still equal the reference."""
+    from tiny_models import tiny_config, write_tiny_model
+
+    from vllm_visual_ar.generator import ImageGenerator
+
+    config = tiny_config(grid=4, hidden_size=200, num_attention_heads=2)
+    assert config.head_dim == 100
+    ref = write_tiny_model(tmp_path / "hd100", config)
+    gen = ImageGenerator(str(tmp_path / "hd100"), max_images_in_flight=2)
+    got = torch.stack([im.codes.flatten() for im in gen.generate([3, 6], guidance_scale=2.0, **GREEDY)])
+    assert torch.equal(got, reference_generate(ref, [3, 6], guidance_scale=2.0, **GREEDY).codes)
