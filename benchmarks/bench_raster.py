@@ -24,7 +24,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--guidance-scale", type=float, default=4.0)
+    ap.add_argument("--guidance-scale", type=float, default=None, help="default: the model's default")
     ap.add_argument("--per-class", type=int, default=20, help="images per class for the quality rows")
     args = ap.parse_args()
 
@@ -34,8 +34,10 @@ def main():
     from vllm_visual_ar.model_executors.llamagen_reference import generate, load_reference
     from vllm_visual_ar.models import EMBEDDED_MODEL_DIR
 
-    sampling = dict(guidance_scale=args.guidance_scale, temperature=1.0, top_k=0, top_p=1.0)
     reference = load_reference(EMBEDDED_MODEL_DIR)
+    if args.guidance_scale is None:
+        args.guidance_scale = reference.config.default_guidance_scale
+    sampling = dict(guidance_scale=args.guidance_scale, temperature=1.0, top_k=0, top_p=1.0)
     engine = ImageGenerator(max_images_in_flight=max(args.in_flight))
 
     def best_time(fn) -> float:

@@ -56,6 +56,7 @@ class LlamaGenConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-5,
         vq: dict | None = None,
         image_size: int | None = None,
+        default_guidance_scale: float = 4.0,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -72,6 +73,8 @@ class LlamaGenConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.vq = vq or {}
         self.image_size = image_size
+        # The guidance scale this checkpoint samples best at (LlamaGen's sample_c2i.py uses 4.0).
+        self.default_guidance_scale = default_guidance_scale
         kwargs["vocab_size"] = codebook_size + num_classes + 1
         # The last image code is sampled but never fed back.
         kwargs.setdefault("max_position_embeddings", cls_token_num + image_grid * image_grid)

@@ -107,7 +107,7 @@ def train_gpt(vq: VQModel, epochs: int, batch_size: int = 32, lr: float = 2e-3, 
         codes = torch.cat([vq.encode(shifted(x, gen, 2) if v else x)[1].flatten(1) for v in range(variants)])
     labels = labels.repeat(variants)
     cfg = LlamaGenConfig(codebook_size=VQ_CONFIG.codebook_size, num_classes=10, image_grid=16,
-                         image_size=32, vq=VQ_CONFIG.to_dict(), **GPT_DIMS)
+                         image_size=32, vq=VQ_CONFIG.to_dict(), default_guidance_scale=2.0, **GPT_DIMS)
     model = LlamaGenReference(cfg)
     for p in model.parameters():
         if p.dim() > 1:
@@ -142,7 +142,8 @@ def save_model(gpt: LlamaGenReference, vq: VQModel, out_dir: str = EMBEDDED_MODE
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["classifier", "vq", "gpt"])
-    ap.add_argument("--gpt-epochs", type=int, default=5)
+    ap.add_argument("--gpt-epochs", type=int, default=12)
+    ap.add_argument("--out", default=EMBEDDED_MODEL_DIR, help="model folder to write")
     ap.add_argument("--vq-checkpoint", default="/tmp/vllm_visual_ar_vq_full.safetensors",
                     help="where the full VQ (with encoder) is kept between stages")
     args = ap.parse_args()
@@ -164,7 +165,7 @@ def main():
         t = time.time()
         gpt = train_gpt(vq, args.gpt_epochs)
         times["gpt"] = time.time() - t
-        save_model(gpt, vq)
+        save_model(gpt, vq, args.out)
     print("training times (s):", json.dumps({k: round(v) for k, v in times.items()}))
 
 

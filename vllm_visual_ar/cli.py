@@ -41,7 +41,8 @@ def cmd_generate(args) -> int:
     config = LlamaGenConfig.from_pretrained(resolve_model_dir(args.model))
     for c in args.classes:
         validate_class_id(config, c)
-    SamplingSettings(args.guidance_scale, args.temperature, args.top_k, args.top_p)
+    SamplingSettings(args.guidance_scale if args.guidance_scale is not None else config.default_guidance_scale,
+                     args.temperature, args.top_k, args.top_p)
     gen = ImageGenerator(args.model, max_images_in_flight=args.max_images_in_flight)
     results = gen.generate(args.classes, n=args.n, guidance_scale=args.guidance_scale,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=4, help="images per class")
     g.add_argument("--out", default="out", help="output folder")
     g.add_argument("--seed", type=int, default=None, help="image i of the run uses seed + i")
-    g.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale; 1 = unguided")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="CFG scale; 1 = unguided (default: the model's default_guidance_scale)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0)

@@ -48,11 +48,12 @@ class ImageGenerator:
         self.vq = load_vq(self.model_dir)
         self.llm = LLM(**kwargs)
 
-    def generate(self, classes: list[int] | int, n: int = 1, guidance_scale: float = 4.0,
+    def generate(self, classes: list[int] | int, n: int = 1, guidance_scale: float | None = None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  progress: bool = False) -> list[GeneratedImage]:
         """n images per class, in order (class-major). Image i of the call uses seed + i, so a seed
-        gives the same images whatever else is in the batch."""
+        gives the same images whatever else is in the batch. guidance_scale None means the
+        model's `default_guidance_scale`; 1 is unguided."""
         classes = [classes] if isinstance(classes, int) else list(classes)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -62,6 +63,8 @@ class ImageGenerator:
             validate_class_id(self.config, c)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if guidance_scale is None:
+            guidance_scale = self.config.default_guidance_scale
         settings = SamplingSettings(guidance_scale, temperature, top_k, top_p)
 
         jobs = [(c, None if seed is None else seed + i) for i, c in enumerate(c for c in classes for _ in range(n))]
