@@ -211,3 +211,40 @@ def test_head_size_without_a_kernel_is_padded_exactly(tmp_path):
     gen = ImageGenerator(str(tmp_path / "hd100"), max_images_in_flight=2)
     got = torch.stack([im.codes.flatten() for im in gen.generate([3, 6], guidance_scale=2.0, **GREEDY)])
     assert torch.equal(got, reference_generate(ref, [3, 6], guidance_scale=2.0, **GREEDY).codes)
+
+
+@pytest.mark.parametrize("case", ["two conds", "malformed", "max_tokens differ", "bad role"])
+def test_bad_pairs_finish_with_an_error_and_the_engine_keeps_serving(tiny_generator, tiny_model, case):
+    """Hand-made requests (plain LLM.generate users) that cannot form a guidance pair must not hang
+    or crash the engine."""
+    from vllm import SamplingParams
+
+    cfg = tiny_generator.config
+    engine = tiny_generator.llm.llm_engine
+    cond, uncond = image_requests(cfg, 2, SamplingSettings(guidance_scale=3.0), image_id=f"bad-{case}")
+    if case == "two conds":
+        reqs = [cond, cond]
+    elif case == "malformed":
+        reqs = [(cond[0], SamplingParams(max_tokens=cfg.num_image_tokens, extra_args={"visual_ar": {"role": "cond"}}))]
+    elif case == "max_tokens differ":
+        short = uncond[1].clone()
+        short.max_tokens, short.min_tokens = 5, 5
+        reqs = [cond, (uncond[0], short)]
+    else:
+        odd = uncond[1].clone()
+        odd.extra_args = {"visual_ar": dict(uncond[1].extra_args["visual_ar"], role="negative")}
+        reqs = [cond, (uncond[0], odd)]
+    for i, (prompt, sp) in enumerate(reqs):
+        engine.add_request(f"bad-{case}-{i}", prompt, sp)
+    finished = {}
+    for _ in range(50):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].finish_reason
+    assert not engine.has_unfinished_requests()
+    assert "error" in finished.values(), finished
+    _, ref = tiny_model
+    image = tiny_generator.generate([2], guidance_scale=3.0, **GREEDY)[0]
+    assert torch.equal(image.codes.flatten(), reference_generate(ref, [2], guidance_scale=3.0, **GREEDY).codes[0])

@@ -31,13 +31,20 @@ class ImageRequestInfo:
 
 
 def image_request_info(sampling_params) -> ImageRequestInfo | None:
-    """What the plugin needs to know about a request; None for a request that is not one of ours."""
+    """What the plugin needs to know about a request; None for a request that is not one of ours.
+    Raises ValueError for a malformed `visual_ar` entry."""
     extra = getattr(sampling_params, "extra_args", None) or {}
     info = extra.get(EXTRA_ARGS_KEY)
     if info is None:
         return None
-    return ImageRequestInfo(str(info["image_id"]), info.get("role", "single"),
-                            float(info.get("guidance_scale", 1.0)))
+    try:
+        parsed = ImageRequestInfo(str(info["image_id"]), info.get("role", "single"),
+                                  float(info.get("guidance_scale", 1.0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"malformed extra_args[{EXTRA_ARGS_KEY!r}]: {info!r}") from e
+    if parsed.role not in ROLES:
+        raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['role'] must be one of {ROLES}, got {parsed.role!r}")
+    return parsed
 
 
 @dataclass(frozen=True)

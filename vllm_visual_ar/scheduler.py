@@ -10,6 +10,8 @@ preempts request by request, so this subclass wraps it rather than rewriting it:
   reserving its blocks up front means running requests never need preemption, which would split
   a pair. A half whose partner has not arrived yet waits.
 - Abort. Aborting one half aborts its partner; the frontend is told in the next output.
+- Bad pairs (malformed `visual_ar` args, a third request or a second "cond" under one image id,
+  halves with different max_tokens) finish with an error instead of waiting forever.
 - Every step checks that no pair was split; a split is a bug and raises.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
@@ -24,23 +27,48 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_visual_ar.requests import image_request_info
 
+logger = init_logger(__name__)
+
 
 class VisualARScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._pair_members: dict[str, set[str]] = defaultdict(set)  # image_id -> request ids
-        self._aborted_partners: list[Request] = []  # finished here; the frontend must hear of it
+        self._finished_here: list[Request] = []  # finished by this scheduler; the frontend must hear of it
 
     # -- bookkeeping ---------------------------------------------------------------------------
     @staticmethod
     def _pair_key(request: Request) -> str | None:
-        info = image_request_info(request.sampling_params)
+        try:
+            info = image_request_info(request.sampling_params)
+        except ValueError:
+            return None
         return info.image_id if info is not None and info.guided else None
 
     def add_request(self, request: Request) -> None:
         super().add_request(request)
-        if (key := self._pair_key(request)) is not None:
-            self._pair_members[key].add(request.request_id)
+        try:
+            info = image_request_info(request.sampling_params)
+        except ValueError as e:
+            # Its partner, if it names one, can never be paired now: fail it too.
+            raw = (request.sampling_params.extra_args or {}).get("visual_ar")
+            key = str(raw.get("image_id")) if isinstance(raw, dict) and "image_id" in raw else None
+            partners = list(self._pair_members.pop(key, ())) if key is not None else []
+            return self._fail(partners + [request.request_id], str(e))
+        if info is None or not info.guided:
+            return
+        members = [self.requests[r] for r in self._pair_members[info.image_id]]
+        roles = [image_request_info(m.sampling_params).role for m in members]
+        if info.role in roles or any(m.max_tokens != request.max_tokens for m in members):
+            bad = [m.request_id for m in members] + [request.request_id]
+            del self._pair_members[info.image_id]
+            return self._fail(bad, f"image {info.image_id!r} needs one cond and one uncond request "
+                                   "with the same max_tokens")
+        self._pair_members[info.image_id].add(request.request_id)
+
+    def _fail(self, request_ids: list[str], reason: str) -> None:
+        logger.error("visual_ar: rejecting %s: %s", request_ids, reason)
+        self._finished_here += super().finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
         if (key := self._pair_key(request)) is not None:
@@ -64,16 +92,16 @@ class VisualARScheduler(Scheduler):
         asked = {request_ids} if isinstance(request_ids, str) else set(request_ids)
         partners = {p for rid in asked if (p := self._partner_id(rid)) is not None} - asked
         finished = super().finish_requests(asked | partners, finished_status)
-        self._aborted_partners += [r for r in finished if r.request_id in partners]
+        self._finished_here += [r for r in finished if r.request_id in partners]
         return finished
 
     def update_from_output(self, scheduler_output, model_runner_output) -> dict[int, EngineCoreOutputs]:
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        for request in self._aborted_partners:
+        for request in self._finished_here:
             eco = outputs.setdefault(request.client_index, EngineCoreOutputs())
             eco.outputs.append(EngineCoreOutput(request_id=request.request_id, new_token_ids=[],
                                                 finish_reason=request.get_finished_reason()))
-        self._aborted_partners = []
+        self._finished_here = []
         return outputs
 
     # -- admission -------------------------------------------------------------------------------
