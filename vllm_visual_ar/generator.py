@@ -114,6 +114,9 @@ class ImageGenerator:
                         bar.update(len(new))
                     if out.finished:
                         latency[index] = time.perf_counter() - t0
+                        if len(tokens[index]) != self.config.num_image_tokens:
+                            raise RuntimeError(f"image {index} ended after {len(tokens[index])} tokens "
+                                               f"({out.outputs[0].finish_reason})")
         except BaseException:
             engine.abort_request(submitted)
             raise
