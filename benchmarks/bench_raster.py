@@ -37,7 +37,8 @@ def main():
     reference = load_reference(EMBEDDED_MODEL_DIR)
     if args.guidance_scale is None:
         args.guidance_scale = reference.config.default_guidance_scale
-    sampling = dict(guidance_scale=args.guidance_scale, temperature=1.0, top_k=0, top_p=1.0)
+    sampling = dict(guidance_scale=args.guidance_scale, temperature=1.0, top_k=reference.config.default_top_k,
+                    top_p=1.0)
     engine = ImageGenerator(max_images_in_flight=max(args.in_flight))
 
     def best_time(fn) -> float:
@@ -83,7 +84,7 @@ def main():
         ["sampler", "images", "class agreement", "Fréchet distance (classifier features)"],
         [[name, q.n, f"{q.class_agreement:.3f}", f"{q.frechet:.2f}"] for name, q in quality.items()])
     print(table)
-    notes = ("Guided (scale {g}), temperature 1, no top-k/top-p, 16x16 tokens per image. Both run raster "
+    notes = ("Guided (scale {g}), temperature 1, top-k {k}, no top-p, 16x16 tokens per image. Both run raster "
              "order: one forward per image token (the first from the class-token prefill). vLLM runs "
              "cond and uncond as two paged-KV sequences per image, scheduled as a pair by the plugin; its "
              "engine core runs in a second process, as vLLM does by default. The embedded model is tiny "
@@ -91,7 +92,8 @@ def main():
              "work (scheduling, input preparation, sampling, output processing, inter-process messages) "
              "is of the same size; the reference loop has almost none. vLLM pulls ahead only as the batch "
              "grows and amortises that cost (see the ms/step columns). Quality rows: {p} images per class "
-             "from each path, judged by the project's MNIST classifier.").format(g=args.guidance_scale, p=args.per_class)
+             "from each path, judged by the project's MNIST classifier.").format(g=args.guidance_scale, k=sampling["top_k"],
+                                                                  p=args.per_class)
     print("wrote", write_results("raster", "Raster decoding: reference loop vs vLLM", table, notes))
 
 

@@ -57,6 +57,7 @@ class LlamaGenConfig(PretrainedConfig):
         vq: dict | None = None,
         image_size: int | None = None,
         default_guidance_scale: float = 4.0,
+        default_top_k: int = 2000,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -73,8 +74,9 @@ class LlamaGenConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.vq = vq or {}
         self.image_size = image_size
-        # The guidance scale this checkpoint samples best at (LlamaGen's sample_c2i.py uses 4.0).
+        # Sampling defaults of this checkpoint; LlamaGen's sample_c2i.py uses cfg 4.0, top-k 2000.
         self.default_guidance_scale = default_guidance_scale
+        self.default_top_k = default_top_k
         kwargs["vocab_size"] = codebook_size + num_classes + 1
         # The last image code is sampled but never fed back.
         kwargs.setdefault("max_position_embeddings", cls_token_num + image_grid * image_grid)

@@ -33,7 +33,7 @@ def test_guided_samples_are_recognisable_digits(embedded_generator):
     from vllm_visual_ar.mnist import from_model_space
 
     # The model's default guidance scale (2.0 for this small model; stronger guidance over-sharpens it).
-    results = embedded_generator.generate(list(range(10)), n=20, seed=0)
+    results = embedded_generator.generate(list(range(10)), n=30, seed=0)
     codes = torch.stack([r.codes for r in results])
     pixels = from_model_space(embedded_generator.vq.decode_codes(codes))
     quality = Evaluator()(pixels, [r.class_id for r in results])

@@ -42,7 +42,7 @@ def cmd_generate(args) -> int:
     for c in args.classes:
         validate_class_id(config, c)
     SamplingSettings(args.guidance_scale if args.guidance_scale is not None else config.default_guidance_scale,
-                     args.temperature, args.top_k, args.top_p)
+                     args.temperature, args.top_k if args.top_k is not None else config.default_top_k, args.top_p)
     gen = ImageGenerator(args.model, max_images_in_flight=args.max_images_in_flight)
     results = gen.generate(args.classes, n=args.n, guidance_scale=args.guidance_scale,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=None,
                    help="CFG scale; 1 = unguided (default: the model's default_guidance_scale)")
     g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-k", type=int, default=None, help="0 = off (default: the model's default_top_k)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--max-images-in-flight", type=int, default=16)
     g.set_defaults(func=cmd_generate)

@@ -49,11 +49,11 @@ class ImageGenerator:
         self.llm = LLM(**kwargs)
 
     def generate(self, classes: list[int] | int, n: int = 1, guidance_scale: float | None = None,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, seed: int | None = None,
                  progress: bool = False) -> list[GeneratedImage]:
         """n images per class, in order (class-major). Image i of the call uses seed + i, so a seed
-        gives the same images whatever else is in the batch. guidance_scale None means the
-        model's `default_guidance_scale`; 1 is unguided."""
+        gives the same images whatever else is in the batch. guidance_scale and top_k None mean
+        the model's `default_guidance_scale` / `default_top_k`; guidance 1 is unguided, top_k 0 is off."""
         classes = [classes] if isinstance(classes, int) else list(classes)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -65,6 +65,8 @@ class ImageGenerator:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         if guidance_scale is None:
             guidance_scale = self.config.default_guidance_scale
+        if top_k is None:
+            top_k = self.config.default_top_k
         settings = SamplingSettings(guidance_scale, temperature, top_k, top_p)
 
         jobs = [(c, None if seed is None else seed + i) for i, c in enumerate(c for c in classes for _ in range(n))]

@@ -90,7 +90,8 @@ def image_requests(config, class_id: int, settings: SamplingSettings, seed: int 
         return SamplingParams(
             max_tokens=config.num_image_tokens, min_tokens=config.num_image_tokens, ignore_eos=True,
             temperature=0.0 if greedy else settings.temperature,
-            top_k=0 if greedy else settings.top_k, top_p=1.0 if greedy else settings.top_p,
+            top_k=0 if greedy else min(settings.top_k, config.codebook_size),
+            top_p=1.0 if greedy else settings.top_p,
             seed=seed if with_seed else None, detokenize=False,
             extra_args={EXTRA_ARGS_KEY: {"image_id": image_id, "role": role,
                                          "guidance_scale": float(settings.guidance_scale)}})
