@@ -35,10 +35,23 @@ def tiny_generator(tiny_model):
     from vllm_visual_ar.generator import ImageGenerator
 
     folder, _ = tiny_model
-    gen = ImageGenerator(folder, max_images_in_flight=TINY_MAX_IMAGES,
-                         max_logprobs=tiny_config().codebook_size, logprobs_mode="raw_logits")
-    yield gen
-    del gen
+    return ImageGenerator(folder, max_images_in_flight=TINY_MAX_IMAGES,
+                          max_logprobs=tiny_config().codebook_size, logprobs_mode="raw_logits")
+
+
+@pytest.fixture(scope="session")
+def make_generator():
+    """Build extra in-process engines that live until the session ends: shutting an in-process
+    engine down tears down vLLM's process-wide parallel state under the engines still in use."""
+    from vllm_visual_ar.generator import ImageGenerator
+
+    alive = []
+
+    def make(*args, **kwargs):
+        alive.append(ImageGenerator(*args, **kwargs))
+        return alive[-1]
+
+    yield make
 
 
 def scheduler_of(generator):

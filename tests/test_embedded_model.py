@@ -11,12 +11,8 @@ from vllm_visual_ar.models import EMBEDDED_MODEL_DIR
 
 
 @pytest.fixture(scope="module")
-def embedded_generator():
-    from vllm_visual_ar.generator import ImageGenerator
-
-    gen = ImageGenerator(max_images_in_flight=64)
-    yield gen
-    del gen
+def embedded_generator(make_generator):
+    return make_generator(max_images_in_flight=64)
 
 
 def test_evaluator_recognises_real_digits():

@@ -171,13 +171,11 @@ def test_unknown_model_folder_is_a_value_error(tmp_path):
         ImageGenerator(str(tmp_path / "empty"))
 
 
-def test_kv_limited_admission_keeps_pairs_whole_and_exact(tiny_model):
+def test_kv_limited_admission_keeps_pairs_whole_and_exact(tiny_model, make_generator):
     """With KV blocks for only 5 streams (one block holds a whole tiny image), images wait for
     room as whole pairs; none is preempted, and each equals the reference run alone."""
-    from vllm_visual_ar.generator import ImageGenerator
-
     folder, ref = tiny_model
-    gen = ImageGenerator(folder, max_images_in_flight=8, num_gpu_blocks_override=5)
+    gen = make_generator(folder, max_images_in_flight=8, num_gpu_blocks_override=5)
     cfg, engine, scheduler = gen.config, gen.llm.llm_engine, scheduler_of(gen)
     plan = [(1, 4.0), (2, 1.0), (3, 4.0), (4, 2.0), (5, 1.0), (6, 4.0), (7, 3.0)]
     for i, (c, s) in enumerate(plan):
@@ -198,17 +196,15 @@ def test_kv_limited_admission_keeps_pairs_whole_and_exact(tiny_model):
         assert torch.equal(torch.tensor(done[f"kv{i}-0"]), expected), i
 
 
-def test_head_size_without_a_kernel_is_padded_exactly(tmp_path):
+def test_head_size_without_a_kernel_is_padded_exactly(tmp_path, make_generator):
     """LlamaGen-3B has head_dim 100, which vLLM's attention kernels lack: the model zero-pads
     q, k and v to 112. A tiny model with head_dim 100 must still equal the reference."""
     from tiny_models import tiny_config, write_tiny_model
 
-    from vllm_visual_ar.generator import ImageGenerator
-
     config = tiny_config(grid=4, hidden_size=200, num_attention_heads=2)
     assert config.head_dim == 100
     ref = write_tiny_model(tmp_path / "hd100", config)
-    gen = ImageGenerator(str(tmp_path / "hd100"), max_images_in_flight=2)
+    gen = make_generator(str(tmp_path / "hd100"), max_images_in_flight=2)
     got = torch.stack([im.codes.flatten() for im in gen.generate([3, 6], guidance_scale=2.0, **GREEDY)])
     assert torch.equal(got, reference_generate(ref, [3, 6], guidance_scale=2.0, **GREEDY).codes)
 
