@@ -16,6 +16,10 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+# vLLM's engine core in this process (vLLM's in-process mode): on a 2-core machine the default
+# second process competes with the frontend and OpenMP's spinning threads (measured here at one
+# image: 5.5 ms/step with a second process, 1.5 ms/step in-process).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from common import markdown_table, write_results  # noqa: E402
 
@@ -87,7 +91,8 @@ def main():
     notes = ("Guided (scale {g}), temperature 1, top-k {k}, no top-p, 16x16 tokens per image. Both run raster "
              "order: one forward per image token (the first from the class-token prefill). vLLM runs "
              "cond and uncond as two paged-KV sequences per image, scheduled as a pair by the plugin; its "
-             "engine core runs in a second process, as vLLM does by default. The embedded model is tiny "
+             "engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0; with vLLM's default second "
+             "process, one image took 5.5 ms/step instead of 1.5 on this 2-core machine). The embedded model is tiny "
              "(1.1 M parameters), so a step is about a millisecond of compute and vLLM's fixed per-step "
              "work (scheduling, input preparation, sampling, output processing, inter-process messages) "
              "is of the same size; the reference loop has almost none. vLLM pulls ahead only as the batch "
