@@ -80,17 +80,22 @@ def test_mixed_guidance_scales_share_a_batch(tiny_generator, tiny_model):
         assert torch.equal(torch.tensor(out.outputs[0].token_ids), expected), (c, s)
 
 
-def _run_engine(engine, submit_at: dict[int, list[tuple[str, dict, object]]], max_steps: int = 2000):
-    """Step the engine, adding requests at the given step numbers; -> {request_id: token ids}."""
-    done: dict[str, list[int]] = {}
-    step = 0
-    while step < max_steps and (engine.has_unfinished_requests() or any(k >= step for k in submit_at)):
+def step_until_done(engine, submit_at: dict[int, list] | None = None, each_step=None, max_steps: int = 2000):
+    """Step the engine until nothing is left, adding (id, prompt, params) at the given step numbers
+    and calling each_step() after every step; -> {request_id: final CompletionOutput}."""
+    submit_at = submit_at or {}
+    done = {}
+    for step in range(max_steps):
+        if not engine.has_unfinished_requests() and not any(k >= step for k in submit_at):
+            break
         for rid, prompt, sp in submit_at.get(step, []):
             engine.add_request(rid, prompt, sp)
         for out in engine.step():
             if out.finished:
-                done[out.request_id] = list(out.outputs[0].token_ids)
-        step += 1
+                done[out.request_id] = out.outputs[0]
+        if each_step is not None:
+            each_step()
+    assert not engine.has_unfinished_requests()
     return done
 
 
@@ -107,7 +112,7 @@ def test_staggered_arrivals_stay_exact(tiny_generator, tiny_model):
         for j, (prompt, sp) in enumerate(reqs):
             # The uncond half of image 2 arrives 3 steps after its cond half.
             submit_at.setdefault(step + (3 if (i == 2 and j == 1) else 0), []).append((f"img{i}-{j}", prompt, sp))
-    done = _run_engine(engine, submit_at)
+    done = {rid: list(out.token_ids) for rid, out in step_until_done(engine, submit_at).items()}
     for i, (_, c, s) in enumerate(plan):
         expected = reference_generate(ref, [c], guidance_scale=s, **GREEDY).codes[0]
         assert torch.equal(torch.tensor(done[f"img{i}-0"]), expected), i
@@ -126,11 +131,7 @@ def test_abort_of_one_half_frees_both_streams(tiny_generator):
         engine.step()
     assert len(scheduler.running) == 2
     engine.abort_request(["abort-0"])  # the cond half only
-    for _ in range(20):
-        if not engine.has_unfinished_requests():
-            break
-        engine.step()
-    assert not engine.has_unfinished_requests(), "the uncond half must finish with its cond half"
+    step_until_done(engine, max_steps=20)  # the uncond half must finish with its cond half
     assert not scheduler.requests and not scheduler.running
     assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == idle_free
 
@@ -181,19 +182,17 @@ def test_kv_limited_admission_keeps_pairs_whole_and_exact(tiny_model, make_gener
     for i, (c, s) in enumerate(plan):
         for j, (prompt, sp) in enumerate(image_requests(cfg, c, SamplingSettings(guidance_scale=s, **GREEDY))):
             engine.add_request(f"kv{i}-{j}", prompt, sp)
-    done, most_running = {}, 0
-    for _ in range(2000):
-        if not engine.has_unfinished_requests():
-            break
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-        most_running = max(most_running, len(scheduler.running))
+    running = []
+
+    def watch():
+        running.append(len(scheduler.running))
         assert all(r.num_preemptions == 0 for r in scheduler.running)
-    assert most_running <= 5
+
+    done = step_until_done(engine, each_step=watch)
+    assert max(running) <= 5
     for i, (c, s) in enumerate(plan):
         expected = reference_generate(ref, [c], guidance_scale=s, **GREEDY).codes[0]
-        assert torch.equal(torch.tensor(done[f"kv{i}-0"]), expected), i
+        assert torch.equal(torch.tensor(done[f"kv{i}-0"].token_ids), expected), i
 
 
 def test_head_size_without_a_kernel_is_padded_exactly(tmp_path, make_generator):
@@ -230,16 +229,8 @@ def test_bad_pairs_finish_with_an_error_and_the_engine_keeps_serving(tiny_genera
         odd = uncond[1].clone()
         odd.extra_args = {"visual_ar": dict(uncond[1].extra_args["visual_ar"], role="negative")}
         reqs = [cond, (uncond[0], odd)]
-    for i, (prompt, sp) in enumerate(reqs):
-        engine.add_request(f"bad-{case}-{i}", prompt, sp)
-    finished = {}
-    for _ in range(50):
-        if not engine.has_unfinished_requests():
-            break
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out.outputs[0].finish_reason
-    assert not engine.has_unfinished_requests()
+    submitted = {0: [(f"bad-{case}-{i}", prompt, sp) for i, (prompt, sp) in enumerate(reqs)]}
+    finished = {rid: out.finish_reason for rid, out in step_until_done(engine, submitted, max_steps=50).items()}
     assert "error" in finished.values(), finished
     _, ref = tiny_model
     image = tiny_generator.generate([2], guidance_scale=3.0, **GREEDY)[0]
