@@ -32,17 +32,14 @@ def image_grid(images: list, columns: int):
 
 
 def cmd_generate(args) -> int:
-    from vllm_visual_ar.generator import ImageGenerator
+    from vllm_visual_ar.generator import ImageGenerator, check_generate_args
     from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
     from vllm_visual_ar.models import resolve_model_dir
-    from vllm_visual_ar.requests import SamplingSettings, validate_class_id
 
-    # Check what can be checked before the engine takes its seconds to start.
+    # Check the arguments before the engine takes its seconds to start.
     config = LlamaGenConfig.from_pretrained(resolve_model_dir(args.model))
-    for c in args.classes:
-        validate_class_id(config, c)
-    SamplingSettings(args.guidance_scale if args.guidance_scale is not None else config.default_guidance_scale,
-                     args.temperature, args.top_k if args.top_k is not None else config.default_top_k, args.top_p)
+    check_generate_args(config, args.classes, args.n, args.seed, args.guidance_scale, args.temperature,
+                        args.top_k, args.top_p)
     gen = ImageGenerator(args.model, max_images_in_flight=args.max_images_in_flight)
     results = gen.generate(args.classes, n=args.n, guidance_scale=args.guidance_scale,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

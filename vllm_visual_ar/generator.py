@@ -34,6 +34,23 @@ class GeneratedImage:
     stats: ImageStats
 
 
+def check_generate_args(config, classes, n, seed, guidance_scale, temperature, top_k, top_p):
+    """Validate `generate` arguments against a model config (ValueError naming the problem);
+    -> (classes as a list, SamplingSettings with the model's defaults filled in)."""
+    classes = [classes] if isinstance(classes, int) else list(classes)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if not classes:
+        raise ValueError("classes must name at least one class")
+    for c in classes:
+        validate_class_id(config, c)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    settings = SamplingSettings(config.default_guidance_scale if guidance_scale is None else guidance_scale,
+                                temperature, config.default_top_k if top_k is None else top_k, top_p)
+    return classes, settings
+
+
 class ImageGenerator:
     def __init__(self, model: str | None = None, max_images_in_flight: int = 16, **engine_overrides):
         from vllm import LLM
@@ -54,20 +71,8 @@ class ImageGenerator:
         """n images per class, in order (class-major). Image i of the call uses seed + i, so a seed
         gives the same images whatever else is in the batch. guidance_scale and top_k None mean
         the model's `default_guidance_scale` / `default_top_k`; guidance 1 is unguided, top_k 0 is off."""
-        classes = [classes] if isinstance(classes, int) else list(classes)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        if not classes:
-            raise ValueError("classes must name at least one class")
-        for c in classes:
-            validate_class_id(self.config, c)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        if guidance_scale is None:
-            guidance_scale = self.config.default_guidance_scale
-        if top_k is None:
-            top_k = self.config.default_top_k
-        settings = SamplingSettings(guidance_scale, temperature, top_k, top_p)
+        classes, settings = check_generate_args(self.config, classes, n, seed, guidance_scale, temperature,
+                                                top_k, top_p)
 
         jobs = [(c, None if seed is None else seed + i) for i, c in enumerate(c for c in classes for _ in range(n))]
         tokens, forwards, latency = self._run(jobs, settings, progress)

@@ -144,7 +144,8 @@ class VisualARScheduler(Scheduler):
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
         waiting = list(self.waiting)
         admitted = self._admissible_groups()
-        held = [r for r in waiting if r not in set(admitted)]
+        admitted_set = set(admitted)
+        held = [r for r in waiting if r not in admitted_set]
         self.waiting.remove_requests(waiting)
         for r in admitted:
             self.waiting.add_request(r)
