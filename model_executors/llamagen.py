@@ -4,6 +4,8 @@ Reads like vLLM's llama.py with two LlamaGen specifics:
 - 2D RoPE looked up by position: vLLM feeds position p = raster index + cls_token_num, and row p of
   LlamaGen's table rotates by (row, column) of that raster index. The class-token rows are zeros, as
   in LlamaGen's `precompute_freqs_cis_2d`, which zeroes the class token's query and key.
+- Positions are raster positions, not sequence positions: ZipAR requests feed tokens out of raster
+  order, and the plugin's runner then passes their raster positions and a `MaskedAttention`.
 - Prompt ids >= codebook_size are class labels (see `llamagen_config.py`) and are embedded with the
   class table; sampling is confined to image codes by `compute_logits`.
 """
@@ -29,6 +31,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
 from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
+from vllm_visual_ar.model_executors.masked_attention import MaskedAttention
 
 
 def rope_2d_cos_sin(cfg: LlamaGenConfig) -> torch.Tensor:
@@ -77,11 +80,14 @@ class LlamaGenAttention(nn.Module):
         x = x.view(x.shape[0], -1, self.head_dim)
         return nn.functional.pad(x, (0, self.padded_head_dim - self.head_dim)).flatten(1)
 
-    def forward(self, h: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos_sin: torch.Tensor, masked: MaskedAttention | None = None) -> torch.Tensor:
         qkv, _ = self.wqkv(h)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = apply_rope_2d(q, cos_sin), apply_rope_2d(k, cos_sin)
-        out = self.attn(self._pad(q), self._pad(k), self._pad(v))
+        q, k = self._pad(q), self._pad(k)
+        out = self.attn(q, k, self._pad(v))
+        if masked is not None:  # some requests decode out of raster order (ZipAR): re-attend their queries
+            out = masked.apply(self.attn, q, k, out, self.num_heads, self.padded_head_dim, self.head_dim ** -0.5)
         if self.padded_head_dim != self.head_dim:
             out = out.view(out.shape[0], -1, self.padded_head_dim)[..., : self.head_dim].flatten(1)
         out, _ = self.wo(out)
@@ -111,8 +117,8 @@ class LlamaGenBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def forward(self, x, cos_sin):
-        h = x + self.attention(self.attention_norm(x), cos_sin)
+    def forward(self, x, cos_sin, masked=None):
+        h = x + self.attention(self.attention_norm(x), cos_sin, masked)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -131,6 +137,8 @@ class LlamaGenForClassToImage(nn.Module):
         self.output = ParallelLMHead(cfg.codebook_size, cfg.hidden_size, prefix=f"{prefix}output")
         self.logits_processor = LogitsProcessor(cfg.codebook_size)
         self.register_buffer("rope_cos_sin", rope_2d_cos_sin(cfg), persistent=False)
+        # Set by the plugin's model runner for a forward that carries ZipAR requests, else None.
+        self.masked_attention: MaskedAttention | None = None
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         k = self.config.codebook_size
@@ -145,7 +153,7 @@ class LlamaGenForClassToImage(nn.Module):
         h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         cos_sin = self.rope_cos_sin[positions]
         for layer in self.layers:
-            h = layer(h, cos_sin)
+            h = layer(h, cos_sin, self.masked_attention)
         return self.norm(h)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

@@ -78,8 +78,10 @@ class LlamaGenConfig(PretrainedConfig):
         self.default_guidance_scale = default_guidance_scale
         self.default_top_k = default_top_k
         kwargs["vocab_size"] = codebook_size + num_classes + 1
-        # The last image code is sampled but never fed back.
-        kwargs.setdefault("max_position_embeddings", cls_token_num + image_grid * image_grid)
+        # vLLM's sequence-length limit (KV slots per request), derived, never read from a file: the
+        # class token and the image codes, plus room for ZipAR's stand-ins (fewer than one per row).
+        # RoPE positions are raster positions, looked up in a table of cls_token_num + grid^2 rows.
+        kwargs["max_position_embeddings"] = cls_token_num + image_grid * image_grid + image_grid
         kwargs.setdefault("architectures", [ARCHITECTURE])
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)

@@ -146,11 +146,15 @@ class LlamaGenReference(nn.Module):
 
     def step(self, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Embedded inputs h [B, S, D] at positions input_pos [S] -> logits of the last position [B, V]."""
-        mask = self.causal_mask[None, None, input_pos]
+        return self.step_masked(h, input_pos, self.causal_mask[None, None, input_pos])[:, -1]
+
+    def step_masked(self, h: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Write the inputs' keys/values at cache slots input_pos, attend with mask [1, 1, S, max_len]
+        (True = visible) -> logits of every input [B, S, V]."""
         rot = self.rope[input_pos]
         for layer in self.layers:
             h = layer(h, rot, mask, input_pos)
-        return self.output(self.norm(h[:, -1])).float()
+        return self.output(self.norm(h)).float()
 
 
 @dataclass
@@ -193,6 +197,88 @@ def generate(model: LlamaGenReference, classes: list[int], guidance_scale: float
         token = next_token(model.step(model.tok_embeddings(x)[:, None], pos))
         codes.append(token)
     return ReferenceResult(torch.stack(codes, 1), cfg.num_image_tokens, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def generate_zipar(model: LlamaGenReference, classes: list[int], window: int, guidance_scale: float = 4.0,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   generator: torch.Generator | None = None) -> ReferenceResult:
+    """ZipAR row-parallel decoding with an explicit attention mask: the oracle for the engine's ZipAR.
+
+    The loop is the authors' (`LlamaGen-ZipAR/autoregressive/models/generate_zipar.py`): a static
+    cache indexed by raster slot, row 0 in raster order, row r+1 (r >= 1) started once row r has
+    `window` tokens by a stand-in (a copy of row r-1's latest token) fed at the slot of (r, W-1),
+    and row r's true last token fed for its key/value when it arrives. It differs from the authors'
+    code where the masked semantics differ from theirs: a query at slot q sees the slots <= q that
+    hold a real token already fed, never an empty slot (theirs: zero K/V there) and never a stand-in
+    other than itself (theirs: the stand-in until it is overwritten).
+    """
+    from vllm_visual_ar.samplers.zipar import check_window
+
+    cfg = model.config
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    height = width = cfg.image_grid
+    w = min(check_window(window), width)
+    prefix = cfg.cls_token_num
+    n, guided = len(classes), guidance_scale != 1.0
+    labels = torch.tensor(classes, device=device)
+    if guided:
+        labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
+    model.setup_cache(labels.shape[0], device=device)
+    slots = prefix + cfg.num_image_tokens
+    written = torch.zeros(slots, dtype=torch.bool, device=device)  # slot holds a real, fed token
+    written[:prefix] = True
+    codes = torch.full((n, cfg.num_image_tokens), -1, dtype=torch.long, device=device)
+    count = [0] * height
+
+    def sample_rows(logits: torch.Tensor, rows: list[int]) -> None:
+        for j, row in enumerate(rows):  # logits [B, len(rows), V]
+            lg = logits[:, j]
+            if guided:
+                lg = cfg_mix(lg[:n], lg[n:], guidance_scale)
+            codes[:, row * width + count[row]] = sample(lg, temperature, top_k, top_p, generator)
+            count[row] += 1
+
+    forwards = 1
+    sample_rows(model.step(model.cls_embedding.embedding_table(labels)[:, None],
+                           torch.arange(prefix, device=device))[:, None], [0])
+    while count[-1] < width:
+        # (slot, token ids [n], row whose next token this input predicts or None, real token?)
+        inputs: list[tuple[int, torch.Tensor, int | None, bool]] = []
+        for row in range(height):
+            if count[row] == 0:
+                break
+            col = count[row] - 1
+            slot = prefix + row * width + col
+            if written[slot]:
+                continue  # finished row, last token already fed
+            if col < width - 1:
+                target = row
+            elif row + 1 < height and count[row + 1] == 0:
+                target = row + 1
+            else:
+                target = None
+            inputs.append((slot, codes[:, row * width + col], target, True))
+        bottom = max(r for r in range(height) if count[r] > 0)
+        if w < width and 1 <= bottom < height - 1 and count[bottom] == w and count[bottom + 1] == 0:
+            above = bottom - 1
+            inputs.append((prefix + bottom * width + width - 1, codes[:, above * width + count[above] - 1],
+                           bottom + 1, False))
+        pos = torch.tensor([s for s, *_ in inputs], device=device)
+        visible = written.clone()
+        for s, _, _, real in inputs:
+            visible[s] |= real
+        mask = visible[None, :] & (torch.arange(slots, device=device)[None, :] <= pos[:, None])
+        mask[torch.arange(len(inputs)), pos] = True  # a stand-in sees itself
+        tokens = torch.stack([t for _, t, _, _ in inputs], 1)
+        tokens = torch.cat([tokens, tokens]) if guided else tokens
+        logits = model.step_masked(model.tok_embeddings(tokens), pos, mask[None, None])
+        predicting = [j for j, (_, _, target, _) in enumerate(inputs) if target is not None]
+        sample_rows(logits[:, predicting], [inputs[j][2] for j in predicting])
+        written = visible
+        forwards += 1
+    return ReferenceResult(codes, forwards, time.perf_counter() - t0)
 
 
 def load_reference(model_dir: str, device: str = "cpu") -> LlamaGenReference:

@@ -57,3 +57,22 @@ def make_generator():
 def scheduler_of(generator):
     """The engine-core scheduler (in-process engine, see the environment above)."""
     return generator.llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def step_until_done(engine, submit_at: dict[int, list] | None = None, each_step=None, max_steps: int = 2000):
+    """Step the engine until nothing is left, adding (id, prompt, params) at the given step numbers
+    and calling each_step() after every step; -> {request_id: final CompletionOutput}."""
+    submit_at = submit_at or {}
+    done = {}
+    for step in range(max_steps):
+        if not engine.has_unfinished_requests() and not any(k >= step for k in submit_at):
+            break
+        for rid, prompt, sp in submit_at.get(step, []):
+            engine.add_request(rid, prompt, sp)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+        if each_step is not None:
+            each_step()
+    assert not engine.has_unfinished_requests()
+    return done

@@ -2,7 +2,7 @@
 plain-PyTorch reference model and generate loop."""
 import pytest
 import torch
-from conftest import scheduler_of
+from conftest import scheduler_of, step_until_done
 
 from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_generate
 from vllm_visual_ar.requests import SamplingSettings, image_requests
@@ -78,25 +78,6 @@ def test_mixed_guidance_scales_share_a_batch(tiny_generator, tiny_model):
     for (c, s), out in zip(jobs, by_image):
         expected = reference_generate(ref, [c], guidance_scale=s, **GREEDY).codes[0]
         assert torch.equal(torch.tensor(out.outputs[0].token_ids), expected), (c, s)
-
-
-def step_until_done(engine, submit_at: dict[int, list] | None = None, each_step=None, max_steps: int = 2000):
-    """Step the engine until nothing is left, adding (id, prompt, params) at the given step numbers
-    and calling each_step() after every step; -> {request_id: final CompletionOutput}."""
-    submit_at = submit_at or {}
-    done = {}
-    for step in range(max_steps):
-        if not engine.has_unfinished_requests() and not any(k >= step for k in submit_at):
-            break
-        for rid, prompt, sp in submit_at.get(step, []):
-            engine.add_request(rid, prompt, sp)
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0]
-        if each_step is not None:
-            each_step()
-    assert not engine.has_unfinished_requests()
-    return done
 
 
 def test_staggered_arrivals_stay_exact(tiny_generator, tiny_model):

@@ -70,6 +70,6 @@ def test_official_gpt_sizes_are_configurable():
         cfg = LlamaGenConfig(hidden_size=s["dim"], num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"],
                              image_grid=24)
         assert cfg.vocab_size == 16384 + 1001
-        assert cfg.max_position_embeddings == 1 + 576
+        assert cfg.max_position_embeddings == 1 + 576 + 24
     assert kernel_head_dim(64) == 64 and kernel_head_dim(100) == 112  # GPT-3B is padded for the kernels
     assert LlamaGenConfig(hidden_size=1280).intermediate_size == 3584  # XL: find_multiple(3413, 256)

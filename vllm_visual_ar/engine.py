@@ -40,6 +40,12 @@ def engine_kwargs(model: str | None = None, max_images_in_flight: int = 16, **ov
         max_model_len=config.max_position_embeddings,
         max_num_batched_tokens=max(2048, 4 * max_images_in_flight),
         seed=0,
+        # Image requests share no prefix worth caching (a one-token prompt), and a cached block is
+        # matched by token ids alone, while ZipAR places the same ids at other raster positions.
+        enable_prefix_caching=False,
+        # The plugin's runner returns a variable number of tokens per request and step (ZipAR),
+        # which vLLM's async scheduling does not carry.
+        async_scheduling=False,
     )
     if is_cpu():
         # AVX2-only CPUs emulate bf16 slowly; eager mode skips minutes of compilation for tiny models.

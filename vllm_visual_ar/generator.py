@@ -3,6 +3,7 @@
     from vllm_visual_ar import ImageGenerator
     gen = ImageGenerator()                      # the embedded MNIST model
     images = gen.generate(classes=[3, 7], n=4, guidance_scale=4.0, seed=0)
+    images = gen.generate(classes=[3, 7], strategy="zipar", window=4)   # row-parallel decoding
     images[0].image.save("three.png"); print(images[0].stats)
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_visual_ar.engine import engine_kwargs, set_engine_env
-from vllm_visual_ar.requests import SamplingSettings, image_requests, validate_class_id
+from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests, validate_class_id
 
 
 @dataclass
@@ -23,6 +24,10 @@ class ImageStats:
     forward_passes: int   # model forwards this image took (raster: one per token)
     seconds: float        # latency: from submission to this image's last token
     streams: int          # 2 for a guided image (cond + uncond), else 1
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / self.forward_passes
 
 
 @dataclass
@@ -34,9 +39,10 @@ class GeneratedImage:
     stats: ImageStats
 
 
-def check_generate_args(config, classes, n, seed, guidance_scale, temperature, top_k, top_p):
+def check_generate_args(config, classes, n, seed, guidance_scale, temperature, top_k, top_p,
+                        strategy="raster", window=None):
     """Validate `generate` arguments against a model config (ValueError naming the problem);
-    -> (classes as a list, SamplingSettings with the model's defaults filled in)."""
+    -> (classes as a list, SamplingSettings with the model's defaults filled in, Decoding)."""
     classes = [classes] if isinstance(classes, int) else list(classes)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -48,7 +54,7 @@ def check_generate_args(config, classes, n, seed, guidance_scale, temperature, t
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     settings = SamplingSettings(config.default_guidance_scale if guidance_scale is None else guidance_scale,
                                 temperature, config.default_top_k if top_k is None else top_k, top_p)
-    return classes, settings
+    return classes, settings, Decoding(strategy, window)
 
 
 class ImageGenerator:
@@ -67,15 +73,16 @@ class ImageGenerator:
 
     def generate(self, classes: list[int] | int, n: int = 1, guidance_scale: float | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, seed: int | None = None,
-                 progress: bool = False) -> list[GeneratedImage]:
+                 strategy: str = "raster", window: int | None = None, progress: bool = False) -> list[GeneratedImage]:
         """n images per class, in order (class-major). Image i of the call uses seed + i, so a seed
         gives the same images whatever else is in the batch. guidance_scale and top_k None mean
-        the model's `default_guidance_scale` / `default_top_k`; guidance 1 is unguided, top_k 0 is off."""
-        classes, settings = check_generate_args(self.config, classes, n, seed, guidance_scale, temperature,
-                                                top_k, top_p)
+        the model's `default_guidance_scale` / `default_top_k`; guidance 1 is unguided, top_k 0 is off.
+        strategy "zipar" with `window` w decodes rows in parallel (`samplers/zipar.py`)."""
+        classes, settings, decoding = check_generate_args(self.config, classes, n, seed, guidance_scale,
+                                                          temperature, top_k, top_p, strategy, window)
 
         jobs = [(c, None if seed is None else seed + i) for i, c in enumerate(c for c in classes for _ in range(n))]
-        tokens, forwards, latency = self._run(jobs, settings, progress)
+        tokens, forwards, latency = self._run(jobs, settings, decoding, progress)
         grid = self.config.image_grid
         codes = torch.tensor(tokens).view(-1, grid, grid)
         images = self.decode(codes)
@@ -83,9 +90,10 @@ class ImageGenerator:
         return [GeneratedImage(img, c, codes[i], s, ImageStats(len(tokens[i]), forwards[i], latency[i], streams))
                 for i, ((c, s), img) in enumerate(zip(jobs, images))]
 
-    def _run(self, jobs, settings: SamplingSettings, progress: bool):
+    def _run(self, jobs, settings: SamplingSettings, decoding: Decoding, progress: bool):
         """Submit every image, step the engine until all are done. Outputs come as per-step deltas,
-        so an image's forward passes are counted, not assumed: one per step that advanced it."""
+        so an image's forward passes are counted, not assumed: one per step that advanced it (a
+        ZipAR image advances its raster prefix every step too, see `scheduler.py`)."""
         from tqdm import tqdm
         from vllm.sampling_params import RequestOutputKind
 
@@ -101,7 +109,8 @@ class ImageGenerator:
         try:
             for index, (class_id, seed) in enumerate(jobs):
                 image_id = uuid.uuid4().hex
-                for prompt, params in image_requests(self.config, class_id, settings, seed, image_id=image_id):
+                for prompt, params in image_requests(self.config, class_id, settings, seed, image_id=image_id,
+                                                     decoding=decoding):
                     params.output_kind = RequestOutputKind.DELTA
                     role = params.extra_args["visual_ar"]["role"]
                     request_id = f"{image_id}-{role}"

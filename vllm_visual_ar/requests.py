@@ -8,15 +8,42 @@ as one:
     uncond: TokensPrompt([null_class_token]), extra_args["visual_ar"] = {"image_id": ID, "role": "uncond", "guidance_scale": s}
 
 Both carry the same max_tokens (the image's token count); the cond request carries the sampling
-settings and the seed. `image_requests` builds exactly this, for `LLM.generate` or the engine client.
+settings and the seed. Optional keys choose the decoding order, the same on both halves:
+"strategy": "raster" (default) or "zipar" with "window": w (`Decoding`). A ZipAR request must ask
+for the whole image (max_tokens = the image's token count) and no logprobs; its tokens still come
+back in raster order. `image_requests` builds all of this, for `LLM.generate` or the engine client.
 """
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
 
+from vllm_visual_ar.samplers.zipar import check_window
+
 EXTRA_ARGS_KEY = "visual_ar"
 ROLES = ("single", "cond", "uncond")
+STRATEGIES = ("raster", "zipar")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """The order an image's tokens are decoded in: "raster" (one token per forward) or "zipar"
+    (row-parallel: a row starts once the row above has `window` tokens; see `samplers/zipar.py`)."""
+    strategy: str = "raster"
+    window: int | None = None
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy == "zipar":
+            check_window(self.window)
+        elif self.window is not None:
+            raise ValueError(f"window applies to strategy 'zipar' only, got window={self.window!r} "
+                             f"with strategy {self.strategy!r}")
+
+    def to_args(self) -> dict:
+        return {"strategy": self.strategy} if self.window is None else {"strategy": self.strategy,
+                                                                        "window": self.window}
 
 
 @dataclass(frozen=True)
@@ -24,6 +51,7 @@ class ImageRequestInfo:
     image_id: str
     role: str  # "single", "cond" or "uncond"
     guidance_scale: float
+    decoding: Decoding = Decoding()
 
     @property
     def guided(self) -> bool:
@@ -40,8 +68,10 @@ def image_request_info(sampling_params) -> ImageRequestInfo | None:
     try:
         parsed = ImageRequestInfo(str(info["image_id"]), info.get("role", "single"),
                                   float(info.get("guidance_scale", 1.0)))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"malformed extra_args[{EXTRA_ARGS_KEY!r}]: {info!r}") from e
+    decoding = Decoding(info.get("strategy", "raster"), info.get("window"))
+    parsed = ImageRequestInfo(parsed.image_id, parsed.role, parsed.guidance_scale, decoding)
     if parsed.role not in ROLES:
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['role'] must be one of {ROLES}, got {parsed.role!r}")
     return parsed
@@ -78,7 +108,7 @@ def validate_class_id(config, class_id) -> int:
 
 
 def image_requests(config, class_id: int, settings: SamplingSettings, seed: int | None = None,
-                   image_id: str | None = None) -> list[tuple[dict, "object"]]:
+                   image_id: str | None = None, decoding: Decoding = Decoding()) -> list[tuple[dict, "object"]]:
     """-> [(prompt, SamplingParams)] for one image: one pair for a guided image, one entry otherwise."""
     from vllm import SamplingParams
 
@@ -94,7 +124,7 @@ def image_requests(config, class_id: int, settings: SamplingSettings, seed: int 
             top_p=1.0 if greedy else settings.top_p,
             seed=seed if with_seed else None, detokenize=False,
             extra_args={EXTRA_ARGS_KEY: {"image_id": image_id, "role": role,
-                                         "guidance_scale": float(settings.guidance_scale)}})
+                                         "guidance_scale": float(settings.guidance_scale), **decoding.to_args()}})
 
     cond_prompt = {"prompt_token_ids": [config.class_token(class_id)]}
     if not settings.guided:

@@ -13,6 +13,11 @@ preempts request by request, so this subclass wraps it rather than rewriting it:
 - Bad pairs (malformed `visual_ar` args, a third request or a second "cond" under one image id,
   halves with different max_tokens) finish with an error instead of waiting forever.
 - Every step checks that no pair was split; a split is a bug and raises.
+- ZipAR requests (`samplers/zipar.py`) append more tokens than the image has (stand-ins) in
+  generation order, several per step. This scheduler lets vLLM count them as ordinary output tokens
+  (so KV slots, blocks and frees stay vLLM's) and rewrites what goes to the frontend: stand-ins
+  dropped, image tokens released in raster order as the raster prefix grows (at least one per
+  step, since the top unfinished row advances every step).
 """
 from __future__ import annotations
 
@@ -26,8 +31,32 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_visual_ar.requests import image_request_info
+from vllm_visual_ar.samplers.zipar import ZipARSchedule, zipar_schedule
 
 logger = init_logger(__name__)
+
+
+class _ZipARStream:
+    """A ZipAR request's output in flight: vLLM-order tokens seen so far, raster tokens released."""
+
+    def __init__(self, schedule: ZipARSchedule, request: Request):
+        self.schedule, self.request = schedule, request
+        self.raster_of = [-1 if e.stand_in else e.raster for e in schedule.sequence]
+        self.codes: dict[int, int] = {}  # raster index -> token, not yet released
+        self.seen = 0      # vLLM output tokens looked at
+        self.released = 0  # raster prefix already sent to the frontend
+
+    def release(self) -> list[int]:
+        outputs = self.request.output_token_ids
+        for i in range(self.seen, len(outputs)):
+            if self.raster_of[i] >= 0:
+                self.codes[self.raster_of[i]] = outputs[i]
+        self.seen = len(outputs)
+        out = []
+        while self.released in self.codes:
+            out.append(self.codes.pop(self.released))
+            self.released += 1
+        return out
 
 
 class VisualARScheduler(Scheduler):
@@ -35,6 +64,8 @@ class VisualARScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self._pair_members: dict[str, set[str]] = defaultdict(set)  # image_id -> request ids
         self._finished_here: list[Request] = []  # finished by this scheduler; the frontend must hear of it
+        self._zipar: dict[str, _ZipARStream] = {}
+        self._zipar_done: dict[str, _ZipARStream] = {}  # freed this step; their last tokens still go out
 
     # -- bookkeeping ---------------------------------------------------------------------------
     @staticmethod
@@ -55,22 +86,48 @@ class VisualARScheduler(Scheduler):
             key = str(raw.get("image_id")) if isinstance(raw, dict) and "image_id" in raw else None
             partners = list(self._pair_members.pop(key, ())) if key is not None else []
             return self._fail(partners + [request.request_id], str(e))
-        if info is None or not info.guided:
+        if info is None:
+            return
+        if info.decoding.strategy == "zipar" and (problem := self._start_zipar(request, info.decoding.window)):
+            partners = list(self._pair_members.pop(info.image_id, ())) if info.guided else []
+            return self._fail(partners + [request.request_id], problem)
+        if not info.guided:
             return
         members = [self.requests[r] for r in self._pair_members[info.image_id]]
-        roles = [image_request_info(m.sampling_params).role for m in members]
-        if info.role in roles or any(m.max_tokens != request.max_tokens for m in members):
+        infos = [image_request_info(m.sampling_params) for m in members]
+        if info.role in [i.role for i in infos] or any(i.decoding != info.decoding for i in infos) or any(
+                m.max_tokens != request.max_tokens for m in members):
             bad = [m.request_id for m in members] + [request.request_id]
             del self._pair_members[info.image_id]
             return self._fail(bad, f"image {info.image_id!r} needs one cond and one uncond request "
-                                   "with the same max_tokens")
+                                   "with the same max_tokens and decoding strategy")
         self._pair_members[info.image_id].add(request.request_id)
+
+    def _start_zipar(self, request: Request, window: int) -> str | None:
+        """Track a ZipAR request; -> why it cannot run, or None."""
+        cfg = self.vllm_config.model_config.hf_config
+        grid = getattr(cfg, "image_grid", None)
+        if grid is None:
+            return f"strategy 'zipar' needs an image model, not {type(cfg).__name__}"
+        if request.max_tokens != grid * grid:
+            return f"strategy 'zipar' generates whole images: max_tokens must be {grid * grid}"
+        if request.sampling_params.logprobs is not None:
+            return "strategy 'zipar' does not return logprobs"
+        schedule = zipar_schedule(grid, grid, window)
+        if request.num_prompt_tokens + len(schedule.sequence) > self.max_model_len:
+            return (f"ZipAR with window {window} needs max_model_len >= "
+                    f"{request.num_prompt_tokens + len(schedule.sequence)} (it is {self.max_model_len})")
+        request.max_tokens = len(schedule.sequence)  # image tokens plus stand-ins, as vLLM counts them
+        self._zipar[request.request_id] = _ZipARStream(schedule, request)
+        return None
 
     def _fail(self, request_ids: list[str], reason: str) -> None:
         logger.error("visual_ar: rejecting %s: %s", request_ids, reason)
         self._finished_here += super().finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
+        if (stream := self._zipar.pop(request.request_id, None)) is not None:
+            self._zipar_done[request.request_id] = stream
         if (key := self._pair_key(request)) is not None:
             members = self._pair_members.get(key)
             if members is not None:
@@ -97,6 +154,11 @@ class VisualARScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output) -> dict[int, EngineCoreOutputs]:
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for eco in (o for group in outputs.values() for o in group.outputs):
+            stream = self._zipar.get(eco.request_id) or self._zipar_done.get(eco.request_id)
+            if stream is not None:
+                eco.new_token_ids = stream.release()
+        self._zipar_done.clear()
         for request in self._finished_here:
             eco = outputs.setdefault(request.client_index, EngineCoreOutputs())
             eco.outputs.append(EngineCoreOutput(request_id=request.request_id, new_token_ids=[],
@@ -110,6 +172,13 @@ class VisualARScheduler(Scheduler):
         lookahead = spec.num_speculative_tokens if spec is not None else 0
         return math.ceil((request.num_prompt_tokens + request.max_tokens + lookahead) / self.block_size)
 
+    def _tokens_per_step(self, request: Request) -> int:
+        """Token budget a request may need in any later step: ZipAR's widest forward is reserved
+        up front, so vLLM never has to split one (a partial ZipAR forward would break its schedule)."""
+        pending = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
+        stream = self._zipar.get(request.request_id)
+        return max(pending, stream.schedule.max_fed_per_forward) if stream is not None else pending
+
     def _admissible_groups(self) -> list[Request]:
         """Waiting requests that this step may admit, whole groups in arrival order."""
         waiting = list(self.waiting)
@@ -121,8 +190,7 @@ class VisualARScheduler(Scheduler):
         free_blocks = self.kv_cache_manager.block_pool.get_num_free_blocks() - sum(
             max(0, self._blocks_for_whole_request(r) - math.ceil(r.num_computed_tokens / self.block_size))
             for r in self.running)
-        free_tokens = self.max_num_scheduled_tokens - sum(
-            r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens for r in self.running)
+        free_tokens = self.max_num_scheduled_tokens - sum(self._tokens_per_step(r) for r in self.running)
         admitted: list[Request] = []
         seen: set[str] = set()
         for r in waiting:
@@ -134,7 +202,7 @@ class VisualARScheduler(Scheduler):
                 continue  # the other half has not arrived yet
             seen.update(g.request_id for g in group)
             blocks = sum(self._blocks_for_whole_request(g) for g in group)
-            tokens = sum(g.num_tokens - g.num_computed_tokens for g in group)
+            tokens = sum(self._tokens_per_step(g) for g in group)
             if len(group) > free_seqs or blocks > free_blocks or tokens > free_tokens:
                 break  # first come, first served: nothing overtakes a group that does not fit
             free_seqs, free_blocks, free_tokens = free_seqs - len(group), free_blocks - blocks, free_tokens - tokens
