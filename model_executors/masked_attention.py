@@ -11,7 +11,8 @@ their keys/values back through the block table and recomputes attention with the
 
 Reading the cache needs its layout, which belongs to the attention backend: the CPU backend keeps
 each block's keys transposed ([head_dim, block_size]) and values as [block_size, head_dim];
-FlashAttention-style backends keep [2, blocks, block_size, heads, head_dim]. The first read in
+FlashAttention-style backends keep [2, blocks, block_size, heads, head_dim] (FlashInfer: [blocks,
+2, ...]). These GPU layouts are read on paper only (no GPU here). The first read in
 each layer is checked against the keys/values the layer just wrote, so an unknown layout fails
 loudly instead of attending to garbage.
 """
@@ -23,24 +24,23 @@ import torch
 import torch.nn.functional as F
 
 
-def read_paged_kv(layer, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """slots [...] (block * block_size + offset) -> keys, values [..., kv_heads, head_dim]."""
+def read_paged_blocks(layer, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """blocks [B, n] block ids -> keys transposed [B, n, kv_heads, head_dim, block_size] and values
+    [B, n, kv_heads, block_size, head_dim]; sequence position p is (p // block_size, p % block_size)."""
     cache = layer.kv_cache
     if isinstance(cache, (list, tuple)):
         cache = cache[0]
     backend = layer.attn_backend.get_name()
-    if backend == "CPU_ATTN":
-        blocks, heads, block_size, two_d = cache.shape
+    if backend == "CPU_ATTN":  # [blocks, kv_heads, block_size, 2 * head_dim], keys stored transposed
+        num_blocks, heads, block_size, two_d = cache.shape
         d = two_d // 2
-        per_block = cache.view(blocks, heads, 2, block_size * d)
-        keys_t = per_block[:, :, 0].view(blocks, heads, d, block_size)
-        values = per_block[:, :, 1].view(blocks, heads, block_size, d)
-        b, o = slots // block_size, slots % block_size
-        return keys_t[b, :, :, o], values[b, :, o]
+        per_block = cache.view(num_blocks, heads, 2, block_size * d)
+        return (per_block[:, :, 0].view(num_blocks, heads, d, block_size)[blocks],
+                per_block[:, :, 1].view(num_blocks, heads, block_size, d)[blocks])
+    if backend == "FLASHINFER" and cache.dim() == 5:  # [blocks, 2, block_size, kv_heads, head_dim]
+        return cache[:, 0][blocks].permute(0, 1, 3, 4, 2), cache[:, 1][blocks].permute(0, 1, 3, 2, 4)
     if cache.dim() == 5 and cache.shape[0] == 2:  # [2, blocks, block_size, kv_heads, head_dim]
-        block_size = cache.shape[2]
-        b, o = slots // block_size, slots % block_size
-        return cache[0][b, o], cache[1][b, o]
+        return cache[0][blocks].permute(0, 1, 3, 4, 2), cache[1][blocks].permute(0, 1, 3, 2, 4)
     raise NotImplementedError(f"masked attention cannot read the KV cache of attention backend {backend} "
                               f"(shape {tuple(cache.shape)}); ZipAR needs CPU_ATTN or a FlashAttention-layout backend")
 
@@ -49,30 +49,42 @@ def read_paged_kv(layer, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 class MaskedAttention:
     query_index: torch.Tensor  # [B, Q] flat token index in the batch (padding repeats a valid one)
     query_valid: torch.Tensor  # [B, Q] bool
-    query_slots: torch.Tensor  # [B, Q] KV slot each query token was written to
-    key_slots: torch.Tensor    # [B, L] KV slots of each request's tokens, in sequence order (padding 0)
-    mask: torch.Tensor         # [B, Q, L] bool, True = the query sees that key
+    query_pos: torch.Tensor    # [B, Q] position of each query token in its request's sequence
+    key_blocks: torch.Tensor   # [B, n] each request's KV blocks, in order (padding: any block, masked)
+    mask: torch.Tensor         # [B, Q, n * block_size] bool, True = the query sees that position
+
+    def __post_init__(self):
+        self.bias = torch.zeros(self.mask.shape, dtype=torch.float32, device=self.mask.device).masked_fill_(
+            ~self.mask, float("-inf"))[:, None]  # [B, 1, Q, L], shared by all layers
 
     def apply(self, layer, q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, num_heads: int,
               head_dim: int, scale: float) -> torch.Tensor:
         """q, k: this forward's [T, heads * head_dim] (as given to the vLLM layer); out: the layer's
-        output [T, heads * head_dim], whose masked rows are replaced."""
-        keys, values = read_paged_kv(layer, self.key_slots)  # [B, L, kv_heads, D]
+        output [T, heads * head_dim], whose masked rows are replaced. Attention runs block by block
+        on the gathered blocks (batched matmuls), so the history is copied once per layer."""
+        keys_t, values = read_paged_blocks(layer, self.key_blocks)  # [B, n, H, D, bs], [B, n, H, bs, D]
+        b, n, kv_heads, _, block_size = keys_t.shape
+        if n * block_size != self.mask.shape[-1]:
+            raise RuntimeError("masked attention: KV cache block size differs from the block table's")
         if not getattr(layer, "_masked_kv_layout_checked", False):
-            written, _ = read_paged_kv(layer, self.query_slots[self.query_valid])
+            rows = torch.arange(b, device=keys_t.device)[:, None].expand_as(self.query_pos)[self.query_valid]
+            pos = self.query_pos[self.query_valid]
+            written = keys_t[rows, pos // block_size, :, :, pos % block_size]
             fresh = k.view(k.shape[0], -1, head_dim)[self.query_index[self.query_valid]]
             if not torch.allclose(written.float(), fresh.float(), rtol=1e-2, atol=1e-2):
                 raise RuntimeError(f"masked attention: the KV cache layout of {layer.attn_backend.get_name()} is "
-                                   "not the one read_paged_kv assumes")
+                                   "not the one read_paged_blocks assumes")
             layer._masked_kv_layout_checked = True
-        b, nq = self.query_index.shape
+        if kv_heads != num_heads:
+            keys_t = keys_t.repeat_interleave(num_heads // kv_heads, 2)
+            values = values.repeat_interleave(num_heads // kv_heads, 2)
+        nq = self.query_index.shape[1]
         queries = q.view(q.shape[0], num_heads, head_dim)[self.query_index].transpose(1, 2)  # [B, H, Q, D]
-        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
-        if keys.shape[1] != num_heads:
-            keys = keys.repeat_interleave(num_heads // keys.shape[1], 1)
-            values = values.repeat_interleave(num_heads // values.shape[1], 1)
-        o = F.scaled_dot_product_attention(queries, keys.to(queries.dtype), values.to(queries.dtype),
-                                           attn_mask=self.mask[:, None], scale=scale)
+        scores = torch.matmul(queries[:, None].to(keys_t.dtype), keys_t).float() * scale  # [B, n, H, Q, bs]
+        scores = scores.permute(0, 2, 3, 1, 4).reshape(b, num_heads, nq, n * block_size)
+        probs = (scores + self.bias).softmax(dim=-1)
+        probs = probs.view(b, num_heads, nq, n, block_size).permute(0, 3, 1, 2, 4)  # [B, n, H, Q, bs]
+        o = torch.matmul(probs.to(values.dtype), values).sum(dim=1)  # [B, H, Q, D]
         o = o.transpose(1, 2).reshape(b, nq, num_heads * head_dim)
         out = out.clone()
         out[self.query_index[self.query_valid]] = o[self.query_valid].to(out.dtype)

@@ -2,7 +2,10 @@
 
 The vLLM path mixes guidance with `cfg_mix` and lets vLLM's own sampler draw the token; the
 plain-PyTorch reference loop uses `sample` (LlamaGen `autoregressive/models/generate.py::sample`:
-temperature, then top-k, then top-p, then one multinomial draw).
+temperature, then top-k, then top-p, then one multinomial draw). The engine draws the several
+tokens a ZipAR request samples per forward with `sample_rows`: the same filters with per-row
+settings, batched, drawing by the exponential race that vLLM's sampler uses (argmax p / E with
+E ~ Exp(1), which picks token i with probability p_i), so a seeded request's generator drives it.
 """
 from __future__ import annotations
 
@@ -39,3 +42,29 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
         return logits.argmax(dim=-1)
     probs = filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                generators: list[tuple[slice, torch.Generator]] = ()) -> torch.Tensor:
+    """logits [R, V] with per-row temperature [R] (0 = greedy), top_k [R] (0 = off), top_p [R]
+    (1 = off) -> token ids [R]. `generators` pairs a slice of rows with the generator that draws
+    for them (seeded requests); the other rows use the global generator."""
+    greedy = temperature == 0
+    x = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None].to(logits.dtype)
+    vocab = x.shape[-1]
+    if bool((top_k > 0).any()):
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+        kth = x.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None].to(torch.long))
+        x = x.masked_fill(x < kth, float("-inf"))
+    if bool((top_p < 1).any()):
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        drop_sorted = sorted_x.softmax(dim=-1).cumsum(dim=-1) > top_p[:, None].to(x.dtype)
+        drop_sorted[:, 1:] = drop_sorted[:, :-1].clone()
+        drop_sorted[:, 0] = False
+        x = x.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = x.softmax(dim=-1)
+    race = torch.empty_like(probs).exponential_()
+    for rows, generator in generators:
+        race[rows].exponential_(generator=generator)
+    tokens = probs.div(race).argmax(dim=-1)
+    return torch.where(greedy, logits.argmax(dim=-1), tokens)

@@ -73,3 +73,41 @@ def test_official_gpt_sizes_are_configurable():
         assert cfg.max_position_embeddings == 1 + 576 + 24
     assert kernel_head_dim(64) == 64 and kernel_head_dim(100) == 112  # GPT-3B is padded for the kernels
     assert LlamaGenConfig(hidden_size=1280).intermediate_size == 3584  # XL: find_multiple(3413, 256)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 3, 1.0), (1.0, 0, 0.8), (1.3, 5, 0.9), (0.0, 0, 1.0)])
+def test_sample_rows_draws_from_the_filtered_distribution(temperature, top_k, top_p):
+    """The engine's batched ZipAR sampler: the exponential race over the temperature/top-k/top-p
+    filtered distribution, per row; a chi-square test against the exact probabilities."""
+    from scipy.stats import chisquare
+
+    from vllm_visual_ar.samplers.sampling import filter_top_k_top_p, sample_rows
+
+    logits = torch.randn(12, generator=torch.Generator().manual_seed(1)) * 2
+    n = 40000
+    rows = logits.expand(n, -1)
+    torch.manual_seed(0)
+    drawn = sample_rows(rows, torch.full((n,), temperature), torch.full((n,), top_k), torch.full((n,), top_p))
+    counts = torch.bincount(drawn, minlength=12).double()
+    if temperature == 0:
+        assert (drawn == logits.argmax()).all()
+        return
+    probs = filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(-1).double()
+    assert counts[probs == 0].sum() == 0
+    keep = probs > 0
+    expected = probs[keep] / probs[keep].sum() * n
+    assert chisquare(counts[keep].numpy(), expected.numpy()).pvalue > 1e-3
+
+
+def test_sample_rows_follows_each_rows_generator():
+    from vllm_visual_ar.samplers.sampling import sample_rows
+
+    logits = torch.zeros(6, 50)
+    settings = (torch.ones(6), torch.zeros(6, dtype=torch.long), torch.ones(6))
+
+    def draw(seed_a, seed_b):
+        return sample_rows(logits, *settings, [(slice(0, 3), torch.Generator().manual_seed(seed_a)),
+                                               (slice(3, 6), torch.Generator().manual_seed(seed_b))])
+
+    assert torch.equal(draw(1, 2), draw(1, 2))
+    assert torch.equal(draw(1, 2)[:3], draw(1, 9)[:3]) and not torch.equal(draw(1, 2)[3:], draw(1, 9)[3:])

@@ -47,8 +47,11 @@ def engine_kwargs(model: str | None = None, max_images_in_flight: int = 16, **ov
         # which vLLM's async scheduling does not carry.
         async_scheduling=False,
     )
+    # Eager mode everywhere: the plugin's runner changes positions, logits rows and attention per
+    # step (ZipAR), which CUDA graphs captured for one-token decode batches would not see.
+    kwargs["enforce_eager"] = True
     if is_cpu():
-        # AVX2-only CPUs emulate bf16 slowly; eager mode skips minutes of compilation for tiny models.
-        kwargs.update(dtype="float32", enforce_eager=True)
+        # AVX2-only CPUs emulate bf16 slowly.
+        kwargs["dtype"] = "float32"
     kwargs.update(overrides)
     return kwargs

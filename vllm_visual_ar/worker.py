@@ -17,13 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vllm.platforms import current_platform
+from vllm.v1.outputs import SamplerOutput
 
 from vllm_visual_ar.model_executors.masked_attention import MaskedAttention
 from vllm_visual_ar.requests import ImageRequestInfo, image_request_info
-from vllm_visual_ar.samplers.sampling import cfg_mix, sample
+from vllm_visual_ar.samplers.sampling import cfg_mix, sample_rows
 from vllm_visual_ar.samplers.zipar import ZipARSchedule, zipar_schedule
 
 if current_platform.is_cpu():
@@ -46,32 +48,36 @@ class _StepLayout:
     zipar: list[_ZipARRow]
 
 
-@dataclass(frozen=True)
-class _ScheduleTags:
-    """Per KV slot of a ZipAR sequence: raster position (-1 for the prompt) and stand-in flag."""
-    raster: torch.Tensor
-    stand_in: torch.Tensor
+_visibility: dict[tuple[int, int, int, int], np.ndarray] = {}
 
 
-_tags: dict[tuple[int, int, int, int], _ScheduleTags] = {}
-
-
-def _schedule_tags(schedule: ZipARSchedule, prefix: int) -> _ScheduleTags:
+def _schedule_visibility(schedule: ZipARSchedule, prefix: int) -> np.ndarray:
+    """[S, S] bool over a ZipAR request's sequence positions (prompt first): position s sees
+    position j iff j's raster index <= s's and j is not a stand-in other than s itself. The prompt
+    counts as raster -1: seen by all. The runner slices the rows and columns a forward needs."""
     key = (schedule.height, schedule.width, schedule.window, prefix)
-    if key not in _tags:
-        raster = [-1] * prefix + [e.raster for e in schedule.sequence]
-        stand_in = [False] * prefix + [e.stand_in for e in schedule.sequence]
-        _tags[key] = _ScheduleTags(torch.tensor(raster), torch.tensor(stand_in))
-    return _tags[key]
+    if key not in _visibility:
+        raster = np.array([-1] * prefix + [e.raster for e in schedule.sequence])
+        stand_in = np.array([False] * prefix + [e.stand_in for e in schedule.sequence])
+        seen = (raster[None, :] <= raster[:, None]) & ~stand_in[None, :]
+        np.fill_diagonal(seen, True)
+        _visibility[key] = seen
+    return _visibility[key]
 
 
 class VisualARRunnerMixin:
     """Mixed into the platform's V1 model runner class (CPUModelRunner or GPUModelRunner)."""
 
     _step_layout: _StepLayout | None = None
+    _infos: dict | None = None
 
     def _image_info(self, req_id: str) -> ImageRequestInfo | None:
-        return image_request_info(self.requests[req_id].sampling_params)
+        """Parsed once per request (the scheduler has rejected malformed ones)."""
+        if self._infos is None or len(self._infos) > 2 * len(self.requests) + 64:
+            self._infos = {r: i for r, i in (self._infos or {}).items() if r in self.requests}
+        if req_id not in self._infos:
+            self._infos[req_id] = image_request_info(self.requests[req_id].sampling_params)
+        return self._infos[req_id]
 
     def _guidance_rows(self):
         """-> (cond rows, uncond rows, scales) of the guided pairs in this batch (batch rows), or None."""
@@ -104,6 +110,7 @@ class VisualARRunnerMixin:
         computed = self.input_batch.num_computed_tokens_cpu[:num_reqs]
         zipar: list[_ZipARRow] = []
         indices: list[list[int]] = []
+        raster_positions: list[tuple[int, list[int]]] = []
         for row, req_id in enumerate(self.input_batch.req_ids):
             info = self._image_info(req_id)
             start, end = int(qsl[row]), int(qsl[row + 1])
@@ -121,10 +128,12 @@ class VisualARRunnerMixin:
             first = sum(len(i) for i in indices)
             zipar.append(_ZipARRow(row, schedule, step, slice(first, first + len(predicting))))
             indices.append(predicting)
-            self.positions[start:end] = torch.tensor([prefix + e.raster for e in entries],
-                                                     dtype=self.positions.dtype)
+            raster_positions.append((start, [prefix + e.raster for e in entries]))
         if not zipar:
             return logits_indices, spec_decode_metadata, max_sampled
+        where = torch.tensor([start + j for start, pos in raster_positions for j in range(len(pos))])
+        self.positions[where.to(self.positions.device)] = torch.tensor(
+            [p for _, pos in raster_positions for p in pos], dtype=self.positions.dtype).to(self.positions.device)
         if spec_decode_metadata is not None:
             raise RuntimeError("ZipAR requests cannot run in an engine with speculative decoding enabled")
         model.masked_attention = self._masked_attention(zipar, qsl, computed, prefix)
@@ -139,35 +148,28 @@ class VisualARRunnerMixin:
         """Each ZipAR query sees the request's cached tokens (this forward's included) whose raster
         position is <= its own, except stand-ins other than itself; the class token is seen by all."""
         table = self.input_batch.block_table[0]
-        block_size = table.block_size
-        lengths = [int(computed[z.row]) + int(qsl[z.row + 1] - qsl[z.row]) for z in zipar]
-        nq = max(int(qsl[z.row + 1] - qsl[z.row]) for z in zipar)
-        nk = max(lengths)
+        bs = table.block_size
+        fed = [int(qsl[z.row + 1] - qsl[z.row]) for z in zipar]
+        lengths = [int(computed[z.row]) + n for z, n in zip(zipar, fed)]
+        nq, nblocks = max(fed), (max(lengths) + bs - 1) // bs
         b = len(zipar)
-        query_index = torch.zeros(b, nq, dtype=torch.long)
-        query_valid = torch.zeros(b, nq, dtype=torch.bool)
-        query_slots = torch.zeros(b, nq, dtype=torch.long)
-        key_slots = torch.zeros(b, nk, dtype=torch.long)
-        mask = torch.zeros(b, nq, nk, dtype=torch.bool)
+        query_index = np.zeros((b, nq), dtype=np.int64)
+        query_valid = np.zeros((b, nq), dtype=bool)
+        query_pos = np.zeros((b, nq), dtype=np.int64)
+        key_blocks = np.zeros((b, nblocks), dtype=np.int64)
+        mask = np.zeros((b, nq, nblocks * bs), dtype=bool)
         mask[:, :, 0] = True  # padding queries attend to something (their output is dropped)
-        for i, (z, length) in enumerate(zip(zipar, lengths)):
-            tags = _schedule_tags(z.schedule, prefix)
-            pos = torch.arange(length)
-            blocks = torch.from_numpy(table.block_table.np[z.row, : (length + block_size - 1) // block_size])
-            slots = blocks.long()[pos // block_size] * block_size + pos % block_size
-            key_slots[i, :length] = slots
-            n = int(qsl[z.row + 1] - qsl[z.row])
-            q = pos[length - n:]
-            query_index[i, :n] = torch.arange(int(qsl[z.row]), int(qsl[z.row + 1]))
-            query_index[i, n:] = int(qsl[z.row])
+        for i, (z, n, length) in enumerate(zip(zipar, fed, lengths)):
+            start = int(qsl[z.row])
+            used = (length + bs - 1) // bs
+            key_blocks[i, :used] = table.block_table.np[z.row, :used]
+            query_index[i, :n] = np.arange(start, start + n)
+            query_index[i, n:] = start
             query_valid[i, :n] = True
-            query_slots[i, :n] = slots[q]
-            raster, stand_in = tags.raster[:length], tags.stand_in[:length]
-            seen = (raster[None, :] <= raster[q][:, None]) & (~stand_in[None, :] | (pos[None, :] == q[:, None]))
-            mask[i, :n, :length] = seen
-        device = self.device
-        return MaskedAttention(query_index.to(device), query_valid.to(device), query_slots.to(device),
-                               key_slots.to(device), mask.to(device))
+            query_pos[i, :n] = np.arange(length - n, length)
+            mask[i, :n, :length] = _schedule_visibility(z.schedule, prefix)[length - n:length, :length]
+        return MaskedAttention(*(torch.from_numpy(a).to(self.device)
+                                 for a in (query_index, query_valid, query_pos, key_blocks, mask)))
 
     # -- sampling --------------------------------------------------------------------------------
     def _sample(self, logits, spec_decode_metadata):
@@ -188,19 +190,22 @@ class VisualARRunnerMixin:
             if guided is not None:
                 output.sampled_token_ids[guided[1]] = output.sampled_token_ids[guided[0]]
             return output
-        # vLLM's sampler draws for every request from its first row; ZipAR rows are redrawn below.
-        first = torch.tensor([r.start for r in rows], device=logits.device)
-        output = super()._sample(logits[first], None)
-        emitted = {z.row: self._zipar_tokens(z, logits[z.logits, :k]) for z in layout.zipar}
+        # vLLM's sampler draws for the other requests (it takes one row per request: each request's
+        # first); ZipAR rows are drawn by `_zipar_tokens`.
+        emitted = self._zipar_tokens(layout.zipar, logits[:, :k], guided)
         width = max(len(t) for t in emitted.values())
-        ids = torch.full((len(rows), width), -1, dtype=output.sampled_token_ids.dtype,
-                         device=output.sampled_token_ids.device)
-        ids[:, :1] = output.sampled_token_ids[:, :1]
+        ids = torch.full((len(rows), width), -1, dtype=torch.int32)
+        if len(layout.zipar) < len(rows):
+            first = torch.tensor([r.start for r in rows], device=logits.device)
+            output = super()._sample(logits[first], None)
+            ids[:, :1] = output.sampled_token_ids[:, :1].cpu()
+        else:
+            output = SamplerOutput(sampled_token_ids=ids, logprobs_tensors=None)
         for row, tokens in emitted.items():
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=ids.dtype)
         if guided is not None:
             ids[guided[1]] = ids[guided[0]]
-        output.sampled_token_ids = ids
+        output.sampled_token_ids = ids.to(self.device)
         if output.logprobs_tensors is not None and width > 1:
             # One logprobs row per output slot, as parse_output expects; only column 0 is ever valid
             # for a request that asked for logprobs (ZipAR requests cannot).
@@ -210,21 +215,35 @@ class VisualARRunnerMixin:
                                                   selected_token_ranks=lt.selected_token_ranks.repeat_interleave(width, 0))
         return output
 
-    def _zipar_tokens(self, z: _ZipARRow, logits: torch.Tensor) -> list[int]:
-        """This forward's emitted tokens for one ZipAR request: a sample per predicting row, in
-        order, then the stand-in if the schedule starts a row next forward."""
-        req_id = self.input_batch.req_ids[z.row]
-        params = self.requests[req_id].sampling_params
-        top_k = params.top_k if params.top_k and params.top_k > 0 else 0
-        tokens = sample(logits.float(), params.temperature, top_k, params.top_p,
-                        self.input_batch.generators.get(z.row)).tolist()
-        emitted = z.schedule.emitted(z.step)
-        last = z.schedule.sequence[emitted.stop - 1]
-        if last.stand_in:
-            where = z.schedule.raster_order[last.copy_of]
-            history = self.requests[req_id].output_token_ids
-            tokens.append(history[where] if where < len(history) else tokens[where - emitted.start])
-        return tokens
+    def _zipar_tokens(self, zipar: list[_ZipARRow], logits: torch.Tensor, guided) -> dict[int, list[int]]:
+        """This forward's emitted tokens per ZipAR request (batch row): a sample per predicting row,
+        in order, then the stand-in if its schedule starts a row next forward. One batched draw for
+        all of them; an uncond half gets its cond half's tokens (copied by the caller)."""
+        uncond = set(guided[1]) if guided is not None else set()
+        drawn = [z for z in zipar if z.row not in uncond]
+        rows = torch.cat([torch.arange(z.logits.start, z.logits.stop) for z in drawn]).to(logits.device)
+        settings, generators, at = [], [], 0
+        for z in drawn:
+            params = self.requests[self.input_batch.req_ids[z.row]].sampling_params
+            n = z.logits.stop - z.logits.start
+            settings += [(params.temperature, max(params.top_k or 0, 0), params.top_p)] * n
+            if (g := self.input_batch.generators.get(z.row)) is not None:
+                generators.append((slice(at, at + n), g))
+            at += n
+        temperature, top_k, top_p = (torch.tensor(c, device=logits.device) for c in zip(*settings))
+        tokens = sample_rows(logits[rows].float(), temperature, top_k, top_p, generators).tolist()
+        out, at = {}, 0
+        for z in drawn:
+            n = z.logits.stop - z.logits.start
+            mine, at = tokens[at:at + n], at + n
+            emitted = z.schedule.emitted(z.step)
+            last = z.schedule.sequence[emitted.stop - 1]
+            if last.stand_in:
+                where = z.schedule.raster_order[last.copy_of]
+                history = self.requests[self.input_batch.req_ids[z.row]].output_token_ids
+                mine.append(history[where] if where < len(history) else mine[where - emitted.start])
+            out[z.row] = mine
+        return out
 
 
 _runner_classes: dict[type, type] = {}
