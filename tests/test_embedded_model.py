@@ -47,7 +47,7 @@ if __name__ == "__main__":
     from vllm import LLM
     from vllm_visual_ar.engine import engine_kwargs, set_engine_env
     from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
-    from vllm_visual_ar.requests import SamplingSettings, image_requests
+    from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
     set_engine_env()
     config = LlamaGenConfig.from_pretrained({EMBEDDED_MODEL_DIR!r})
     llm = LLM(**engine_kwargs(max_images_in_flight=2))
@@ -56,6 +56,10 @@ if __name__ == "__main__":
     a, b = (o.outputs[0].token_ids for o in outs)
     assert len(a) == config.num_image_tokens and list(a) == list(b)
     assert max(a) < config.codebook_size
+    reqs = image_requests(config, 2, SamplingSettings(guidance_scale=2.0), seed=0, decoding=Decoding("zipar", 4))
+    outs = llm.generate([p for p, _ in reqs], [sp for _, sp in reqs], use_tqdm=False)
+    a, b = (o.outputs[0].token_ids for o in outs)
+    assert len(a) == config.num_image_tokens and list(a) == list(b) and max(a) < config.codebook_size
     print("PLAIN_LLM_OK")
 """
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
@@ -73,3 +77,6 @@ def test_cli_generate_writes_pngs(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vllm_visual_ar.cli", "generate", "--classes", "12",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
     assert bad.returncode == 2 and "class 12" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "vllm_visual_ar.cli", "generate", "--strategy", "zipar", "--window", "0",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+    assert bad.returncode == 2 and "window" in bad.stderr

@@ -117,8 +117,9 @@ class VisualARScheduler(Scheduler):
         if request.num_prompt_tokens + len(schedule.sequence) > self.max_model_len:
             return (f"ZipAR with window {window} needs max_model_len >= "
                     f"{request.num_prompt_tokens + len(schedule.sequence)} (it is {self.max_model_len})")
-        request.max_tokens = len(schedule.sequence)  # image tokens plus stand-ins, as vLLM counts them
-        self._zipar[request.request_id] = _ZipARStream(schedule, request)
+        if schedule.window < grid:  # w >= W is raster order: nothing to track
+            request.max_tokens = len(schedule.sequence)  # image tokens plus stand-ins, as vLLM counts them
+            self._zipar[request.request_id] = _ZipARStream(schedule, request)
         return None
 
     def _fail(self, request_ids: list[str], reason: str) -> None:

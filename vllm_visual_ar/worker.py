@@ -114,10 +114,13 @@ class VisualARRunnerMixin:
         for row, req_id in enumerate(self.input_batch.req_ids):
             info = self._image_info(req_id)
             start, end = int(qsl[row]), int(qsl[row + 1])
-            if info is None or info.decoding.strategy != "zipar" or computed[row] < prefix:
-                indices.append([end - 1])  # the prompt forward of a ZipAR request is an ordinary one
+            schedule = (zipar_schedule(cfg.image_grid, cfg.image_grid, info.decoding.window)
+                        if info is not None and info.decoding.strategy == "zipar" else None)
+            if schedule is None or schedule.window == cfg.image_grid or computed[row] < prefix:
+                # Raster requests, ZipAR with w >= W (raster order exactly), and every request's
+                # prompt forward take vLLM's ordinary path.
+                indices.append([end - 1])
                 continue
-            schedule = zipar_schedule(cfg.image_grid, cfg.image_grid, info.decoding.window)
             step = schedule.step_of_first_fed.get(int(computed[row]) - prefix)
             fed = schedule.fed(step) if step is not None else range(0)
             if step is None or len(fed) != end - start:
