@@ -156,6 +156,14 @@ def test_sampled_zipar_is_reproducible_by_seed(tiny_generator):
     assert torch.equal(alone, again) and torch.equal(alone, batch[1].codes)
     assert not torch.equal(alone, other)
     assert ((alone >= 0) & (alone < tiny_generator.config.codebook_size)).all()
+    # Sharing the batch with raster images and other windows does not change it either.
+    cfg = tiny_generator.config
+    settings = SamplingSettings(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9)
+    reqs = image_requests(cfg, 3, settings, seed=21, decoding=Decoding("zipar", 2))
+    reqs += image_requests(cfg, 4, settings, seed=5) + image_requests(cfg, 6, settings, seed=6,
+                                                                      decoding=Decoding("zipar", 3))
+    outs = tiny_generator.llm.generate([p for p, _ in reqs], [sp for _, sp in reqs], use_tqdm=False)
+    assert torch.equal(torch.tensor(outs[0].outputs[0].token_ids), alone.flatten())
 
 
 @pytest.mark.parametrize("window", BAD_WINDOWS)

@@ -19,7 +19,6 @@ ignored. Bad input is a 400 with an OpenAI-style error body naming the field; th
 touched until the request is valid. A client that disconnects aborts its images (both guidance
 streams), which frees their KV blocks.
 """
-from __future__ import annotations
 
 import asyncio
 import base64
@@ -132,9 +131,10 @@ def parse_images_request(body, config) -> ImagesJob:
         raise BadRequest(f"output_format {fields['output_format']!r} is not supported: use 'png'", "output_format")
     seed = _int(fields, "seed", None, 0)
     top_k = _int(fields, "top_k", config.default_top_k, 0)
+    numbers = (_number(fields, "guidance_scale", config.default_guidance_scale), _number(fields, "temperature", 1.0),
+               top_k, _number(fields, "top_p", 1.0))
     try:
-        settings = SamplingSettings(_number(fields, "guidance_scale", config.default_guidance_scale),
-                                    _number(fields, "temperature", 1.0), top_k, _number(fields, "top_p", 1.0))
+        settings = SamplingSettings(*numbers)
     except ValueError as e:
         raise BadRequest(str(e), str(e).split(" ", 1)[0]) from None
     strategy = fields.get("strategy") or "raster"

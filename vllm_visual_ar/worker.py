@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from vllm.platforms import current_platform
-from vllm.v1.outputs import SamplerOutput
 
 from vllm_visual_ar.model_executors.masked_attention import MaskedAttention
 from vllm_visual_ar.requests import ImageRequestInfo, image_request_info
@@ -193,17 +192,16 @@ class VisualARRunnerMixin:
             if guided is not None:
                 output.sampled_token_ids[guided[1]] = output.sampled_token_ids[guided[0]]
             return output
-        # vLLM's sampler draws for the other requests (it takes one row per request: each request's
-        # first); ZipAR rows are drawn by `_zipar_tokens`.
+        # vLLM's sampler takes one row per request (each request's first) and draws for all of them,
+        # ZipAR requests included, even when only ZipAR requests are in the batch: a seeded
+        # request's generator then advances the same way whatever shares its batch. ZipAR rows are
+        # then drawn by `_zipar_tokens`.
+        first = torch.tensor([r.start for r in rows], device=logits.device)
+        output = super()._sample(logits[first], None)
         emitted = self._zipar_tokens(layout.zipar, logits[:, :k], guided)
         width = max(len(t) for t in emitted.values())
         ids = torch.full((len(rows), width), -1, dtype=torch.int32)
-        if len(layout.zipar) < len(rows):
-            first = torch.tensor([r.start for r in rows], device=logits.device)
-            output = super()._sample(logits[first], None)
-            ids[:, :1] = output.sampled_token_ids[:, :1].cpu()
-        else:
-            output = SamplerOutput(sampled_token_ids=ids, logprobs_tensors=None)
+        ids[:, :1] = output.sampled_token_ids[:, :1].cpu()
         for row, tokens in emitted.items():
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=ids.dtype)
         if guided is not None:
