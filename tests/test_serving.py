@@ -4,12 +4,7 @@ subprocess on a loopback port with the embedded model, talked to over HTTP and w
 import asyncio
 import base64
 import io
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -17,44 +12,12 @@ import pytest
 from PIL import Image
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "server.log", "w+")
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")  # as a user runs it
-    proc = subprocess.Popen([sys.executable, "-m", "vllm_visual_ar.cli", "serve", "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                break
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("server did not become healthy in 120 s")
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited: {log.read()[-3000:]}")
+    from vllm_visual_ar.launch import running_server
+
+    with running_server(str(tmp_path_factory.mktemp("serve") / "server.log")) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def generate(url: str, timeout: float = 120, **body) -> httpx.Response:
