@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_OMP_THREADS_BIND ?= nobind
 
-.PHONY: venv demo test bench train clean
+.PHONY: venv demo serve test bench train clean
 
 venv: $(VENV)/.installed
 
@@ -22,11 +22,16 @@ $(VENV)/.installed: pyproject.toml
 demo: venv  ## digits 0-9, 8 of each, from the embedded model -> demo_out/grid.png
 	$(BIN)/vllm-visual-ar generate --classes 0-9 --n 8 --seed 0 --out demo_out
 
+serve: venv  ## OpenAI-style images endpoint on http://127.0.0.1:8000 (embedded model)
+	$(BIN)/vllm-visual-ar serve --host 127.0.0.1 --port 8000
+
 test: venv
 	$(BIN)/python -m pytest -q
 
 bench: venv
 	$(BIN)/python benchmarks/bench_raster.py
+	$(BIN)/python benchmarks/bench_zipar.py
+	$(BIN)/python benchmarks/bench_serving.py
 
 train: venv  ## retrain the embedded model (CPU, about 40 minutes)
 	$(BIN)/python scripts/train_embedded.py
