@@ -12,10 +12,10 @@ TINY_VQ = VQConfig(codebook_size=64, codebook_embed_dim=8, ch=32, ch_mult=[1, 2]
                    z_channels=32, image_channels=1)
 
 
-def tiny_config(grid: int = 8, num_classes: int = 10, **dims) -> LlamaGenConfig:
+def tiny_config(grid: int = 8, num_classes: int = 10, vq: VQConfig = TINY_VQ, **dims) -> LlamaGenConfig:
     dims = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, **dims}
-    return LlamaGenConfig(codebook_size=TINY_VQ.codebook_size, num_classes=num_classes, image_grid=grid,
-                          image_size=grid * TINY_VQ.downsample, vq=TINY_VQ.to_dict(), **dims)
+    return LlamaGenConfig(codebook_size=vq.codebook_size, num_classes=num_classes, image_grid=grid,
+                          image_size=grid * vq.downsample, vq=vq.to_dict(), **dims)
 
 
 def random_reference(config: LlamaGenConfig, seed: int = 0) -> LlamaGenReference:
@@ -32,7 +32,7 @@ def write_tiny_model(out_dir: str, config: LlamaGenConfig | None = None, seed: i
     config = config or tiny_config()
     model = random_reference(config, seed)
     torch.manual_seed(seed)
-    write_model_folder(str(out_dir), config, model.state_dict(), VQModel(TINY_VQ).state_dict())
+    write_model_folder(str(out_dir), config, model.state_dict(), VQModel(VQConfig.from_dict(config.vq)).state_dict())
     return model
 
 

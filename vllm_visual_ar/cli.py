@@ -40,11 +40,12 @@ def cmd_generate(args) -> int:
     # Check the arguments before the engine takes its seconds to start.
     config = LlamaGenConfig.from_pretrained(resolve_model_dir(args.model))
     check_generate_args(config, args.classes, args.n, args.seed, args.guidance_scale, args.temperature,
-                        args.top_k, args.top_p, args.strategy, args.window)
+                        args.top_k, args.top_p, args.strategy, args.window, args.init)
     gen = ImageGenerator(args.model, max_images_in_flight=args.max_images_in_flight)
     results = gen.generate(args.classes, n=args.n, guidance_scale=args.guidance_scale,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           seed=args.seed, strategy=args.strategy, window=args.window, progress=True)
+                           seed=args.seed, strategy=args.strategy, window=args.window, init=args.init,
+                           progress=True)
     os.makedirs(args.out, exist_ok=True)
     counts: dict[int, int] = {}
     for r in results:
@@ -59,6 +60,9 @@ def cmd_generate(args) -> int:
                "forward_passes_per_image": results[0].stats.forward_passes,
                "tokens_per_image": results[0].stats.tokens,
                "tokens_per_forward": round(results[0].stats.tokens_per_forward, 2), "out": os.path.abspath(args.out)}
+    if args.strategy == "sjd":
+        verified = sum(r.stats.draft_tokens for r in results)
+        summary["acceptance_rate"] = round(sum(r.stats.accepted_drafts for r in results) / max(verified, 1), 3)
     print(json.dumps(summary))
     return 0
 
@@ -108,9 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=None, help="0 = off (default: the model's default_top_k)")
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--strategy", choices=["raster", "zipar"], default="raster", help="decoding order")
+    g.add_argument("--strategy", choices=["raster", "zipar", "sjd"], default="raster", help="decoding strategy")
     g.add_argument("--window", type=int, default=None,
-                   help="ZipAR: a row starts once the row above has this many tokens (>= grid width = raster)")
+                   help="ZipAR: a row starts once the row above has this many tokens (>= grid width = raster); "
+                        "SJD: tokens verified per forward (default 16)")
+    g.add_argument("--init", choices=["random", "horizontal"], default=None,
+                   help="SJD: how fresh drafts are initialised (default random)")
     g.add_argument("--max-images-in-flight", type=int, default=16)
     g.set_defaults(func=cmd_generate)
 

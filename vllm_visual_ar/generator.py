@@ -24,10 +24,16 @@ class ImageStats:
     forward_passes: int   # model forwards this image took (raster: one per token)
     seconds: float        # latency: from submission to this image's last token
     streams: int          # 2 for a guided image (cond + uncond), else 1
+    draft_tokens: int = 0     # SJD: drafts verified
+    accepted_drafts: int = 0  # SJD: drafts accepted
 
     @property
     def tokens_per_forward(self) -> float:
         return self.tokens / self.forward_passes
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_drafts / self.draft_tokens if self.draft_tokens else None
 
 
 @dataclass
@@ -40,7 +46,7 @@ class GeneratedImage:
 
 
 def check_generate_args(config, classes, n, seed, guidance_scale, temperature, top_k, top_p,
-                        strategy="raster", window=None):
+                        strategy="raster", window=None, init=None):
     """Validate `generate` arguments against a model config (ValueError naming the problem);
     -> (classes as a list, SamplingSettings with the model's defaults filled in, Decoding)."""
     classes = [classes] if isinstance(classes, int) else list(classes)
@@ -54,7 +60,14 @@ def check_generate_args(config, classes, n, seed, guidance_scale, temperature, t
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     settings = SamplingSettings(config.default_guidance_scale if guidance_scale is None else guidance_scale,
                                 temperature, config.default_top_k if top_k is None else top_k, top_p)
-    return classes, settings, Decoding(strategy, window)
+    return classes, settings, Decoding(strategy, window, init)
+
+
+def sjd_drafts(window: int, image_tokens: int, done: int, committed: int) -> tuple[int, int]:
+    """An SJD forward's (drafts verified, drafts accepted), from the tokens an image had before it
+    and the tokens it committed: the scheduler gives min(window, left) - 1 draft slots, and all but
+    the last committed token are accepted drafts."""
+    return min(window, image_tokens - done) - 1, committed - 1
 
 
 class ImageGenerator:
@@ -73,21 +86,25 @@ class ImageGenerator:
 
     def generate(self, classes: list[int] | int, n: int = 1, guidance_scale: float | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, seed: int | None = None,
-                 strategy: str = "raster", window: int | None = None, progress: bool = False) -> list[GeneratedImage]:
+                 strategy: str = "raster", window: int | None = None, init: str | None = None,
+                 progress: bool = False) -> list[GeneratedImage]:
         """n images per class, in order (class-major). Image i of the call uses seed + i, so a seed
         gives the same images whatever else is in the batch. guidance_scale and top_k None mean
         the model's `default_guidance_scale` / `default_top_k`; guidance 1 is unguided, top_k 0 is off.
-        strategy "zipar" with `window` w decodes rows in parallel (`samplers/zipar.py`)."""
+        strategy "zipar" with `window` w decodes rows in parallel (`samplers/zipar.py`); "sjd" verifies
+        `window` (default 16) drafts per forward, initialised by `init` ("random" or "horizontal";
+        `samplers/sjd.py`)."""
         classes, settings, decoding = check_generate_args(self.config, classes, n, seed, guidance_scale,
-                                                          temperature, top_k, top_p, strategy, window)
+                                                          temperature, top_k, top_p, strategy, window, init)
 
         jobs = [(c, None if seed is None else seed + i) for i, c in enumerate(c for c in classes for _ in range(n))]
-        tokens, forwards, latency = self._run(jobs, settings, decoding, progress)
+        tokens, forwards, latency, drafts = self._run(jobs, settings, decoding, progress)
         grid = self.config.image_grid
         codes = torch.tensor(tokens).view(-1, grid, grid)
         images = self.decode(codes)
         streams = 2 if settings.guided else 1
-        return [GeneratedImage(img, c, codes[i], s, ImageStats(len(tokens[i]), forwards[i], latency[i], streams))
+        return [GeneratedImage(img, c, codes[i], s, ImageStats(len(tokens[i]), forwards[i], latency[i], streams,
+                                                               *drafts[i]))
                 for i, ((c, s), img) in enumerate(zip(jobs, images))]
 
     def _run(self, jobs, settings: SamplingSettings, decoding: Decoding, progress: bool):
@@ -103,6 +120,7 @@ class ImageGenerator:
         tokens: list[list[int]] = [[] for _ in jobs]
         forwards = [0] * len(jobs)
         latency = [0.0] * len(jobs)
+        drafts = [[0, 0] for _ in jobs]  # SJD: [drafts verified, drafts accepted] per image
         bar = tqdm(total=len(jobs) * self.config.num_image_tokens, unit="tok", disable=not progress,
                    desc=f"{len(jobs)} images")
         t0 = time.perf_counter()
@@ -125,6 +143,11 @@ class ImageGenerator:
                         continue
                     new = out.outputs[0].token_ids
                     if new:
+                        if decoding.strategy == "sjd" and tokens[index]:  # not the prompt forward
+                            verified, accepted = sjd_drafts(decoding.window, self.config.num_image_tokens,
+                                                            len(tokens[index]), len(new))
+                            drafts[index][0] += verified
+                            drafts[index][1] += accepted
                         forwards[index] += 1
                         tokens[index] += new
                         bar.update(len(new))
@@ -138,7 +161,7 @@ class ImageGenerator:
             raise
         finally:
             bar.close()
-        return tokens, forwards, latency
+        return tokens, forwards, latency, drafts
 
     def decode(self, codes: torch.Tensor) -> list:
         """codes [N, grid, grid] -> PIL images (grayscale for 1-channel tokenizers, else RGB)."""

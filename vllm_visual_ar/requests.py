@@ -18,32 +18,41 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from vllm_visual_ar.samplers.sjd import DEFAULT_WINDOW, check_init, check_sjd_window
 from vllm_visual_ar.samplers.zipar import check_window
 
 EXTRA_ARGS_KEY = "visual_ar"
 ROLES = ("single", "cond", "uncond")
-STRATEGIES = ("raster", "zipar")
+STRATEGIES = ("raster", "zipar", "sjd")
 
 
 @dataclass(frozen=True)
 class Decoding:
-    """The order an image's tokens are decoded in: "raster" (one token per forward) or "zipar"
-    (row-parallel: a row starts once the row above has `window` tokens; see `samplers/zipar.py`)."""
+    """How an image's tokens are decoded: "raster" (one token per forward), "zipar" (row-parallel: a
+    row starts once the row above has `window` tokens; `samplers/zipar.py`) or "sjd" (speculative
+    Jacobi decoding: `window` tokens verified per forward, drafts initialised by `init`;
+    `samplers/sjd.py`). SJD's window defaults to 16 and its init to "random"."""
     strategy: str = "raster"
     window: int | None = None
+    init: str | None = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.strategy == "zipar":
             check_window(self.window)
+        elif self.strategy == "sjd":
+            object.__setattr__(self, "window", check_sjd_window(DEFAULT_WINDOW if self.window is None else self.window))
+            object.__setattr__(self, "init", check_init("random" if self.init is None else self.init))
         elif self.window is not None:
-            raise ValueError(f"window applies to strategy 'zipar' only, got window={self.window!r} "
+            raise ValueError(f"window applies to strategies 'zipar' and 'sjd' only, got window={self.window!r} "
                              f"with strategy {self.strategy!r}")
+        if self.strategy != "sjd" and self.init is not None:
+            raise ValueError(f"init applies to strategy 'sjd' only, got init={self.init!r}")
 
     def to_args(self) -> dict:
-        return {"strategy": self.strategy} if self.window is None else {"strategy": self.strategy,
-                                                                        "window": self.window}
+        args = {"strategy": self.strategy, "window": self.window, "init": self.init}
+        return {k: v for k, v in args.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ def image_request_info(sampling_params) -> ImageRequestInfo | None:
                                   float(info.get("guidance_scale", 1.0)))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"malformed extra_args[{EXTRA_ARGS_KEY!r}]: {info!r}") from e
-    decoding = Decoding(info.get("strategy", "raster"), info.get("window"))
+    decoding = Decoding(info.get("strategy", "raster"), info.get("window"), info.get("init"))
     parsed = ImageRequestInfo(parsed.image_id, parsed.role, parsed.guidance_scale, decoding)
     if parsed.role not in ROLES:
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['role'] must be one of {ROLES}, got {parsed.role!r}")

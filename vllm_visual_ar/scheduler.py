@@ -18,6 +18,11 @@ preempts request by request, so this subclass wraps it rather than rewriting it:
   (so KV slots, blocks and frees stay vLLM's) and rewrites what goes to the frontend: stand-ins
   dropped, image tokens released in raster order as the raster prefix grows (at least one per
   step, since the top unfinished row advances every step).
+- SJD requests (`samplers/sjd.py`) go through vLLM's speculative-decoding accounting: before each
+  step the scheduler gives each one `min(window, tokens left) - 1` spec-token slots (the runner fills
+  them with its Jacobi drafts), and after it vLLM rolls back the KV of rejected drafts, counting the
+  committed tokens the runner returns as accepted + 1. Both halves of a guided pair get the same
+  slots, so their drafts and acceptance stay identical.
 """
 from __future__ import annotations
 
@@ -65,6 +70,7 @@ class VisualARScheduler(Scheduler):
         self._pair_members: dict[str, set[str]] = defaultdict(set)  # image_id -> request ids
         self._finished_here: list[Request] = []  # finished by this scheduler; the frontend must hear of it
         self._zipar: dict[str, _ZipARStream] = {}
+        self._sjd_window: dict[str, int] = {}  # request id -> SJD window
         self._zipar_done: dict[str, _ZipARStream] = {}  # freed this step; their last tokens still go out
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -88,7 +94,12 @@ class VisualARScheduler(Scheduler):
             return self._fail(partners + [request.request_id], str(e))
         if info is None:
             return
-        if info.decoding.strategy == "zipar" and (problem := self._start_zipar(request, info.decoding.window)):
+        problem = None
+        if info.decoding.strategy == "zipar":
+            problem = self._start_zipar(request, info.decoding.window)
+        elif info.decoding.strategy == "sjd":
+            problem = self._start_sjd(request, info.decoding.window)
+        if problem:
             partners = list(self._pair_members.pop(info.image_id, ())) if info.guided else []
             return self._fail(partners + [request.request_id], problem)
         if not info.guided:
@@ -102,6 +113,27 @@ class VisualARScheduler(Scheduler):
             return self._fail(bad, f"image {info.image_id!r} needs one cond and one uncond request "
                                    "with the same max_tokens and decoding strategy")
         self._pair_members[info.image_id].add(request.request_id)
+
+    def _start_sjd(self, request: Request, window: int) -> str | None:
+        cfg = self.vllm_config.model_config.hf_config
+        grid = getattr(cfg, "image_grid", None)
+        if grid is None:
+            return f"strategy 'sjd' needs an image model, not {type(cfg).__name__}"
+        if request.max_tokens != grid * grid:
+            return f"strategy 'sjd' generates whole images: max_tokens must be {grid * grid}"
+        if request.sampling_params.logprobs is not None:
+            return "strategy 'sjd' does not return logprobs"
+        if self.vllm_config.speculative_config is not None:
+            return "strategy 'sjd' cannot run in an engine configured with another speculative method"
+        self._sjd_window[request.request_id] = window
+        return None
+
+    def make_spec_decoding_stats(self, spec_decoding_stats, *args, **kwargs):
+        # vLLM's spec-decoding metrics are sized by its speculative config, which SJD does not use;
+        # SJD's acceptance is counted per image by the plugin (generator stats, /metrics).
+        if self.vllm_config.speculative_config is None:
+            return None
+        return super().make_spec_decoding_stats(spec_decoding_stats, *args, **kwargs)
 
     def _start_zipar(self, request: Request, window: int) -> str | None:
         """Track a ZipAR request; -> why it cannot run, or None."""
@@ -127,6 +159,7 @@ class VisualARScheduler(Scheduler):
         self._finished_here += super().finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
+        self._sjd_window.pop(request.request_id, None)
         if (stream := self._zipar.pop(request.request_id, None)) is not None:
             self._zipar_done[request.request_id] = stream
         if (key := self._pair_key(request)) is not None:
@@ -170,7 +203,7 @@ class VisualARScheduler(Scheduler):
     # -- admission -------------------------------------------------------------------------------
     def _blocks_for_whole_request(self, request: Request) -> int:
         spec = self.vllm_config.speculative_config
-        lookahead = spec.num_speculative_tokens if spec is not None else 0
+        lookahead = spec.num_speculative_tokens if spec is not None else self._sjd_window.get(request.request_id, 0)
         return math.ceil((request.num_prompt_tokens + request.max_tokens + lookahead) / self.block_size)
 
     def _tokens_per_step(self, request: Request) -> int:
@@ -178,7 +211,9 @@ class VisualARScheduler(Scheduler):
         up front, so vLLM never has to split one (a partial ZipAR forward would break its schedule)."""
         pending = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
         stream = self._zipar.get(request.request_id)
-        return max(pending, stream.schedule.max_fed_per_forward) if stream is not None else pending
+        if stream is not None:
+            return max(pending, stream.schedule.max_fed_per_forward)
+        return max(pending, self._sjd_window.get(request.request_id, 0))
 
     def _admissible_groups(self) -> list[Request]:
         """Waiting requests that this step may admit, whole groups in arrival order."""
@@ -210,7 +245,16 @@ class VisualARScheduler(Scheduler):
             admitted += group
         return admitted
 
+    def _give_sjd_slots(self) -> None:
+        """Spec-token slots for each running SJD request past its prompt; the runner fills them."""
+        for request in self.running:
+            window = self._sjd_window.get(request.request_id)
+            if window is not None and request.num_computed_tokens >= request.num_prompt_tokens:
+                left = request.max_tokens - request.num_output_tokens
+                request.spec_token_ids = [0] * max(0, min(window, left) - 1)
+
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
+        self._give_sjd_slots()
         waiting = list(self.waiting)
         admitted = self._admissible_groups()
         admitted_set = set(admitted)

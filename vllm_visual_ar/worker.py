@@ -25,6 +25,7 @@ from vllm.platforms import current_platform
 from vllm_visual_ar.model_executors.masked_attention import MaskedAttention
 from vllm_visual_ar.requests import ImageRequestInfo, image_request_info
 from vllm_visual_ar.samplers.sampling import cfg_mix, sample_rows
+from vllm_visual_ar.samplers.sjd import Drafts, fill_drafts, target_probs, verify
 from vllm_visual_ar.samplers.zipar import ZipARSchedule, zipar_schedule
 
 if current_platform.is_cpu():
@@ -42,9 +43,25 @@ class _ZipARRow:
 
 
 @dataclass
+class _SJDRow:
+    row: int                 # batch row
+    info: ImageRequestInfo
+    tokens: slice            # its fed tokens in the flat batch: x0, then the drafts
+    logits: slice            # its rows in this forward's logits (one per fed token)
+
+
+@dataclass
+class _SJDState:
+    """One SJD image's Jacobi state between forwards (shared by its two guidance streams)."""
+    carried: Drafts
+    current: Drafts | None = None
+
+
+@dataclass
 class _StepLayout:
     logits_rows: list[slice]  # per batch row: its rows in the logits tensor
     zipar: list[_ZipARRow]
+    sjd: list[_SJDRow]
 
 
 _visibility: dict[tuple[int, int, int, int], np.ndarray] = {}
@@ -69,6 +86,7 @@ class VisualARRunnerMixin:
 
     _step_layout: _StepLayout | None = None
     _infos: dict | None = None
+    _sjd_states: dict | None = None  # image id -> _SJDState
 
     def _image_info(self, req_id: str) -> ImageRequestInfo | None:
         """Parsed once per request (the scheduler has rejected malformed ones)."""
@@ -108,16 +126,23 @@ class VisualARRunnerMixin:
         qsl = self.query_start_loc.np[: num_reqs + 1]
         computed = self.input_batch.num_computed_tokens_cpu[:num_reqs]
         zipar: list[_ZipARRow] = []
+        sjd: list[_SJDRow] = []
         indices: list[list[int]] = []
         raster_positions: list[tuple[int, list[int]]] = []
         for row, req_id in enumerate(self.input_batch.req_ids):
             info = self._image_info(req_id)
             start, end = int(qsl[row]), int(qsl[row + 1])
+            strategy = info.decoding.strategy if info is not None and computed[row] >= prefix else "raster"
+            if strategy == "sjd" and end - start > 1:  # x0 and end - start - 1 drafts, filled below
+                sjd.append(_SJDRow(row, info, slice(start, end),
+                                   slice(sum(len(i) for i in indices), sum(len(i) for i in indices) + end - start)))
+                indices.append(list(range(start, end)))
+                continue
             schedule = (zipar_schedule(cfg.image_grid, cfg.image_grid, info.decoding.window)
-                        if info is not None and info.decoding.strategy == "zipar" else None)
-            if schedule is None or schedule.window == cfg.image_grid or computed[row] < prefix:
-                # Raster requests, ZipAR with w >= W (raster order exactly), and every request's
-                # prompt forward take vLLM's ordinary path.
+                        if strategy == "zipar" else None)
+            if schedule is None or schedule.window == cfg.image_grid:
+                # Raster requests, ZipAR with w >= W (raster order exactly), SJD forwards without
+                # drafts, and every request's prompt forward take vLLM's ordinary path.
                 indices.append([end - 1])
                 continue
             step = schedule.step_of_first_fed.get(int(computed[row]) - prefix)
@@ -131,20 +156,52 @@ class VisualARRunnerMixin:
             zipar.append(_ZipARRow(row, schedule, step, slice(first, first + len(predicting))))
             indices.append(predicting)
             raster_positions.append((start, [prefix + e.raster for e in entries]))
-        if not zipar:
+        if not zipar and not sjd:
             return logits_indices, spec_decode_metadata, max_sampled
-        where = torch.tensor([start + j for start, pos in raster_positions for j in range(len(pos))])
-        self.positions[where.to(self.positions.device)] = torch.tensor(
-            [p for _, pos in raster_positions for p in pos], dtype=self.positions.dtype).to(self.positions.device)
         if spec_decode_metadata is not None:
-            raise RuntimeError("ZipAR requests cannot run in an engine with speculative decoding enabled")
-        model.masked_attention = self._masked_attention(zipar, qsl, computed, prefix)
+            raise RuntimeError("ZipAR and SJD requests cannot run in an engine with speculative decoding enabled")
+        if raster_positions:
+            where = torch.tensor([start + j for start, pos in raster_positions for j in range(len(pos))])
+            self.positions[where.to(self.positions.device)] = torch.tensor(
+                [p for _, pos in raster_positions for p in pos], dtype=self.positions.dtype).to(self.positions.device)
+            model.masked_attention = self._masked_attention(zipar, qsl, computed, prefix)
+        if sjd:
+            self._fill_sjd_drafts(sjd)
         bounds = [0]
         for i in indices:
             bounds.append(bounds[-1] + len(i))
-        self._step_layout = _StepLayout([slice(a, b) for a, b in zip(bounds, bounds[1:])], zipar)
+        self._step_layout = _StepLayout([slice(a, b) for a, b in zip(bounds, bounds[1:])], zipar, sjd)
         flat = torch.tensor([i for group in indices for i in group], dtype=logits_indices.dtype)
         return flat.to(logits_indices.device), None, max(len(i) for i in indices)
+
+    def _sjd_image_rows(self, sjd: list["_SJDRow"]) -> dict[str, list["_SJDRow"]]:
+        """SJD rows by image, the stream that samples (cond or single) first."""
+        images: dict[str, list[_SJDRow]] = {}
+        for r in sjd:
+            images.setdefault(r.info.image_id, []).append(r)
+        return {k: sorted(v, key=lambda r: r.info.role == "uncond") for k, v in images.items()}
+
+    def _fill_sjd_drafts(self, sjd: list["_SJDRow"]) -> None:
+        """Write each image's drafts (carried Jacobi tail, then initialised) into both streams' inputs."""
+        vocab, grid = self.model_config.hf_config.codebook_size, self.model_config.hf_config.image_grid
+        if self._sjd_states is None:
+            self._sjd_states = {}
+        live = {self._image_info(r).image_id for r in self.requests if self._image_info(r) is not None}
+        for gone in set(self._sjd_states) - live:
+            del self._sjd_states[gone]
+        for image_id, rows in self._sjd_image_rows(sjd).items():
+            lead = rows[0]
+            state = self._sjd_states.setdefault(image_id, _SJDState(Drafts.empty(vocab)))
+            history = self.requests[self.input_batch.req_ids[lead.row]].output_token_ids
+            count = lead.tokens.stop - lead.tokens.start - 1
+            state.current = fill_drafts(state.carried, count, lead.info.decoding.init, vocab, history[-1],
+                                        len(history), grid, self.input_batch.generators.get(lead.row))
+            drafts = torch.tensor(state.current.tokens, dtype=self.input_ids.cpu.dtype)
+            for r in rows:
+                if r.tokens.stop - r.tokens.start - 1 != count:
+                    raise RuntimeError(f"SJD image {image_id}: its streams got different numbers of draft slots")
+                self.input_ids.cpu[r.tokens.start + 1:r.tokens.stop] = drafts
+                self.input_ids.gpu[r.tokens.start + 1:r.tokens.stop] = drafts.to(self.input_ids.gpu.device)
 
     def _masked_attention(self, zipar: list[_ZipARRow], qsl, computed, prefix: int) -> MaskedAttention:
         """Each ZipAR query sees the request's cached tokens (this forward's included) whose raster
@@ -198,7 +255,8 @@ class VisualARRunnerMixin:
         # then drawn by `_zipar_tokens`.
         first = torch.tensor([r.start for r in rows], device=logits.device)
         output = super()._sample(logits[first], None)
-        emitted = self._zipar_tokens(layout.zipar, logits[:, :k], guided)
+        emitted = self._zipar_tokens(layout.zipar, logits[:, :k], guided) if layout.zipar else {}
+        emitted.update(self._sjd_tokens(layout.sjd, logits[:, :k]))
         width = max(len(t) for t in emitted.values())
         ids = torch.full((len(rows), width), -1, dtype=torch.int32)
         ids[:, :1] = output.sampled_token_ids[:, :1].cpu()
@@ -215,6 +273,18 @@ class VisualARRunnerMixin:
                                                   logprobs=lt.logprobs.repeat_interleave(width, 0),
                                                   selected_token_ranks=lt.selected_token_ranks.repeat_interleave(width, 0))
         return output
+
+    def _sjd_tokens(self, sjd: list["_SJDRow"], logits: torch.Tensor) -> dict[int, list[int]]:
+        """Verify each SJD image's drafts against its (guided) targets; -> committed tokens of the
+        stream that samples (the caller copies them to an uncond half), and carry the Jacobi tail."""
+        out = {}
+        for image_id, rows in self._sjd_image_rows(sjd).items():
+            lead = rows[0]
+            params = self.requests[self.input_batch.req_ids[lead.row]].sampling_params
+            p = target_probs(logits[lead.logits], params.temperature, max(params.top_k or 0, 0), params.top_p)
+            state = self._sjd_states[image_id]
+            out[lead.row], state.carried = verify(p, state.current, self.input_batch.generators.get(lead.row))
+        return out
 
     def _zipar_tokens(self, zipar: list[_ZipARRow], logits: torch.Tensor, guided) -> dict[int, list[int]]:
         """This forward's emitted tokens per ZipAR request (batch row): a sample per predicting row,

@@ -1,0 +1,109 @@
+"""Speculative Jacobi Decoding (SJD, arXiv 2410.01699) as plain logic: draft initialisation, the
+probabilistic acceptance rule and the Jacobi update. No model, no engine; the vLLM runner calls it.
+
+One iteration (the authors' `scheduler/jacobi_iteration_lumina_mgpt.py::SpeculativeSampler`) feeds
+[x0 = the last committed token, d_1 .. d_{K-1} drafts] in one forward. The logits at input k give the
+target distribution p_k of position k+1 (guided, filtered, tempered: exactly what raster decoding
+would sample from). Then, for j = 1 .. K-1: accept d_j with probability min(1, p_{j-1}(d_j) / q_j(d_j)),
+where q_j is the distribution d_j was drawn from. At the first rejection, draw the token from
+norm(max(0, p_{j-1} - q_j)) and stop; if every draft is accepted, draw a bonus token from p_{K-1}.
+1 to K tokens are committed per forward. This is speculative sampling, so the committed tokens are
+distributed exactly as raster sampling's.
+
+Jacobi update: the drafts after the first rejection are not committed, but the forward already gave
+the distributions of their positions (conditioned on the rejected prefix); samples from them, with
+those distributions as their q, become the next window's first drafts. The rest of the window is
+filled by the initialisation: "random" (uniform over the image codes) or "horizontal" (repeat the
+token to the left; the paper's neighbour initialisation, random at column 0). An initialised draft
+is chosen without looking at the model, so its q is one-hot at itself (the authors' convention,
+which keeps the rule exact: acceptance then has probability p(d)).
+
+Pitfalls of the authors' code avoided here: q is always the exact distribution a draft was drawn
+from, under the same guidance and filters as verification; a residual that is all zero (possible only
+through rounding, when rejection had probability ~0) falls back to p instead of dividing by zero.
+"""
+from dataclasses import dataclass
+
+import torch
+
+INITS = ("random", "horizontal")
+DEFAULT_WINDOW = 16
+
+
+def check_sjd_window(window) -> int:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 (SJD: tokens per forward, 1 = raster), got {window!r}")
+    return window
+
+
+def check_init(init) -> str:
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    return init
+
+
+def target_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [K, V] -> the distributions raster sampling draws from [K, V]; temperature 0 is one-hot."""
+    from vllm_visual_ar.samplers.sampling import filter_top_k_top_p
+
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of probs [K, V] (exponential race: token i with probability p_i)."""
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return probs.div(race).argmax(-1)
+
+
+@dataclass
+class Drafts:
+    """Drafts for the next positions and the distributions they were drawn from."""
+    tokens: list[int]
+    q: torch.Tensor  # [len(tokens), V]
+
+    @staticmethod
+    def empty(vocab: int) -> "Drafts":
+        return Drafts([], torch.zeros(0, vocab))
+
+
+def fill_drafts(carried: Drafts, count: int, init: str, vocab: int, last_token: int, first_position: int,
+                width: int, generator: torch.Generator | None) -> Drafts:
+    """`count` drafts for raster positions first_position .. : the carried ones first, then initialised."""
+    tokens, q = list(carried.tokens[:count]), carried.q[:count]
+    fresh = count - len(tokens)
+    if fresh <= 0:
+        return Drafts(tokens, q)
+    new: list[int] = []
+    randoms = torch.randint(vocab, (fresh,), generator=generator).tolist()
+    for i in range(fresh):
+        position = first_position + len(tokens) + i
+        left = (tokens + new)[-1] if tokens or new else last_token
+        new.append(left if init == "horizontal" and position % width != 0 else randoms[i])
+    one_hot = torch.nn.functional.one_hot(torch.tensor(new, dtype=torch.long), vocab).float()
+    return Drafts(tokens + new, torch.cat([q.to(one_hot.device), one_hot]))
+
+
+def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None) -> tuple[list[int], Drafts]:
+    """p [K, V]: targets at the K fed inputs (x0 and K-1 drafts). -> (committed tokens, 1..K; the
+    drafts carried into the next window)."""
+    k = p.shape[0]
+    assert len(drafts.tokens) == k - 1
+    u = torch.rand(k, generator=generator, device=p.device)
+    samples = draw(p, generator)  # a fresh sample at every position: bonus or next drafts
+    committed: list[int] = []
+    for j in range(1, k):
+        x = drafts.tokens[j - 1]
+        pj, qj = p[j - 1], drafts.q[j - 1].to(p.device)
+        if u[j - 1] < torch.clamp(pj[x] / qj[x], max=1.0):
+            committed.append(x)
+            continue
+        residual = torch.clamp(pj - qj, min=0)
+        total = residual.sum()
+        committed.append(int(draw((residual / total if total > 0 else pj)[None], generator)[0]))
+        # Jacobi: positions j+1 .. K were predicted from the rejected prefix; their samples carry over.
+        return committed, Drafts(samples[j:].tolist(), p[j:])
+    committed.append(int(samples[k - 1]))
+    return committed, Drafts.empty(p.shape[1])

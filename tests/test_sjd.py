@@ -1,0 +1,266 @@
+"""Speculative Jacobi Decoding: the acceptance rule on its own (exact in distribution), then vLLM's
+engine: greedy SJD equals greedy raster token for token, and sampled SJD images follow the exact
+distribution of a tiny model whose outputs can be enumerated."""
+import itertools
+
+import pytest
+import torch
+from conftest import scheduler_of, step_until_done
+from scipy.stats import chisquare
+
+from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
+from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar as reference_zipar
+from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
+from vllm_visual_ar.samplers.sjd import Drafts, fill_drafts, target_probs, verify
+
+GREEDY = dict(top_k=1)
+
+
+# -- the rule as plain logic, on a synthetic model -------------------------------------------------
+def synthetic_probs(prefix: tuple, vocab: int, temperature: float, top_k: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(hash(prefix) % (2**31))
+    logits = torch.randn(vocab, generator=g) * 1.5
+    return target_probs(logits[None], temperature, top_k, 1.0)[0]
+
+
+def sjd_sample(length, vocab, window, init, temperature, top_k, generator, carry=True):
+    """SJD over the synthetic model, the loop the runner runs."""
+    tokens = [int(torch.multinomial(synthetic_probs((), vocab, temperature, top_k), 1, generator=generator))]
+    carried = Drafts.empty(vocab)
+    while len(tokens) < length:
+        k = min(window, length - len(tokens))
+        drafts = fill_drafts(carried, k - 1, init, vocab, tokens[-1], len(tokens), 2, generator)
+        p = torch.stack([synthetic_probs(tuple(tokens + drafts.tokens[:j]), vocab, temperature, top_k)
+                         for j in range(k)])
+        committed, carried = verify(p, drafts, generator)
+        assert 1 <= len(committed) <= k
+        if not carry:
+            carried = Drafts.empty(vocab)
+        tokens += committed
+    return tuple(tokens)
+
+
+def exact_distribution(length, vocab, temperature, top_k) -> dict[tuple, float]:
+    out = {}
+    for seq in itertools.product(range(vocab), repeat=length):
+        prob = 1.0
+        for i in range(length):
+            prob *= float(synthetic_probs(seq[:i], vocab, temperature, top_k)[seq[i]])
+        out[seq] = prob
+    return out
+
+
+def chi_square_p(samples: list[tuple], exact: dict[tuple, float]) -> float:
+    n = len(samples)
+    counts: dict[tuple, int] = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    assert all(exact[s] > 0 for s in counts), "a sample the model gives probability 0"
+    # Pool the outcomes expected fewer than 5 times into one bin.
+    big = [s for s, p in exact.items() if p * n >= 5]
+    observed = [counts.get(s, 0) for s in big] + [n - sum(counts.get(s, 0) for s in big)]
+    expected = [exact[s] * n for s in big] + [n - sum(exact[s] * n for s in big)]
+    return chisquare(observed, expected).pvalue
+
+
+@pytest.mark.parametrize("window,init,temperature,top_k", [(3, "random", 1.0, 0), (4, "horizontal", 0.8, 0),
+                                                             (5, "random", 1.3, 2)])
+def test_sjd_is_exact_in_distribution(window, init, temperature, top_k):
+    length, vocab, n = 4, 3, 6000
+    g = torch.Generator().manual_seed(0)
+    samples = [sjd_sample(length, vocab, window, init, temperature, top_k, g) for _ in range(n)]
+    assert chi_square_p(samples, exact_distribution(length, vocab, temperature, top_k)) > 1e-3
+
+
+def off_verify(p, drafts, generator):
+    """`verify` with the authors' pitfall: a sampled draft's acceptance ratio uses q(x) = 1 while
+    its residual uses the q it was really drawn from (an inconsistent pair: biased)."""
+    from vllm_visual_ar.samplers.sjd import draw
+
+    k = p.shape[0]
+    u = torch.rand(k, generator=generator)
+    samples = draw(p, generator)
+    committed = []
+    for j in range(1, k):
+        x, pj, qj = drafts.tokens[j - 1], p[j - 1], drafts.q[j - 1]
+        if u[j - 1] < torch.clamp(pj[x] / 1.0, max=1.0):
+            committed.append(x)
+            continue
+        residual = torch.clamp(pj - qj, min=0)
+        committed.append(int(draw((residual / residual.sum() if residual.sum() > 0 else pj)[None], generator)[0]))
+        return committed, Drafts(samples[j:].tolist(), p[j:])
+    committed.append(int(samples[k - 1]))
+    return committed, Drafts.empty(p.shape[1])
+
+
+def test_an_acceptance_rule_that_is_a_little_off_is_caught(monkeypatch):
+    """The same test statistic rejects the pitfall above, so the exactness test can fail."""
+    import test_sjd as this
+
+    monkeypatch.setattr(this, "verify", off_verify)
+    length, vocab, n = 4, 3, 6000
+    g = torch.Generator().manual_seed(0)
+    samples = [sjd_sample(length, vocab, 3, "random", 1.0, 0, g) for _ in range(n)]
+    assert chi_square_p(samples, exact_distribution(length, vocab, 1.0, 0)) < 1e-3
+
+
+def test_greedy_targets_make_sjd_greedy_and_a_zero_residual_does_not_crash():
+    p = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    # The draft is the argmax: accepted, then the bonus is the argmax.
+    assert verify(p, Drafts([1], torch.tensor([[0.0, 1.0, 0.0]])), None)[0] == [1, 2]
+    # A draft whose q equals p exactly is always accepted; p == q leaves a zero residual, never used.
+    assert verify(p, Drafts([1], p[:1].clone()), None)[0] == [1, 2]
+    # Rejected: the residual is the argmax.
+    committed, carried = verify(p, Drafts([0], torch.tensor([[1.0, 0.0, 0.0]])), None)
+    assert committed == [1] and carried.tokens == [2] and torch.equal(carried.q, p[1:])
+
+
+# -- the engine ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("window,init", [(2, "random"), (4, "horizontal"), (16, "random"), (64, "horizontal")])
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_greedy_sjd_equals_greedy_raster(tiny_generator, tiny_model, window, init, guidance_scale):
+    _, ref = tiny_model
+    images = tiny_generator.generate([1, 7, 7], guidance_scale=guidance_scale, strategy="sjd", window=window,
+                                     init=init, **GREEDY)
+    expected = reference_raster(ref, [1, 7, 7], guidance_scale=guidance_scale, **GREEDY).codes
+    assert torch.equal(torch.stack([im.codes.flatten() for im in images]), expected)
+    n = tiny_generator.config.num_image_tokens
+    for im in images:
+        s = im.stats
+        assert s.tokens == n and -(-(n - 1) // window) + 1 <= s.forward_passes <= n
+        assert s.accepted_drafts == n - s.forward_passes  # each forward commits its accepted drafts + 1
+        assert 0 <= s.acceptance_rate <= 1
+
+
+def test_every_forward_commits_between_one_and_window_tokens(tiny_generator):
+    from vllm.sampling_params import RequestOutputKind
+
+    cfg, engine = tiny_generator.config, tiny_generator.llm.llm_engine
+    window = 5
+    reqs = image_requests(cfg, 3, SamplingSettings(guidance_scale=2.0, temperature=1.0, top_k=5), seed=1,
+                          image_id="perstep", decoding=Decoding("sjd", window))
+    for i, (prompt, sp) in enumerate(reqs):
+        sp.output_kind = RequestOutputKind.DELTA
+        engine.add_request(f"perstep-{i}", prompt, sp)
+    per_step = {0: [], 1: []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            per_step[int(out.request_id[-1])].append(list(out.outputs[0].token_ids))
+    cond, uncond = per_step[0], per_step[1]
+    assert cond == uncond  # both guidance streams take the same tokens, forward by forward
+    assert sum(len(t) for t in cond) == cfg.num_image_tokens
+    assert all(1 <= len(t) <= window for t in cond) and max(len(t) for t in cond) > 1
+
+
+def test_sjd_raster_and_zipar_share_a_batch(tiny_generator, tiny_model):
+    _, ref = tiny_model
+    cfg, engine, scheduler = tiny_generator.config, tiny_generator.llm.llm_engine, scheduler_of(tiny_generator)
+    idle_free = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    plan = [(0, 1, 3.0, Decoding("sjd", 4)), (0, 2, 1.0, Decoding()), (3, 3, 2.0, Decoding("zipar", 2)),
+            (3, 4, 1.0, Decoding("sjd", 16, "horizontal")), (6, 5, 3.0, Decoding("sjd", 8)), (6, 6, 2.0, Decoding())]
+    submit_at: dict[int, list] = {}
+    for i, (step, c, s, decoding) in enumerate(plan):
+        reqs = image_requests(cfg, c, SamplingSettings(guidance_scale=s, **GREEDY), image_id=f"sj{i}",
+                              decoding=decoding)
+        for j, (prompt, sp) in enumerate(reqs):
+            submit_at.setdefault(step + (2 if (i == 0 and j == 1) else 0), []).append((f"sj{i}-{j}", prompt, sp))
+    done = step_until_done(engine, submit_at)
+    for i, (_, c, s, decoding) in enumerate(plan):
+        if decoding.strategy == "zipar":
+            expected = reference_zipar(ref, [c], decoding.window, guidance_scale=s, **GREEDY).codes[0]
+        else:
+            expected = reference_raster(ref, [c], guidance_scale=s, **GREEDY).codes[0]
+        assert torch.equal(torch.tensor(done[f"sj{i}-0"].token_ids), expected), i
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == idle_free
+
+
+def test_abort_mid_image_frees_the_pair(tiny_generator):
+    cfg, engine, scheduler = tiny_generator.config, tiny_generator.llm.llm_engine, scheduler_of(tiny_generator)
+    idle_free = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    for i, (prompt, sp) in enumerate(image_requests(cfg, 5, SamplingSettings(guidance_scale=4.0), image_id="sabort",
+                                                    decoding=Decoding("sjd", 8))):
+        engine.add_request(f"sabort-{i}", prompt, sp)
+    for _ in range(4):
+        engine.step()
+    assert len(scheduler.running) == 2
+    engine.abort_request(["sabort-0"])
+    step_until_done(engine, max_steps=20)
+    assert not scheduler.requests and scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == idle_free
+
+
+def test_sampled_sjd_is_reproducible_by_seed_in_any_batch(tiny_generator):
+    sampling = dict(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9, strategy="sjd", window=6)
+    alone = tiny_generator.generate([3], seed=31, **sampling)[0].codes
+    batch = tiny_generator.generate([1, 3, 5], seed=30, **sampling)
+    assert torch.equal(alone, batch[1].codes)
+    cfg = tiny_generator.config
+    settings = SamplingSettings(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9)
+    reqs = image_requests(cfg, 3, settings, seed=31, decoding=Decoding("sjd", 6))
+    reqs += image_requests(cfg, 4, settings, seed=5) + image_requests(cfg, 6, settings, seed=6,
+                                                                      decoding=Decoding("zipar", 3))
+    outs = tiny_generator.llm.generate([p for p, _ in reqs], [sp for _, sp in reqs], use_tqdm=False)
+    assert torch.equal(torch.tensor(outs[0].outputs[0].token_ids), alone.flatten())
+
+
+@pytest.mark.parametrize("kwargs", [dict(window=0), dict(window=-2), dict(window=1.5), dict(window="4"),
+                                    dict(init="vertical"), dict(window=4, init=3)])
+def test_bad_sjd_arguments_are_value_errors(tiny_generator, kwargs):
+    with pytest.raises(ValueError, match="window|init"):
+        tiny_generator.generate([1], strategy="sjd", **kwargs)
+
+
+@pytest.mark.parametrize("case", ["window 0", "init unknown", "logprobs", "halves differ"])
+def test_bad_sjd_requests_finish_with_an_error(tiny_generator, case):
+    cfg, engine = tiny_generator.config, tiny_generator.llm.llm_engine
+    cond, uncond = image_requests(cfg, 2, SamplingSettings(guidance_scale=3.0), image_id=f"sbad-{case}",
+                                  decoding=Decoding("sjd", 4))
+    for _, sp in (cond, uncond):
+        args = sp.extra_args["visual_ar"]
+        if case == "window 0":
+            args["window"] = 0
+        elif case == "init unknown":
+            args["init"] = "vertical"
+        elif case == "logprobs":
+            sp.logprobs = 2
+    if case == "halves differ":
+        uncond[1].extra_args["visual_ar"]["window"] = 5
+    submitted = {0: [(f"sbad-{case}-{i}", p, sp) for i, (p, sp) in enumerate((cond, uncond))]}
+    finished = {rid: out.finish_reason for rid, out in step_until_done(engine, submitted, max_steps=50).items()}
+    assert set(finished.values()) == {"error"}, finished
+    assert tiny_generator.generate([2], strategy="sjd", window=4, **GREEDY)[0].stats.tokens == cfg.num_image_tokens
+
+
+# -- exactness in the engine, on a model small enough to enumerate ------------------------------------
+@pytest.fixture(scope="module")
+def enumerable_model(tmp_path_factory, make_generator):
+    """A random model with a 3-code codebook and a 2x2 grid: 81 possible images."""
+    from tiny_models import TINY_VQ, tiny_config, write_tiny_model
+
+    from vllm_visual_ar.model_executors.vq import VQConfig
+
+    config = tiny_config(grid=2, vq=VQConfig(**{**TINY_VQ.to_dict(), "codebook_size": 3}))
+    folder = tmp_path_factory.mktemp("enumerable")
+    ref = write_tiny_model(folder, config, seed=4)
+    return make_generator(str(folder), max_images_in_flight=64), ref
+
+
+def enumerate_images(ref, class_id: int, guidance_scale: float, temperature: float, top_k: int) -> dict[tuple, float]:
+    cfg = ref.config
+    seqs = torch.tensor(list(itertools.product(range(cfg.codebook_size), repeat=cfg.num_image_tokens)))
+    with torch.no_grad():
+        cond = ref(torch.full((len(seqs),), class_id), seqs[:, :-1])
+        uncond = ref(torch.full((len(seqs),), cfg.num_classes), seqs[:, :-1])
+    logits = uncond + guidance_scale * (cond - uncond)
+    probs = torch.stack([target_probs(logits[:, i], temperature, top_k, 1.0) for i in range(seqs.shape[1])], 1)
+    joint = probs.gather(2, seqs[:, :, None]).squeeze(2).prod(1)
+    return {tuple(s.tolist()): float(p) for s, p in zip(seqs, joint)}
+
+
+@pytest.mark.parametrize("decoding", [dict(strategy="sjd", window=3), dict(strategy="sjd", window=4, init="horizontal"),
+                                      dict()])
+def test_engine_samples_follow_the_exact_distribution(enumerable_model, decoding):
+    gen, ref = enumerable_model
+    sampling = dict(guidance_scale=2.0, temperature=1.0, top_k=0)
+    images = gen.generate([1], n=3000, seed=0, **sampling, **decoding)
+    samples = [tuple(im.codes.flatten().tolist()) for im in images]
+    assert chi_square_p(samples, enumerate_images(ref, 1, **sampling)) > 1e-3
