@@ -34,7 +34,8 @@ def metric(url: str, name: str, **labels) -> float:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+        if (line.startswith(name + "{") or line.startswith(name + " ")) and all(
+                f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -52,6 +53,9 @@ def test_openai_client_generates_pngs(server):
     assert images[0].tobytes() != images[1].tobytes()  # seeds 3 and 4
     zipar = client.images.generate(model=model, prompt="3", extra_body={"strategy": "zipar", "window": 4, "seed": 1})
     assert png(zipar.data[0].b64_json).size == (32, 32)
+    sjd = client.images.generate(model=model, prompt="3", extra_body={"strategy": "sjd", "window": 8,
+                                                                      "init": "horizontal", "seed": 1})
+    assert png(sjd.data[0].b64_json).size == (32, 32)
 
 
 def test_health_models_and_metrics(server):
@@ -61,6 +65,11 @@ def test_health_models_and_metrics(server):
     before = metric(server, "vllm_visual_ar:image_forward_passes_count", strategy="zipar")
     assert generate(server, prompt="1", strategy="zipar", window=8).status_code == 200
     assert metric(server, "vllm_visual_ar:image_forward_passes_count", strategy="zipar") == before + 1
+    drafts = metric(server, "vllm_visual_ar:sjd_draft_tokens_total")
+    assert generate(server, prompt="1", strategy="sjd", window=8).status_code == 200
+    assert metric(server, "vllm_visual_ar:sjd_draft_tokens_total") > drafts
+    assert 0 <= metric(server, "vllm_visual_ar:sjd_accepted_tokens_total") <= metric(
+        server, "vllm_visual_ar:sjd_draft_tokens_total")
     text = httpx.get(f"{server}/metrics").text
     assert "vllm:num_requests_running" in text  # vLLM's own metrics are still there
     assert re.search(r'vllm_visual_ar:image_forward_passes_bucket\{le="128.0",strategy="zipar"\} [1-9]', text)
@@ -92,7 +101,9 @@ BAD = [
     ({"prompt": "3", "strategy": "zipar", "window": 0}, "window"),
     ({"prompt": "3", "strategy": "zipar", "window": -3}, "window"),
     ({"prompt": "3", "strategy": "zipar"}, "window"), ({"prompt": "3", "strategy": "zipar", "window": "4"}, "window"),
-    ({"prompt": "3", "window": 4}, "window"), ({"prompt": "3", "guidance_scale": -1}, "guidance_scale"),
+    ({"prompt": "3", "window": 4}, "window"), ({"prompt": "3", "strategy": "sjd", "window": 0}, "window"),
+    ({"prompt": "3", "strategy": "sjd", "init": "vertical"}, "init"), ({"prompt": "3", "init": "random"}, "init"),
+    ({"prompt": "3", "guidance_scale": -1}, "guidance_scale"),
     ({"prompt": "3", "guidance_scale": "high"}, "guidance_scale"), ({"prompt": "3", "seed": -1}, "seed"),
     ({"prompt": "3", "seed": "abc"}, "seed"), ({"prompt": "3", "temperature": -0.5}, "temperature"),
     ({"prompt": "3", "top_p": 0}, "top_p"), ({"prompt": "3", "top_k": -5}, "top_k"),
@@ -123,12 +134,13 @@ def test_bad_input_is_a_400_naming_the_field_and_the_server_keeps_serving(server
 
 
 def test_32_concurrent_mixed_requests_complete_and_seeds_hold_under_load(server):
-    strategies = [{}, {"strategy": "zipar", "window": 8}, {"strategy": "zipar", "window": 4},
-                  {"strategy": "zipar", "window": 2}]
+    strategies = [{}, {"strategy": "zipar", "window": 8}, {"strategy": "sjd", "window": 8},
+                  {"strategy": "zipar", "window": 2}, {"strategy": "sjd", "window": 16, "init": "horizontal"}]
     scales = [1.0, 2.0, 3.0]
     bodies = [dict(prompt=str(i % 10), seed=100 + i, guidance_scale=scales[i % 3], n=1 + (i % 2),
-                   **strategies[i % 4]) for i in range(32)]
-    alone = generate(server, **bodies[5]).json()  # a ZipAR w=8, guided, n=2 request on an idle server
+                   **strategies[i % 5]) for i in range(32)]
+    # ZipAR w=8 (guided, n=1) and SJD w=8 (guided, n=2) requests on an idle server
+    alone = {i: generate(server, **bodies[i]).json() for i in (6, 7)}
 
     async def all_at_once():
         async with httpx.AsyncClient(timeout=300) as client:
@@ -139,7 +151,8 @@ def test_32_concurrent_mixed_requests_complete_and_seeds_hold_under_load(server)
         assert r.status_code == 200, r.text
         data = r.json()["data"]
         assert len(data) == body["n"] and all(png(d["b64_json"]).size == (32, 32) for d in data)
-    assert responses[5].json()["data"] == alone["data"]
+    for i in (6, 7):
+        assert responses[i].json()["data"] == alone[i]["data"]
 
 
 def test_client_disconnect_aborts_its_images_and_frees_kv(server):

@@ -5,7 +5,7 @@ Request (OpenAI's images API, plus this plugin's decoding fields; unknown fields
     {"prompt": "7" | 7 | "seven",      # a class id, or a name from config.json's class_names
      "model": "...", "n": 1, "size": "auto" | "32x32", "response_format": "b64_json",
      "seed": 0, "guidance_scale": 2.0, "temperature": 1.0, "top_k": 32, "top_p": 1.0,
-     "strategy": "raster" | "zipar", "window": 8,
+     "strategy": "raster" | "zipar" | "sjd", "window": 8, "init": "random" | "horizontal",  # init: SJD
      "extra_params": {...any of the fields above...},   # vllm-omni style; wins over top level
      "stream": false, "partial_images": 0..3}
 
@@ -33,9 +33,10 @@ from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
 MAX_IMAGES_PER_REQUEST = 16
 MAX_PARTIAL_IMAGES = 3  # as OpenAI's API
 KNOWN_FIELDS = {"prompt", "model", "n", "size", "response_format", "output_format", "seed", "guidance_scale",
-                "temperature", "top_k", "top_p", "strategy", "window", "extra_params", "stream", "partial_images",
-                "negative_prompt", "user"}
-EXTRA_PARAMS = {"seed", "guidance_scale", "temperature", "top_k", "top_p", "strategy", "window", "negative_prompt"}
+                "temperature", "top_k", "top_p", "strategy", "window", "init", "extra_params", "stream",
+                "partial_images", "negative_prompt", "user"}
+EXTRA_PARAMS = {"seed", "guidance_scale", "temperature", "top_k", "top_p", "strategy", "window", "init",
+                "negative_prompt"}
 
 
 class BadRequest(ValueError):
@@ -141,9 +142,9 @@ def parse_images_request(body, config) -> ImagesJob:
     if not isinstance(strategy, str):
         raise BadRequest(f"'strategy' must be a string, got {strategy!r}", "strategy")
     try:
-        decoding = Decoding(strategy, fields.get("window"))
+        decoding = Decoding(strategy, fields.get("window"), fields.get("init"))
     except ValueError as e:
-        raise BadRequest(str(e), "strategy" if "strategy must" in str(e) else "window") from None
+        raise BadRequest(str(e), next(f for f in ("strategy", "init", "window") if str(e).startswith(f))) from None
     stream = fields.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest(f"'stream' must be a boolean, got {stream!r}", "stream")
@@ -196,12 +197,17 @@ class _Metrics:
                                             buckets=(1, 1.5, 2, 3, 4, 6, 8, 12, 16))
         self.latency = Histogram("vllm_visual_ar:image_latency_seconds", "From request to the image's last token",
                                  ["strategy"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+        self.sjd_drafts = Counter("vllm_visual_ar:sjd_draft_tokens", "SJD drafts verified")
+        self.sjd_accepted = Counter("vllm_visual_ar:sjd_accepted_tokens", "SJD drafts accepted")
 
-    def observe(self, strategy: str, tokens: int, forwards: int, seconds: float):
+    def observe(self, strategy: str, stats: "ImageRun", seconds: float):
         self.images.labels(strategy).inc()
-        self.forwards.labels(strategy).observe(forwards)
-        self.tokens_per_forward.labels(strategy).observe(tokens / max(forwards, 1))
+        self.forwards.labels(strategy).observe(stats.forwards)
+        self.tokens_per_forward.labels(strategy).observe(len(stats.codes) / max(stats.forwards, 1))
         self.latency.labels(strategy).observe(seconds)
+        if strategy == "sjd":
+            self.sjd_drafts.inc(stats.draft_tokens)
+            self.sjd_accepted.inc(stats.accepted_drafts)
 
 
 _metrics: _Metrics | None = None
@@ -215,11 +221,20 @@ def metrics() -> _Metrics:
 
 
 # -- the engine side -----------------------------------------------------------------------------
+@dataclass
+class ImageRun:
+    codes: list[int]
+    forwards: int = 0
+    draft_tokens: int = 0     # SJD
+    accepted_drafts: int = 0  # SJD
+
+
 async def generate_codes(engine, config, class_id: int, settings: SamplingSettings, decoding: Decoding,
-                         seed: int | None, on_tokens=None) -> tuple[list[int], int]:
-    """One image through the engine client -> (codes in raster order, forward passes). Both
-    guidance streams are consumed; on_tokens(codes so far) is awaited as codes arrive. If this
-    coroutine is cancelled (client gone), vLLM aborts the streams it was reading."""
+                         seed: int | None, on_tokens=None) -> ImageRun:
+    """One image through the engine client (codes in raster order, forwards counted from the
+    per-step outputs). Both guidance streams are consumed; on_tokens(codes so far) is awaited as
+    codes arrive. If this coroutine is cancelled (client gone), vLLM aborts the streams it was reading."""
+    from vllm_visual_ar.generator import sjd_drafts
     from vllm.sampling_params import RequestOutputKind
 
     image_id = uuid.uuid4().hex
@@ -228,18 +243,22 @@ async def generate_codes(engine, config, class_id: int, settings: SamplingSettin
         params.output_kind = RequestOutputKind.DELTA
         role = params.extra_args["visual_ar"]["role"]
         streams.append((role, engine.generate(prompt, params, f"img-{image_id}-{role}")))
-    codes: list[int] = []
-    forwards = 0
+    run = ImageRun([])
+    codes = run.codes
     finish = None
 
     async def follow(role, stream):
-        nonlocal forwards, finish
+        nonlocal finish
         async for out in stream:
             if role == "uncond":
                 continue
             new = out.outputs[0].token_ids
             if new:
-                forwards += 1
+                if decoding.strategy == "sjd" and codes:
+                    verified, accepted = sjd_drafts(decoding.window, config.num_image_tokens, len(codes), len(new))
+                    run.draft_tokens += verified
+                    run.accepted_drafts += accepted
+                run.forwards += 1
                 codes.extend(new)
                 if on_tokens is not None:
                     await on_tokens(codes)
@@ -255,7 +274,7 @@ async def generate_codes(engine, config, class_id: int, settings: SamplingSettin
         await engine.abort([f"img-{image_id}-{role}" for role, _ in streams])
     if len(codes) != config.num_image_tokens:
         raise RuntimeError(f"image ended after {len(codes)} of {config.num_image_tokens} tokens ({finish})")
-    return codes, forwards
+    return run
 
 
 class ImagesEndpoint:
@@ -319,10 +338,9 @@ class ImagesEndpoint:
         config = served["config"]
         t0 = time.perf_counter()
         seed = None if job.seed is None else job.seed + index
-        codes, forwards = await generate_codes(served["engine"], config, job.class_id, job.settings, job.decoding,
-                                               seed, on_tokens)
-        metrics().observe(job.decoding.strategy, len(codes), forwards, time.perf_counter() - t0)
-        return codes
+        run = await generate_codes(served["engine"], config, job.class_id, job.settings, job.decoding, seed, on_tokens)
+        metrics().observe(job.decoding.strategy, run, time.perf_counter() - t0)
+        return run.codes
 
     async def _stream(self, served, job: ImagesJob):
         config, vq = served["config"], served["vq"]
