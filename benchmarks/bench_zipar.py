@@ -23,7 +23,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see bench_raster.py
 
-from common import markdown_table, write_results  # noqa: E402
+from common import compare_decodings, markdown_table, write_results  # noqa: E402
 
 
 def main():
@@ -35,54 +35,16 @@ def main():
     ap.add_argument("--large-windows", type=int, nargs="*", default=[8, 4])
     args = ap.parse_args()
 
-    import torch
-
-    from vllm_visual_ar.evaluation import Evaluator
     from vllm_visual_ar.generator import ImageGenerator
-    from vllm_visual_ar.mnist import from_model_space
 
     engine = ImageGenerator(max_images_in_flight=max(args.in_flight))
-    cfg = engine.config
-    sampling = dict(guidance_scale=cfg.default_guidance_scale, temperature=1.0, top_k=cfg.default_top_k, top_p=1.0)
-    evaluator = Evaluator()
-    quality_classes = [c for c in range(10) for _ in range(args.per_class)]
-
-    def best_seconds(classes, decoding) -> float:
-        engine.generate(classes, seed=0, **sampling, **decoding)  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            engine.generate(classes, seed=0, **sampling, **decoding)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
     configs = [("raster", {})] + [(f"ZipAR w={w}", dict(strategy="zipar", window=w)) for w in args.windows]
-    rows, raster_rate = [], {}
-    for name, decoding in configs:
-        images = engine.generate(quality_classes, seed=0, **sampling, **decoding)
-        forwards = images[0].stats.forward_passes
-        codes = torch.stack([im.codes for im in images])
-        q = evaluator(from_model_space(engine.vq.decode_codes(codes)), quality_classes)
-        row = [name, forwards, f"{100 * (forwards / cfg.num_image_tokens - 1):+.1f}%",
-               f"{images[0].stats.tokens_per_forward:.2f}"]
-        for n in args.in_flight:
-            rate = n / best_seconds([i % 10 for i in range(n)], decoding)
-            raster_rate.setdefault(n, rate)
-            row += [f"{rate:.2f}", f"{rate / raster_rate[n]:.2f}x"]
-        row += [f"{q.class_agreement:.3f}", f"{q.frechet:.2f}"]
-        rows.append(row)
-        print(row, flush=True)
-
-    header = ["decoding", "forwards/image", "vs raster", "tokens/forward"]
-    for n in args.in_flight:
-        header += [f"images/s, {n} in flight", "speed-up"]
-    header += [f"class agreement ({len(quality_classes)} images)", "Fréchet distance"]
-    table = markdown_table(header, rows)
+    table = compare_decodings(engine, configs, args.in_flight, args.repeats, args.per_class)
     if args.large_windows:
         table += "\n\n" + large_model_table(args.large_windows, args.repeats)
     print(table)
-    notes = (f"Embedded model (16x16 tokens, 1.1 M parameters), guided (scale {sampling['guidance_scale']}), temperature 1, "
-             f"top-k {sampling['top_k']}; every configuration in vLLM's engine (in-process core, see "
+    notes = ("Embedded model (16x16 tokens, 1.1 M parameters), guided at the model's defaults (scale 2.0, top-k 32), "
+             "temperature 1; every configuration in vLLM's engine (in-process core, see "
              "bench_raster.md), same seeds. Forwards are counted per image from the engine's per-step outputs; "
              "ZipAR follows the authors' LlamaGen schedule (row 1 waits for row 0, so 2W + (H-2)w forwards). "
              "Speed-up is images/s against raster at the same number of images in flight, measured in this run. "

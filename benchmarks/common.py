@@ -35,3 +35,53 @@ def write_results(name: str, title: str, table: str, notes: str = "") -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def compare_decodings(engine, configs: list[tuple[str, dict]], in_flight: list[int], repeats: int,
+                      per_class: int) -> str:
+    """A markdown table, one row per (name, decoding kwargs) in configs, the first being the
+    baseline: forwards per image (mean), tokens per forward, SJD acceptance where there is some,
+    images/s at each number of guided images in flight (best of `repeats` after a warm-up) with the
+    speed-up over the baseline, and the evaluator's class agreement and Fréchet distance on
+    `per_class` images per class. One engine, the model's default sampling, same seeds."""
+    import torch
+
+    from vllm_visual_ar.evaluation import Evaluator
+    from vllm_visual_ar.mnist import from_model_space
+
+    cfg = engine.config
+    sampling = dict(guidance_scale=cfg.default_guidance_scale, temperature=1.0, top_k=cfg.default_top_k, top_p=1.0)
+    evaluator = Evaluator()
+    quality_classes = [c for c in range(10) for _ in range(per_class)]
+
+    def best_seconds(classes, decoding) -> float:
+        engine.generate(classes, seed=0, **sampling, **decoding)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            engine.generate(classes, seed=0, **sampling, **decoding)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    rows, baseline = [], {}
+    for name, decoding in configs:
+        images = engine.generate(quality_classes, seed=0, **sampling, **decoding)
+        forwards = sum(im.stats.forward_passes for im in images) / len(images)
+        drafts = sum(im.stats.draft_tokens for im in images)
+        accepted = sum(im.stats.accepted_drafts for im in images)
+        codes = torch.stack([im.codes for im in images])
+        q = evaluator(from_model_space(engine.vq.decode_codes(codes)), quality_classes)
+        row = [name, f"{forwards:.1f}", f"{100 * (forwards / cfg.num_image_tokens - 1):+.1f}%",
+               f"{cfg.num_image_tokens / forwards:.2f}", f"{accepted / drafts:.3f}" if drafts else "-"]
+        for n in in_flight:
+            rate = n / best_seconds([i % 10 for i in range(n)], decoding)
+            baseline.setdefault(n, rate)
+            row += [f"{rate:.2f}", f"{rate / baseline[n]:.2f}x"]
+        row += [f"{q.class_agreement:.3f}", f"{q.frechet:.2f}"]
+        rows.append(row)
+        print(row, flush=True)
+    header = ["decoding", "forwards/image", "vs raster", "tokens/forward", "draft acceptance"]
+    for n in in_flight:
+        header += [f"images/s, {n} in flight", "speed-up"]
+    header += [f"class agreement ({len(quality_classes)} images)", "Fréchet distance"]
+    return markdown_table(header, rows)
