@@ -31,6 +31,7 @@ test: venv
 bench: venv
 	$(BIN)/python benchmarks/bench_raster.py
 	$(BIN)/python benchmarks/bench_zipar.py
+	$(BIN)/python benchmarks/bench_sjd.py
 	$(BIN)/python benchmarks/bench_serving.py
 
 train: venv  ## retrain the embedded model (CPU, about 40 minutes)

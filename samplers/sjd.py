@@ -88,22 +88,22 @@ def fill_drafts(carried: Drafts, count: int, init: str, vocab: int, last_token: 
 
 def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None) -> tuple[list[int], Drafts]:
     """p [K, V]: targets at the K fed inputs (x0 and K-1 drafts). -> (committed tokens, 1..K; the
-    drafts carried into the next window)."""
+    drafts carried into the next window). All K-1 acceptance tests are drawn at once; only the
+    first rejection matters."""
     k = p.shape[0]
     assert len(drafts.tokens) == k - 1
     u = torch.rand(k, generator=generator, device=p.device)
     samples = draw(p, generator)  # a fresh sample at every position: bonus or next drafts
-    committed: list[int] = []
-    for j in range(1, k):
-        x = drafts.tokens[j - 1]
-        pj, qj = p[j - 1], drafts.q[j - 1].to(p.device)
-        if u[j - 1] < torch.clamp(pj[x] / qj[x], max=1.0):
-            committed.append(x)
-            continue
-        residual = torch.clamp(pj - qj, min=0)
-        total = residual.sum()
-        committed.append(int(draw((residual / total if total > 0 else pj)[None], generator)[0]))
-        # Jacobi: positions j+1 .. K were predicted from the rejected prefix; their samples carry over.
-        return committed, Drafts(samples[j:].tolist(), p[j:])
-    committed.append(int(samples[k - 1]))
-    return committed, Drafts.empty(p.shape[1])
+    tokens = torch.tensor(drafts.tokens, dtype=torch.long, device=p.device)
+    q = drafts.q.to(p.device)
+    rows = torch.arange(k - 1, device=p.device)
+    accepted = u[: k - 1] < torch.clamp(p[rows, tokens] / q[rows, tokens], max=1.0)
+    rejected = (~accepted).nonzero()
+    if len(rejected) == 0:
+        return drafts.tokens + [int(samples[k - 1])], Drafts.empty(p.shape[1])
+    j = int(rejected[0]) + 1  # the first rejected draft, d_j
+    residual = torch.clamp(p[j - 1] - q[j - 1], min=0)
+    total = residual.sum()
+    resampled = int(draw((residual / total if total > 0 else p[j - 1])[None], generator)[0])
+    # Jacobi: positions j+1 .. K were predicted from the rejected prefix; their samples carry over.
+    return drafts.tokens[: j - 1] + [resampled], Drafts(samples[j:].tolist(), p[j:])

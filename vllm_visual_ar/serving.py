@@ -9,7 +9,9 @@ Request (OpenAI's images API, plus this plugin's decoding fields; unknown fields
      "extra_params": {...any of the fields above...},   # vllm-omni style; wins over top level
      "stream": false, "partial_images": 0..3}
 
-Response: `{"created", "data": [{"b64_json": PNG}], "size", "output_format": "png", "usage"}`. With
+Response: `{"created", "data": [{"b64_json": PNG}], "size", "output_format": "png", "usage"}`;
+`/metrics` gains per-image forward passes, tokens per forward and latency, and SJD's drafts
+verified/accepted. With
 `"stream": true` (n = 1), server-sent events as OpenAI's API sends them: `partial_images` events of
 type `image_generation.partial_image` as rows of codes complete (rows not yet generated are black),
 then `image_generation.completed` with the whole image. Image i of a request uses seed `seed + i`.

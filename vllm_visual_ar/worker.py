@@ -12,6 +12,13 @@ tokens their raster positions (2D RoPE), logits at every token that predicts som
 returns one sample per active row plus, when the next forward starts a row, the stand-in token.
 vLLM's own bookkeeping appends them all as output tokens (several per step, as in speculative
 decoding), which keeps KV slots, block allocation and frees vLLM's.
+
+SJD (`samplers/sjd.py`): the scheduler gives an SJD request spec-token slots; the runner writes the
+image's Jacobi drafts into them (the same drafts into both guidance streams), takes logits at every
+fed token, verifies the drafts against the guided, filtered, tempered targets and returns the
+committed tokens (accepted drafts + one); vLLM's spec-decoding accounting rolls back the KV of the
+rest. The image's Jacobi state (carried drafts and the distributions they were drawn from) lives
+here between forwards.
 """
 from __future__ import annotations
 
