@@ -4,10 +4,11 @@
                                      [--large-windows 8 4] (empty: skip the second table)
 
 For raster and each window: forward passes per image, tokens per forward, images/s with 1 and 16
-guided images in flight (best of --repeats after a warm-up), and sample quality from the project's
-evaluator (class agreement, Fréchet distance to held-out real digits). A second table repeats the
-speed measurement, one guided image in flight, on a model of LlamaGen GPT-B's size (111 M
-parameters, random weights: speed only), where a forward costs more than vLLM's per-step work.
+guided images in flight (at least 10 images, in rounds; best of --repeats after a warm-up), and
+sample quality from the project's evaluator (class agreement, Fréchet distance to held-out real
+digits). A second table repeats the speed measurement, one guided image in flight, on a model of
+LlamaGen GPT-B's size (111 M parameters, random weights: speed only), where a forward costs more
+than vLLM's per-step work.
 Everything runs in one process, one configuration after the other. Prints the tables and writes
 benchmarks/results/zipar.md.
 """

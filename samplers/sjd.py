@@ -70,19 +70,19 @@ class Drafts:
 
 
 def fill_drafts(carried: Drafts, count: int, init: str, vocab: int, last_token: int, first_position: int,
-                width: int, generator: torch.Generator | None) -> Drafts:
+                width: int, generator: torch.Generator | None, device="cpu") -> Drafts:
     """`count` drafts for raster positions first_position .. : the carried ones first, then initialised."""
     tokens, q = list(carried.tokens[:count]), carried.q[:count]
     fresh = count - len(tokens)
     if fresh <= 0:
         return Drafts(tokens, q)
     new: list[int] = []
-    randoms = torch.randint(vocab, (fresh,), generator=generator).tolist()
+    randoms = torch.randint(vocab, (fresh,), generator=generator, device=device).tolist()
     for i in range(fresh):
         position = first_position + len(tokens) + i
         left = (tokens + new)[-1] if tokens or new else last_token
         new.append(left if init == "horizontal" and position % width != 0 else randoms[i])
-    one_hot = torch.nn.functional.one_hot(torch.tensor(new, dtype=torch.long), vocab).float()
+    one_hot = torch.nn.functional.one_hot(torch.tensor(new, dtype=torch.long, device=device), vocab).float()
     return Drafts(tokens + new, torch.cat([q.to(one_hot.device), one_hot]))
 
 

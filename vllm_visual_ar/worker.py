@@ -202,7 +202,7 @@ class VisualARRunnerMixin:
             history = self.requests[self.input_batch.req_ids[lead.row]].output_token_ids
             count = lead.tokens.stop - lead.tokens.start - 1
             state.current = fill_drafts(state.carried, count, lead.info.decoding.init, vocab, history[-1],
-                                        len(history), grid, self.input_batch.generators.get(lead.row))
+                                        len(history), grid, self.input_batch.generators.get(lead.row), self.device)
             drafts = torch.tensor(state.current.tokens, dtype=self.input_ids.cpu.dtype)
             for r in rows:
                 if r.tokens.stop - r.tokens.start - 1 != count:
