@@ -18,6 +18,11 @@ token to the left; the paper's neighbour initialisation, random at column 0). An
 is chosen without looking at the model, so its q is one-hot at itself (the authors' convention,
 which keeps the rule exact: acceptance then has probability p(d)).
 
+Relaxed acceptance (opt-in, not exact; LANTERN, arXiv 2410.03355, `models/ea_model_anole.py`): a
+draft also counts the target mass of its nearest codebook neighbours in the VQ latent space, added
+nearest first while the added mass stays <= delta: accept if u < p'(d) / q(d) with
+p'(d) = p(d) + that mass. Rejections still draw from norm(max(0, p - q)). delta = 0 is exact SJD.
+
 Pitfalls of the authors' code avoided here: q is always the exact distribution a draft was drawn
 from, under the same guidance and filters as verification; a residual that is all zero (possible only
 through rounding, when rejection had probability ~0) falls back to p instead of dividing by zero.
@@ -86,10 +91,41 @@ def fill_drafts(carried: Drafts, count: int, init: str, vocab: int, last_token: 
     return Drafts(tokens + new, torch.cat([q.to(one_hot.device), one_hot]))
 
 
-def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None) -> tuple[list[int], Drafts]:
+def check_relaxed(delta, neighbours) -> tuple[float | None, int | None]:
+    if delta is None:
+        if neighbours is not None:
+            raise ValueError("relaxed_neighbours applies to relaxed acceptance: set relaxed_delta too")
+        return None, None
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 <= delta <= 1:
+        raise ValueError(f"relaxed_delta must be a number in [0, 1], got {delta!r}")
+    if neighbours is not None and (isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1):
+        raise ValueError(f"relaxed_neighbours must be an integer >= 1, got {neighbours!r}")
+    return float(delta), neighbours
+
+
+def latent_neighbours(codebook: torch.Tensor, k: int) -> torch.Tensor:
+    """codebook [V, D] (the VQ's code vectors) -> [V, k] each code's k nearest other codes, nearest first."""
+    k = min(k, codebook.shape[0] - 1)
+    rows = []
+    for chunk in codebook.split(4096):
+        d = torch.cdist(chunk.float(), codebook.float())
+        d[torch.arange(len(chunk)), torch.arange(len(rows) * 4096, len(rows) * 4096 + len(chunk))] = float("inf")
+        rows.append(d.topk(k, largest=False).indices)
+    return torch.cat(rows)
+
+
+def relaxed_mass(p: torch.Tensor, tokens: torch.Tensor, neighbours: torch.Tensor, delta: float) -> torch.Tensor:
+    """p [n, V] targets, tokens [n] -> [n] p(token) plus its neighbours' mass, nearest first, up to delta."""
+    mass = p.gather(1, neighbours[tokens])  # [n, k]
+    added = (mass * (mass.cumsum(1) <= delta)).sum(1)
+    return p.gather(1, tokens[:, None])[:, 0] + added
+
+
+def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
+           relaxed: tuple[torch.Tensor, float] | None = None) -> tuple[list[int], Drafts]:
     """p [K, V]: targets at the K fed inputs (x0 and K-1 drafts). -> (committed tokens, 1..K; the
     drafts carried into the next window). All K-1 acceptance tests are drawn at once; only the
-    first rejection matters."""
+    first rejection matters. relaxed = (latent neighbours [V, k], delta) for relaxed acceptance."""
     k = p.shape[0]
     assert len(drafts.tokens) == k - 1
     u = torch.rand(k, generator=generator, device=p.device)
@@ -97,7 +133,9 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None) -
     tokens = torch.tensor(drafts.tokens, dtype=torch.long, device=p.device)
     q = drafts.q.to(p.device)
     rows = torch.arange(k - 1, device=p.device)
-    accepted = u[: k - 1] < torch.clamp(p[rows, tokens] / q[rows, tokens], max=1.0)
+    target = p[rows, tokens] if relaxed is None else relaxed_mass(p[: k - 1], tokens, relaxed[0].to(p.device),
+                                                                  relaxed[1])
+    accepted = u[: k - 1] < torch.clamp(target / q[rows, tokens], max=1.0)
     rejected = (~accepted).nonzero()
     if len(rejected) == 0:
         return drafts.tokens + [int(samples[k - 1])], Drafts.empty(p.shape[1])

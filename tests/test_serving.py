@@ -103,6 +103,7 @@ BAD = [
     ({"prompt": "3", "strategy": "zipar"}, "window"), ({"prompt": "3", "strategy": "zipar", "window": "4"}, "window"),
     ({"prompt": "3", "window": 4}, "window"), ({"prompt": "3", "strategy": "sjd", "window": 0}, "window"),
     ({"prompt": "3", "strategy": "sjd", "init": "vertical"}, "init"), ({"prompt": "3", "init": "random"}, "init"),
+    ({"prompt": "3", "strategy": "sjd", "relaxed_delta": 2}, "relaxed_delta"),
     ({"prompt": "3", "guidance_scale": -1}, "guidance_scale"),
     ({"prompt": "3", "guidance_scale": "high"}, "guidance_scale"), ({"prompt": "3", "seed": -1}, "seed"),
     ({"prompt": "3", "seed": "abc"}, "seed"), ({"prompt": "3", "temperature": -0.5}, "temperature"),

@@ -264,3 +264,34 @@ def test_engine_samples_follow_the_exact_distribution(enumerable_model, decoding
     images = gen.generate([1], n=3000, seed=0, **sampling, **decoding)
     samples = [tuple(im.codes.flatten().tolist()) for im in images]
     assert chi_square_p(samples, enumerate_images(ref, 1, **sampling)) > 1e-3
+
+
+# -- relaxed acceptance (opt-in, not exact) --------------------------------------------------------
+def test_latent_neighbours_and_relaxed_mass():
+    from vllm_visual_ar.samplers.sjd import latent_neighbours, relaxed_mass
+
+    codebook = torch.tensor([[0.0], [1.0], [3.0], [10.0]])
+    assert latent_neighbours(codebook, 2).tolist() == [[1, 2], [0, 2], [1, 0], [2, 1]]
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    neighbours = latent_neighbours(codebook, 3)
+    # Code 0's neighbours nearest first: 1 (0.2), 2 (0.3), 3 (0.4); cumulative 0.2, 0.5, 0.9.
+    assert torch.allclose(relaxed_mass(p, torch.tensor([0]), neighbours, 0.25), torch.tensor([0.3]))
+    assert torch.allclose(relaxed_mass(p, torch.tensor([0]), neighbours, 0.5), torch.tensor([0.6]))
+    assert torch.allclose(relaxed_mass(p, torch.tensor([0]), neighbours, 0.0), torch.tensor([0.1]))
+
+
+def test_relaxed_acceptance_at_delta_zero_is_exact_sjd_and_more_delta_accepts_more(tiny_generator):
+    sampling = dict(guidance_scale=2.0, temperature=1.0, top_k=0, strategy="sjd", window=8, seed=40)
+    exact = tiny_generator.generate(list(range(8)), **sampling)
+    zero = tiny_generator.generate(list(range(8)), relaxed_delta=0.0, **sampling)
+    assert all(torch.equal(a.codes, b.codes) for a, b in zip(exact, zero))
+    loose = tiny_generator.generate(list(range(8)), relaxed_delta=0.5, relaxed_neighbours=16, **sampling)
+    assert sum(i.stats.accepted_drafts for i in loose) > sum(i.stats.accepted_drafts for i in exact)
+    assert sum(i.stats.forward_passes for i in loose) < sum(i.stats.forward_passes for i in exact)
+
+
+@pytest.mark.parametrize("kwargs", [dict(relaxed_delta=-0.1), dict(relaxed_delta=2), dict(relaxed_delta="x"),
+                                    dict(relaxed_delta=0.1, relaxed_neighbours=0), dict(relaxed_neighbours=4)])
+def test_bad_relaxed_arguments_are_value_errors(tiny_generator, kwargs):
+    with pytest.raises(ValueError, match="relaxed"):
+        tiny_generator.generate([1], strategy="sjd", **kwargs)

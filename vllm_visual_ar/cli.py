@@ -40,11 +40,12 @@ def cmd_generate(args) -> int:
     # Check the arguments before the engine takes its seconds to start.
     config = LlamaGenConfig.from_pretrained(resolve_model_dir(args.model))
     check_generate_args(config, args.classes, args.n, args.seed, args.guidance_scale, args.temperature,
-                        args.top_k, args.top_p, args.strategy, args.window, args.init)
+                        args.top_k, args.top_p, args.strategy, args.window, args.init, args.relaxed_delta)
     gen = ImageGenerator(args.model, max_images_in_flight=args.max_images_in_flight)
     results = gen.generate(args.classes, n=args.n, guidance_scale=args.guidance_scale,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, strategy=args.strategy, window=args.window, init=args.init,
+                           relaxed_delta=args.relaxed_delta,
                            progress=True)
     os.makedirs(args.out, exist_ok=True)
     counts: dict[int, int] = {}
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "SJD: tokens verified per forward (default 16)")
     g.add_argument("--init", choices=["random", "horizontal"], default=None,
                    help="SJD: how fresh drafts are initialised (default random)")
+    g.add_argument("--relaxed-delta", type=float, default=None,
+                   help="SJD: relaxed (LANTERN-style, not exact) acceptance with this neighbour mass")
     g.add_argument("--max-images-in-flight", type=int, default=16)
     g.set_defaults(func=cmd_generate)
 

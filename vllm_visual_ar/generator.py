@@ -46,7 +46,7 @@ class GeneratedImage:
 
 
 def check_generate_args(config, classes, n, seed, guidance_scale, temperature, top_k, top_p,
-                        strategy="raster", window=None, init=None):
+                        strategy="raster", window=None, init=None, relaxed_delta=None, relaxed_neighbours=None):
     """Validate `generate` arguments against a model config (ValueError naming the problem);
     -> (classes as a list, SamplingSettings with the model's defaults filled in, Decoding)."""
     classes = [classes] if isinstance(classes, int) else list(classes)
@@ -60,7 +60,7 @@ def check_generate_args(config, classes, n, seed, guidance_scale, temperature, t
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     settings = SamplingSettings(config.default_guidance_scale if guidance_scale is None else guidance_scale,
                                 temperature, config.default_top_k if top_k is None else top_k, top_p)
-    return classes, settings, Decoding(strategy, window, init)
+    return classes, settings, Decoding(strategy, window, init, relaxed_delta, relaxed_neighbours)
 
 
 def sjd_drafts(window: int, image_tokens: int, done: int, committed: int) -> tuple[int, int]:
@@ -87,15 +87,17 @@ class ImageGenerator:
     def generate(self, classes: list[int] | int, n: int = 1, guidance_scale: float | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, seed: int | None = None,
                  strategy: str = "raster", window: int | None = None, init: str | None = None,
+                 relaxed_delta: float | None = None, relaxed_neighbours: int | None = None,
                  progress: bool = False) -> list[GeneratedImage]:
         """n images per class, in order (class-major). Image i of the call uses seed + i, so a seed
         gives the same images whatever else is in the batch. guidance_scale and top_k None mean
         the model's `default_guidance_scale` / `default_top_k`; guidance 1 is unguided, top_k 0 is off.
         strategy "zipar" with `window` w decodes rows in parallel (`samplers/zipar.py`); "sjd" verifies
         `window` (default 16) drafts per forward, initialised by `init` ("random" or "horizontal";
-        `samplers/sjd.py`)."""
+        `samplers/sjd.py`), with relaxed (LANTERN-style, not exact) acceptance if `relaxed_delta` is set."""
         classes, settings, decoding = check_generate_args(self.config, classes, n, seed, guidance_scale,
-                                                          temperature, top_k, top_p, strategy, window, init)
+                                                          temperature, top_k, top_p, strategy, window, init,
+                                                          relaxed_delta, relaxed_neighbours)
 
         jobs = [(c, None if seed is None else seed + i) for i, c in enumerate(c for c in classes for _ in range(n))]
         tokens, forwards, latency, drafts = self._run(jobs, settings, decoding, progress)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from vllm_visual_ar.samplers.sjd import DEFAULT_WINDOW, check_init, check_sjd_window
+from vllm_visual_ar.samplers.sjd import DEFAULT_WINDOW, check_init, check_relaxed, check_sjd_window
 from vllm_visual_ar.samplers.zipar import check_window
 
 EXTRA_ARGS_KEY = "visual_ar"
@@ -31,10 +31,13 @@ class Decoding:
     """How an image's tokens are decoded: "raster" (one token per forward), "zipar" (row-parallel: a
     row starts once the row above has `window` tokens; `samplers/zipar.py`) or "sjd" (speculative
     Jacobi decoding: `window` tokens verified per forward, drafts initialised by `init`;
-    `samplers/sjd.py`). SJD's window defaults to 16 and its init to "random"."""
+    `samplers/sjd.py`). SJD's window defaults to 16 and its init to "random"; `relaxed_delta` turns on
+    relaxed (LANTERN-style, not exact) acceptance over `relaxed_neighbours` latent neighbours."""
     strategy: str = "raster"
     window: int | None = None
     init: str | None = None
+    relaxed_delta: float | None = None
+    relaxed_neighbours: int | None = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -49,9 +52,15 @@ class Decoding:
                              f"with strategy {self.strategy!r}")
         if self.strategy != "sjd" and self.init is not None:
             raise ValueError(f"init applies to strategy 'sjd' only, got init={self.init!r}")
+        if self.strategy != "sjd" and (self.relaxed_delta, self.relaxed_neighbours) != (None, None):
+            raise ValueError("relaxed_delta and relaxed_neighbours apply to strategy 'sjd' only")
+        delta, neighbours = check_relaxed(self.relaxed_delta, self.relaxed_neighbours)
+        object.__setattr__(self, "relaxed_delta", delta)
+        object.__setattr__(self, "relaxed_neighbours", neighbours)
 
     def to_args(self) -> dict:
-        args = {"strategy": self.strategy, "window": self.window, "init": self.init}
+        args = {"strategy": self.strategy, "window": self.window, "init": self.init,
+                "relaxed_delta": self.relaxed_delta, "relaxed_neighbours": self.relaxed_neighbours}
         return {k: v for k, v in args.items() if v is not None}
 
 
@@ -79,7 +88,8 @@ def image_request_info(sampling_params) -> ImageRequestInfo | None:
                                   float(info.get("guidance_scale", 1.0)))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"malformed extra_args[{EXTRA_ARGS_KEY!r}]: {info!r}") from e
-    decoding = Decoding(info.get("strategy", "raster"), info.get("window"), info.get("init"))
+    decoding = Decoding(info.get("strategy", "raster"), info.get("window"), info.get("init"),
+                        info.get("relaxed_delta"), info.get("relaxed_neighbours"))
     parsed = ImageRequestInfo(parsed.image_id, parsed.role, parsed.guidance_scale, decoding)
     if parsed.role not in ROLES:
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['role'] must be one of {ROLES}, got {parsed.role!r}")

@@ -6,6 +6,7 @@ Request (OpenAI's images API, plus this plugin's decoding fields; unknown fields
      "model": "...", "n": 1, "size": "auto" | "32x32", "response_format": "b64_json",
      "seed": 0, "guidance_scale": 2.0, "temperature": 1.0, "top_k": 32, "top_p": 1.0,
      "strategy": "raster" | "zipar" | "sjd", "window": 8, "init": "random" | "horizontal",  # init: SJD
+     "relaxed_delta": 0.1, "relaxed_neighbours": 16,     # SJD: relaxed acceptance (not exact)
      "extra_params": {...any of the fields above...},   # vllm-omni style; wins over top level
      "stream": false, "partial_images": 0..3}
 
@@ -35,10 +36,10 @@ from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
 MAX_IMAGES_PER_REQUEST = 16
 MAX_PARTIAL_IMAGES = 3  # as OpenAI's API
 KNOWN_FIELDS = {"prompt", "model", "n", "size", "response_format", "output_format", "seed", "guidance_scale",
-                "temperature", "top_k", "top_p", "strategy", "window", "init", "extra_params", "stream",
-                "partial_images", "negative_prompt", "user"}
+                "temperature", "top_k", "top_p", "strategy", "window", "init", "relaxed_delta",
+                "relaxed_neighbours", "extra_params", "stream", "partial_images", "negative_prompt", "user"}
 EXTRA_PARAMS = {"seed", "guidance_scale", "temperature", "top_k", "top_p", "strategy", "window", "init",
-                "negative_prompt"}
+                "relaxed_delta", "relaxed_neighbours", "negative_prompt"}
 
 
 class BadRequest(ValueError):
@@ -144,9 +145,11 @@ def parse_images_request(body, config) -> ImagesJob:
     if not isinstance(strategy, str):
         raise BadRequest(f"'strategy' must be a string, got {strategy!r}", "strategy")
     try:
-        decoding = Decoding(strategy, fields.get("window"), fields.get("init"))
+        decoding = Decoding(strategy, fields.get("window"), fields.get("init"), fields.get("relaxed_delta"),
+                            fields.get("relaxed_neighbours"))
     except ValueError as e:
-        raise BadRequest(str(e), next(f for f in ("strategy", "init", "window") if str(e).startswith(f))) from None
+        names = ("strategy", "init", "window", "relaxed_delta", "relaxed_neighbours")
+        raise BadRequest(str(e), next((f for f in names if str(e).startswith(f)), "relaxed_delta")) from None
     stream = fields.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest(f"'stream' must be a boolean, got {stream!r}", "stream")

@@ -32,7 +32,7 @@ from vllm.platforms import current_platform
 from vllm_visual_ar.model_executors.masked_attention import MaskedAttention
 from vllm_visual_ar.requests import ImageRequestInfo, image_request_info
 from vllm_visual_ar.samplers.sampling import cfg_mix, sample_rows
-from vllm_visual_ar.samplers.sjd import Drafts, fill_drafts, target_probs, verify
+from vllm_visual_ar.samplers.sjd import Drafts, fill_drafts, latent_neighbours, target_probs, verify
 from vllm_visual_ar.samplers.zipar import ZipARSchedule, zipar_schedule
 
 if current_platform.is_cpu():
@@ -94,6 +94,7 @@ class VisualARRunnerMixin:
     _step_layout: _StepLayout | None = None
     _infos: dict | None = None
     _sjd_states: dict | None = None  # image id -> _SJDState
+    _neighbours: dict | None = None  # k -> [codebook, k] latent neighbours (relaxed SJD)
 
     def _image_info(self, req_id: str) -> ImageRequestInfo | None:
         """Parsed once per request (the scheduler has rejected malformed ones)."""
@@ -290,8 +291,31 @@ class VisualARRunnerMixin:
             params = self.requests[self.input_batch.req_ids[lead.row]].sampling_params
             p = target_probs(logits[lead.logits], params.temperature, max(params.top_k or 0, 0), params.top_p)
             state = self._sjd_states[image_id]
-            out[lead.row], state.carried = verify(p, state.current, self.input_batch.generators.get(lead.row))
+            decoding = lead.info.decoding
+            relaxed = None if decoding.relaxed_delta is None else (
+                self._latent_neighbours(decoding.relaxed_neighbours), decoding.relaxed_delta)
+            out[lead.row], state.carried = verify(p, state.current, self.input_batch.generators.get(lead.row), relaxed)
         return out
+
+    def _latent_neighbours(self, k: int | None) -> torch.Tensor:
+        """Each image code's k nearest codes in the VQ's latent space (relaxed SJD acceptance); k
+        defaults to LlamaGen/LANTERN's share, 1000 of 16384 codes."""
+        cfg = self.model_config.hf_config
+        k = k or max(1, round(cfg.codebook_size * 1000 / 16384))
+        if self._neighbours is None:
+            self._neighbours = {}
+        if k not in self._neighbours:
+            import os
+
+            from safetensors.torch import load_file
+
+            from vllm_visual_ar.model_executors.vq import VQ_WEIGHTS
+
+            codebook = load_file(os.path.join(self.model_config.model, VQ_WEIGHTS))["quantize.embedding.weight"]
+            if cfg.vq.get("codebook_l2_norm", True):
+                codebook = torch.nn.functional.normalize(codebook.float(), dim=-1)
+            self._neighbours[k] = latent_neighbours(codebook, k).to(self.device)
+        return self._neighbours[k]
 
     def _zipar_tokens(self, zipar: list[_ZipARRow], logits: torch.Tensor, guided) -> dict[int, list[int]]:
         """This forward's emitted tokens per ZipAR request (batch row): a sample per predicting row,
