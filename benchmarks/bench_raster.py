@@ -14,8 +14,6 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 # vLLM's engine core in this process (vLLM's in-process mode): on a 2-core machine the default
 # second process competes with the frontend and OpenMP's spinning threads (measured here at one
 # image: 5.5 ms/step with a second process, 1.5 ms/step in-process).

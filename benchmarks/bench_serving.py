@@ -16,8 +16,6 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 from common import markdown_table, write_results  # noqa: E402
 

@@ -20,8 +20,6 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see bench_raster.py
 
 from common import compare_decodings, markdown_table, write_results  # noqa: E402

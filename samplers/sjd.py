@@ -47,6 +47,17 @@ def check_init(init) -> str:
     return init
 
 
+def draft_slots(window: int, tokens_left: int) -> int:
+    """Drafts one forward verifies: the window, less x0, cut at the image's end."""
+    return max(0, min(window, tokens_left) - 1)
+
+
+def forward_drafts(window: int, image_tokens: int, done: int, committed: int) -> tuple[int, int]:
+    """An SJD forward's (drafts verified, drafts accepted), from the tokens the image had before it
+    and the tokens it committed: all but the last committed token are accepted drafts."""
+    return draft_slots(window, image_tokens - done), committed - 1
+
+
 def target_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """logits [K, V] -> the distributions raster sampling draws from [K, V]; temperature 0 is one-hot."""
     from vllm_visual_ar.samplers.sampling import filter_top_k_top_p

@@ -76,3 +76,10 @@ def step_until_done(engine, submit_at: dict[int, list] | None = None, each_step=
             each_step()
     assert not engine.has_unfinished_requests()
     return done
+
+
+def finish_reasons(engine, requests: list, name: str) -> dict[str, str]:
+    """Submit hand-made (prompt, params) requests together, step until none is left -> {request id:
+    finish reason}; a request that never finishes fails the step limit."""
+    submitted = {0: [(f"{name}-{i}", prompt, sp) for i, (prompt, sp) in enumerate(requests)]}
+    return {rid: out.finish_reason for rid, out in step_until_done(engine, submitted, max_steps=50).items()}

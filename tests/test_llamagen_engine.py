@@ -2,7 +2,7 @@
 plain-PyTorch reference model and generate loop."""
 import pytest
 import torch
-from conftest import scheduler_of, step_until_done
+from conftest import finish_reasons, scheduler_of, step_until_done
 
 from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_generate
 from vllm_visual_ar.requests import SamplingSettings, image_requests
@@ -210,8 +210,7 @@ def test_bad_pairs_finish_with_an_error_and_the_engine_keeps_serving(tiny_genera
         odd = uncond[1].clone()
         odd.extra_args = {"visual_ar": dict(uncond[1].extra_args["visual_ar"], role="negative")}
         reqs = [cond, (uncond[0], odd)]
-    submitted = {0: [(f"bad-{case}-{i}", prompt, sp) for i, (prompt, sp) in enumerate(reqs)]}
-    finished = {rid: out.finish_reason for rid, out in step_until_done(engine, submitted, max_steps=50).items()}
+    finished = finish_reasons(engine, reqs, f"bad-{case}")
     assert "error" in finished.values(), finished
     _, ref = tiny_model
     image = tiny_generator.generate([2], guidance_scale=3.0, **GREEDY)[0]

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import scheduler_of, step_until_done
+from conftest import finish_reasons, scheduler_of, step_until_done
 from scipy.stats import chisquare
 
 from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
@@ -224,8 +224,7 @@ def test_bad_sjd_requests_finish_with_an_error(tiny_generator, case):
             sp.logprobs = 2
     if case == "halves differ":
         uncond[1].extra_args["visual_ar"]["window"] = 5
-    submitted = {0: [(f"sbad-{case}-{i}", p, sp) for i, (p, sp) in enumerate((cond, uncond))]}
-    finished = {rid: out.finish_reason for rid, out in step_until_done(engine, submitted, max_steps=50).items()}
+    finished = finish_reasons(engine, (cond, uncond), f"sbad-{case}")
     assert set(finished.values()) == {"error"}, finished
     assert tiny_generator.generate([2], strategy="sjd", window=4, **GREEDY)[0].stats.tokens == cfg.num_image_tokens
 

@@ -2,7 +2,7 @@
 ZipAR reference (explicit masks over a raster-indexed cache), token for token under greedy decoding."""
 import pytest
 import torch
-from conftest import scheduler_of, step_until_done
+from conftest import finish_reasons, scheduler_of, step_until_done
 
 from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
 from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar as reference_zipar
@@ -193,8 +193,7 @@ def test_bad_zipar_requests_finish_with_an_error(tiny_generator, tiny_model, cas
             sp.max_tokens = sp.min_tokens = 10
     if case == "halves differ":
         uncond[1].extra_args["visual_ar"]["window"] = 3
-    submitted = {0: [(f"zbad-{case}-{i}", p, sp) for i, (p, sp) in enumerate((cond, uncond))]}
-    finished = {rid: out.finish_reason for rid, out in step_until_done(engine, submitted, max_steps=50).items()}
+    finished = finish_reasons(engine, (cond, uncond), f"zbad-{case}")
     assert set(finished.values()) == {"error"}, finished
     _, ref = tiny_model
     image = tiny_generator.generate([2], guidance_scale=3.0, strategy="zipar", window=2, **GREEDY)[0]

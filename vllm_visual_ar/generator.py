@@ -16,6 +16,7 @@ import torch
 
 from vllm_visual_ar.engine import engine_kwargs, set_engine_env
 from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests, validate_class_id
+from vllm_visual_ar.samplers.sjd import forward_drafts
 
 
 @dataclass
@@ -61,13 +62,6 @@ def check_generate_args(config, classes, n, seed, guidance_scale, temperature, t
     settings = SamplingSettings(config.default_guidance_scale if guidance_scale is None else guidance_scale,
                                 temperature, config.default_top_k if top_k is None else top_k, top_p)
     return classes, settings, Decoding(strategy, window, init, relaxed_delta, relaxed_neighbours)
-
-
-def sjd_drafts(window: int, image_tokens: int, done: int, committed: int) -> tuple[int, int]:
-    """An SJD forward's (drafts verified, drafts accepted), from the tokens an image had before it
-    and the tokens it committed: the scheduler gives min(window, left) - 1 draft slots, and all but
-    the last committed token are accepted drafts."""
-    return min(window, image_tokens - done) - 1, committed - 1
 
 
 class ImageGenerator:
@@ -146,8 +140,8 @@ class ImageGenerator:
                     new = out.outputs[0].token_ids
                     if new:
                         if decoding.strategy == "sjd" and tokens[index]:  # not the prompt forward
-                            verified, accepted = sjd_drafts(decoding.window, self.config.num_image_tokens,
-                                                            len(tokens[index]), len(new))
+                            verified, accepted = forward_drafts(decoding.window, self.config.num_image_tokens,
+                                                                len(tokens[index]), len(new))
                             drafts[index][0] += verified
                             drafts[index][1] += accepted
                         forwards[index] += 1

@@ -36,6 +36,7 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_visual_ar.requests import image_request_info
+from vllm_visual_ar.samplers.sjd import draft_slots
 from vllm_visual_ar.samplers.zipar import ZipARSchedule, zipar_schedule
 
 logger = init_logger(__name__)
@@ -94,12 +95,8 @@ class VisualARScheduler(Scheduler):
             return self._fail(partners + [request.request_id], str(e))
         if info is None:
             return
-        problem = None
-        if info.decoding.strategy == "zipar":
-            problem = self._start_zipar(request, info.decoding.window)
-        elif info.decoding.strategy == "sjd":
-            problem = self._start_sjd(request, info.decoding.window)
-        if problem:
+        start = {"zipar": self._start_zipar, "sjd": self._start_sjd}.get(info.decoding.strategy)
+        if start is not None and (problem := start(request, info.decoding.window)):
             partners = list(self._pair_members.pop(info.image_id, ())) if info.guided else []
             return self._fail(partners + [request.request_id], problem)
         if not info.guided:
@@ -114,15 +111,21 @@ class VisualARScheduler(Scheduler):
                                    "with the same max_tokens and decoding strategy")
         self._pair_members[info.image_id].add(request.request_id)
 
-    def _start_sjd(self, request: Request, window: int) -> str | None:
+    def _not_whole_image(self, request: Request, strategy: str) -> str | None:
+        """ZipAR and SJD decode whole images and return no logprobs; -> what is wrong, or None."""
         cfg = self.vllm_config.model_config.hf_config
         grid = getattr(cfg, "image_grid", None)
         if grid is None:
-            return f"strategy 'sjd' needs an image model, not {type(cfg).__name__}"
+            return f"strategy {strategy!r} needs an image model, not {type(cfg).__name__}"
         if request.max_tokens != grid * grid:
-            return f"strategy 'sjd' generates whole images: max_tokens must be {grid * grid}"
+            return f"strategy {strategy!r} generates whole images: max_tokens must be {grid * grid}"
         if request.sampling_params.logprobs is not None:
-            return "strategy 'sjd' does not return logprobs"
+            return f"strategy {strategy!r} does not return logprobs"
+        return None
+
+    def _start_sjd(self, request: Request, window: int) -> str | None:
+        if problem := self._not_whole_image(request, "sjd"):
+            return problem
         if self.vllm_config.speculative_config is not None:
             return "strategy 'sjd' cannot run in an engine configured with another speculative method"
         self._sjd_window[request.request_id] = window
@@ -137,14 +140,9 @@ class VisualARScheduler(Scheduler):
 
     def _start_zipar(self, request: Request, window: int) -> str | None:
         """Track a ZipAR request; -> why it cannot run, or None."""
-        cfg = self.vllm_config.model_config.hf_config
-        grid = getattr(cfg, "image_grid", None)
-        if grid is None:
-            return f"strategy 'zipar' needs an image model, not {type(cfg).__name__}"
-        if request.max_tokens != grid * grid:
-            return f"strategy 'zipar' generates whole images: max_tokens must be {grid * grid}"
-        if request.sampling_params.logprobs is not None:
-            return "strategy 'zipar' does not return logprobs"
+        if problem := self._not_whole_image(request, "zipar"):
+            return problem
+        grid = self.vllm_config.model_config.hf_config.image_grid
         schedule = zipar_schedule(grid, grid, window)
         if request.num_prompt_tokens + len(schedule.sequence) > self.max_model_len:
             return (f"ZipAR with window {window} needs max_model_len >= "
@@ -250,8 +248,7 @@ class VisualARScheduler(Scheduler):
         for request in self.running:
             window = self._sjd_window.get(request.request_id)
             if window is not None and request.num_computed_tokens >= request.num_prompt_tokens:
-                left = request.max_tokens - request.num_output_tokens
-                request.spec_token_ids = [0] * max(0, min(window, left) - 1)
+                request.spec_token_ids = [0] * draft_slots(window, request.max_tokens - request.num_output_tokens)
 
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
         self._give_sjd_slots()

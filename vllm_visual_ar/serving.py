@@ -239,7 +239,7 @@ async def generate_codes(engine, config, class_id: int, settings: SamplingSettin
     """One image through the engine client (codes in raster order, forwards counted from the
     per-step outputs). Both guidance streams are consumed; on_tokens(codes so far) is awaited as
     codes arrive. If this coroutine is cancelled (client gone), vLLM aborts the streams it was reading."""
-    from vllm_visual_ar.generator import sjd_drafts
+    from vllm_visual_ar.samplers.sjd import forward_drafts
     from vllm.sampling_params import RequestOutputKind
 
     image_id = uuid.uuid4().hex
@@ -260,7 +260,7 @@ async def generate_codes(engine, config, class_id: int, settings: SamplingSettin
             new = out.outputs[0].token_ids
             if new:
                 if decoding.strategy == "sjd" and codes:
-                    verified, accepted = sjd_drafts(decoding.window, config.num_image_tokens, len(codes), len(new))
+                    verified, accepted = forward_drafts(decoding.window, config.num_image_tokens, len(codes), len(new))
                     run.draft_tokens += verified
                     run.accepted_drafts += accepted
                 run.forwards += 1

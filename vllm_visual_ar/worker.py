@@ -68,7 +68,7 @@ class _SJDState:
 class _StepLayout:
     logits_rows: list[slice]  # per batch row: its rows in the logits tensor
     zipar: list[_ZipARRow]
-    sjd: list[_SJDRow]
+    sjd: dict[str, list[_SJDRow]]  # image id -> its rows, the stream that samples (cond or single) first
 
 
 _visibility: dict[tuple[int, int, int, int], np.ndarray] = {}
@@ -173,31 +173,30 @@ class VisualARRunnerMixin:
             self.positions[where.to(self.positions.device)] = torch.tensor(
                 [p for _, pos in raster_positions for p in pos], dtype=self.positions.dtype).to(self.positions.device)
             model.masked_attention = self._masked_attention(zipar, qsl, computed, prefix)
-        if sjd:
-            self._fill_sjd_drafts(sjd)
+        sjd_images: dict[str, list[_SJDRow]] = {}
+        for r in sjd:
+            sjd_images.setdefault(r.info.image_id, []).append(r)
+        for rows in sjd_images.values():
+            rows.sort(key=lambda r: r.info.role == "uncond")
+        if sjd_images:
+            self._fill_sjd_drafts(sjd_images)
         bounds = [0]
         for i in indices:
             bounds.append(bounds[-1] + len(i))
-        self._step_layout = _StepLayout([slice(a, b) for a, b in zip(bounds, bounds[1:])], zipar, sjd)
+        self._step_layout = _StepLayout([slice(a, b) for a, b in zip(bounds, bounds[1:])], zipar, sjd_images)
         flat = torch.tensor([i for group in indices for i in group], dtype=logits_indices.dtype)
         return flat.to(logits_indices.device), None, max(len(i) for i in indices)
 
-    def _sjd_image_rows(self, sjd: list["_SJDRow"]) -> dict[str, list["_SJDRow"]]:
-        """SJD rows by image, the stream that samples (cond or single) first."""
-        images: dict[str, list[_SJDRow]] = {}
-        for r in sjd:
-            images.setdefault(r.info.image_id, []).append(r)
-        return {k: sorted(v, key=lambda r: r.info.role == "uncond") for k, v in images.items()}
-
-    def _fill_sjd_drafts(self, sjd: list["_SJDRow"]) -> None:
+    def _fill_sjd_drafts(self, images: dict[str, list["_SJDRow"]]) -> None:
         """Write each image's drafts (carried Jacobi tail, then initialised) into both streams' inputs."""
         vocab, grid = self.model_config.hf_config.codebook_size, self.model_config.hf_config.image_grid
         if self._sjd_states is None:
             self._sjd_states = {}
-        live = {self._image_info(r).image_id for r in self.requests if self._image_info(r) is not None}
-        for gone in set(self._sjd_states) - live:
-            del self._sjd_states[gone]
-        for image_id, rows in self._sjd_image_rows(sjd).items():
+        if len(self._sjd_states) > len(self.requests):  # images that finished or were aborted
+            live = {self._image_info(r).image_id for r in self.requests if self._image_info(r) is not None}
+            for gone in set(self._sjd_states) - live:
+                del self._sjd_states[gone]
+        for image_id, rows in images.items():
             lead = rows[0]
             state = self._sjd_states.setdefault(image_id, _SJDState(Drafts.empty(vocab)))
             history = self.requests[self.input_batch.req_ids[lead.row]].output_token_ids
@@ -282,11 +281,11 @@ class VisualARRunnerMixin:
                                                   selected_token_ranks=lt.selected_token_ranks.repeat_interleave(width, 0))
         return output
 
-    def _sjd_tokens(self, sjd: list["_SJDRow"], logits: torch.Tensor) -> dict[int, list[int]]:
+    def _sjd_tokens(self, images: dict[str, list["_SJDRow"]], logits: torch.Tensor) -> dict[int, list[int]]:
         """Verify each SJD image's drafts against its (guided) targets; -> committed tokens of the
         stream that samples (the caller copies them to an uncond half), and carry the Jacobi tail."""
         out = {}
-        for image_id, rows in self._sjd_image_rows(sjd).items():
+        for image_id, rows in images.items():
             lead = rows[0]
             params = self.requests[self.input_batch.req_ids[lead.row]].sampling_params
             p = target_probs(logits[lead.logits], params.temperature, max(params.top_k or 0, 0), params.top_p)
