@@ -33,6 +33,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_zipar.py
 	$(BIN)/python benchmarks/bench_sjd.py
 	$(BIN)/python benchmarks/bench_serving.py
+	$(BIN)/python benchmarks/bench_soak.py
 
 train: venv  ## retrain the embedded model (CPU, about 40 minutes)
 	$(BIN)/python scripts/train_embedded.py

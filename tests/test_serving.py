@@ -12,16 +12,20 @@ import pytest
 from PIL import Image
 
 
+STEP_TOKENS = 384  # the server's step budget: a guided SJD image with a window over 192 can never run
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from vllm_visual_ar.launch import running_server
 
-    with running_server(str(tmp_path_factory.mktemp("serve") / "server.log")) as url:
+    log = str(tmp_path_factory.mktemp("serve") / "server.log")
+    with running_server(log, extra_args=("--max-num-batched-tokens", str(STEP_TOKENS))) as url:
         yield url
 
 
-def generate(url: str, timeout: float = 120, **body) -> httpx.Response:
-    return httpx.post(f"{url}/v1/images/generations", json=body, timeout=timeout)
+def generate(url: str, http_timeout: float = 120, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/generations", json=body, timeout=http_timeout)
 
 
 def png(b64: str) -> Image.Image:
@@ -159,7 +163,7 @@ def test_32_concurrent_mixed_requests_complete_and_seeds_hold_under_load(server)
 def test_client_disconnect_aborts_its_images_and_frees_kv(server):
     finished = metric(server, "vllm:request_success_total", finished_reason="length")
     with pytest.raises(httpx.TimeoutException):
-        generate(server, timeout=0.5, prompt="4", n=16, guidance_scale=2.0)  # 32 streams, ~2 s of work
+        generate(server, http_timeout=0.5, prompt="4", n=16, guidance_scale=2.0)  # 32 streams, ~2 s of work
     deadline = time.time() + 20
     while time.time() < deadline:
         if (metric(server, "vllm:num_requests_running") == 0 and metric(server, "vllm:num_requests_waiting") == 0
@@ -169,3 +173,151 @@ def test_client_disconnect_aborts_its_images_and_frees_kv(server):
     assert metric(server, "vllm:kv_cache_usage_perc") == 0
     assert metric(server, "vllm:request_success_total", finished_reason="length") < finished + 32  # aborted
     assert generate(server, prompt="4").status_code == 200
+
+
+# -- robustness: nothing a client sends may stall the server, crash it or get a 500 ------------------
+def post_raw(url: str, content: bytes | str, timeout: float = 30) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/generations", content=content, timeout=timeout,
+                      headers={"Content-Type": "application/json"})
+
+
+def assert_openai_error(r: httpx.Response, status: int | None = None, param="any"):
+    assert 400 <= r.status_code < 500 and (status is None or r.status_code == status), (r.status_code, r.text)
+    error = r.json()["error"]
+    assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)
+    assert "param" in error and "code" in error
+    assert param == "any" or error["param"] == param, error
+
+
+def test_inputs_from_the_issue_are_4xx_and_the_server_keeps_serving(server):
+    for body, param in [({"prompt": "7", "seed": 2**70}, "seed"), ({"prompt": "7", "seed": 2**63}, "seed"),
+                        ({"prompt": "7", "seed": 2**62}, "seed"), ({"prompt": "7", "timeout": 0}, "timeout"),
+                        ({"prompt": "7", "strategy": "zipar", "window": True}, "window"),
+                        ({"prompt": "\u00b2"}, "prompt"), ({"prompt": "7" * 1001}, "prompt")]:
+        assert_openai_error(generate(server, **body), 400, param)
+    for raw, param in [('{"prompt": "7", "guidance_scale": 1e999}', "guidance_scale"),
+                       ('{"prompt": "7", "guidance_scale": NaN}', "guidance_scale"),
+                       ('{"prompt": "7", "temperature": Infinity}', "temperature"),
+                       ('{"prompt": "7", "top_p": -Infinity}', "top_p"),
+                       ('{"prompt": "7", "seed": ' + "9" * 5000 + "}", None),
+                       ("[" * 100_000 + "]" * 100_000, None), ('{"prompt": ' + "[" * 2000 + "]" * 2000 + "}", "prompt"),
+                       ('{"prompt": "7", "extra_params": {"seed": ' + "{" * 50 + "}" * 50 + "}}", None),
+                       (b"\xff\xfe", None), ("", None), ("null", None), ('"7"', None), ("3", None)]:
+        r = post_raw(server, raw)
+        assert_openai_error(r, 400)
+        assert param is None or r.json()["error"]["param"] in (param, None), (raw[:60], r.text)
+    assert_openai_error(post_raw(server, '{"prompt": "' + "7" * (2 << 20) + '"}'), 413)
+    assert generate(server, prompt="7", seed=0).status_code == 200
+
+
+def test_distinct_seeds_give_distinct_images(server):
+    seeds = [0, 1, 2**31, 2**32 - 2]
+    images = [generate(server, prompt="5", seed=s, n=2 if s == 2**32 - 2 else 1).json()["data"] for s in seeds]
+    pngs = [d["b64_json"] for group in images for d in group]
+    assert len(set(pngs)) == len(pngs) == 5
+    assert_openai_error(generate(server, prompt="5", seed=2**32 - 1, n=2), 400, "seed")  # seed + 1 is out of range
+
+
+def test_an_unschedulable_request_is_refused_at_once_and_does_not_delay_others(server):
+    """The issue's stall: an SJD window of 10**9 used to hold the head of the queue for ever. It acts
+    as a whole-image window (256 tokens per stream), which a guided image cannot fit in this
+    server's step budget: refused at once. A ZipAR window of 10**9 is raster order and runs, and so
+    does a guided SJD image that takes almost the whole budget, next to ordinary images."""
+    ordinary = [dict(prompt=str(i), seed=i) for i in range(4)]
+    bodies = [dict(prompt="7", strategy="sjd", window=10**9), dict(prompt="7", strategy="zipar", window=10**9),
+              dict(prompt="8", strategy="sjd", window=STEP_TOKENS // 2 - 2), *ordinary]
+
+    async def all_at_once():
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(body):
+                t0 = time.perf_counter()
+                r = await client.post(f"{server}/v1/images/generations", json=body)
+                return r, time.perf_counter() - t0
+            return await asyncio.gather(*(one(b) for b in bodies))
+
+    t0 = time.perf_counter()
+    answers = asyncio.run(all_at_once())
+    (refused, seconds), *served = answers
+    assert_openai_error(refused, 400)
+    assert "can never be scheduled" in refused.json()["error"]["message"] and seconds < 5
+    assert all(r.status_code == 200 for r, _ in served), [r.text for r, _ in served]
+    assert time.perf_counter() - t0 < 60
+
+
+def test_a_timeout_aborts_the_images_with_a_408_and_frees_their_kv(server):
+    r = generate(server, prompt="4", n=16, guidance_scale=2.0, timeout=0.3)
+    assert_openai_error(r, 408, "timeout")
+    assert r.json()["error"]["type"] == "timeout_error"
+    with httpx.stream("POST", f"{server}/v1/images/generations", timeout=60,
+                      json=dict(prompt="4", stream=True, partial_images=1, strategy="sjd", timeout=0.01)) as s:
+        text = "".join(s.iter_text())
+    assert "event: error" in text and "timeout_error" in text
+    deadline = time.time() + 20
+    while time.time() < deadline and (metric(server, "vllm:kv_cache_usage_perc") > 0
+                                      or metric(server, "vllm:num_requests_running") > 0):
+        time.sleep(0.2)
+    assert metric(server, "vllm:kv_cache_usage_perc") == 0 and metric(server, "vllm:num_requests_running") == 0
+    assert generate(server, prompt="4", timeout=60).status_code == 200
+
+
+def _requests():
+    """Image requests, valid and invalid: each field absent, plausible, or hostile."""
+    from hypothesis import strategies as st
+
+    anything = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                         st.text(max_size=20), st.lists(st.integers(), max_size=3), st.just({"a": 1}))
+    def field(*plausible):
+        return st.one_of(*plausible, anything)
+    fields = {
+        "prompt": field(st.sampled_from(["0", "7", "seven", "Nine", " 3 ", "10", "-1", "", "zero one"]),
+                        st.integers(-2, 12)),
+        "n": field(st.integers(-1, 3), st.just(17)),
+        "seed": field(st.integers(-1, 2**33), st.sampled_from([2**32 - 1, 2**62, 2**63, 2**64])),
+        "guidance_scale": field(st.floats(0, 8), st.sampled_from([1, 1.0, 100, 101, 1e308, -0.0])),
+        "temperature": field(st.floats(0, 3), st.sampled_from([0, 1e-9, 100, 1e308])),
+        "top_k": field(st.integers(-1, 300), st.just(10**18)),
+        "top_p": field(st.floats(0, 1), st.sampled_from([1e-300, 1.0000001])),
+        "strategy": field(st.sampled_from(["raster", "zipar", "sjd", "SJD", "code"])),
+        "window": field(st.integers(-1, 20), st.sampled_from([10**9, 2**63, 64, 256, 257])),
+        "init": field(st.sampled_from(["random", "horizontal", "vertical"])),
+        "relaxed_delta": field(st.floats(0, 1)),
+        "relaxed_neighbours": field(st.integers(0, 300), st.just(10**12)),
+        "size": field(st.sampled_from(["auto", "32x32", "1024x1024"])),
+        "response_format": field(st.sampled_from(["b64_json", "url"])),
+        "stream": field(st.booleans()),
+        "partial_images": field(st.integers(-1, 4)),
+        "negative_prompt": field(st.sampled_from(["", "blurry"])),
+        "timeout": field(st.floats(0.01, 30), st.just(3601)),
+        "user": field(st.text(max_size=10)),
+        "steps": anything,
+    }
+    plain = st.fixed_dictionaries({"prompt": fields["prompt"]}, optional={k: v for k, v in fields.items() if k != "prompt"})
+    return st.one_of(plain, plain.map(lambda d: {"prompt": d.get("prompt"), "extra_params": {
+        k: v for k, v in d.items() if k in ("seed", "guidance_scale", "strategy", "window", "init", "timeout")}}),
+        anything)
+
+
+def test_any_request_gets_an_image_or_a_4xx_promptly_and_the_server_keeps_serving(server):
+    import json as json_module
+
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(_requests())
+    def check(body):
+        content = json_module.dumps(body)  # NaN and Infinity go out as the literals
+        t0 = time.perf_counter()
+        r = post_raw(server, content, timeout=90)
+        assert time.perf_counter() - t0 < 90
+        if r.status_code == 200:
+            if isinstance(body, dict) and body.get("stream") is True:
+                assert "event: image_generation.completed" in r.text or "timeout_error" in r.text, r.text[-300:]
+            else:
+                assert all(png(d["b64_json"]).size == (32, 32) for d in r.json()["data"])
+        else:
+            assert_openai_error(r)  # 4xx, 408 (timeout) included
+        good = generate(server, prompt="1", guidance_scale=1.0, timeout=60)
+        assert good.status_code == 200, good.text
+
+    check()

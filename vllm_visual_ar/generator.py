@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from vllm_visual_ar.engine import engine_kwargs, set_engine_env
-from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests, validate_class_id
+from vllm_visual_ar.admission import cannot_fit, engine_limits, image_need
+from vllm_visual_ar.requests import Decoding, SamplingSettings, check_number, check_seed, image_requests, validate_class_id
 from vllm_visual_ar.samplers.sjd import forward_drafts
 
 
@@ -57,11 +58,10 @@ def check_generate_args(config, classes, n, seed, guidance_scale, temperature, t
         raise ValueError("classes must name at least one class")
     for c in classes:
         validate_class_id(config, c)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_seed(seed, len(classes) * n)
     settings = SamplingSettings(config.default_guidance_scale if guidance_scale is None else guidance_scale,
                                 temperature, config.default_top_k if top_k is None else top_k, top_p)
-    return classes, settings, Decoding(strategy, window, init, relaxed_delta, relaxed_neighbours)
+    return classes, settings, Decoding(strategy, window, init, relaxed_delta, relaxed_neighbours).fitted(config)
 
 
 class ImageGenerator:
@@ -82,19 +82,26 @@ class ImageGenerator:
                  temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, seed: int | None = None,
                  strategy: str = "raster", window: int | None = None, init: str | None = None,
                  relaxed_delta: float | None = None, relaxed_neighbours: int | None = None,
-                 progress: bool = False) -> list[GeneratedImage]:
+                 progress: bool = False, timeout: float | None = None) -> list[GeneratedImage]:
         """n images per class, in order (class-major). Image i of the call uses seed + i, so a seed
         gives the same images whatever else is in the batch. guidance_scale and top_k None mean
         the model's `default_guidance_scale` / `default_top_k`; guidance 1 is unguided, top_k 0 is off.
         strategy "zipar" with `window` w decodes rows in parallel (`samplers/zipar.py`); "sjd" verifies
         `window` (default 16) drafts per forward, initialised by `init` ("random" or "horizontal";
-        `samplers/sjd.py`), with relaxed (LANTERN-style, not exact) acceptance if `relaxed_delta` is set."""
+        `samplers/sjd.py`), with relaxed (LANTERN-style, not exact) acceptance if `relaxed_delta` is set.
+        An image this engine could never schedule is a ValueError before anything is submitted; with
+        `timeout` (seconds), the call aborts its images and raises TimeoutError when time is up."""
         classes, settings, decoding = check_generate_args(self.config, classes, n, seed, guidance_scale,
                                                           temperature, top_k, top_p, strategy, window, init,
                                                           relaxed_delta, relaxed_neighbours)
+        if timeout is not None:
+            timeout = check_number(timeout, "timeout", 0, 1e9, low_open=True)
+        limits = engine_limits(self.llm.llm_engine.vllm_config)
+        if problem := cannot_fit(image_need(self.config, decoding, settings.guided, limits.block_size), limits.room):
+            raise ValueError(problem)
 
         jobs = [(c, None if seed is None else seed + i) for i, c in enumerate(c for c in classes for _ in range(n))]
-        tokens, forwards, latency, drafts = self._run(jobs, settings, decoding, progress)
+        tokens, forwards, latency, drafts = self._run(jobs, settings, decoding, progress, timeout)
         grid = self.config.image_grid
         codes = torch.tensor(tokens).view(-1, grid, grid)
         images = self.decode(codes)
@@ -103,7 +110,7 @@ class ImageGenerator:
                                                                *drafts[i]))
                 for i, ((c, s), img) in enumerate(zip(jobs, images))]
 
-    def _run(self, jobs, settings: SamplingSettings, decoding: Decoding, progress: bool):
+    def _run(self, jobs, settings: SamplingSettings, decoding: Decoding, progress: bool, timeout: float | None):
         """Submit every image, step the engine until all are done. Outputs come as per-step deltas,
         so an image's forward passes are counted, not assumed: one per step that advanced it (a
         ZipAR image advances its raster prefix every step too, see `scheduler.py`)."""
@@ -133,6 +140,8 @@ class ImageGenerator:
                     if role != "uncond":
                         owner[request_id] = index
             while engine.has_unfinished_requests():
+                if timeout is not None and time.perf_counter() - t0 > timeout:
+                    raise TimeoutError(f"{len(jobs)} images not done within {timeout:g} s; aborted")
                 for out in engine.step():
                     index = owner.get(out.request_id)
                     if index is None:

@@ -15,8 +15,9 @@ back in raster order. `image_requests` builds all of this, for `LLM.generate` or
 """
 from __future__ import annotations
 
+import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vllm_visual_ar.samplers.sjd import DEFAULT_WINDOW, check_init, check_relaxed, check_sjd_window
 from vllm_visual_ar.samplers.zipar import check_window
@@ -24,6 +25,42 @@ from vllm_visual_ar.samplers.zipar import check_window
 EXTRA_ARGS_KEY = "visual_ar"
 ROLES = ("single", "cond", "uncond")
 STRATEGIES = ("raster", "zipar", "sjd")
+# PyTorch's CPU generator (mt19937) keeps only the low 32 bits of a seed (seeds 0 and 2**32 draw the
+# same numbers), so larger seeds could not all give distinct images.
+MAX_SEED = 2**32 - 1
+# Guidance is bounded so that s * (cond - uncond) stays finite in float32 (no model of these
+# families is sampled anywhere near it); temperature by vLLM's own SamplingParams limit.
+MAX_GUIDANCE_SCALE = 100.0
+MAX_TEMPERATURE = 2.0
+
+
+def check_number(value, name: str, low: float, high: float, low_open: bool = False) -> float:
+    """A finite real number in [low, high] ((low, high] with low_open), or ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
+            (low < value if low_open else low <= value) and value <= high):
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {short(value)}")
+    return float(value)
+
+
+def check_seed(seed, images: int = 1) -> int | None:
+    """None or an integer with seed .. seed + images - 1 in [0, MAX_SEED] (image i uses seed + i)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - (images - 1):
+        top = f"{MAX_SEED - images + 1}] for {images} images (image i uses seed + i" if images > 1 else str(MAX_SEED)
+        raise ValueError(f"seed must be an integer in [0, {top}], got {short(seed)}")
+    return seed
+
+
+def short(value, limit: int = 80) -> str:
+    """repr for error messages, bounded in length and depth (the value may be anything a client sent)."""
+    import reprlib
+
+    shown = reprlib.Repr()  # attributes, not keywords: Python 3.10 and 3.11 take none
+    shown.maxlevel, shown.maxstring, shown.maxother, shown.maxlong = 2, limit, limit, 40
+    text = shown.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -41,22 +78,34 @@ class Decoding:
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {short(self.strategy)}")
         if self.strategy == "zipar":
             check_window(self.window)
         elif self.strategy == "sjd":
             object.__setattr__(self, "window", check_sjd_window(DEFAULT_WINDOW if self.window is None else self.window))
             object.__setattr__(self, "init", check_init("random" if self.init is None else self.init))
         elif self.window is not None:
-            raise ValueError(f"window applies to strategies 'zipar' and 'sjd' only, got window={self.window!r} "
+            raise ValueError(f"window applies to strategies 'zipar' and 'sjd' only, got window={short(self.window)} "
                              f"with strategy {self.strategy!r}")
         if self.strategy != "sjd" and self.init is not None:
-            raise ValueError(f"init applies to strategy 'sjd' only, got init={self.init!r}")
+            raise ValueError(f"init applies to strategy 'sjd' only, got init={short(self.init)}")
         if self.strategy != "sjd" and (self.relaxed_delta, self.relaxed_neighbours) != (None, None):
             raise ValueError("relaxed_delta and relaxed_neighbours apply to strategy 'sjd' only")
         delta, neighbours = check_relaxed(self.relaxed_delta, self.relaxed_neighbours)
         object.__setattr__(self, "relaxed_delta", delta)
         object.__setattr__(self, "relaxed_neighbours", neighbours)
+
+    def fitted(self, config) -> "Decoding":
+        """The same decoding with its sizes cut to what an image of `config` can use: a ZipAR window
+        beyond the grid width is raster order, an SJD window beyond the image verifies the whole
+        image, and no code has more latent neighbours than the other codes."""
+        window = self.window
+        if window is not None:
+            window = min(window, config.image_grid if self.strategy == "zipar" else config.num_image_tokens)
+        neighbours = self.relaxed_neighbours
+        if neighbours is not None:
+            neighbours = min(neighbours, max(1, config.codebook_size - 1))
+        return replace(self, window=window, relaxed_neighbours=neighbours)
 
     def to_args(self) -> dict:
         args = {"strategy": self.strategy, "window": self.window, "init": self.init,
@@ -85,14 +134,14 @@ def image_request_info(sampling_params) -> ImageRequestInfo | None:
         return None
     try:
         parsed = ImageRequestInfo(str(info["image_id"]), info.get("role", "single"),
-                                  float(info.get("guidance_scale", 1.0)))
+                                  check_number(info.get("guidance_scale", 1.0), "guidance_scale", 0, MAX_GUIDANCE_SCALE))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"malformed extra_args[{EXTRA_ARGS_KEY!r}]: {info!r}") from e
+        raise ValueError(f"malformed extra_args[{EXTRA_ARGS_KEY!r}]: {short(info)}") from e
     decoding = Decoding(info.get("strategy", "raster"), info.get("window"), info.get("init"),
                         info.get("relaxed_delta"), info.get("relaxed_neighbours"))
     parsed = ImageRequestInfo(parsed.image_id, parsed.role, parsed.guidance_scale, decoding)
     if parsed.role not in ROLES:
-        raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['role'] must be one of {ROLES}, got {parsed.role!r}")
+        raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['role'] must be one of {ROLES}, got {short(parsed.role)}")
     return parsed
 
 
@@ -106,14 +155,11 @@ class SamplingSettings:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number >= 0, got {self.guidance_scale!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        check_number(self.guidance_scale, "guidance_scale", 0, MAX_GUIDANCE_SCALE)
+        check_number(self.temperature, "temperature", 0, MAX_TEMPERATURE)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {short(self.top_k)}")
+        check_number(self.top_p, "top_p", 0, 1, low_open=True)
 
     @property
     def guided(self) -> bool:
@@ -122,7 +168,7 @@ class SamplingSettings:
 
 def validate_class_id(config, class_id) -> int:
     if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id < config.num_classes:
-        raise ValueError(f"class {class_id!r} is not one of this model's classes (0..{config.num_classes - 1})")
+        raise ValueError(f"class {short(class_id)} is not one of this model's classes (0..{config.num_classes - 1})")
     return class_id
 
 
@@ -132,6 +178,8 @@ def image_requests(config, class_id: int, settings: SamplingSettings, seed: int 
     from vllm import SamplingParams
 
     validate_class_id(config, class_id)
+    check_seed(seed)
+    decoding = decoding.fitted(config)
     image_id = image_id or uuid.uuid4().hex
     greedy = settings.temperature == 0 or settings.top_k == 1
 

@@ -5,10 +5,11 @@ every step, so both must be scheduled together or not at all. vLLM's scheduler a
 preempts request by request, so this subclass wraps it rather than rewriting it:
 
 - Admission. Before each `schedule()`, only whole groups (a pair, or an unguided request) stay in
-  the waiting queue, in arrival order, and only while the group fits: sequence slots, the token
-  budget, and the KV blocks for the *whole* image. An image's length is fixed (max_tokens), so
-  reserving its blocks up front means running requests never need preemption, which would split
-  a pair. A half whose partner has not arrived yet waits.
+  the waiting queue, and only those that fit: sequence slots, the token budget, and the KV blocks
+  for the *whole* image. An image's length is fixed (max_tokens), so reserving its blocks up front
+  means running requests never need preemption, which would split a pair. Which waiting groups
+  go first is `admission.admit`'s bounded-unfairness rule; a group that could not fit even in an
+  idle engine is failed when it is complete. A half whose partner has not arrived yet waits.
 - Abort. Aborting one half aborts its partner; the frontend is told in the next output.
 - Bad pairs (malformed `visual_ar` args, a third request or a second "cond" under one image id,
   halves with different max_tokens) finish with an error instead of waiting forever.
@@ -35,6 +36,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_visual_ar.admission import Need, admit, cannot_fit, stream_need
 from vllm_visual_ar.requests import image_request_info
 from vllm_visual_ar.samplers.sjd import draft_slots
 from vllm_visual_ar.samplers.zipar import ZipARSchedule, zipar_schedule
@@ -73,6 +75,10 @@ class VisualARScheduler(Scheduler):
         self._zipar: dict[str, _ZipARStream] = {}
         self._sjd_window: dict[str, int] = {}  # request id -> SJD window
         self._zipar_done: dict[str, _ZipARStream] = {}  # freed this step; their last tokens still go out
+        self._overtaken: dict[str, int] = {}  # waiting group key -> times a later group was admitted first
+        seqs = min(self.max_num_running_reqs, self.max_num_active_reqs)
+        # An idle engine's room (the block pool keeps one null block).
+        self._room = Need(seqs, self.max_num_scheduled_tokens, self.kv_cache_manager.block_pool.num_gpu_blocks - 1)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     @staticmethod
@@ -100,6 +106,8 @@ class VisualARScheduler(Scheduler):
             partners = list(self._pair_members.pop(info.image_id, ())) if info.guided else []
             return self._fail(partners + [request.request_id], problem)
         if not info.guided:
+            if problem := cannot_fit(self._need(request), self._room):
+                self._fail([request.request_id], problem)
             return
         members = [self.requests[r] for r in self._pair_members[info.image_id]]
         infos = [image_request_info(m.sampling_params) for m in members]
@@ -110,6 +118,8 @@ class VisualARScheduler(Scheduler):
             return self._fail(bad, f"image {info.image_id!r} needs one cond and one uncond request "
                                    "with the same max_tokens and decoding strategy")
         self._pair_members[info.image_id].add(request.request_id)
+        if members and (problem := cannot_fit(self._need(members[0]) + self._need(request), self._room)):
+            self._fail([m.request_id for m in members] + [request.request_id], problem)
 
     def _not_whole_image(self, request: Request, strategy: str) -> str | None:
         """ZipAR and SJD decode whole images and return no logprobs; -> what is wrong, or None."""
@@ -128,7 +138,8 @@ class VisualARScheduler(Scheduler):
             return problem
         if self.vllm_config.speculative_config is not None:
             return "strategy 'sjd' cannot run in an engine configured with another speculative method"
-        self._sjd_window[request.request_id] = window
+        # A window longer than the image verifies no more than the image: the longest useful window.
+        self._sjd_window[request.request_id] = min(window, request.max_tokens)
         return None
 
     def make_spec_decoding_stats(self, spec_decoding_stats, *args, **kwargs):
@@ -199,49 +210,41 @@ class VisualARScheduler(Scheduler):
         return outputs
 
     # -- admission -------------------------------------------------------------------------------
-    def _blocks_for_whole_request(self, request: Request) -> int:
-        spec = self.vllm_config.speculative_config
-        lookahead = spec.num_speculative_tokens if spec is not None else self._sjd_window.get(request.request_id, 0)
-        return math.ceil((request.num_prompt_tokens + request.max_tokens + lookahead) / self.block_size)
-
-    def _tokens_per_step(self, request: Request) -> int:
-        """Token budget a request may need in any later step: ZipAR's widest forward is reserved
+    def _widest_step(self, request: Request) -> int:
+        """Tokens of the request's widest step: ZipAR's widest forward and SJD's window are reserved
         up front, so vLLM never has to split one (a partial ZipAR forward would break its schedule)."""
-        pending = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
         stream = self._zipar.get(request.request_id)
         if stream is not None:
-            return max(pending, stream.schedule.max_fed_per_forward)
-        return max(pending, self._sjd_window.get(request.request_id, 0))
+            return stream.schedule.max_fed_per_forward
+        return self._sjd_window.get(request.request_id, 1)
+
+    def _need(self, request: Request) -> Need:
+        """What the request reserves for its whole life (`admission.py`)."""
+        spec = self.vllm_config.speculative_config
+        lookahead = spec.num_speculative_tokens if spec is not None else self._sjd_window.get(request.request_id, 0)
+        return stream_need(request.num_prompt_tokens, request.max_tokens, self._widest_step(request), lookahead,
+                           self.block_size)
+
+    def _held_by(self, request: Request) -> Need:
+        """What a running request still holds back from the others: its step budget, and the KV
+        blocks of its reservation not yet allocated."""
+        pending = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
+        blocks = self._need(request).kv_blocks - math.ceil(request.num_computed_tokens / self.block_size)
+        return Need(1, max(pending, self._widest_step(request)), max(0, blocks))
 
     def _admissible_groups(self) -> list[Request]:
-        """Waiting requests that this step may admit, whole groups in arrival order."""
-        waiting = list(self.waiting)
-        halves: dict[str, list[Request]] = defaultdict(list)
-        for r in waiting:
-            if (key := self._pair_key(r)) is not None:
-                halves[key].append(r)
-        free_seqs = self.max_num_running_reqs - len(self.running)
-        free_blocks = self.kv_cache_manager.block_pool.get_num_free_blocks() - sum(
-            max(0, self._blocks_for_whole_request(r) - math.ceil(r.num_computed_tokens / self.block_size))
-            for r in self.running)
-        free_tokens = self.max_num_scheduled_tokens - sum(self._tokens_per_step(r) for r in self.running)
-        admitted: list[Request] = []
-        seen: set[str] = set()
-        for r in waiting:
-            key = self._pair_key(r)
-            if r.request_id in seen:
-                continue
-            group = [r] if key is None else halves[key]
-            if key is not None and len(group) != 2:
-                continue  # the other half has not arrived yet
-            seen.update(g.request_id for g in group)
-            blocks = sum(self._blocks_for_whole_request(g) for g in group)
-            tokens = sum(self._tokens_per_step(g) for g in group)
-            if len(group) > free_seqs or blocks > free_blocks or tokens > free_tokens:
-                break  # first come, first served: nothing overtakes a group that does not fit
-            free_seqs, free_blocks, free_tokens = free_seqs - len(group), free_blocks - blocks, free_tokens - tokens
-            admitted += group
-        return admitted
+        """Waiting requests that this step may admit: whole groups, chosen by `admission.admit`."""
+        groups: dict[str, list[Request]] = {}
+        for r in self.waiting:
+            groups.setdefault(self._pair_key(r) or r.request_id, []).append(r)
+        whole = {key: g for key, g in groups.items() if self._pair_key(g[0]) is None or len(g) == 2}
+        self._overtaken = {k: n for k, n in self._overtaken.items() if k in whole}
+        room = Need(self._room.sequences, self.max_num_scheduled_tokens,
+                    self.kv_cache_manager.block_pool.get_num_free_blocks())
+        for r in self.running:
+            room = room - self._held_by(r)
+        needs = [(key, sum((self._need(r) for r in g), Need())) for key, g in whole.items()]
+        return [r for key in admit(needs, room, self._overtaken, self.max_num_running_reqs) for r in whole[key]]
 
     def _give_sjd_slots(self) -> None:
         """Spec-token slots for each running SJD request past its prompt; the runner fills them."""

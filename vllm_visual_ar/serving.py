@@ -8,7 +8,8 @@ Request (OpenAI's images API, plus this plugin's decoding fields; unknown fields
      "strategy": "raster" | "zipar" | "sjd", "window": 8, "init": "random" | "horizontal",  # init: SJD
      "relaxed_delta": 0.1, "relaxed_neighbours": 16,     # SJD: relaxed acceptance (not exact)
      "extra_params": {...any of the fields above...},   # vllm-omni style; wins over top level
-     "stream": false, "partial_images": 0..3}
+     "stream": false, "partial_images": 0..3,
+     "timeout": 30.0}                                   # seconds; then the images are aborted: 408
 
 Response: `{"created", "data": [{"b64_json": PNG}], "size", "output_format": "png", "usage"}`;
 `/metrics` gains per-image forward passes, tokens per forward and latency, and SJD's drafts
@@ -18,9 +19,15 @@ type `image_generation.partial_image` as rows of codes complete (rows not yet ge
 then `image_generation.completed` with the whole image. Image i of a request uses seed `seed + i`.
 
 Class-conditional models take no text, so `negative_prompt` is rejected (400) rather than silently
-ignored. Bad input is a 400 with an OpenAI-style error body naming the field; the engine is not
-touched until the request is valid. A client that disconnects aborts its images (both guidance
-streams), which frees their KV blocks.
+ignored. Validation is total and comes before the engine is touched: every field's JSON type, numbers
+finite and in range (seed in [0, 2**32 - 1] for every image of the request, guidance and temperature
+at most 100), strings at most 1,000 characters, bodies at most 1 MiB (else 413) and of any shape;
+a bad field is a 400 with an OpenAI-style error body naming it. Windows beyond an image's length
+act as the longest useful one; an image the engine could never schedule (too many tokens in one
+step for `max_num_batched_tokens`, more KV than the cache holds) is a 400 at once. With `timeout`,
+images not done in time are aborted (their KV freed) and the answer is a 408 with
+`"type": "timeout_error"` (streamed: an `error` event). A client that disconnects aborts its images
+(both guidance streams), which frees their KV blocks.
 """
 
 import asyncio
@@ -31,25 +38,35 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
+from vllm_visual_ar.admission import cannot_fit, engine_limits, image_need
+from vllm_visual_ar.requests import Decoding, SamplingSettings, check_number, check_seed, image_requests, short
 
 MAX_IMAGES_PER_REQUEST = 16
 MAX_PARTIAL_IMAGES = 3  # as OpenAI's API
-KNOWN_FIELDS = {"prompt", "model", "n", "size", "response_format", "output_format", "seed", "guidance_scale",
-                "temperature", "top_k", "top_p", "strategy", "window", "init", "relaxed_delta",
-                "relaxed_neighbours", "extra_params", "stream", "partial_images", "negative_prompt", "user"}
+MAX_BODY_BYTES = 1 << 20
+MAX_STRING = 1000       # characters in any string field (OpenAI's prompt limit for dall-e-2)
+MAX_TIMEOUT = 3600.0    # seconds
+# Every field and the JSON types it may have; anything else is a 400 before the engine is touched.
+FIELD_TYPES = {"prompt": (str, int), "model": (str,), "n": (int,), "size": (str,), "response_format": (str,),
+               "output_format": (str,), "seed": (int,), "guidance_scale": (int, float), "temperature": (int, float),
+               "top_k": (int,), "top_p": (int, float), "strategy": (str,), "window": (int,), "init": (str,),
+               "relaxed_delta": (int, float), "relaxed_neighbours": (int,), "extra_params": (dict,),
+               "stream": (bool,), "partial_images": (int,), "negative_prompt": (str,), "user": (str,),
+               "timeout": (int, float)}
+KNOWN_FIELDS = set(FIELD_TYPES)
 EXTRA_PARAMS = {"seed", "guidance_scale", "temperature", "top_k", "top_p", "strategy", "window", "init",
-                "relaxed_delta", "relaxed_neighbours", "negative_prompt"}
+                "relaxed_delta", "relaxed_neighbours", "negative_prompt", "timeout"}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object"}
 
 
 class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None, status: int = 400, code: str | None = None):
+    def __init__(self, message: str, param: str | None, status: int = 400, code: str | None = None,
+                 kind: str = "invalid_request_error"):
         super().__init__(message)
-        self.param, self.status, self.code = param, status, code
+        self.param, self.status, self.code, self.kind = param, status, code, kind
 
     def body(self) -> dict:
-        return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.param,
-                          "code": self.code}}
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -61,45 +78,52 @@ class ImagesJob:
     decoding: Decoding
     stream: bool
     partial_images: int
+    timeout: float | None = None
 
 
-def _int(body: dict, name: str, default, low: int | None = None, high: int | None = None):
-    value = body.get(name, default)
+def _check_types(fields: dict, where: str = "") -> None:
+    """JSON null means "not given"; otherwise each field must have one of its types (a bool is not
+    a number here) and a string at most MAX_STRING characters."""
+    for name, value in fields.items():
+        if value is None:
+            continue
+        types = FIELD_TYPES[name]
+        ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+        if not ok:
+            expected = "a number" if float in types else " or ".join(_TYPE_NAMES[t] for t in types)
+            raise BadRequest(f"'{where}{name}' must be {expected}, got {short(value)}", where + name)
+        if isinstance(value, str) and len(value) > MAX_STRING:
+            raise BadRequest(f"'{where}{name}' is longer than {MAX_STRING} characters", where + name)
+
+
+def _int(fields: dict, name: str, default, low: int, high: int | None = None):
+    value = fields.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"'{name}' must be an integer, got {value!r}", name)
-    if (low is not None and value < low) or (high is not None and value > high):
+    if value < low or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"between {low} and {high}"
-        raise BadRequest(f"'{name}' must be {bounds}, got {value}", name)
+        raise BadRequest(f"'{name}' must be {bounds}, got {short(value)}", name)
     return value
-
-
-def _number(body: dict, name: str, default):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"'{name}' must be a number, got {value!r}", name)
-    return float(value)
 
 
 def parse_class(config, prompt) -> int:
     names = [n.lower() for n in (getattr(config, "class_names", None) or [])]
+    text = prompt.strip() if isinstance(prompt, str) else None
     if isinstance(prompt, int) and not isinstance(prompt, bool):
         class_id = prompt
-    elif isinstance(prompt, str) and prompt.strip().lstrip("-").isdigit():
-        class_id = int(prompt.strip())
-    elif isinstance(prompt, str) and prompt.strip().lower() in names:
-        class_id = names.index(prompt.strip().lower())
-    elif isinstance(prompt, str):
+    elif text is not None and text.lstrip("-").isascii() and text.lstrip("-").isdigit():
+        class_id = int(text)
+    elif text is not None and text.lower() in names:
+        class_id = names.index(text.lower())
+    elif text is not None:
         hint = f" or a name ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""
-        raise BadRequest(f"prompt {prompt!r} is not a class of this class-conditional model: give a class id "
+        raise BadRequest(f"prompt {short(prompt)} is not a class of this class-conditional model: give a class id "
                          f"0..{config.num_classes - 1}{hint}", "prompt")
     else:
-        raise BadRequest(f"'prompt' must be a string (a class id or name), got {prompt!r}", "prompt")
+        raise BadRequest(f"'prompt' must be a string (a class id or name), got {short(prompt)}", "prompt")
     if not 0 <= class_id < config.num_classes:
-        raise BadRequest(f"class {class_id} is not one of this model's classes (0..{config.num_classes - 1})", "prompt")
+        raise BadRequest(f"class {short(class_id)} is not one of this model's classes (0..{config.num_classes - 1})",
+                         "prompt")
     return class_id
 
 
@@ -109,54 +133,62 @@ def parse_images_request(body, config) -> ImagesJob:
         raise BadRequest("the request body must be a JSON object", None)
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
-        raise BadRequest(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
+        raise BadRequest(f"unrecognized request argument(s): {', '.join(unknown)[:MAX_STRING]}", unknown[0][:MAX_STRING])
+    _check_types(body)
     extra = body.get("extra_params") or {}
-    if not isinstance(extra, dict):
-        raise BadRequest("'extra_params' must be an object", "extra_params")
     if unknown := sorted(set(extra) - EXTRA_PARAMS):
-        raise BadRequest(f"unrecognized extra_params: {', '.join(unknown)}", f"extra_params.{unknown[0]}")
-    fields = {**body, **extra}
+        raise BadRequest(f"unrecognized extra_params: {', '.join(unknown)[:MAX_STRING]}",
+                         f"extra_params.{unknown[0][:MAX_STRING]}")
+    _check_types(extra, "extra_params.")
+    fields = {**body, **{k: v for k, v in extra.items() if v is not None}}
     if fields.get("negative_prompt") not in (None, ""):
         raise BadRequest("negative_prompt is not supported: this model is class-conditional and takes no text",
                          "negative_prompt")
-    if "prompt" not in body:
+    if body.get("prompt") is None:
         raise BadRequest("'prompt' is required", "prompt")
     class_id = parse_class(config, body["prompt"])
     n = _int(fields, "n", 1, 1, MAX_IMAGES_PER_REQUEST)
     size = fields.get("size") or "auto"
     native = f"{config.image_size}x{config.image_size}"
     if size not in ("auto", native):
-        raise BadRequest(f"size {size!r} is not one this model makes: use {native!r} or 'auto'", "size")
+        raise BadRequest(f"size {short(size)} is not one this model makes: use {native!r} or 'auto'", "size")
     response_format = fields.get("response_format") or "b64_json"
     if response_format != "b64_json":
-        raise BadRequest(f"response_format {response_format!r} is not supported: images are returned inline "
+        raise BadRequest(f"response_format {short(response_format)} is not supported: images are returned inline "
                          "as 'b64_json'", "response_format")
     if (fields.get("output_format") or "png") != "png":
-        raise BadRequest(f"output_format {fields['output_format']!r} is not supported: use 'png'", "output_format")
-    seed = _int(fields, "seed", None, 0)
-    top_k = _int(fields, "top_k", config.default_top_k, 0)
-    numbers = (_number(fields, "guidance_scale", config.default_guidance_scale), _number(fields, "temperature", 1.0),
-               top_k, _number(fields, "top_p", 1.0))
+        raise BadRequest(f"output_format {short(fields['output_format'])} is not supported: use 'png'",
+                         "output_format")
     try:
-        settings = SamplingSettings(*numbers)
+        seed = check_seed(fields.get("seed"), n)
+    except ValueError as e:
+        raise BadRequest(str(e), "seed") from None
+    top_k = _int(fields, "top_k", config.default_top_k, 0)
+    guidance = fields.get("guidance_scale")
+    numbers = (config.default_guidance_scale if guidance is None else guidance, fields.get("temperature", 1.0),
+               min(top_k, config.codebook_size), 1.0 if fields.get("top_p") is None else fields["top_p"])
+    try:
+        settings = SamplingSettings(*(1.0 if v is None else v for v in numbers))
     except ValueError as e:
         raise BadRequest(str(e), str(e).split(" ", 1)[0]) from None
     strategy = fields.get("strategy") or "raster"
-    if not isinstance(strategy, str):
-        raise BadRequest(f"'strategy' must be a string, got {strategy!r}", "strategy")
     try:
         decoding = Decoding(strategy, fields.get("window"), fields.get("init"), fields.get("relaxed_delta"),
-                            fields.get("relaxed_neighbours"))
+                            fields.get("relaxed_neighbours")).fitted(config)
     except ValueError as e:
         names = ("strategy", "init", "window", "relaxed_delta", "relaxed_neighbours")
         raise BadRequest(str(e), next((f for f in names if str(e).startswith(f)), "relaxed_delta")) from None
-    stream = fields.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest(f"'stream' must be a boolean, got {stream!r}", "stream")
+    stream = fields.get("stream") or False
     partial_images = _int(fields, "partial_images", 0, 0, MAX_PARTIAL_IMAGES)
     if stream and n != 1:
         raise BadRequest("streaming returns one image: use n = 1 with stream = true", "n")
-    return ImagesJob(class_id, n, seed, settings, decoding, stream, partial_images)
+    timeout = fields.get("timeout")
+    if timeout is not None:
+        try:
+            timeout = check_number(timeout, "timeout", 0, MAX_TIMEOUT, low_open=True)
+        except ValueError as e:
+            raise BadRequest(f"{e} (seconds)", "timeout") from None
+    return ImagesJob(class_id, n, seed, settings, decoding, stream, partial_images, timeout)
 
 
 # -- images --------------------------------------------------------------------------------------
@@ -320,24 +352,40 @@ class ImagesEndpoint:
         try:
             if served is None:
                 raise BadRequest("this server's model is not an image model served by vllm-visual-ar", "model")
+            raw = await raw_request.body()
+            if len(raw) > MAX_BODY_BYTES:
+                raise BadRequest(f"the request body is larger than {MAX_BODY_BYTES} bytes", None, 413)
             try:
-                body = json.loads(await raw_request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadRequest(f"the request body is not valid JSON: {e}", None) from None
+                body = json.loads(raw)
+            except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, too deep, a number too long
+                raise BadRequest(f"the request body is not valid JSON: {short(str(e), 200)}", None) from None
             job = parse_images_request(body, served["config"])
             if body.get("model") not in (None, *served["names"]):
-                raise BadRequest(f"the model {body['model']!r} does not exist", "model", 404, "model_not_found")
+                raise BadRequest(f"the model {short(body['model'])} does not exist", "model", 404, "model_not_found")
+            self._check_fits(served, job)
         except BadRequest as e:
             return JSONResponse(e.body(), status_code=e.status)
         if job.stream:
             return StreamingResponse(self._stream(served, job), media_type="text/event-stream")
         created = int(time.time())
-        images = await asyncio.gather(*(self._one(served, job, i) for i in range(job.n)))
+        try:
+            images = await asyncio.wait_for(asyncio.gather(*(self._one(served, job, i) for i in range(job.n))),
+                                            job.timeout)
+        except asyncio.TimeoutError:  # wait_for has cancelled the images, which aborts their streams
+            return JSONResponse(_timeout(job).body(), status_code=408)
         pngs = await asyncio.to_thread(decode_pngs, served["vq"], images, served["config"].image_grid)
         size = f"{served['config'].image_size}x{served['config'].image_size}"
         tokens = job.n * served["config"].num_image_tokens
         return JSONResponse({"created": created, "data": [{"b64_json": p} for p in pngs], "size": size,
                              "output_format": "png", "usage": _usage(tokens)})
+
+    @staticmethod
+    def _check_fits(served, job: ImagesJob) -> None:
+        """Refuse an image the engine could never schedule (it would otherwise wait for ever)."""
+        limits = engine_limits(served["engine"].vllm_config)
+        need = image_need(served["config"], job.decoding, job.settings.guided, limits.block_size)
+        if problem := cannot_fit(need, limits.room):
+            raise BadRequest(problem, "window" if job.decoding.window is not None else None)
 
     async def _one(self, served, job: ImagesJob, index: int, on_tokens=None) -> list[int]:
         config = served["config"]
@@ -373,10 +421,16 @@ class ImagesEndpoint:
             await queue.put(event("image_generation.completed", png, usage=_usage(config.num_image_tokens)))
 
         task = asyncio.ensure_future(produce())
+        deadline = None if job.timeout is None else asyncio.get_running_loop().time() + job.timeout
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait([getter, task], return_when=asyncio.FIRST_COMPLETED)
+                left = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+                await asyncio.wait([getter, task], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done() and not task.done():  # past the deadline
+                    getter.cancel()
+                    yield f"event: error\ndata: {json.dumps(_timeout(job).body())}\n\n"
+                    break
                 if getter.done():
                     item = getter.result()
                     yield item
@@ -391,6 +445,11 @@ class ImagesEndpoint:
                     break
         finally:
             task.cancel()  # client gone or done: cancelling aborts the image's streams
+
+
+def _timeout(job: ImagesJob) -> BadRequest:
+    return BadRequest(f"the images were not done within the request's timeout of {job.timeout:g} s; they were "
+                      "aborted", "timeout", 408, "timeout", kind="timeout_error")
 
 
 def _usage(image_tokens: int) -> dict:

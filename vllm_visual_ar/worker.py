@@ -300,10 +300,12 @@ class VisualARRunnerMixin:
         """Each image code's k nearest codes in the VQ's latent space (relaxed SJD acceptance); k
         defaults to LlamaGen/LANTERN's share, 1000 of 16384 codes."""
         cfg = self.model_config.hf_config
-        k = k or max(1, round(cfg.codebook_size * 1000 / 16384))
+        k = min(k or max(1, round(cfg.codebook_size * 1000 / 16384)), max(1, cfg.codebook_size - 1))
         if self._neighbours is None:
             self._neighbours = {}
         if k not in self._neighbours:
+            if len(self._neighbours) >= 4:  # clients choose k: keep a few tables, not one per k ever asked
+                self._neighbours.pop(next(iter(self._neighbours)))
             import os
 
             from safetensors.torch import load_file
