@@ -96,6 +96,13 @@ def cannot_fit(need: Need, room: Need) -> str | None:
     return "this image can never be scheduled by this engine: it needs " + " and ".join(problems)
 
 
+def image_cannot_fit(vllm_config, config, decoding, guided: bool) -> str | None:
+    """Why one image could never be scheduled by the started engine of `vllm_config`, or None:
+    the check the offline API and the endpoint make before submitting."""
+    limits = engine_limits(vllm_config)
+    return cannot_fit(image_need(config, decoding, guided, limits.block_size), limits.room)
+
+
 def admit(groups: Sequence[tuple[Hashable, Need]], room: Need, overtaken: dict, max_overtakes: int) -> list:
     """Waiting groups [(key, need)] in arrival order, the room left this step, and how often each
     waiting group has been overtaken so far (updated in place) -> the keys admitted this step."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_visual_ar.engine import engine_kwargs, set_engine_env
-from vllm_visual_ar.admission import cannot_fit, engine_limits, image_need
+from vllm_visual_ar.admission import image_cannot_fit
 from vllm_visual_ar.requests import Decoding, SamplingSettings, check_number, check_seed, image_requests, validate_class_id
 from vllm_visual_ar.samplers.sjd import forward_drafts
 
@@ -96,8 +96,7 @@ class ImageGenerator:
                                                           relaxed_delta, relaxed_neighbours)
         if timeout is not None:
             timeout = check_number(timeout, "timeout", 0, 1e9, low_open=True)
-        limits = engine_limits(self.llm.llm_engine.vllm_config)
-        if problem := cannot_fit(image_need(self.config, decoding, settings.guided, limits.block_size), limits.room):
+        if problem := image_cannot_fit(self.llm.llm_engine.vllm_config, self.config, decoding, settings.guided):
             raise ValueError(problem)
 
         jobs = [(c, None if seed is None else seed + i) for i, c in enumerate(c for c in classes for _ in range(n))]

@@ -38,7 +38,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from vllm_visual_ar.admission import cannot_fit, engine_limits, image_need
+from vllm_visual_ar.admission import image_cannot_fit
 from vllm_visual_ar.requests import Decoding, SamplingSettings, check_number, check_seed, image_requests, short
 
 MAX_IMAGES_PER_REQUEST = 16
@@ -382,9 +382,8 @@ class ImagesEndpoint:
     @staticmethod
     def _check_fits(served, job: ImagesJob) -> None:
         """Refuse an image the engine could never schedule (it would otherwise wait for ever)."""
-        limits = engine_limits(served["engine"].vllm_config)
-        need = image_need(served["config"], job.decoding, job.settings.guided, limits.block_size)
-        if problem := cannot_fit(need, limits.room):
+        if problem := image_cannot_fit(served["engine"].vllm_config, served["config"], job.decoding,
+                                       job.settings.guided):
             raise BadRequest(problem, "window" if job.decoding.window is not None else None)
 
     async def _one(self, served, job: ImagesJob, index: int, on_tokens=None) -> list[int]:
