@@ -72,10 +72,9 @@ def main():
     ref_codes = torch.cat([generate(reference, classes[i:i + 50], generator=torch.Generator().manual_seed(i),
                                     **sampling).codes for i in range(0, len(classes), 50)])
     vllm_codes = torch.stack([r.codes.flatten() for r in engine.generate(classes, seed=0, **sampling)])
-    grid = reference.config.image_grid
     quality = {}
     for name, codes in (("reference loop", ref_codes), ("vLLM", vllm_codes)):
-        pixels = from_model_space(engine.vq.decode_codes(codes.view(-1, grid, grid)))
+        pixels = from_model_space(engine.decode_codes(codes.view(codes.shape[0], -1)))
         q = evaluator(pixels, classes)
         quality[name] = q
         print(f"{name}: class agreement {q.class_agreement:.3f}, Frechet distance {q.frechet:.2f}", flush=True)

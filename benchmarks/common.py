@@ -43,6 +43,38 @@ def write_results(name: str, title: str, table: str, notes: str = "") -> str:
     return path
 
 
+def default_sampling(config) -> dict:
+    """The model's own sampling defaults (guidance, top-k, top-p), temperature 1."""
+    return dict(guidance_scale=config.default_guidance_scale, temperature=1.0, top_k=config.default_top_k,
+                top_p=getattr(config, "default_top_p", 1.0))
+
+
+def images_per_second(engine, n: int, sampling: dict, decoding: dict, repeats: int) -> float:
+    """At least 10 images, in rounds of n in flight (one round = one generate call), so that a
+    single image's luck does not decide the 1-in-flight figure; best of `repeats` after a warm-up."""
+    rounds = max(1, -(-10 // n))
+    engine.generate(list(range(min(n, 10))), seed=0, **sampling, **decoding)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for r in range(rounds):
+            engine.generate([(r * n + i) % 10 for i in range(n)], seed=r * n, **sampling, **decoding)
+        times.append(time.perf_counter() - t0)
+    return rounds * n / min(times)
+
+
+def sample_quality(engine, images, evaluator=None):
+    """The evaluator's verdict (class agreement, Fréchet distance) on generated images."""
+    import torch
+
+    from vllm_visual_ar.evaluation import Evaluator
+    from vllm_visual_ar.mnist import from_model_space
+
+    codes = torch.stack([im.codes for im in images])
+    return (evaluator or Evaluator())(from_model_space(engine.decode_codes(codes.flatten(1))),
+                                      [im.class_id for im in images])
+
+
 def compare_decodings(engine, configs: list[tuple[str, dict]], in_flight: list[int], repeats: int,
                       per_class: int) -> str:
     """A markdown table, one row per (name, decoding kwargs) in configs, the first being the
@@ -50,41 +82,23 @@ def compare_decodings(engine, configs: list[tuple[str, dict]], in_flight: list[i
     images/s at each number of guided images in flight (see images_per_second) with the speed-up over
     the baseline, and the evaluator's class agreement and Fréchet distance on
     `per_class` images per class. One engine, the model's default sampling, same seeds."""
-    import torch
-
     from vllm_visual_ar.evaluation import Evaluator
-    from vllm_visual_ar.mnist import from_model_space
 
     cfg = engine.config
-    sampling = dict(guidance_scale=cfg.default_guidance_scale, temperature=1.0, top_k=cfg.default_top_k, top_p=1.0)
+    sampling = default_sampling(cfg)
     evaluator = Evaluator()
     quality_classes = [c for c in range(10) for _ in range(per_class)]
-
-    def images_per_second(n: int, decoding) -> float:
-        """At least 10 images, in rounds of n in flight (one round = one generate call), so that a
-        single image's luck does not decide the 1-in-flight figure; best of `repeats`."""
-        rounds = max(1, -(-10 // n))
-        engine.generate(list(range(min(n, 10))), seed=0, **sampling, **decoding)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for r in range(rounds):
-                engine.generate([(r * n + i) % 10 for i in range(n)], seed=r * n, **sampling, **decoding)
-            times.append(time.perf_counter() - t0)
-        return rounds * n / min(times)
-
     rows, baseline = [], {}
     for name, decoding in configs:
         images = engine.generate(quality_classes, seed=0, **sampling, **decoding)
         forwards = sum(im.stats.forward_passes for im in images) / len(images)
         drafts = sum(im.stats.draft_tokens for im in images)
         accepted = sum(im.stats.accepted_drafts for im in images)
-        codes = torch.stack([im.codes for im in images])
-        q = evaluator(from_model_space(engine.vq.decode_codes(codes)), quality_classes)
+        q = sample_quality(engine, images, evaluator)
         row = [name, f"{forwards:.1f}", f"{100 * (forwards / cfg.num_image_tokens - 1):+.1f}%",
                f"{cfg.num_image_tokens / forwards:.2f}", f"{accepted / drafts:.3f}" if drafts else "-"]
         for n in in_flight:
-            rate = images_per_second(n, decoding)
+            rate = images_per_second(engine, n, sampling, decoding, repeats)
             baseline.setdefault(n, rate)
             row += [f"{rate:.2f}", f"{rate / baseline[n]:.2f}x"]
         row += [f"{q.class_agreement:.3f}", f"{q.frechet:.2f}"]

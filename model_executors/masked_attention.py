@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def read_paged_blocks(layer, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,3 +89,35 @@ class MaskedAttention:
         out = out.clone()
         out[self.query_index[self.query_valid]] = o[self.query_valid].to(out.dtype)
         return out
+
+
+def masked_attention_for(runner, rows) -> MaskedAttention:
+    """A MaskedAttention for some requests of the runner's current batch. rows: [(batch row,
+    visible)], where visible(q, kv) maps the query positions q [n] (this forward's tokens of the
+    request) and the key positions kv [length] (everything cached, this forward's included) to a
+    bool [n, length] mask (True = seen)."""
+    batch = runner.input_batch
+    table = batch.block_table[0]
+    bs = table.block_size
+    qsl = runner.query_start_loc.np
+    computed = batch.num_computed_tokens_cpu
+    fed = [int(qsl[row + 1] - qsl[row]) for row, _ in rows]
+    lengths = [int(computed[row]) + n for (row, _), n in zip(rows, fed)]
+    nq, nblocks, b = max(fed), (max(lengths) + bs - 1) // bs, len(rows)
+    query_index = np.zeros((b, nq), dtype=np.int64)
+    query_valid = np.zeros((b, nq), dtype=bool)
+    query_pos = np.zeros((b, nq), dtype=np.int64)
+    key_blocks = np.zeros((b, nblocks), dtype=np.int64)
+    mask = np.zeros((b, nq, nblocks * bs), dtype=bool)
+    mask[:, :, 0] = True  # padding queries attend to something (their output is dropped)
+    for i, ((row, visible), n, length) in enumerate(zip(rows, fed, lengths)):
+        start = int(qsl[row])
+        used = (length + bs - 1) // bs
+        key_blocks[i, :used] = table.block_table.np[row, :used]
+        query_index[i, :n] = np.arange(start, start + n)
+        query_index[i, n:] = start
+        query_valid[i, :n] = True
+        query_pos[i, :n] = np.arange(length - n, length)
+        mask[i, :n, :length] = np.asarray(visible(np.arange(length - n, length), np.arange(length)))
+    return MaskedAttention(*(torch.from_numpy(a).to(runner.device)
+                             for a in (query_index, query_valid, query_pos, key_blocks, mask)))

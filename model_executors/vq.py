@@ -245,6 +245,30 @@ def load_vq(model_dir: str, device: str = "cpu") -> VQModel:
     return model.to(device).eval()
 
 
+def load_image_decoder(model_dir: str, device: str = "cpu"):
+    """The family interface's decoder: image codes [N, grid * grid] (raster order) -> images
+    [N, C, H, W] in [-1, 1]; `decode.preview(codes so far)` draws the complete rows of a partial
+    image and leaves the rest black."""
+    vq = load_vq(model_dir, device)
+
+    @torch.no_grad()
+    def decode(codes: torch.Tensor) -> torch.Tensor:
+        grid = round(codes.shape[-1] ** 0.5)
+        return vq.decode_codes(codes.view(-1, grid, grid))
+
+    @torch.no_grad()
+    def preview(codes: list[int], total: int) -> torch.Tensor:
+        grid = round(total ** 0.5)
+        rows = len(codes) // grid
+        known = list(codes[: rows * grid]) + [codes[0] if codes else 0] * (total - rows * grid)
+        image = decode(torch.tensor([known]))
+        image[:, :, rows * image.shape[2] // grid:] = -1  # rows not generated yet: black
+        return image
+
+    decode.vq, decode.preview = vq, preview  # the tokenizer itself: relaxed SJD reads its codebook
+    return decode
+
+
 def load_vq_state_dict(model: VQModel, state: dict) -> None:
     state = {k: v for k, v in state.items() if k not in _IGNORED_KEYS}
     missing, unexpected = model.load_state_dict(state, strict=False)

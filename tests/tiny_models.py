@@ -49,3 +49,65 @@ def write_official_checkpoints(root, config: LlamaGenConfig, seed: int = 0):
     torch.save({"model": model.state_dict(), "steps": 1}, gpt_pt)
     torch.save({"model": vq_state}, vq_pt)
     return model, gpt_pt, vq_pt
+
+
+# -- VAR ---------------------------------------------------------------------------------------------
+TINY_VAR_VQ = dict(codebook_size=32, z_channels=8, ch=32, ch_mult=[1, 2], num_res_blocks=1, in_channels=1,
+                   using_sa=True, using_mid_sa=True, share_quant_resi=4, quant_resi=0.5)
+
+
+def tiny_var_config(patch_nums=(1, 2, 3, 4), depth: int = 2, heads: int = 2, **more):
+    """Head size 64, as VAR's depth rule gives and vLLM's CPU kernels take."""
+    from vllm_visual_ar.model_executors.var_config import VARConfig
+
+    return VARConfig(depth=depth, embed_dim=64 * heads, num_heads=heads, num_classes=10, patch_nums=list(patch_nums),
+                     vq=dict(TINY_VAR_VQ), default_guidance_scale=1.5, default_top_k=0, default_top_p=1.0, **more)
+
+
+def random_var(config, seed: int = 0):
+    """A VARReference with random weights large enough that every scale's logits are far from flat."""
+    from vllm_visual_ar.model_executors.var_reference import VARReference
+
+    torch.manual_seed(seed)
+    model = VARReference(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.3 if name.startswith("head.") else 0.1)
+    return model.eval()
+
+
+def random_var_vq(config, seed: int = 0):
+    from vllm_visual_ar.model_executors.var_vq import MultiScaleVQVAE
+
+    torch.manual_seed(seed + 100)
+    vq = MultiScaleVQVAE.from_config(config)
+    with torch.no_grad():
+        vq.quantize.embedding.weight.normal_()
+    return vq.eval()
+
+
+def write_official_var_checkpoints(root, config, refiner_config=None, seed: int = 0):
+    """Random tiny VAR (and CoDe refiner) and VQVAE saved as the release files are: plain state dicts
+    (`torch.save(model.state_dict())`) with the official names, the VQVAE with its training buffer.
+    -> (models, vq, paths)."""
+    models = [random_var(config, seed)] + ([random_var(refiner_config, seed + 1)] if refiner_config else [])
+    vq = random_var_vq(config, seed)
+    vq_state = dict(vq.state_dict(), **{"quantize.ema_vocab_hit_SV": torch.zeros(config.num_scales,
+                                                                                 config.codebook_size)})
+    paths = [root / f"var_tiny{i}.pth" for i in range(len(models))]
+    for model, path in zip(models, paths):
+        torch.save(model.state_dict(), path)
+    torch.save(vq_state, root / "vae_tiny.pth")
+    return models, vq, paths + [root / "vae_tiny.pth"]
+
+
+def write_tiny_code_folder(root):
+    """A random CoDe pair (drafter depth 3 width 192, refiner depth 2 width 128) on one VQVAE, from
+    release-layout files through the plugin's converter -> (folder, drafter, refiner, vq)."""
+    from vllm_visual_ar.model_executors.convert import convert_var
+
+    drafter_cfg, refiner_cfg = tiny_var_config(depth=3, heads=3), tiny_var_config(depth=2, heads=2)
+    (drafter, refiner), vq, (d_pth, r_pth, vae_pth) = write_official_var_checkpoints(root, drafter_cfg, refiner_cfg)
+    folder = convert_var(str(d_pth), str(vae_pth), str(root / "converted"), patch_nums=drafter_cfg.patch_nums,
+                         refiner_path=str(r_pth))
+    return folder, drafter, refiner, vq

@@ -50,11 +50,14 @@ def stream_need(prompt_tokens: int, output_tokens: int, widest_step: int, lookah
 
 def image_need(config, decoding, guided: bool, block_size: int, prompt_tokens: int = 1) -> Need:
     """What one image of a model config asks of the engine, as the scheduler will reserve it."""
+    from vllm_visual_ar.samplers import family_decoding
     from vllm_visual_ar.samplers.zipar import zipar_schedule
 
     grid, tokens = config.image_grid, config.num_image_tokens
     widest, outputs, lookahead = 1, tokens, 0
-    if decoding.strategy == "zipar":
+    if (order := family_decoding(config, 0)) is not None:
+        outputs, widest, lookahead = order(config).stream(decoding)
+    elif decoding.strategy == "zipar":
         schedule = zipar_schedule(grid, grid, decoding.window)
         if schedule.window < grid:
             widest, outputs = schedule.max_fed_per_forward, len(schedule.sequence)

@@ -1,5 +1,5 @@
-"""Command line: `vllm-visual-ar generate ...`, `vllm-visual-ar serve [MODEL] [vLLM server options]` and
-`vllm-visual-ar convert llamagen ...`."""
+"""Command line: `vllm-visual-ar generate ...`, `vllm-visual-ar serve [MODEL] [vLLM server options]`,
+`vllm-visual-ar convert llamagen ...` and `vllm-visual-ar convert var ...`."""
 from __future__ import annotations
 
 import argparse
@@ -33,19 +33,21 @@ def image_grid(images: list, columns: int):
 
 
 def cmd_generate(args) -> int:
+    from vllm_visual_ar.families import family_of
     from vllm_visual_ar.generator import ImageGenerator, check_generate_args
-    from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
     from vllm_visual_ar.models import resolve_model_dir
 
     # Check the arguments before the engine takes its seconds to start.
-    config = LlamaGenConfig.from_pretrained(resolve_model_dir(args.model))
+    model_dir = resolve_model_dir(args.model)
+    config = family_of(model_dir).config(model_dir)
     check_generate_args(config, args.classes, args.n, args.seed, args.guidance_scale, args.temperature,
-                        args.top_k, args.top_p, args.strategy, args.window, args.init, args.relaxed_delta)
+                        args.top_k, args.top_p, args.strategy, args.window, args.init, args.relaxed_delta,
+                        draft_steps=args.draft_steps)
     gen = ImageGenerator(args.model, max_images_in_flight=args.max_images_in_flight)
     results = gen.generate(args.classes, n=args.n, guidance_scale=args.guidance_scale,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, strategy=args.strategy, window=args.window, init=args.init,
-                           relaxed_delta=args.relaxed_delta,
+                           relaxed_delta=args.relaxed_delta, draft_steps=args.draft_steps,
                            progress=True)
     os.makedirs(args.out, exist_ok=True)
     counts: dict[int, int] = {}
@@ -98,22 +100,42 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def parse_patch_nums(text: str) -> list[int]:
+    """'1,2,3,4,5,6,8,10,13,16' -> [ints]."""
+    try:
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"patch nums must look like '1,2,3,4', got {text!r}") from None
+
+
+def cmd_convert_var(args) -> int:
+    from vllm_visual_ar.model_executors.convert import convert_var
+
+    out = convert_var(args.var, args.vae, args.out, patch_nums=args.patch_nums, refiner_path=args.refiner,
+                      num_heads=args.num_heads, refiner_num_heads=args.refiner_num_heads)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vllm-visual-ar", description="Visual autoregressive image generation on vLLM")
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images offline (one PNG per image, plus grid.png)")
-    g.add_argument("--model", default=None, help="converted model folder (default: the embedded MNIST model)")
+    g.add_argument("--model", default=None, help="converted model folder or an embedded model's name "
+                   "(llamagen-mnist, the default, or var-mnist)")
     g.add_argument("--classes", type=parse_classes, default=parse_classes("0-9"), help="e.g. 0-9 or 3,7")
     g.add_argument("--n", type=int, default=4, help="images per class")
     g.add_argument("--out", default="out", help="output folder")
     g.add_argument("--seed", type=int, default=None, help="image i of the run uses seed + i")
     g.add_argument("--guidance-scale", type=float, default=None,
-                   help="CFG scale; 1 = unguided (default: the model's default_guidance_scale)")
+                   help="CFG scale; LlamaGen: 1 = unguided, VAR: its cfg, 0 = unguided "
+                        "(default: the model's default_guidance_scale)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=None, help="0 = off (default: the model's default_top_k)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--strategy", choices=["raster", "zipar", "sjd"], default="raster", help="decoding strategy")
+    g.add_argument("--top-p", type=float, default=None, help="1 = off (default: the model's default_top_p, or 1)")
+    g.add_argument("--strategy", choices=["raster", "zipar", "sjd", "code"], default="raster",
+                   help="decoding strategy (raster: LlamaGen's raster order, VAR's scale order; code: CoDe)")
     g.add_argument("--window", type=int, default=None,
                    help="ZipAR: a row starts once the row above has this many tokens (>= grid width = raster); "
                         "SJD: tokens verified per forward (default 16)")
@@ -121,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SJD: how fresh drafts are initialised (default random)")
     g.add_argument("--relaxed-delta", type=float, default=None,
                    help="SJD: relaxed (LANTERN-style, not exact) acceptance with this neighbour mass")
+    g.add_argument("--draft-steps", type=int, default=None,
+                   help="CoDe (--strategy code): scales the drafter decodes before the refiner takes over")
     g.add_argument("--max-images-in-flight", type=int, default=16)
     g.set_defaults(func=cmd_generate)
 
@@ -137,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--gpt-size", default=None, help="GPT-B, GPT-L, GPT-XL, GPT-XXL or GPT-3B (default: inferred)")
     lg.add_argument("--num-heads", type=int, default=None, help="attention heads, for non-official sizes")
     lg.set_defaults(func=cmd_convert)
+    vr = csub.add_parser("var", help="VAR (or a CoDe drafter + refiner pair) + its multi-scale VQVAE")
+    vr.add_argument("--var", required=True, help="e.g. var_d16.pth (CoDe: the drafter, var_d30.pth or drafter_N.pth)")
+    vr.add_argument("--vae", required=True, help="e.g. vae_ch160v4096z32.pth")
+    vr.add_argument("--out", required=True)
+    vr.add_argument("--patch-nums", type=parse_patch_nums, default=None,
+                    help="scale schedule (default: VAR's 256 px 1,2,3,4,5,6,8,10,13,16)")
+    vr.add_argument("--refiner", default=None, help="CoDe refiner, e.g. var_d16.pth or refiner_N.pth")
+    vr.add_argument("--num-heads", type=int, default=None, help="attention heads, needed when attn_l2_norm is off")
+    vr.add_argument("--refiner-num-heads", type=int, default=None, help="the same for the refiner")
+    vr.set_defaults(func=cmd_convert_var)
     return ap
 
 

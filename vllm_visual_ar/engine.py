@@ -27,10 +27,18 @@ def is_cpu() -> bool:
 def engine_kwargs(model: str | None = None, max_images_in_flight: int = 16, **overrides) -> dict:
     """Keyword arguments for `vllm.LLM` / `EngineArgs`. Each guided image in flight takes two
     sequences (cond and uncond)."""
-    from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
+    from vllm_visual_ar.admission import image_need
+    from vllm_visual_ar.families import family_of
+    from vllm_visual_ar.requests import Decoding
 
     model_dir = resolve_model_dir(model)
-    config = LlamaGenConfig.from_pretrained(model_dir)
+    config = family_of(model_dir).config(model_dir)
+    # Room for every image in flight to take its widest step at once (VAR: its largest scale; CoDe:
+    # the refiner's hand-off, which at most feeds every scale but the last).
+    widest = image_need(config, Decoding(), True, block_size=16).tokens_per_step
+    if getattr(config, "refiner", None) is not None:
+        latest = Decoding("code", draft_steps=config.num_scales - 1)
+        widest = max(widest, image_need(config, latest, True, block_size=16).tokens_per_step)
     kwargs = dict(
         model=model_dir,
         skip_tokenizer_init=True,
@@ -38,7 +46,7 @@ def engine_kwargs(model: str | None = None, max_images_in_flight: int = 16, **ov
         worker_cls=WORKER_CLS,
         max_num_seqs=2 * max_images_in_flight,
         max_model_len=config.max_position_embeddings,
-        max_num_batched_tokens=max(2048, 4 * max_images_in_flight),
+        max_num_batched_tokens=max(2048, 4 * max_images_in_flight, widest * max_images_in_flight),
         seed=0,
         # Image requests share no prefix worth caching (a one-token prompt), and a cached block is
         # matched by token ids alone, while ZipAR places the same ids at other raster positions.

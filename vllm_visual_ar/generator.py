@@ -42,13 +42,14 @@ class ImageStats:
 class GeneratedImage:
     image: "object"        # PIL.Image
     class_id: int
-    codes: torch.Tensor    # [grid, grid] image codes, raster order
+    codes: torch.Tensor    # image codes: [grid, grid] in raster order (LlamaGen), or flat scale by scale (VAR)
     seed: int | None
     stats: ImageStats
 
 
 def check_generate_args(config, classes, n, seed, guidance_scale, temperature, top_k, top_p,
-                        strategy="raster", window=None, init=None, relaxed_delta=None, relaxed_neighbours=None):
+                        strategy="raster", window=None, init=None, relaxed_delta=None, relaxed_neighbours=None,
+                        draft_steps=None):
     """Validate `generate` arguments against a model config (ValueError naming the problem);
     -> (classes as a list, SamplingSettings with the model's defaults filled in, Decoding)."""
     classes = [classes] if isinstance(classes, int) else list(classes)
@@ -59,41 +60,59 @@ def check_generate_args(config, classes, n, seed, guidance_scale, temperature, t
     for c in classes:
         validate_class_id(config, c)
     check_seed(seed, len(classes) * n)
+    from vllm_visual_ar.families import family_of
+    from vllm_visual_ar.samplers import family_decoding
+
+    decoding = Decoding(strategy, window, init, relaxed_delta, relaxed_neighbours, draft_steps).fitted(config)
+    order = family_decoding(config, 0)
+    if order is not None and (problem := order(config).decoding_problem(decoding)):
+        raise ValueError(problem)
+    if order is None and strategy == "code":
+        raise ValueError("strategy 'code' (CoDe) applies to VAR models with a refiner")
+    if top_p is None:
+        top_p = getattr(config, "default_top_p", 1.0)
     settings = SamplingSettings(config.default_guidance_scale if guidance_scale is None else guidance_scale,
-                                temperature, config.default_top_k if top_k is None else top_k, top_p)
-    return classes, settings, Decoding(strategy, window, init, relaxed_delta, relaxed_neighbours).fitted(config)
+                                temperature, config.default_top_k if top_k is None else top_k, top_p,
+                                unguided_scale=family_of(config).unguided_scale)
+    return classes, settings, decoding
 
 
 class ImageGenerator:
     def __init__(self, model: str | None = None, max_images_in_flight: int = 16, **engine_overrides):
         from vllm import LLM
 
-        from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
-        from vllm_visual_ar.model_executors.vq import load_vq
+        from vllm_visual_ar.families import family_of
 
         set_engine_env()
         kwargs = engine_kwargs(model, max_images_in_flight, **engine_overrides)
         self.model_dir = kwargs["model"]
-        self.config = LlamaGenConfig.from_pretrained(self.model_dir)
-        self.vq = load_vq(self.model_dir)
+        self.family = family_of(self.model_dir)
+        self.config = self.family.config(self.model_dir)
+        self.decode_codes = self.family.decoder(self.model_dir)
         self.llm = LLM(**kwargs)
 
     def generate(self, classes: list[int] | int, n: int = 1, guidance_scale: float | None = None,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, seed: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None,
                  strategy: str = "raster", window: int | None = None, init: str | None = None,
                  relaxed_delta: float | None = None, relaxed_neighbours: int | None = None,
-                 progress: bool = False, timeout: float | None = None) -> list[GeneratedImage]:
+                 draft_steps: int | None = None, progress: bool = False,
+                 timeout: float | None = None) -> list[GeneratedImage]:
         """n images per class, in order (class-major). Image i of the call uses seed + i, so a seed
         gives the same images whatever else is in the batch. guidance_scale and top_k None mean
-        the model's `default_guidance_scale` / `default_top_k`; guidance 1 is unguided, top_k 0 is off.
+        the model's `default_guidance_scale` / `default_top_k` (top_p None: its `default_top_p`, or off);
+        guidance 1 is unguided (VAR: 0), top_k 0 is off.
         strategy "zipar" with `window` w decodes rows in parallel (`samplers/zipar.py`); "sjd" verifies
         `window` (default 16) drafts per forward, initialised by `init` ("random" or "horizontal";
         `samplers/sjd.py`), with relaxed (LANTERN-style, not exact) acceptance if `relaxed_delta` is set.
+        VAR models decode scale by scale; with a CoDe folder, strategy "code" with `draft_steps` N lets
+        the drafter decode scales 0..N-1 and the refiner the rest (`samplers/next_scale.py`); guidance 0
+        is unguided there (VAR's cfg).
         An image this engine could never schedule is a ValueError before anything is submitted; with
         `timeout` (seconds), the call aborts its images and raises TimeoutError when time is up."""
         classes, settings, decoding = check_generate_args(self.config, classes, n, seed, guidance_scale,
                                                           temperature, top_k, top_p, strategy, window, init,
-                                                          relaxed_delta, relaxed_neighbours)
+                                                          relaxed_delta, relaxed_neighbours, draft_steps)
         if timeout is not None:
             timeout = check_number(timeout, "timeout", 0, 1e9, low_open=True)
         if problem := image_cannot_fit(self.llm.llm_engine.vllm_config, self.config, decoding, settings.guided):
@@ -101,9 +120,11 @@ class ImageGenerator:
 
         jobs = [(c, None if seed is None else seed + i) for i, c in enumerate(c for c in classes for _ in range(n))]
         tokens, forwards, latency, drafts = self._run(jobs, settings, decoding, progress, timeout)
-        grid = self.config.image_grid
-        codes = torch.tensor(tokens).view(-1, grid, grid)
+        codes = torch.tensor(tokens)
         images = self.decode(codes)
+        grid = self.config.image_grid
+        if codes.shape[1] == grid * grid:  # a raster grid; VAR's codes stay flat, scale by scale
+            codes = codes.view(-1, grid, grid)
         streams = 2 if settings.guided else 1
         return [GeneratedImage(img, c, codes[i], s, ImageStats(len(tokens[i]), forwards[i], latency[i], streams,
                                                                *drafts[i]))
@@ -168,12 +189,14 @@ class ImageGenerator:
         return tokens, forwards, latency, drafts
 
     def decode(self, codes: torch.Tensor) -> list:
-        """codes [N, grid, grid] -> PIL images (grayscale for 1-channel tokenizers, else RGB)."""
+        """codes [N, image tokens] (or [N, grid, grid]) -> PIL images (grayscale for 1-channel
+        tokenizers, else RGB)."""
         from PIL import Image
 
         from vllm_visual_ar.model_executors.vq import images_to_uint8
 
-        pixels = images_to_uint8(torch.cat([self.vq.decode_codes(c) for c in codes.split(64)]))
+        codes = codes.reshape(codes.shape[0], -1)
+        pixels = images_to_uint8(torch.cat([self.decode_codes(c) for c in codes.split(64)]))
         if pixels.shape[-1] == 1:
             return [Image.fromarray(p[..., 0].numpy(), mode="L") for p in pixels]
         return [Image.fromarray(p.numpy(), mode="RGB") for p in pixels]

@@ -1,24 +1,30 @@
-"""Where model folders come from: the embedded default, or a converted folder the user names."""
+"""Where model folders come from: an embedded model (by name; llamagen-mnist is the default), or a
+converted folder the user names."""
 from __future__ import annotations
 
-import json
 import os
 
-EMBEDDED_MODEL_DIR = os.path.join(os.path.dirname(__file__), "embedded", "llamagen_mnist")
+_EMBEDDED = os.path.join(os.path.dirname(__file__), "embedded")
+EMBEDDED_MODELS = {
+    "llamagen-mnist": os.path.join(_EMBEDDED, "llamagen_mnist"),  # class-to-image LlamaGen, 16x16 codes
+    "var-mnist": os.path.join(_EMBEDDED, "var_mnist"),            # VAR drafter + refiner (CoDe), one VQVAE
+}
+EMBEDDED_MODEL_DIR = EMBEDDED_MODELS["llamagen-mnist"]
 
 
 def resolve_model_dir(model: str | None) -> str:
     """Return an absolute model folder, or raise ValueError naming what is wrong with it."""
-    path = os.path.abspath(model or EMBEDDED_MODEL_DIR)
+    path = os.path.abspath(EMBEDDED_MODELS.get(model or "llamagen-mnist", model or ""))
     config = os.path.join(path, "config.json")
     if not os.path.isdir(path):
-        raise ValueError(f"model folder {model!r} does not exist")
+        raise ValueError(f"model folder {model!r} does not exist (embedded models: {', '.join(EMBEDDED_MODELS)})")
     if not os.path.isfile(config):
         raise ValueError(f"model folder {model!r} has no config.json (convert a checkpoint first: "
-                         "`vllm-visual-ar convert llamagen ...`)")
-    with open(config) as f:
-        arch = (json.load(f).get("architectures") or [None])[0]
-    from vllm_visual_ar.model_executors.llamagen_config import ARCHITECTURE
-    if arch != ARCHITECTURE:
-        raise ValueError(f"model folder {model!r} holds architecture {arch!r}; this plugin serves {ARCHITECTURE!r}")
+                         "`vllm-visual-ar convert llamagen|var ...`)")
+    from vllm_visual_ar.families import family_of
+
+    try:
+        family_of(path)
+    except ValueError as e:
+        raise ValueError(f"model folder {model!r}: {e}") from None
     return path

@@ -4,7 +4,7 @@ everything (endpoint plugins load only when named there; general plugins load un
 - `register` (entry point `vllm.general_plugins`) runs in every vLLM process, so it only registers
   names: the config class, the model class (imported lazily by vLLM), and a config hook for the
   model's architecture. The hook runs while vLLM builds its config for a LlamaGen folder and puts in
-  place what the plugin needs, so `vllm serve <folder>` needs no class paths: the plugin's scheduler
+  place what the plugin needs, so `vllm serve <folder>` (any family in `families.py`) needs no class paths: the plugin's scheduler
   and worker (unless the user named others), no tokenizer, eager mode, no async scheduling and no
   prefix caching (see `engine.py` for why each), and the V1 model runner.
 - `vllm_visual_ar.serving:ImagesEndpoint` (entry point `vllm.endpoint_plugins`) adds
@@ -14,7 +14,7 @@ import os
 
 
 def configure_vllm(vllm_config) -> None:
-    """What an engine serving a LlamaGen folder needs, applied to a VllmConfig being built."""
+    """What an engine serving an image model folder needs, applied to a VllmConfig being built."""
     from vllm_visual_ar.engine import SCHEDULER_CLS, WORKER_CLS
 
     if vllm_config.scheduler_config.scheduler_cls is None:
@@ -35,15 +35,15 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
 
-    from vllm_visual_ar.model_executors.llamagen_config import ARCHITECTURE, MODEL_TYPE, LlamaGenConfig
+    from vllm_visual_ar.families import FAMILIES, load_object
 
-    AutoConfig.register(MODEL_TYPE, LlamaGenConfig, exist_ok=True)
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "vllm_visual_ar.model_executors.llamagen:LlamaGenForClassToImage")
-
-    class LlamaGenEngineConfig(VerifyAndUpdateConfig):
+    class VisualAREngineConfig(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
             configure_vllm(vllm_config)
 
-    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, LlamaGenEngineConfig)
+    for family in FAMILIES:
+        AutoConfig.register(family.model_type, load_object(family.config_class), exist_ok=True)
+        if family.architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(family.architecture, family.model_class)
+        MODELS_CONFIG_MAP.setdefault(family.architecture, VisualAREngineConfig)

@@ -24,7 +24,7 @@ from vllm_visual_ar.samplers.zipar import check_window
 
 EXTRA_ARGS_KEY = "visual_ar"
 ROLES = ("single", "cond", "uncond")
-STRATEGIES = ("raster", "zipar", "sjd")
+STRATEGIES = ("raster", "zipar", "sjd", "code")
 # PyTorch's CPU generator (mt19937) keeps only the low 32 bits of a seed (seeds 0 and 2**32 draw the
 # same numbers), so larger seeds could not all give distinct images.
 MAX_SEED = 2**32 - 1
@@ -69,12 +69,15 @@ class Decoding:
     row starts once the row above has `window` tokens; `samplers/zipar.py`) or "sjd" (speculative
     Jacobi decoding: `window` tokens verified per forward, drafts initialised by `init`;
     `samplers/sjd.py`). SJD's window defaults to 16 and its init to "random"; `relaxed_delta` turns on
-    relaxed (LANTERN-style, not exact) acceptance over `relaxed_neighbours` latent neighbours."""
+    relaxed (LANTERN-style, not exact) acceptance over `relaxed_neighbours` latent neighbours.
+    "code" (VAR models with a CoDe refiner, `samplers/next_scale.py`): the drafter decodes the first
+    `draft_steps` scales, the refiner the rest; "raster" on a VAR model is its plain next-scale order."""
     strategy: str = "raster"
     window: int | None = None
     init: str | None = None
     relaxed_delta: float | None = None
     relaxed_neighbours: int | None = None
+    draft_steps: int | None = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -91,6 +94,13 @@ class Decoding:
             raise ValueError(f"init applies to strategy 'sjd' only, got init={short(self.init)}")
         if self.strategy != "sjd" and (self.relaxed_delta, self.relaxed_neighbours) != (None, None):
             raise ValueError("relaxed_delta and relaxed_neighbours apply to strategy 'sjd' only")
+        if self.strategy == "code":
+            n = self.draft_steps
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"draft_steps must be an integer >= 1 (CoDe: scales the drafter decodes), got {short(n)}")
+        elif self.draft_steps is not None:
+            raise ValueError(f"draft_steps applies to strategy 'code' only, got draft_steps={short(self.draft_steps)} "
+                             f"with strategy {self.strategy!r}")
         delta, neighbours = check_relaxed(self.relaxed_delta, self.relaxed_neighbours)
         object.__setattr__(self, "relaxed_delta", delta)
         object.__setattr__(self, "relaxed_neighbours", neighbours)
@@ -109,7 +119,8 @@ class Decoding:
 
     def to_args(self) -> dict:
         args = {"strategy": self.strategy, "window": self.window, "init": self.init,
-                "relaxed_delta": self.relaxed_delta, "relaxed_neighbours": self.relaxed_neighbours}
+                "relaxed_delta": self.relaxed_delta, "relaxed_neighbours": self.relaxed_neighbours,
+                "draft_steps": self.draft_steps}
         return {k: v for k, v in args.items() if v is not None}
 
 
@@ -138,7 +149,7 @@ def image_request_info(sampling_params) -> ImageRequestInfo | None:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"malformed extra_args[{EXTRA_ARGS_KEY!r}]: {short(info)}") from e
     decoding = Decoding(info.get("strategy", "raster"), info.get("window"), info.get("init"),
-                        info.get("relaxed_delta"), info.get("relaxed_neighbours"))
+                        info.get("relaxed_delta"), info.get("relaxed_neighbours"), info.get("draft_steps"))
     parsed = ImageRequestInfo(parsed.image_id, parsed.role, parsed.guidance_scale, decoding)
     if parsed.role not in ROLES:
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['role'] must be one of {ROLES}, got {short(parsed.role)}")
@@ -153,6 +164,9 @@ class SamplingSettings:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # The scale that means "no guidance" in the model family's convention (`families.py`):
+    # LlamaGen's uncond + s (cond - uncond) at s = 1, VAR's (1 + t) cond - t uncond at t = 0.
+    unguided_scale: float = 1.0
 
     def __post_init__(self):
         check_number(self.guidance_scale, "guidance_scale", 0, MAX_GUIDANCE_SCALE)
@@ -163,7 +177,7 @@ class SamplingSettings:
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale != 1.0
+        return self.guidance_scale != self.unguided_scale
 
 
 def validate_class_id(config, class_id) -> int:

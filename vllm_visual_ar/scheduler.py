@@ -19,6 +19,9 @@ preempts request by request, so this subclass wraps it rather than rewriting it:
   (so KV slots, blocks and frees stay vLLM's) and rewrites what goes to the frontend: stand-ins
   dropped, image tokens released in raster order as the raster prefix grows (at least one per
   step, since the top unfinished row advances every step).
+- A family that decodes in its own order (VAR: one forward per scale, `samplers/next_scale.py`)
+  supplies a scheduling object: what a request must look like, what one stream reserves, and how
+  many speculative-token slots its next forward needs (the runner fills them and rejects none).
 - SJD requests (`samplers/sjd.py`) go through vLLM's speculative-decoding accounting: before each
   step the scheduler gives each one `min(window, tokens left) - 1` spec-token slots (the runner fills
   them with its Jacobi drafts), and after it vLLM rolls back the KV of rejected drafts, counting the
@@ -38,6 +41,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_visual_ar.admission import Need, admit, cannot_fit, stream_need
 from vllm_visual_ar.requests import image_request_info
+from vllm_visual_ar.samplers import family_decoding
 from vllm_visual_ar.samplers.sjd import draft_slots
 from vllm_visual_ar.samplers.zipar import ZipARSchedule, zipar_schedule
 
@@ -76,6 +80,9 @@ class VisualARScheduler(Scheduler):
         self._sjd_window: dict[str, int] = {}  # request id -> SJD window
         self._zipar_done: dict[str, _ZipARStream] = {}  # freed this step; their last tokens still go out
         self._overtaken: dict[str, int] = {}  # waiting group key -> times a later group was admitted first
+        order = family_decoding(self.vllm_config.model_config.hf_config, 0)
+        self._order = order(self.vllm_config.model_config.hf_config) if order is not None else None
+        self._last_phase = None  # the phase the previous step ran (families decoding in phases)
         seqs = min(self.max_num_running_reqs, self.max_num_active_reqs)
         # An idle engine's room (the block pool keeps one null block).
         self._room = Need(seqs, self.max_num_scheduled_tokens, self.kv_cache_manager.block_pool.num_gpu_blocks - 1)
@@ -99,6 +106,10 @@ class VisualARScheduler(Scheduler):
             key = str(raw.get("image_id")) if isinstance(raw, dict) and "image_id" in raw else None
             partners = list(self._pair_members.pop(key, ())) if key is not None else []
             return self._fail(partners + [request.request_id], str(e))
+        if self._order is not None:
+            if problem := self._order.problem(request):
+                partners = list(self._pair_members.pop(info.image_id, ())) if info is not None and info.guided else []
+                return self._fail(partners + [request.request_id], problem)
         if info is None:
             return
         start = {"zipar": self._start_zipar, "sjd": self._start_sjd}.get(info.decoding.strategy)
@@ -213,15 +224,24 @@ class VisualARScheduler(Scheduler):
     def _widest_step(self, request: Request) -> int:
         """Tokens of the request's widest step: ZipAR's widest forward and SJD's window are reserved
         up front, so vLLM never has to split one (a partial ZipAR forward would break its schedule)."""
+        if self._order is not None:
+            return self._order.stream(self._decoding(request))[1]
         stream = self._zipar.get(request.request_id)
         if stream is not None:
             return stream.schedule.max_fed_per_forward
         return self._sjd_window.get(request.request_id, 1)
 
+    @staticmethod
+    def _decoding(request: Request):
+        info = image_request_info(request.sampling_params)
+        return info.decoding if info is not None else None
+
     def _need(self, request: Request) -> Need:
         """What the request reserves for its whole life (`admission.py`)."""
         spec = self.vllm_config.speculative_config
         lookahead = spec.num_speculative_tokens if spec is not None else self._sjd_window.get(request.request_id, 0)
+        if self._order is not None:
+            lookahead = self._order.stream(self._decoding(request))[2]
         return stream_need(request.num_prompt_tokens, request.max_tokens, self._widest_step(request), lookahead,
                            self.block_size)
 
@@ -246,17 +266,35 @@ class VisualARScheduler(Scheduler):
         needs = [(key, sum((self._need(r) for r in g), Need())) for key, g in whole.items()]
         return [r for key in admit(needs, room, self._overtaken, self.max_num_running_reqs) for r in whole[key]]
 
-    def _give_sjd_slots(self) -> None:
+    def _give_spec_slots(self) -> None:
         """Spec-token slots for each running SJD request past its prompt; the runner fills them."""
         for request in self.running:
             window = self._sjd_window.get(request.request_id)
             if window is not None and request.num_computed_tokens >= request.num_prompt_tokens:
                 request.spec_token_ids = [0] * draft_slots(window, request.max_tokens - request.num_output_tokens)
 
+    def _phase_step(self, admitted: list[Request]) -> tuple[list[Request], list[Request]]:
+        """A family that decodes in phases run by different models (CoDe: drafter, refiner) runs one
+        phase per step, alternating between the phases that have work; new images enter in the entry
+        phase. -> (running requests held out of this step, the admitted ones that may start)."""
+        present = {self._order.phase(r) for r in self.running} | ({self._order.entry_phase} if admitted else set())
+        if len(present) > 1:
+            present.discard(self._last_phase)
+        phase = self._last_phase = min(present) if present else self._order.entry_phase
+        for r in self.running:
+            if self._order.phase(r) == phase:
+                self._order.prepare_step(r)
+        held = [r for r in self.running if self._order.phase(r) != phase]
+        return held, admitted if phase == self._order.entry_phase else []
+
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
-        self._give_sjd_slots()
+        self._give_spec_slots()
         waiting = list(self.waiting)
         admitted = self._admissible_groups()
+        held_running = []
+        if self._order is not None:
+            held_running, admitted = self._phase_step(admitted)
+            self.running = [r for r in self.running if r not in set(held_running)]
         admitted_set = set(admitted)
         held = [r for r in waiting if r not in admitted_set]
         self.waiting.remove_requests(waiting)
@@ -267,6 +305,7 @@ class VisualARScheduler(Scheduler):
         finally:
             # Anything not admitted goes back in front, in its original order.
             self.waiting.prepend_requests(reversed(held))
+            self.running += held_running
         self._check_pairs(output)
         return output
 

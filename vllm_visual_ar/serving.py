@@ -7,6 +7,7 @@ Request (OpenAI's images API, plus this plugin's decoding fields; unknown fields
      "seed": 0, "guidance_scale": 2.0, "temperature": 1.0, "top_k": 32, "top_p": 1.0,
      "strategy": "raster" | "zipar" | "sjd", "window": 8, "init": "random" | "horizontal",  # init: SJD
      "relaxed_delta": 0.1, "relaxed_neighbours": 16,     # SJD: relaxed acceptance (not exact)
+     "strategy": "code", "draft_steps": 2,               # VAR models with a CoDe refiner
      "extra_params": {...any of the fields above...},   # vllm-omni style; wins over top level
      "stream": false, "partial_images": 0..3,
      "timeout": 30.0}                                   # seconds; then the images are aborted: 408
@@ -15,10 +16,13 @@ Response: `{"created", "data": [{"b64_json": PNG}], "size", "output_format": "pn
 `/metrics` gains per-image forward passes, tokens per forward and latency, and SJD's drafts
 verified/accepted. With
 `"stream": true` (n = 1), server-sent events as OpenAI's API sends them: `partial_images` events of
-type `image_generation.partial_image` as rows of codes complete (rows not yet generated are black),
-then `image_generation.completed` with the whole image. Image i of a request uses seed `seed + i`.
+type `image_generation.partial_image` as the image's codes come in (LlamaGen: the complete rows, rows
+not yet generated black; VAR: the complete scales, coarse to fine), then `image_generation.completed`
+with the whole image. Image i of a request uses seed `seed + i`.
 
-Class-conditional models take no text, so `negative_prompt` is rejected (400) rather than silently
+The model family (`families.py`) decides what guidance 0 or 1 means (LlamaGen: 1 is unguided; VAR's
+cfg: 0 is), which strategies apply (VAR: its own scale order, or "code" with `draft_steps` on a CoDe
+folder) and how codes become pixels. Class-conditional models take no text, so `negative_prompt` is rejected (400) rather than silently
 ignored. Validation is total and comes before the engine is touched: every field's JSON type, numbers
 finite and in range (seed in [0, 2**32 - 1] for every image of the request, guidance and temperature
 at most 100), strings at most 1,000 characters, bodies at most 1 MiB (else 413) and of any shape;
@@ -52,10 +56,10 @@ FIELD_TYPES = {"prompt": (str, int), "model": (str,), "n": (int,), "size": (str,
                "top_k": (int,), "top_p": (int, float), "strategy": (str,), "window": (int,), "init": (str,),
                "relaxed_delta": (int, float), "relaxed_neighbours": (int,), "extra_params": (dict,),
                "stream": (bool,), "partial_images": (int,), "negative_prompt": (str,), "user": (str,),
-               "timeout": (int, float)}
+               "timeout": (int, float), "draft_steps": (int,)}
 KNOWN_FIELDS = set(FIELD_TYPES)
 EXTRA_PARAMS = {"seed", "guidance_scale", "temperature", "top_k", "top_p", "strategy", "window", "init",
-                "relaxed_delta", "relaxed_neighbours", "negative_prompt", "timeout"}
+                "relaxed_delta", "relaxed_neighbours", "negative_prompt", "timeout", "draft_steps"}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object"}
 
 
@@ -163,21 +167,31 @@ def parse_images_request(body, config) -> ImagesJob:
         seed = check_seed(fields.get("seed"), n)
     except ValueError as e:
         raise BadRequest(str(e), "seed") from None
+    from vllm_visual_ar.families import family_of
+    from vllm_visual_ar.samplers import family_decoding
+
     top_k = _int(fields, "top_k", config.default_top_k, 0)
     guidance = fields.get("guidance_scale")
+    top_p = fields.get("top_p", getattr(config, "default_top_p", 1.0))
     numbers = (config.default_guidance_scale if guidance is None else guidance, fields.get("temperature", 1.0),
-               min(top_k, config.codebook_size), 1.0 if fields.get("top_p") is None else fields["top_p"])
+               min(top_k, config.codebook_size), 1.0 if top_p is None else top_p)
     try:
-        settings = SamplingSettings(*(1.0 if v is None else v for v in numbers))
+        settings = SamplingSettings(*(1.0 if v is None else v for v in numbers),
+                                    unguided_scale=family_of(config).unguided_scale)
     except ValueError as e:
         raise BadRequest(str(e), str(e).split(" ", 1)[0]) from None
     strategy = fields.get("strategy") or "raster"
+    names = ("strategy", "init", "window", "relaxed_delta", "relaxed_neighbours", "draft_steps")
     try:
         decoding = Decoding(strategy, fields.get("window"), fields.get("init"), fields.get("relaxed_delta"),
-                            fields.get("relaxed_neighbours")).fitted(config)
+                            fields.get("relaxed_neighbours"), fields.get("draft_steps")).fitted(config)
     except ValueError as e:
-        names = ("strategy", "init", "window", "relaxed_delta", "relaxed_neighbours")
         raise BadRequest(str(e), next((f for f in names if str(e).startswith(f)), "relaxed_delta")) from None
+    order = family_decoding(config, 0)
+    problem = order(config).decoding_problem(decoding) if order is not None else (
+        "strategy 'code' (draft_steps) applies to VAR models with a refiner" if strategy == "code" else None)
+    if problem:
+        raise BadRequest(problem, next((f for f in reversed(names) if f in problem), "strategy"))
     stream = fields.get("stream") or False
     partial_images = _int(fields, "partial_images", 0, 0, MAX_PARTIAL_IMAGES)
     if stream and n != 1:
@@ -203,22 +217,23 @@ def png_b64(pixels) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def decode_pngs(vq, codes_list: list[list[int]], grid: int, rows_done: int | None = None) -> list[str]:
-    """Image codes (raster order) -> base64 PNGs. With rows_done, a preview: codes past the given
-    number of complete rows are unknown, and their pixels are drawn black."""
+def decode_pngs(decode, codes_list: list[list[int]]) -> list[str]:
+    """Whole images' codes -> base64 PNGs (`decode`: the model family's decoder)."""
     import torch
 
     from vllm_visual_ar.model_executors.vq import images_to_uint8
 
-    full = []
-    for codes in codes_list:
-        known = list(codes) + [codes[-1] if codes else 0] * (grid * grid - len(codes))
-        full.append(torch.tensor(known).view(grid, grid))
     with torch.no_grad():
-        pixels = images_to_uint8(vq.decode_codes(torch.stack(full)))
-    if rows_done is not None:
-        pixels[:, rows_done * pixels.shape[1] // grid:] = 0
+        pixels = images_to_uint8(decode(torch.tensor(codes_list)))
     return [png_b64(p) for p in pixels]
+
+
+def preview_png(decode, codes: list[int], total: int) -> str:
+    """A partial image as a base64 PNG: what the family's decoder draws from the codes so far
+    (LlamaGen: the complete rows, the rest black; VAR: the complete scales, coarse to fine)."""
+    from vllm_visual_ar.model_executors.vq import images_to_uint8
+
+    return png_b64(images_to_uint8(decode.preview(list(codes), total))[0])
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -334,15 +349,16 @@ class ImagesEndpoint:
         state.visual_ar = None
         if engine_client is None:
             return
-        from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
-        from vllm_visual_ar.model_executors.vq import load_vq
+        from vllm_visual_ar.families import family_of
 
         config = engine_client.vllm_config.model_config.hf_config
-        if not isinstance(config, LlamaGenConfig):
+        try:
+            family = family_of(config)
+        except ValueError:
             return  # another model: the route answers 400
         model_dir = engine_client.vllm_config.model_config.model
         names = list(getattr(args, "served_model_name", None) or []) + [args.model, model_dir]
-        state.visual_ar = dict(engine=engine_client, config=config, vq=load_vq(model_dir).eval(), names=names)
+        state.visual_ar = dict(engine=engine_client, config=config, decode=family.decoder(model_dir), names=names)
         metrics()
 
     async def _handle(self, raw_request):
@@ -373,7 +389,7 @@ class ImagesEndpoint:
                                             job.timeout)
         except asyncio.TimeoutError:  # wait_for has cancelled the images, which aborts their streams
             return JSONResponse(_timeout(job).body(), status_code=408)
-        pngs = await asyncio.to_thread(decode_pngs, served["vq"], images, served["config"].image_grid)
+        pngs = await asyncio.to_thread(decode_pngs, served["decode"], images)
         size = f"{served['config'].image_size}x{served['config'].image_size}"
         tokens = job.n * served["config"].num_image_tokens
         return JSONResponse({"created": created, "data": [{"b64_json": p} for p in pngs], "size": size,
@@ -395,10 +411,12 @@ class ImagesEndpoint:
         return run.codes
 
     async def _stream(self, served, job: ImagesJob):
-        config, vq = served["config"], served["vq"]
-        grid, size = config.image_grid, f"{config.image_size}x{config.image_size}"
-        # Partial image j goes out once (j + 1) / (partial_images + 1) of the rows are complete.
-        marks = [(j + 1) * grid // (job.partial_images + 1) for j in range(job.partial_images)]
+        config, decode = served["config"], served["decode"]
+        size, total = f"{config.image_size}x{config.image_size}", config.num_image_tokens
+        # Partial image j goes out once (j + 1) / (partial_images + 1) of the image's codes are in, or
+        # where the family's decoder places its previews (VAR: after whole scales).
+        marks = (decode.preview_marks(job.partial_images) if hasattr(decode, "preview_marks") else
+                 [(j + 1) * total // (job.partial_images + 1) for j in range(job.partial_images)])
         queue: asyncio.Queue = asyncio.Queue()
 
         def event(kind: str, b64: str, **more) -> str:
@@ -406,18 +424,19 @@ class ImagesEndpoint:
                        "quality": "auto", "background": "opaque", "output_format": "png", **more}
             return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
 
+        sent = []
+
         async def on_tokens(codes):
-            rows = len(codes) // grid
-            while marks and rows >= marks[0] and len(codes) < grid * grid:
-                done_rows = marks.pop(0)
-                png = (await asyncio.to_thread(decode_pngs, vq, [codes[: done_rows * grid]], grid, done_rows))[0]
-                await queue.put(event("image_generation.partial_image", png,
-                                      partial_image_index=job.partial_images - len(marks) - 1))
+            while marks and len(codes) >= marks[0] and len(codes) < total:
+                mark = marks.pop(0)
+                png = await asyncio.to_thread(preview_png, decode, codes[:mark], total)
+                await queue.put(event("image_generation.partial_image", png, partial_image_index=len(sent)))
+                sent.append(mark)
 
         async def produce():
             codes = await self._one(served, job, 0, on_tokens)
-            png = (await asyncio.to_thread(decode_pngs, vq, [codes], grid))[0]
-            await queue.put(event("image_generation.completed", png, usage=_usage(config.num_image_tokens)))
+            png = (await asyncio.to_thread(decode_pngs, decode, [codes]))[0]
+            await queue.put(event("image_generation.completed", png, usage=_usage(total)))
 
         task = asyncio.ensure_future(produce())
         deadline = None if job.timeout is None else asyncio.get_running_loop().time() + job.timeout

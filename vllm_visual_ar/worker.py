@@ -29,8 +29,9 @@ import torch
 
 from vllm.platforms import current_platform
 
-from vllm_visual_ar.model_executors.masked_attention import MaskedAttention
+from vllm_visual_ar.model_executors.masked_attention import MaskedAttention, masked_attention_for
 from vllm_visual_ar.requests import ImageRequestInfo, image_request_info
+from vllm_visual_ar.samplers import family_decoding
 from vllm_visual_ar.samplers.sampling import cfg_mix, sample_rows
 from vllm_visual_ar.samplers.sjd import Drafts, fill_drafts, latent_neighbours, target_probs, verify
 from vllm_visual_ar.samplers.zipar import ZipARSchedule, zipar_schedule
@@ -95,6 +96,13 @@ class VisualARRunnerMixin:
     _infos: dict | None = None
     _sjd_states: dict | None = None  # image id -> _SJDState
     _neighbours: dict | None = None  # k -> [codebook, k] latent neighbours (relaxed SJD)
+    _order = None  # the runner half of a family's own decoding order (VAR), False if none
+
+    def _family_order(self):
+        if self._order is None:
+            order = family_decoding(self.model_config.hf_config, 1)
+            self._order = order(self.model_config.hf_config, self.get_model()) if order is not None else False
+        return self._order or None
 
     def _image_info(self, req_id: str) -> ImageRequestInfo | None:
         """Parsed once per request (the scheduler has rejected malformed ones)."""
@@ -125,6 +133,8 @@ class VisualARRunnerMixin:
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         logits_indices, spec_decode_metadata, max_sampled = super()._prepare_inputs(
             scheduler_output, num_scheduled_tokens)
+        if (order := self._family_order()) is not None:
+            return order.prepare(self, logits_indices)
         model = self.get_model()
         model.masked_attention = None
         self._step_layout = None
@@ -172,7 +182,7 @@ class VisualARRunnerMixin:
             where = torch.tensor([start + j for start, pos in raster_positions for j in range(len(pos))])
             self.positions[where.to(self.positions.device)] = torch.tensor(
                 [p for _, pos in raster_positions for p in pos], dtype=self.positions.dtype).to(self.positions.device)
-            model.masked_attention = self._masked_attention(zipar, qsl, computed, prefix)
+            model.masked_attention = self._masked_attention(zipar, prefix)
         sjd_images: dict[str, list[_SJDRow]] = {}
         for r in sjd:
             sjd_images.setdefault(r.info.image_id, []).append(r)
@@ -210,35 +220,16 @@ class VisualARRunnerMixin:
                 self.input_ids.cpu[r.tokens.start + 1:r.tokens.stop] = drafts
                 self.input_ids.gpu[r.tokens.start + 1:r.tokens.stop] = drafts.to(self.input_ids.gpu.device)
 
-    def _masked_attention(self, zipar: list[_ZipARRow], qsl, computed, prefix: int) -> MaskedAttention:
+    def _masked_attention(self, zipar: list[_ZipARRow], prefix: int) -> MaskedAttention:
         """Each ZipAR query sees the request's cached tokens (this forward's included) whose raster
         position is <= its own, except stand-ins other than itself; the class token is seen by all."""
-        table = self.input_batch.block_table[0]
-        bs = table.block_size
-        fed = [int(qsl[z.row + 1] - qsl[z.row]) for z in zipar]
-        lengths = [int(computed[z.row]) + n for z, n in zip(zipar, fed)]
-        nq, nblocks = max(fed), (max(lengths) + bs - 1) // bs
-        b = len(zipar)
-        query_index = np.zeros((b, nq), dtype=np.int64)
-        query_valid = np.zeros((b, nq), dtype=bool)
-        query_pos = np.zeros((b, nq), dtype=np.int64)
-        key_blocks = np.zeros((b, nblocks), dtype=np.int64)
-        mask = np.zeros((b, nq, nblocks * bs), dtype=bool)
-        mask[:, :, 0] = True  # padding queries attend to something (their output is dropped)
-        for i, (z, n, length) in enumerate(zip(zipar, fed, lengths)):
-            start = int(qsl[z.row])
-            used = (length + bs - 1) // bs
-            key_blocks[i, :used] = table.block_table.np[z.row, :used]
-            query_index[i, :n] = np.arange(start, start + n)
-            query_index[i, n:] = start
-            query_valid[i, :n] = True
-            query_pos[i, :n] = np.arange(length - n, length)
-            mask[i, :n, :length] = _schedule_visibility(z.schedule, prefix)[length - n:length, :length]
-        return MaskedAttention(*(torch.from_numpy(a).to(self.device)
-                                 for a in (query_index, query_valid, query_pos, key_blocks, mask)))
+        return masked_attention_for(self, [(z.row, lambda q, kv, z=z: _schedule_visibility(z.schedule, prefix)[q][:, kv])
+                                           for z in zipar])
 
     # -- sampling --------------------------------------------------------------------------------
     def _sample(self, logits, spec_decode_metadata):
+        if logits is not None and (order := self._family_order()) is not None:
+            return order.sample(self, logits)
         layout = self._step_layout
         if logits is None or spec_decode_metadata is not None:
             return super()._sample(logits, spec_decode_metadata)

@@ -1,0 +1,199 @@
+"""VAR (next-scale prediction) in vLLM's engine against the plain-PyTorch reference loop
+(`model_executors/var_reference.py::generate_var`), token for token."""
+import pytest
+import torch
+from conftest import finish_reasons, scheduler_of, step_until_done
+from tiny_models import tiny_var_config, write_official_var_checkpoints, write_tiny_code_folder
+
+from vllm_visual_ar.model_executors.var_reference import generate_var
+from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
+
+GREEDY = dict(top_k=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_var(tmp_path_factory):
+    """(folder, reference, vq): a random tiny VAR in the release layout, converted by the plugin."""
+    from vllm_visual_ar.model_executors.convert import convert_var
+
+    root = tmp_path_factory.mktemp("var")
+    config = tiny_var_config()
+    (reference,), vq, (var_pth, vae_pth) = write_official_var_checkpoints(root, config)
+    folder = convert_var(str(var_pth), str(vae_pth), str(root / "converted"), patch_nums=config.patch_nums)
+    return folder, reference, vq
+
+
+@pytest.fixture(scope="module")
+def var_generator(tiny_var, make_generator):
+    return make_generator(tiny_var[0], max_images_in_flight=4)
+
+
+def reference_codes(tiny_var, classes, guidance_scale, seeds=None, **sampling):
+    _, reference, vq = tiny_var
+    return torch.cat(generate_var(reference, vq, classes, guidance_scale, seeds=seeds, **sampling), dim=1)
+
+
+@pytest.mark.parametrize("classes,guidance_scale", [([3], 0.0), ([3], 1.5), ([0, 1, 2, 5, 7, 9], 4.0),
+                                                    ([2, 2, 8], 0.0)])
+def test_greedy_var_equals_reference_loop(var_generator, tiny_var, classes, guidance_scale):
+    images = var_generator.generate(classes, guidance_scale=guidance_scale, **GREEDY)
+    got = torch.stack([im.codes for im in images])
+    assert torch.equal(got, reference_codes(tiny_var, classes, guidance_scale, **GREEDY))
+    cfg = var_generator.config
+    for im in images:  # one forward per scale, counted from the engine's per-step outputs
+        assert (im.stats.tokens, im.stats.forward_passes) == (cfg.num_image_tokens, cfg.num_scales)
+        assert im.stats.streams == (2 if guidance_scale != 0 else 1)
+
+
+@pytest.mark.parametrize("guidance_scale,sampling", [(2.0, dict(top_k=0, top_p=1.0, temperature=1.0)),
+                                                     (1.0, dict(top_k=8, top_p=0.9, temperature=1.3)),
+                                                     (0.0, dict(top_k=0, top_p=0.8, temperature=0.7))])
+def test_seeded_sampling_equals_reference_loop(var_generator, tiny_var, guidance_scale, sampling):
+    """Every scale draws its codes from the image's own generator, as the reference does: the same
+    seed gives the same image, and the engine's images are the reference's draw for draw."""
+    classes = [1, 4, 4, 6, 8]
+    images = var_generator.generate(classes, guidance_scale=guidance_scale, seed=11, **sampling)
+    got = torch.stack([im.codes for im in images])
+    expected = reference_codes(tiny_var, classes, guidance_scale, seeds=[11 + i for i in range(len(classes))],
+                               **sampling)
+    assert torch.equal(got, expected)
+    assert len({tuple(c.tolist()) for c in got}) > 1
+
+
+def test_seed_gives_the_same_image_alone_and_under_load(var_generator):
+    alone = var_generator.generate([5], guidance_scale=1.5, seed=99)[0].codes  # the folder's defaults
+    crowd = var_generator.generate([1, 2, 3, 4, 6, 5], guidance_scale=1.5, seed=94)
+    assert torch.equal(crowd[5].codes, alone)
+
+
+def test_staggered_arrivals_mixed_guidance_and_abort(var_generator, tiny_var):
+    """More images than fit, arriving over several steps, guided and unguided, one aborted half-way:
+    the others equal the reference; the aborted pair frees its KV."""
+    cfg = var_generator.config
+    engine = var_generator.llm.llm_engine
+    jobs = [(3, 0.0), (4, 1.5), (5, 4.0), (6, 0.0), (7, 2.0), (8, 1.5), (9, 0.5)]
+    submit = {}
+    for i, (c, s) in enumerate(jobs):
+        settings = SamplingSettings(guidance_scale=s, unguided_scale=0.0, **GREEDY)
+        reqs = image_requests(cfg, c, settings, image_id=f"var{i}")
+        submit.setdefault(i // 2, []).extend((f"var{i}-{sp.extra_args['visual_ar']['role']}", p, sp)
+                                             for p, sp in reqs)
+    victim = image_requests(cfg, 1, SamplingSettings(guidance_scale=2.0, unguided_scale=0.0, **GREEDY),
+                            image_id="victim")
+    submit[0] += [(f"victim-{sp.extra_args['visual_ar']['role']}", p, sp) for p, sp in victim]
+    steps = [0]
+
+    def abort_victim():
+        steps[0] += 1
+        if steps[0] == 2:
+            engine.abort_request(["victim-cond"])
+
+    done = step_until_done(engine, submit, each_step=abort_victim)
+    for i, (c, s) in enumerate(jobs):
+        role = "single" if s == 0 else "cond"
+        assert torch.equal(torch.tensor(done[f"var{i}-{role}"].token_ids),
+                           reference_codes(tiny_var, [c], s, **GREEDY)[0]), (c, s)
+    assert done["victim-uncond"].finish_reason == "abort"
+    assert scheduler_of(var_generator).kv_cache_manager.usage == 0
+
+
+def test_bad_var_requests_finish_with_an_error(var_generator):
+    cfg = var_generator.config
+    settings = SamplingSettings(guidance_scale=1.5, unguided_scale=0.0)
+    zipar = image_requests(cfg, 2, settings, image_id="vz")
+    for _, sp in zipar:
+        sp.extra_args["visual_ar"].update(strategy="zipar", window=2)
+    short = image_requests(cfg, 2, SamplingSettings(guidance_scale=0.0, unguided_scale=0.0), image_id="vs")
+    short[0][1].max_tokens = short[0][1].min_tokens = 5
+    reasons = finish_reasons(var_generator.llm.llm_engine, zipar + short, "varbad")
+    assert set(reasons.values()) == {"error"}
+    with pytest.raises(ValueError, match="strategy"):
+        var_generator.generate([1], strategy="zipar", window=2)
+    good = var_generator.generate([2], guidance_scale=1.5, **GREEDY)
+    assert good[0].stats.tokens == cfg.num_image_tokens
+
+
+def test_decoded_images_match_the_reference_vqvae(var_generator, tiny_var):
+    _, _, vq = tiny_var
+    image = var_generator.generate([3], guidance_scale=1.5, **GREEDY)[0]
+    expected = vq.decode_codes(image.codes[None])
+    assert image.image.size == (expected.shape[-1], expected.shape[-2])
+
+
+# -- CoDe: a drafter for the first scales, a refiner for the rest ----------------------------------
+@pytest.fixture(scope="module")
+def tiny_code(tmp_path_factory):
+    return write_tiny_code_folder(tmp_path_factory.mktemp("code"))
+
+
+@pytest.fixture(scope="module")
+def code_generator(tiny_code, make_generator):
+    return make_generator(tiny_code[0], max_images_in_flight=4)
+
+
+def reference_code(tiny_code, classes, guidance_scale, draft_steps, seeds=None, **sampling):
+    from vllm_visual_ar.model_executors.var_reference import generate_code
+
+    _, drafter, refiner, vq = tiny_code
+    if draft_steps is None:
+        return torch.cat(generate_var(drafter, vq, classes, guidance_scale, seeds=seeds, **sampling), dim=1)
+    return torch.cat(generate_code(drafter, refiner, vq, classes, draft_steps, guidance_scale, seeds=seeds,
+                                   **sampling), dim=1)
+
+
+@pytest.mark.parametrize("draft_steps", [None, 1, 2, 3])
+@pytest.mark.parametrize("guidance_scale", [0.0, 2.0])
+def test_greedy_code_equals_reference(code_generator, tiny_code, draft_steps, guidance_scale):
+    classes = [0, 4, 9]
+    strategy = dict(strategy="code", draft_steps=draft_steps) if draft_steps else {}
+    images = code_generator.generate(classes, guidance_scale=guidance_scale, **strategy, **GREEDY)
+    got = torch.stack([im.codes for im in images])
+    assert torch.equal(got, reference_code(tiny_code, classes, guidance_scale, draft_steps, **GREEDY))
+    # drafter steps, one hand-off forward over the drafted prefix, refiner steps: one per scale
+    assert all(im.stats.forward_passes == code_generator.config.num_scales for im in images)
+
+
+def test_seeded_code_equals_reference(code_generator, tiny_code):
+    classes = [2, 3, 3, 7]
+    sampling = dict(top_k=0, top_p=1.0, temperature=1.0)
+    images = code_generator.generate(classes, guidance_scale=1.5, seed=5, strategy="code", draft_steps=2, **sampling)
+    expected = reference_code(tiny_code, classes, 1.5, 2, seeds=[5, 6, 7, 8], **sampling)
+    assert torch.equal(torch.stack([im.codes for im in images]), expected)
+
+
+def test_code_phases_share_the_engine_with_staggered_arrivals(code_generator, tiny_code):
+    """Images at every draft_steps, guided and not, drafter-only among them, arriving over several
+    steps and more than fit at once: drafter- and refiner-phase images alternate in the engine and
+    each equals its reference."""
+    cfg = code_generator.config
+    jobs = [(c, s, n) for c, (s, n) in enumerate([(0.0, 1), (2.0, 2), (1.5, None), (3.0, 3), (0.0, 2),
+                                                  (2.0, 1), (0.5, 3), (2.0, None)])]
+    submit = {}
+    for c, s, n in jobs:
+        decoding = Decoding("code", draft_steps=n) if n else Decoding()
+        reqs = image_requests(cfg, c, SamplingSettings(guidance_scale=s, unguided_scale=0.0, **GREEDY),
+                              image_id=f"code{c}", decoding=decoding)
+        submit.setdefault(c // 3, []).extend((f"code{c}-{sp.extra_args['visual_ar']['role']}", p, sp)
+                                             for p, sp in reqs)
+    done = step_until_done(code_generator.llm.llm_engine, submit)
+    for c, s, n in jobs:
+        got = torch.tensor(done[f"code{c}-{'single' if s == 0 else 'cond'}"].token_ids)
+        assert torch.equal(got, reference_code(tiny_code, [c], s, n, **GREEDY)[0]), (c, s, n)
+    assert scheduler_of(code_generator).kv_cache_manager.usage == 0
+
+
+def test_bad_draft_steps(code_generator, var_generator):
+    k = code_generator.config.num_scales
+    for n in (0, k, True, "2"):
+        with pytest.raises(ValueError, match="draft_steps"):
+            code_generator.generate([1], strategy="code", draft_steps=n)
+    with pytest.raises(ValueError, match="refiner"):
+        var_generator.generate([1], strategy="code", draft_steps=1)
+    with pytest.raises(ValueError, match="draft_steps"):
+        code_generator.generate([1], draft_steps=2)  # without strategy "code"
+    cfg = code_generator.config
+    raw = image_requests(cfg, 2, SamplingSettings(guidance_scale=1.5, unguided_scale=0.0), image_id="cbad")
+    for _, sp in raw:
+        sp.extra_args["visual_ar"].update(strategy="code", draft_steps=k)
+    assert set(finish_reasons(code_generator.llm.llm_engine, raw, "codebad").values()) == {"error"}
+    assert code_generator.generate([2], strategy="code", draft_steps=1, **GREEDY)[0].stats.tokens == cfg.num_image_tokens
