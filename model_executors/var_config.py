@@ -20,6 +20,8 @@ but are stored explicitly, so models trained on other sizes and schedules load a
 """
 from __future__ import annotations
 
+import os
+
 from transformers import PretrainedConfig
 
 ARCHITECTURE = "VARForClassToImage"
@@ -143,6 +145,11 @@ class VARConfig(PretrainedConfig):
 
     def class_token(self, class_id: int) -> int:
         return self.codebook_size + class_id
+
+    @property
+    def extra_weight_files(self) -> list[str]:
+        """Weights beside model.safetensors and the VQVAE's: the CoDe refiner's."""
+        return [os.path.join("refiner", "model.safetensors")] if self.refiner is not None else []
 
     def refiner_config(self) -> "VARConfig | None":
         """The CoDe refiner as a VARConfig of its own (same schedule, VQVAE and classes), or None."""

@@ -197,3 +197,34 @@ def test_bad_draft_steps(code_generator, var_generator):
         sp.extra_args["visual_ar"].update(strategy="code", draft_steps=k)
     assert set(finish_reasons(code_generator.llm.llm_engine, raw, "codebad").values()) == {"error"}
     assert code_generator.generate([2], strategy="code", draft_steps=1, **GREEDY)[0].stats.tokens == cfg.num_image_tokens
+
+
+def test_code_abort_in_the_refiner_phase_frees_both_models_kv(code_generator):
+    """An image aborted after its hand-off (refiner phase) frees its blocks; the next image runs."""
+    cfg = code_generator.config
+    engine = code_generator.llm.llm_engine
+    reqs = image_requests(cfg, 4, SamplingSettings(guidance_scale=2.0, unguided_scale=0.0, **GREEDY),
+                          image_id="cabort", decoding=Decoding("code", draft_steps=1))
+    submit = {0: [(f"cabort-{sp.extra_args['visual_ar']['role']}", p, sp) for p, sp in reqs]}
+    steps = [0]
+
+    def abort_after_hand_off():
+        steps[0] += 1
+        if steps[0] == 3:  # forward 0: drafter (scale 0); 1: hand-off; 2: refiner scale 2
+            engine.abort_request(["cabort-uncond"])
+
+    done = step_until_done(engine, submit, each_step=abort_after_hand_off)
+    assert done["cabort-cond"].finish_reason == "abort"
+    assert 0 < len(done["cabort-cond"].token_ids) < cfg.num_image_tokens
+    assert scheduler_of(code_generator).kv_cache_manager.usage == 0
+
+
+def test_folder_missing_its_refiner_is_refused(tiny_code, tmp_path):
+    import shutil
+
+    from vllm_visual_ar.generator import ImageGenerator
+
+    folder = shutil.copytree(tiny_code[0], tmp_path / "no-refiner")
+    shutil.rmtree(folder / "refiner")
+    with pytest.raises(ValueError, match="refiner"):
+        ImageGenerator(str(folder))

@@ -9,8 +9,10 @@ import torch
 
 from vllm_visual_ar.model_executors.convert import convert_var, load_var_folder, write_var_folder
 from vllm_visual_ar.model_executors.var_config import VARConfig
-from vllm_visual_ar.model_executors.var_reference import VARReference, generate_code, generate_var
+from vllm_visual_ar.model_executors.var_reference import generate_code, generate_var
 from vllm_visual_ar.model_executors.var_vq import MultiScaleQuantizer, MultiScaleVQVAE
+
+from tiny_models import official_var_state as official_state, random_var, random_var_vq as random_vq
 
 OFFICIAL = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 MNIST_8 = (1, 2, 3, 4, 6, 8, 11, 16)
@@ -21,33 +23,6 @@ VQ = dict(codebook_size=32, z_channels=8, ch=32, ch_mult=[1, 2], num_res_blocks=
 def config(patch_nums=(1, 2, 3, 4), depth=2, heads=2, **more) -> VARConfig:
     return VARConfig(depth=depth, embed_dim=64 * heads, num_heads=heads, num_classes=10, patch_nums=patch_nums,
                      vq=dict(VQ), **more)
-
-
-def random_var(cfg: VARConfig, seed: int = 0) -> VARReference:
-    torch.manual_seed(seed)
-    model = VARReference(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.3 if name.startswith("head.") or "scale_mul" in name else 0.1)
-    return model.eval()
-
-
-def random_vq(cfg: VARConfig, seed: int = 0) -> MultiScaleVQVAE:
-    torch.manual_seed(seed + 100)
-    vq = MultiScaleVQVAE.from_config(cfg)
-    with torch.no_grad():
-        vq.quantize.embedding.weight.normal_()
-    return vq.eval()
-
-
-def official_state(model: VARReference) -> dict:
-    """The state dict as VAR's own module saves it: plus its persistent buffers."""
-    n = model.ends[-1]
-    state = dict(model.state_dict(), lvl_1L=model.lvl_1L[None].clone(),
-                 attn_bias_for_masking=torch.zeros(1, 1, n, n).masked_fill(~model.block_causal_mask(n), -torch.inf))
-    for i in range(len(model.blocks)):
-        state[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(model.config.embed_dim)
-    return state
 
 
 def random_codes(cfg: VARConfig, batch: int = 2) -> list[torch.Tensor]:

@@ -72,8 +72,18 @@ def random_var(config, seed: int = 0):
     model = VARReference(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.normal_(0, 0.3 if name.startswith("head.") else 0.1)
+            p.normal_(0, 0.3 if name.startswith("head.") or "scale_mul" in name else 0.1)
     return model.eval()
+
+
+def official_var_state(model) -> dict:
+    """The state dict as VAR's own module saves it: with its persistent buffers."""
+    n = model.ends[-1]
+    state = dict(model.state_dict(), lvl_1L=model.lvl_1L[None].clone(),
+                 attn_bias_for_masking=torch.zeros(1, 1, n, n).masked_fill(~model.block_causal_mask(n), -torch.inf))
+    for i in range(len(model.blocks)):
+        state[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(model.config.embed_dim)
+    return state
 
 
 def random_var_vq(config, seed: int = 0):
@@ -96,7 +106,7 @@ def write_official_var_checkpoints(root, config, refiner_config=None, seed: int 
                                                                                  config.codebook_size)})
     paths = [root / f"var_tiny{i}.pth" for i in range(len(models))]
     for model, path in zip(models, paths):
-        torch.save(model.state_dict(), path)
+        torch.save(official_var_state(model), path)
     torch.save(vq_state, root / "vae_tiny.pth")
     return models, vq, paths + [root / "vae_tiny.pth"]
 

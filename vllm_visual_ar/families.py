@@ -40,6 +40,14 @@ class Family:
     def guided(self, guidance_scale: float) -> bool:
         return guidance_scale != self.unguided_scale
 
+    def missing_files(self, model_dir: str) -> list[str]:
+        """Weight files the folder's config.json calls for that are not there (a CoDe folder also
+        needs its refiner's), so a broken folder is refused before an engine starts."""
+        from vllm_visual_ar.model_executors.vq import VQ_WEIGHTS
+
+        needed = ["model.safetensors", VQ_WEIGHTS, *getattr(self.config(model_dir), "extra_weight_files", ())]
+        return [f for f in needed if not os.path.isfile(os.path.join(model_dir, f))]
+
 
 FAMILIES = (
     Family("llamagen", "LlamaGenForClassToImage", "llamagen",

@@ -24,7 +24,9 @@ def resolve_model_dir(model: str | None) -> str:
     from vllm_visual_ar.families import family_of
 
     try:
-        family_of(path)
+        family = family_of(path)
     except ValueError as e:
         raise ValueError(f"model folder {model!r}: {e}") from None
+    if missing := family.missing_files(path):
+        raise ValueError(f"model folder {model!r} lacks {', '.join(missing)} (its config.json calls for them)")
     return path
