@@ -93,14 +93,17 @@ class VARBlock(nn.Module):
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.embed_dim, 6 * cfg.embed_dim))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, masked: MaskedAttention | None) -> torch.Tensor:
-        """cond: [T, C] class embedding of each token's sequence (or, with shared AdaLN, the shared
-        projection [T, 6, C])."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, rows: torch.Tensor,
+                masked: MaskedAttention | None) -> torch.Tensor:
+        """cond: [U, C] the distinct class embeddings of the batch (with shared AdaLN, the shared
+        projection [U, 6, C]); rows: [T] which of them each token's sequence has. The modulation is
+        one vector per sequence (VAR computes it per sequence, not per token), so it is computed once
+        per distinct class and gathered."""
         if hasattr(self, "ada_gss"):
             ada = self.ada_gss[0, 0] + cond
         else:
             ada = self.ada_lin(cond).view(-1, 6, self.embed_dim)
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(1)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada[rows].unbind(1)
         ln = lambda h: F.layer_norm(h, (self.embed_dim,), eps=self.eps)  # noqa: E731 (no affine, as VAR)
         x = x + self.attn(ln(x) * (scale1 + 1) + shift1, masked) * gamma1
         return x + self.ffn(ln(x) * (scale2 + 1) + shift2) * gamma2
@@ -114,8 +117,8 @@ class VARHeadNorm(nn.Module):
         self.embed_dim, self.eps = cfg.embed_dim, cfg.norm_eps
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.embed_dim, 2 * cfg.embed_dim))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.ada_lin(cond).view(-1, 2, self.embed_dim).unbind(1)
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond).view(-1, 2, self.embed_dim)[rows].unbind(1)
         return F.layer_norm(x, (self.embed_dim,), eps=self.eps) * (scale + 1) + shift
 
 
@@ -155,14 +158,15 @@ class VARTransformer(nn.Module):
                masked: MaskedAttention | None) -> torch.Tensor:
         """positions, labels [T], features [T, z] -> the head's input [T, C]."""
         cfg = self.config
-        cond = self.class_emb(labels)
+        classes, rows = labels.unique(return_inverse=True)
+        cond = self.class_emb(classes)  # [U, C]: one per distinct class in the batch
         first = (positions == 0)[:, None]
-        h = torch.where(first, cond + self.pos_start[0, 0], self.word_embed(features.to(cond.dtype)))
+        h = torch.where(first, cond[rows] + self.pos_start[0, 0], self.word_embed(features.to(cond.dtype)))
         h = h + self.lvl_embed(self.scale_of_position[positions]) + self.pos_1LC[0, positions]
         ada = self.shared_ada_lin(cond).view(-1, 6, cfg.embed_dim) if cfg.shared_aln else cond
         for block in self.blocks:
-            h = block(h, ada, masked)
-        return self.head_nm(h, cond)
+            h = block(h, ada, rows, masked)
+        return self.head_nm(h, cond, rows)
 
 
 class VARForClassToImage(VARTransformer):

@@ -228,3 +228,19 @@ def test_folder_missing_its_refiner_is_refused(tiny_code, tmp_path):
     shutil.rmtree(folder / "refiner")
     with pytest.raises(ValueError, match="refiner"):
         ImageGenerator(str(folder))
+
+
+@pytest.mark.parametrize("variant", [dict(shared_aln=True), dict(attn_l2_norm=False)])
+def test_var_variants_equal_reference(variant, tmp_path, make_generator):
+    """VAR-d36's shared AdaLN, and attention without L2-normalised q/k, through converter and engine."""
+    from vllm_visual_ar.model_executors.convert import convert_var
+
+    config = tiny_var_config(patch_nums=(1, 2, 4), **variant)
+    (reference,), vq, (var_pth, vae_pth) = write_official_var_checkpoints(tmp_path, config)
+    folder = convert_var(str(var_pth), str(vae_pth), str(tmp_path / "converted"), patch_nums=config.patch_nums,
+                         num_heads=config.num_heads)
+    engine = make_generator(folder, max_images_in_flight=2)
+    assert all(getattr(engine.config, k) == v for k, v in variant.items())
+    images = engine.generate([1, 8], guidance_scale=2.0, **GREEDY)
+    expected = torch.cat(generate_var(reference, vq, [1, 8], 2.0, **GREEDY), dim=1)
+    assert torch.equal(torch.stack([im.codes for im in images]), expected)
