@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_OMP_THREADS_BIND ?= nobind
 
-.PHONY: venv demo serve test bench train clean
+.PHONY: venv demo serve test bench train train-var clean
 
 venv: $(VENV)/.installed
 
@@ -37,6 +37,9 @@ bench: venv
 
 train: venv  ## retrain the embedded model (CPU, about 40 minutes)
 	$(BIN)/python scripts/train_embedded.py
+
+train-var: venv  ## retrain the embedded VAR / CoDe model var-mnist (CPU, about 45 minutes)
+	$(BIN)/python scripts/train_var_embedded.py
 
 clean:
 	rm -rf $(VENV) demo_out
