@@ -27,10 +27,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
+
+from vllm_visual_ar.samplers.strategy import Footprint, Strategy, StrategyRunner
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,11 @@ class ScaleSchedule:
         return max(self.tokens(k) for k in range(self.num_scales))
 
 
+@lru_cache(maxsize=16)
+def scale_schedule(patch_nums: tuple[int, ...]) -> ScaleSchedule:
+    return ScaleSchedule(tuple(patch_nums))
+
+
 def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg: float, k: int, num_scales: int) -> torch.Tensor:
     """VAR's guidance at scale k, in its own form: (1 + t) cond - t uncond, t = cfg * k / (K - 1)."""
     t = cfg * k / (num_scales - 1) if num_scales > 1 else 0.0
@@ -127,7 +134,13 @@ def settings_list(value, num_scales: int) -> Sequence:
     return list(value) if isinstance(value, (list, tuple)) else [value] * num_scales
 
 
-# -- the engine side: what vLLM's scheduler and the plugin's runner ask of next-scale decoding ----------
+# -- the strategy: what vLLM's scheduler and the plugin's runner ask of next-scale decoding -------------
+#
+# Every request to a model whose config.decoding is "next_scale" runs under `NextScale`: strategy
+# "raster" (the default) is VAR's plain scale order, "code" CoDe's hand-off. In vLLM's terms a request
+# is the class-token prompt plus the image's L codes; before forward k the scheduler half gives it
+# pn_k^2 - 1 speculative-token slots, which the runner half fills and never rejects, so vLLM's own
+# accounting places scale k at positions [ends[k-1], ends[k]) and frees it when the image ends.
 #
 # CoDe (arXiv 2411.17787, czg1225/CoDe `models/var.py::autoregressive_infer_cfg_draft` / `_refine`): a
 # folder may carry a refiner beside its VAR (the drafter). A request with strategy "code" and
@@ -142,80 +155,9 @@ def settings_list(value, num_scales: int) -> Sequence:
 DRAFTER, REFINER = "drafter", "refiner"
 
 
-def draft_steps(info, num_scales: int) -> int:
+def draft_steps(decoding, num_scales: int) -> int:
     """Scales the drafter decodes: N for strategy "code", every scale otherwise."""
-    return info.decoding.draft_steps if info is not None and info.decoding.strategy == "code" else num_scales
-
-
-class NextScaleScheduling:
-    """Scheduler side for one model config: which requests it can run, what one reserves, its phase
-    and the slots of its next forward."""
-
-    entry_phase = DRAFTER  # a new request's first forward (the class token) runs the drafter
-
-    def __init__(self, config):
-        self.schedule = ScaleSchedule(tuple(config.patch_nums))
-        self.has_refiner = getattr(config, "refiner", None) is not None
-
-    def _info(self, request):
-        from vllm_visual_ar.requests import image_request_info
-
-        return image_request_info(request.sampling_params)
-
-    def decoding_problem(self, decoding) -> str | None:
-        """Why a per-request decoding does not apply to this model, or None."""
-        strategy = decoding.strategy if decoding is not None else "raster"
-        if strategy == "code":
-            if not self.has_refiner:
-                return "strategy 'code' (draft_steps) needs a CoDe model folder: this VAR has no refiner"
-            if not 1 <= decoding.draft_steps <= self.schedule.num_scales - 1:
-                return f"draft_steps must be in [1, {self.schedule.num_scales - 1}], got {decoding.draft_steps}"
-        elif strategy != "raster":
-            return f"strategy {strategy!r} does not apply: this model decodes scale by scale"
-        return None
-
-    def problem(self, request) -> str | None:
-        """Why a request cannot be decoded scale by scale, or None."""
-        info = self._info(request)
-        if problem := self.decoding_problem(info.decoding if info is not None else None):
-            return problem
-        if request.num_prompt_tokens != 1:
-            return "a next-scale (VAR) request's prompt is its one class token"
-        if request.max_tokens != self.schedule.num_tokens:
-            return f"a next-scale (VAR) image has {self.schedule.num_tokens} tokens: max_tokens must be that"
-        if request.sampling_params.logprobs is not None:
-            return "next-scale (VAR) decoding does not return logprobs"
-        return None
-
-    def stream(self, decoding) -> tuple[int, int, int]:
-        """(tokens vLLM appends, tokens of the widest forward, look-ahead slots) of one stream; the
-        CoDe hand-off feeds every position up to the end of scale N at once."""
-        widest = self.schedule.widest_step
-        if decoding is not None and decoding.strategy == "code":
-            widest = max(widest, self.schedule.ends[decoding.draft_steps])
-        return self.schedule.num_tokens, widest, 0
-
-    def next_scale(self, request) -> int:
-        """The scale the request's next forward samples (its codes so far end the scale before)."""
-        done = request.num_output_tokens
-        return 0 if done == 0 else self.schedule.ends.index(done) + 1
-
-    def phase(self, request) -> str:
-        info = self._info(request)
-        return REFINER if self.next_scale(request) >= draft_steps(info, self.schedule.num_scales) else DRAFTER
-
-    def prepare_step(self, request) -> None:
-        """Before a step that runs the request: the spec-token slots its forward needs, and at the
-        CoDe hand-off the rewind that makes vLLM feed the whole prefix to the refiner."""
-        if request.num_output_tokens == 0:
-            request.spec_token_ids = []
-            return
-        k = self.next_scale(request)
-        if k == draft_steps(self._info(request), self.schedule.num_scales) and request.num_computed_tokens:
-            request.num_computed_tokens = 0  # the refiner recomputes scales 0..k-1 with scale k
-        # vLLM feeds (tokens so far + slots - computed) tokens: the last code plus pn_k^2 - 1 slots, or
-        # after the rewind the whole prefix up to the end of scale k.
-        request.spec_token_ids = [0] * (self.schedule.tokens(k) - 1)
+    return decoding.draft_steps if decoding is not None and decoding.strategy == "code" else num_scales
 
 
 @dataclass
@@ -229,20 +171,23 @@ class _Image:
         self.inputs = {}
 
 
-class NextScaleRunner:
-    """Runner side: the inputs of each request's forward and its sampled codes.
+class NextScaleRunner(StrategyRunner):
+    """Runner half, for whole batches (every request of the model is next-scale).
 
-    `prepare` runs after vLLM has laid out the batch: each request feeds the positions up to the end
-    of the scale it samples (one scale; its prompt is scale 0; at a CoDe hand-off every scale up to
-    N); it hands the model the next-scale features and class labels of every token, the model to run
-    (drafter or refiner: one per forward), the block-causal mask for multi-scale forwards, and asks
-    for logits at the sampled scale's rows. `sample` mixes each guided pair's logits with the ramped
-    guidance scale and draws the scale's codes from the cond (or single) stream's generator; both
-    streams get them."""
+    `prepare_batch` runs after vLLM has laid out the batch: each request feeds the positions up to
+    the end of the scale it samples (one scale; its prompt is scale 0; at a CoDe hand-off every scale
+    up to N); it hands the model the next-scale features and class labels of every token, the model
+    to run (drafter or refiner: one per forward), the block-causal mask for multi-scale forwards, and
+    asks for logits at the sampled scale's rows. `sample_batch` mixes each guided pair's logits with
+    the ramped guidance scale and draws the scale's codes from the cond (or single) stream's
+    generator; both streams get them."""
 
-    def __init__(self, config, model):
-        self.config, self.quantizer = config, model.quantize
-        self.schedule = ScaleSchedule(tuple(config.patch_nums))
+    owns_batch = True
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.quantizer = self.model.quantize
+        self.schedule = scale_schedule(tuple(self.config.patch_nums))
         self.images: dict[str, _Image] = {}
         self.rows: list = []
 
@@ -260,35 +205,29 @@ class NextScaleRunner:
                 image.scales = k
         return image.inputs[k]
 
-    def prepare(self, runner, logits_indices: torch.Tensor):
-        """-> (logits_indices, spec_decode_metadata, max tokens sampled per request) for vLLM's runner."""
-        from vllm_visual_ar.model_executors.masked_attention import masked_attention_for
+    def prepare_batch(self, step):
         from vllm_visual_ar.model_executors.var import VARStepInputs
-        from vllm_visual_ar.requests import image_request_info
 
-        batch = runner.input_batch
-        qsl = runner.query_start_loc.np[: batch.num_reqs + 1]
-        computed = batch.num_computed_tokens_cpu[: batch.num_reqs]
-        total = int(qsl[-1])
+        total = int(step.query_start[-1])
         weight = self.quantizer.embedding.weight
-        features = torch.zeros(total, weight.shape[1], device=runner.device, dtype=weight.dtype)
+        features = torch.zeros(total, weight.shape[1], device=step.device, dtype=weight.dtype)
         labels = torch.empty(total, dtype=torch.long)
         self.rows, prefixes, phases, indices = [], [], set(), []
-        for row, req_id in enumerate(batch.req_ids):
-            state = runner.requests[req_id]
-            info = image_request_info(state.sampling_params)
-            start, end = int(qsl[row]), int(qsl[row + 1])
-            first = int(computed[row])
+        for row, req_id in enumerate(step.req_ids):
+            state, info = step.state(row), step.info(row)
+            start, end = step.fed(row)
+            first = int(step.computed[row])
             k = self.schedule.ends.index(first + end - start) if first + end - start in self.schedule.ends else None
             if k is None or first > self.schedule.start(k):
                 raise RuntimeError(f"next-scale request {req_id}: scheduled positions [{first}, {first + end - start}), "
                                    f"which end no scale of {self.schedule.patch_nums}")
-            phases.add(REFINER if k >= draft_steps(info, self.schedule.num_scales) else DRAFTER)
+            decoding = info.decoding if info is not None else None
+            phases.add(REFINER if k >= draft_steps(decoding, self.schedule.num_scales) else DRAFTER)
             labels[start:end] = state.prompt_token_ids[0] - self.config.codebook_size
             key = info.image_id if info is not None else req_id
             for s in range(max(1, self.config.scale_of(first)), k + 1):  # every scale fed (scale 0: the class token)
                 at = start + self.schedule.start(s) - first
-                features[at:at + self.schedule.tokens(s)] = self._inputs(key, s, state.output_token_ids, runner.device)
+                features[at:at + self.schedule.tokens(s)] = self._inputs(key, s, state.output_token_ids, step.device)
             if first < self.schedule.start(k):  # several scales at once: block-causal inside the chunk
                 prefixes.append((row, k))
             sampled = slice(end - self.schedule.tokens(k), end)
@@ -296,30 +235,23 @@ class NextScaleRunner:
             indices += range(sampled.start, sampled.stop)
         if len(phases) > 1:
             raise RuntimeError("a forward carries both CoDe phases; the scheduler runs one model per step")
-        if len(self.images) > len(batch.req_ids) + 64:
-            self.forget({info.image_id if info is not None else batch.req_ids[row] for row, info, _, _ in self.rows})
         masked = None
         if prefixes:
             scale_of = np.repeat(np.arange(self.schedule.num_scales), [p * p for p in self.schedule.patch_nums])
-            masked = masked_attention_for(runner, [(row, lambda q, kv: scale_of[kv][None, :] <= scale_of[q][:, None])
-                                                   for row, _ in prefixes])
-        runner.get_model().step_inputs = VARStepInputs(features, labels.to(runner.device), masked,
-                                                       refiner=phases == {REFINER})
-        flat = torch.tensor(indices, dtype=logits_indices.dtype, device=logits_indices.device)
-        return flat, None, max(r.stop - r.start for *_, r in self.rows)
+            masked = step.masked_attention([(row, lambda q, kv: scale_of[kv][None, :] <= scale_of[q][:, None])
+                                            for row, _ in prefixes])
+        self.model.step_inputs = VARStepInputs(features, labels.to(step.device), masked, refiner=phases == {REFINER})
+        return np.asarray(indices), max(r.stop - r.start for *_, r in self.rows)
 
-    def forget(self, live_keys: set[str]) -> None:
-        for key in set(self.images) - live_keys:
-            del self.images[key]
+    def forget(self, req_id, info):
+        self.images.pop(info.image_id if info is not None else req_id, None)
 
-    def sample(self, runner, logits: torch.Tensor):
-        """-> vLLM's SamplerOutput: each request's codes of the scale it sampled (padding -1)."""
-        from vllm.v1.outputs import SamplerOutput
-
+    def sample_batch(self, step, logits):
+        """-> each request's codes of the scale it sampled (padding -1)."""
         v = self.config.codebook_size
         images: dict[str, dict[str, tuple]] = {}
         for row, info, k, rows in self.rows:
-            key = info.image_id if info is not None else runner.input_batch.req_ids[row]
+            key = info.image_id if info is not None else step.req_ids[row]
             images.setdefault(key, {})[info.role if info is not None else "single"] = (row, info, k, rows)
         width = max(r.stop - r.start for *_, r in self.rows)
         out = torch.full((len(self.rows), width), -1, dtype=torch.int32)
@@ -328,9 +260,83 @@ class NextScaleRunner:
             x = logits[rows, :v]
             if "uncond" in streams:
                 x = guide(x, logits[streams["uncond"][3], :v], info.guidance_scale, k, self.schedule.num_scales)
-            params = runner.requests[runner.input_batch.req_ids[lead_row]].sampling_params
-            codes = sample_scale(x, max(params.top_k or 0, 0), params.top_p, params.temperature,
-                                 runner.input_batch.generators.get(lead_row))
+            params = step.state(lead_row).sampling_params
+            codes = sample_scale(x, max(params.top_k or 0, 0), params.top_p, params.temperature, step.generator(lead_row))
             for row, _, _, rows in streams.values():
                 out[row, : rows.stop - rows.start] = codes.to(torch.int32).cpu()
-        return SamplerOutput(sampled_token_ids=out.to(runner.device), logprobs_tensors=None)
+        return out
+
+
+class NextScale(Strategy):
+    """Scheduler half for one request: what it must look like, what one stream reserves, its phase
+    and the slots of its next forward."""
+
+    fields = ("draft_steps",)
+    order = "next_scale"
+    runner = NextScaleRunner
+    uses_spec_slots = True
+    entry_phase = DRAFTER  # a new request's first forward (the class token) runs the drafter
+
+    @classmethod
+    def checked(cls, decoding):
+        from vllm_visual_ar.requests import short
+
+        n = decoding.draft_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"draft_steps must be an integer >= 1 (CoDe: scales the drafter decodes), got {short(n)}")
+        return {}
+
+    @classmethod
+    def problem(cls, config, decoding):
+        if getattr(config, "decoding", None) != cls.order:
+            return f"strategy {decoding.strategy!r} (draft_steps) applies to VAR models with a refiner"
+        if decoding.strategy == "code":
+            if getattr(config, "refiner", None) is None:
+                return "strategy 'code' (draft_steps) needs a CoDe model folder: this VAR has no refiner"
+            if not 1 <= decoding.draft_steps <= config.num_scales - 1:
+                return f"draft_steps must be in [1, {config.num_scales - 1}], got {decoding.draft_steps}"
+        elif decoding.strategy != "raster":
+            return f"strategy {decoding.strategy!r} does not apply: this model decodes scale by scale"
+        return None
+
+    def __init__(self, config, decoding):
+        super().__init__(config, decoding)
+        self.schedule = scale_schedule(tuple(config.patch_nums))
+        self.draft_steps = draft_steps(decoding, self.schedule.num_scales)
+
+    def start(self, request):
+        if request.num_prompt_tokens != 1:
+            return "a next-scale (VAR) request's prompt is its one class token"
+        if request.max_tokens != self.schedule.num_tokens:
+            return f"a next-scale (VAR) image has {self.schedule.num_tokens} tokens: max_tokens must be that"
+        if request.sampling_params.logprobs is not None:
+            return "next-scale (VAR) decoding does not return logprobs"
+        return None
+
+    def footprint(self, output_tokens):
+        """The CoDe hand-off feeds every position up to the end of scale N at once."""
+        widest = self.schedule.widest_step
+        if self.draft_steps < self.schedule.num_scales:
+            widest = max(widest, self.schedule.ends[self.draft_steps])
+        return Footprint(self.schedule.num_tokens, widest, 0)
+
+    def next_scale(self, request) -> int:
+        """The scale the request's next forward samples (its codes so far end the scale before)."""
+        done = request.num_output_tokens
+        return 0 if done == 0 else self.schedule.ends.index(done) + 1
+
+    def phase(self, request):
+        return REFINER if self.next_scale(request) >= self.draft_steps else DRAFTER
+
+    def before_step(self, request):
+        """The spec-token slots the forward needs, and at the CoDe hand-off the rewind that makes
+        vLLM feed the whole prefix to the refiner."""
+        if request.num_output_tokens == 0:
+            request.spec_token_ids = []
+            return
+        k = self.next_scale(request)
+        if k == self.draft_steps and request.num_computed_tokens:
+            request.num_computed_tokens = 0  # the refiner recomputes scales 0..k-1 with scale k
+        # vLLM feeds (tokens so far + slots - computed) tokens: the last code plus pn_k^2 - 1 slots, or
+        # after the rewind the whole prefix up to the end of scale k.
+        request.spec_token_ids = [0] * (self.schedule.tokens(k) - 1)

@@ -26,10 +26,21 @@ p'(d) = p(d) + that mass. Rejections still draw from norm(max(0, p - q)). delta 
 Pitfalls of the authors' code avoided here: q is always the exact distribution a draft was drawn
 from, under the same guidance and filters as verification; a residual that is all zero (possible only
 through rounding, when rejection had probability ~0) falls back to p instead of dividing by zero.
+
+The strategy (`SJD`, `SJDRunner`, at the end) runs through vLLM's speculative-decoding accounting
+without a vLLM proposer: before each step the scheduler half gives a request `min(window, tokens
+left) - 1` speculative-token slots; the runner half writes the image's drafts into them (the same
+drafts into both guidance streams), reads logits at every fed token, verifies the drafts against the
+guided, filtered, tempered targets and appends the committed tokens; vLLM rolls back the KV of the
+rest (`num_computed_tokens -= rejected`). The image's Jacobi state (carried drafts and the
+distributions they were drawn from) lives in the runner half between forwards.
 """
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import torch
+
+from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 
 INITS = ("random", "horizontal")
 DEFAULT_WINDOW = 16
@@ -156,3 +167,117 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
     resampled = int(draw((residual / total if total > 0 else p[j - 1])[None], generator)[0])
     # Jacobi: positions j+1 .. K were predicted from the rejected prefix; their samples carry over.
     return drafts.tokens[: j - 1] + [resampled], Drafts(samples[j:].tolist(), p[j:])
+
+
+# -- the strategy: what vLLM's scheduler and the plugin's runner ask of SJD ----------------------------
+@dataclass
+class _Jacobi:
+    """One image's Jacobi state between forwards (shared by its two guidance streams)."""
+    carried: Drafts
+    current: Drafts | None = None
+
+
+class SJDRunner(StrategyRunner):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.images: dict[str, _Jacobi] = {}
+        self._leads: dict[int, str] = {}  # this forward's sampling rows -> image id
+        self._neighbours: dict[int, torch.Tensor] = {}  # k -> [codebook, k] latent neighbours (relaxed)
+
+    def prepare(self, step, rows):
+        """Each image's drafts (carried Jacobi tail, then initialised), written into both streams."""
+        images: dict[str, list[int]] = {}
+        for row in rows:
+            start, end = step.fed(row)
+            if end - start > 1:  # x0 and end - start - 1 drafts; a forward without drafts is vLLM's own
+                images.setdefault(step.info(row).image_id, []).append(row)
+        vocab, grid = self.config.codebook_size, self.config.image_grid
+        plans, self._leads = {}, {}
+        for image_id, streams in images.items():
+            streams.sort(key=lambda r: step.info(r).role == "uncond")
+            lead = streams[0]
+            state = self.images.setdefault(image_id, _Jacobi(Drafts.empty(vocab)))
+            history = step.state(lead).output_token_ids
+            start, end = step.fed(lead)
+            state.current = fill_drafts(state.carried, end - start - 1, step.info(lead).decoding.init, vocab,
+                                        history[-1], len(history), grid, step.generator(lead), self.device)
+            for row in streams:
+                if step.fed(row)[1] - step.fed(row)[0] != end - start:
+                    raise RuntimeError(f"SJD image {image_id}: its streams got different numbers of draft slots")
+                plans[row] = RowPlan(range(end - start), slot_tokens=state.current.tokens)
+            self._leads[lead] = image_id
+        return plans
+
+    def emit(self, step, rows, logits, at):
+        """Verify each image's drafts against its (guided) targets; carry the Jacobi tail."""
+        out = {}
+        for row in rows:
+            params = step.state(row).sampling_params
+            p = target_probs(logits[at[row]], params.temperature, max(params.top_k or 0, 0), params.top_p)
+            state = self.images[self._leads[row]]
+            decoding = step.info(row).decoding
+            relaxed = None if decoding.relaxed_delta is None else (
+                self._latent_neighbours(decoding.relaxed_neighbours), decoding.relaxed_delta)
+            out[row], state.carried = verify(p, state.current, step.generator(row), relaxed)
+        return out
+
+    def forget(self, req_id, info):
+        if info is not None:
+            self.images.pop(info.image_id, None)
+
+    def _latent_neighbours(self, k: int | None) -> torch.Tensor:
+        """Each image code's k nearest codes in the VQ's latent space (relaxed acceptance); k
+        defaults to LlamaGen/LANTERN's share, 1000 of 16384 codes."""
+        cfg = self.config
+        k = min(k or max(1, round(cfg.codebook_size * 1000 / 16384)), max(1, cfg.codebook_size - 1))
+        if k not in self._neighbours:
+            if len(self._neighbours) >= 4:  # clients choose k: keep a few tables, not one per k ever asked
+                self._neighbours.pop(next(iter(self._neighbours)))
+            from safetensors.torch import load_file
+
+            from vllm_visual_ar.model_executors.vq import VQ_WEIGHTS
+
+            codebook = load_file(os.path.join(self.model_dir, VQ_WEIGHTS))["quantize.embedding.weight"]
+            if cfg.vq.get("codebook_l2_norm", True):
+                codebook = torch.nn.functional.normalize(codebook.float(), dim=-1)
+            self._neighbours[k] = latent_neighbours(codebook, k).to(self.device)
+        return self._neighbours[k]
+
+
+class SJD(Strategy):
+    fields = ("window", "init", "relaxed_delta", "relaxed_neighbours")
+    runner = SJDRunner
+    uses_spec_slots = True
+
+    @classmethod
+    def checked(cls, decoding):
+        delta, neighbours = check_relaxed(decoding.relaxed_delta, decoding.relaxed_neighbours)
+        return {"window": check_sjd_window(DEFAULT_WINDOW if decoding.window is None else decoding.window),
+                "init": check_init("random" if decoding.init is None else decoding.init),
+                "relaxed_delta": delta, "relaxed_neighbours": neighbours}
+
+    @classmethod
+    def fitted(cls, decoding, config):
+        """A window beyond the image verifies the whole image; no code has more latent neighbours
+        than the other codes."""
+        neighbours = decoding.relaxed_neighbours
+        if neighbours is not None:
+            neighbours = min(neighbours, max(1, config.codebook_size - 1))
+        return replace(decoding, window=min(decoding.window, config.num_image_tokens), relaxed_neighbours=neighbours)
+
+    @classmethod
+    def draft_stats(cls, decoding, image_tokens, done, committed):
+        return forward_drafts(decoding.window, image_tokens, done, committed)
+
+    def start(self, request):
+        return whole_image_problem(self.config, request, self.decoding.strategy)
+
+    def footprint(self, output_tokens):
+        window = min(self.decoding.window, output_tokens)  # a longer window verifies no more than the image
+        return Footprint(output_tokens, window, window)
+
+    def before_step(self, request):
+        """Draft slots for the forward, once past the prompt: the runner half fills them."""
+        if request.num_computed_tokens >= request.num_prompt_tokens:
+            window = min(self.decoding.window, request.max_tokens)
+            request.spec_token_ids = [0] * draft_slots(window, request.max_tokens - request.num_output_tokens)

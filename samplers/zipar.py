@@ -19,11 +19,30 @@ in row order, then a stand-in if the next forward starts a row) are appended and
 next forward, so one forward of a request carries one query per active row plus at most one
 stand-in and one finished row's last token. `ZipARSchedule.sequence` lists that sequence; entry i
 sits at KV slot `prompt_len + i`.
+
+The strategy (`ZipAR`, `ZipARRunner`, after the schedule) is what vLLM's scheduler and the plugin's
+runner ask of it:
+- scheduler: a request appends every entry of the sequence, stand-ins included (vLLM counts them as
+  output tokens, so KV slots, blocks and frees stay vLLM's), and its widest forward is reserved at
+  admission (a partial forward would break the schedule); the frontend is shown image tokens only,
+  released in raster order as the raster prefix grows (at least one per forward, since the top
+  unfinished row advances every forward);
+- runner: each fed token sits at its raster position (2D RoPE row and column), logits are read at
+  every token that predicts one, a query sees exactly the cached tokens whose raster index is <= its
+  own and no stand-in but itself (`model_executors/masked_attention.py`), and a forward appends one
+  sample per predicting token (per-request temperature, top-k, top-p and seed; one batched draw),
+  then the stand-in when the next forward starts a row.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
+
+import numpy as np
+import torch
+
+from vllm_visual_ar.samplers.sampling import sample_rows
+from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 
 
 def check_window(window) -> int:
@@ -138,3 +157,128 @@ def zipar_schedule(height: int, width: int, window: int) -> ZipARSchedule:
             above = bottom - 1
             emitted.append(Entry(bottom * width + width - 1, copy_of=above * width + count[above] - 1))
     return ZipARSchedule(height, width, w, tuple(sequence), tuple(step_starts))
+
+
+# -- the strategy: what vLLM's scheduler and the plugin's runner ask of ZipAR ----------------------------
+# Keyed by the schedule's sizes, not the schedule: hashing a schedule hashes its whole sequence.
+@lru_cache(maxsize=64)
+def visibility(height: int, width: int, window: int, prefix: int) -> np.ndarray:
+    """[S, S] bool over a request's sequence positions (prompt first): position s sees position j
+    iff j's raster index <= s's and j is not a stand-in other than s itself. The prompt counts as
+    raster -1: seen by all. A forward's mask is a slice of it."""
+    schedule = zipar_schedule(height, width, window)
+    raster = np.array([-1] * prefix + [e.raster for e in schedule.sequence])
+    stand_in = np.array([False] * prefix + [e.stand_in for e in schedule.sequence])
+    seen = (raster[None, :] <= raster[:, None]) & ~stand_in[None, :]
+    np.fill_diagonal(seen, True)
+    return seen
+
+
+@lru_cache(maxsize=4096)
+def forward_plan(height: int, width: int, window: int, step: int, prefix: int) -> tuple[tuple, tuple]:
+    """Forward `step` of a request: (offsets of the fed tokens that predict something, each fed
+    token's position: the prompt length plus its raster index)."""
+    schedule = zipar_schedule(height, width, window)
+    fed = schedule.fed(step)
+    entries = schedule.sequence[fed.start:fed.stop]
+    return (tuple(j for j, e in enumerate(entries) if e.predicts is not None),
+            tuple(prefix + e.raster for e in entries))
+
+
+class ZipARRunner(StrategyRunner):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._forwards: dict[int, tuple[ZipARSchedule, int]] = {}  # this forward's rows -> (schedule, step)
+
+    def prepare(self, step, rows):
+        grid = self.config.image_grid
+        plans, self._forwards = {}, {}
+        for row in rows:
+            schedule = zipar_schedule(grid, grid, step.info(row).decoding.window)
+            if schedule.window == grid:  # raster order exactly: vLLM's own path
+                continue
+            start, end = step.fed(row)
+            prefix = int(step.prompt_lens[row])
+            t = schedule.step_of_first_fed.get(int(step.computed[row]) - prefix)
+            if t is None or len(schedule.fed(t)) != end - start:
+                raise RuntimeError(f"ZipAR request {step.req_ids[row]}: scheduled {end - start} tokens at KV "
+                                   f"length {step.computed[row]}, which is no forward of its schedule")
+            predicting, positions = forward_plan(grid, grid, schedule.window, t, prefix)
+            seen = visibility(grid, grid, schedule.window, prefix)
+            plans[row] = RowPlan(predicting, positions, lambda q, kv, seen=seen: seen[q][:, kv])
+            self._forwards[row] = (schedule, t)
+        return plans
+
+    def emit(self, step, rows, logits, at):
+        """A sample per predicting token, in order, then the stand-in if the schedule starts a row
+        next forward (a copy of an earlier token: from the history, or from this forward's samples)."""
+        index = torch.cat([torch.arange(at[r].start, at[r].stop) for r in rows]).to(logits.device)
+        settings, generators, first = [], [], 0
+        for row in rows:
+            params = step.state(row).sampling_params
+            n = at[row].stop - at[row].start
+            settings += [(params.temperature, max(params.top_k or 0, 0), params.top_p)] * n
+            if (g := step.generator(row)) is not None:
+                generators.append((slice(first, first + n), g))
+            first += n
+        temperature, top_k, top_p = (torch.tensor(c, device=logits.device) for c in zip(*settings))
+        tokens = sample_rows(logits[index].float(), temperature, top_k, top_p, generators).tolist()
+        out, first = {}, 0
+        for row in rows:
+            n = at[row].stop - at[row].start
+            mine, first = tokens[first:first + n], first + n
+            schedule, t = self._forwards[row]
+            emitted = schedule.emitted(t)
+            last = schedule.sequence[emitted.stop - 1]
+            if last.stand_in:
+                where = schedule.raster_order[last.copy_of]
+                history = step.state(row).output_token_ids
+                mine.append(history[where] if where < len(history) else mine[where - emitted.start])
+            out[row] = mine
+        return out
+
+
+class ZipAR(Strategy):
+    fields = ("window",)
+    runner = ZipARRunner
+
+    @classmethod
+    def checked(cls, decoding):
+        return {"window": check_window(decoding.window)}
+
+    @classmethod
+    def fitted(cls, decoding, config):
+        return replace(decoding, window=min(decoding.window, config.image_grid))
+
+    @cached_property
+    def schedule(self) -> ZipARSchedule:
+        return zipar_schedule(self.config.image_grid, self.config.image_grid, self.decoding.window)
+
+    def start(self, request):
+        if problem := whole_image_problem(self.config, request, self.decoding.strategy):
+            return problem
+        self._raster_of = [-1 if e.stand_in else e.raster for e in self.schedule.sequence]
+        self._codes: dict[int, int] = {}  # raster index -> token, not yet released
+        self._seen = 0      # output tokens looked at
+        self._released = 0  # raster prefix already shown to the frontend
+        return None
+
+    def footprint(self, output_tokens):
+        if self.schedule.window == self.schedule.width:  # raster order exactly
+            return Footprint(output_tokens, 1, 0)
+        return Footprint(len(self.schedule.sequence), self.schedule.max_fed_per_forward, 0)
+
+    def frontend_tokens(self, request, new_token_ids):
+        """Stand-ins dropped, image tokens released in raster order as the raster prefix grows."""
+        if self.schedule.window == self.schedule.width:
+            return new_token_ids
+        outputs = request.output_token_ids
+        for i in range(self._seen, len(outputs)):
+            if self._raster_of[i] >= 0:
+                self._codes[self._raster_of[i]] = outputs[i]
+        self._seen = len(outputs)
+        out = []
+        while self._released in self._codes:
+            out.append(self._codes.pop(self._released))
+            self._released += 1
+        return out

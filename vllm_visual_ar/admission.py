@@ -3,9 +3,10 @@ images a step admits. Plain logic: the scheduler applies it to vLLM requests, an
 and the HTTP endpoint use it to refuse an image that could never run before it reaches the engine.
 
 An image's length is fixed, so the scheduler reserves everything it will need at admission (see
-`scheduler.py`): one sequence per stream, the KV blocks of the whole image (ZipAR: with its
-stand-ins; SJD: plus one window of look-ahead), and the widest step's tokens (ZipAR: every active
-row; SJD: the window), so a running image never waits for memory and a guided pair is never split.
+`scheduler.py`): one sequence per stream, the KV blocks of the whole image and its look-ahead, and
+the widest step's tokens, as its decoding strategy states them (`Strategy.footprint`: ZipAR counts
+its stand-ins and every active row, SJD one window of look-ahead and the window), so a running image
+never waits for memory and a guided pair is never split.
 
 Admission rule (bounded unfairness): waiting images are considered in arrival order and each one
 that fits in what is left is admitted, so an image that does not fit yet does not hold back later
@@ -48,22 +49,20 @@ def stream_need(prompt_tokens: int, output_tokens: int, widest_step: int, lookah
     return Need(1, max(prompt_tokens, widest_step), math.ceil((prompt_tokens + output_tokens + lookahead) / block_size))
 
 
-def image_need(config, decoding, guided: bool, block_size: int, prompt_tokens: int = 1) -> Need:
-    """What one image of a model config asks of the engine, as the scheduler will reserve it."""
-    from vllm_visual_ar.samplers import family_decoding
-    from vllm_visual_ar.samplers.zipar import zipar_schedule
+def footprint_need(prompt_tokens: int, footprint, block_size: int, lookahead: int | None = None) -> Need:
+    """One stream, from its strategy's footprint (`samplers/strategy.py::Footprint`); `lookahead`
+    overrides the strategy's (an engine with a speculative method of vLLM's own)."""
+    return stream_need(prompt_tokens, footprint.tokens, footprint.widest_step,
+                       footprint.lookahead if lookahead is None else lookahead, block_size)
 
-    grid, tokens = config.image_grid, config.num_image_tokens
-    widest, outputs, lookahead = 1, tokens, 0
-    if (order := family_decoding(config, 0)) is not None:
-        outputs, widest, lookahead = order(config).stream(decoding)
-    elif decoding.strategy == "zipar":
-        schedule = zipar_schedule(grid, grid, decoding.window)
-        if schedule.window < grid:
-            widest, outputs = schedule.max_fed_per_forward, len(schedule.sequence)
-    elif decoding.strategy == "sjd":
-        widest = lookahead = min(decoding.window, tokens)
-    one = stream_need(prompt_tokens, outputs, widest, lookahead, block_size)
+
+def image_need(config, decoding, guided: bool, block_size: int, prompt_tokens: int = 1) -> Need:
+    """What one image of a model config asks of the engine, as the scheduler will reserve it: its
+    strategy's footprint (`samplers/`), per stream."""
+    from vllm_visual_ar.samplers import strategy_for
+
+    footprint = strategy_for(config, decoding)(config, decoding).footprint(config.num_image_tokens)
+    one = footprint_need(prompt_tokens, footprint, block_size)
     return one + one if guided else one
 
 

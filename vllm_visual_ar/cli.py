@@ -118,6 +118,8 @@ def cmd_convert_var(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vllm_visual_ar.samplers import strategy_names
+
     ap = argparse.ArgumentParser(prog="vllm-visual-ar", description="Visual autoregressive image generation on vLLM")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=None, help="0 = off (default: the model's default_top_k)")
     g.add_argument("--top-p", type=float, default=None, help="1 = off (default: the model's default_top_p, or 1)")
-    g.add_argument("--strategy", choices=["raster", "zipar", "sjd", "code"], default="raster",
+    g.add_argument("--strategy", choices=strategy_names(), default="raster",
                    help="decoding strategy (raster: LlamaGen's raster order, VAR's scale order; code: CoDe)")
     g.add_argument("--window", type=int, default=None,
                    help="ZipAR: a row starts once the row above has this many tokens (>= grid width = raster); "

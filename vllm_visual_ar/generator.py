@@ -17,7 +17,6 @@ import torch
 from vllm_visual_ar.engine import engine_kwargs, set_engine_env
 from vllm_visual_ar.admission import image_cannot_fit
 from vllm_visual_ar.requests import Decoding, SamplingSettings, check_number, check_seed, image_requests, validate_class_id
-from vllm_visual_ar.samplers.sjd import forward_drafts
 
 
 @dataclass
@@ -61,14 +60,11 @@ def check_generate_args(config, classes, n, seed, guidance_scale, temperature, t
         validate_class_id(config, c)
     check_seed(seed, len(classes) * n)
     from vllm_visual_ar.families import family_of
-    from vllm_visual_ar.samplers import family_decoding
+    from vllm_visual_ar.samplers import decoding_problem
 
     decoding = Decoding(strategy, window, init, relaxed_delta, relaxed_neighbours, draft_steps).fitted(config)
-    order = family_decoding(config, 0)
-    if order is not None and (problem := order(config).decoding_problem(decoding)):
+    if problem := decoding_problem(config, decoding):
         raise ValueError(problem)
-    if order is None and strategy == "code":
-        raise ValueError("strategy 'code' (CoDe) applies to VAR models with a refiner")
     if top_p is None:
         top_p = getattr(config, "default_top_p", 1.0)
     settings = SamplingSettings(config.default_guidance_scale if guidance_scale is None else guidance_scale,
@@ -137,13 +133,16 @@ class ImageGenerator:
         from tqdm import tqdm
         from vllm.sampling_params import RequestOutputKind
 
+        from vllm_visual_ar.samplers import strategy_for
+
+        draft_stats = strategy_for(self.config, decoding).draft_stats
         engine = self.llm.llm_engine
         owner: dict[str, int] = {}  # request id -> image index, for the stream that carries the image
         submitted: list[str] = []
         tokens: list[list[int]] = [[] for _ in jobs]
         forwards = [0] * len(jobs)
         latency = [0.0] * len(jobs)
-        drafts = [[0, 0] for _ in jobs]  # SJD: [drafts verified, drafts accepted] per image
+        drafts = [[0, 0] for _ in jobs]  # [drafts verified, drafts accepted] per image (SJD)
         bar = tqdm(total=len(jobs) * self.config.num_image_tokens, unit="tok", disable=not progress,
                    desc=f"{len(jobs)} images")
         t0 = time.perf_counter()
@@ -168,9 +167,9 @@ class ImageGenerator:
                         continue
                     new = out.outputs[0].token_ids
                     if new:
-                        if decoding.strategy == "sjd" and tokens[index]:  # not the prompt forward
-                            verified, accepted = forward_drafts(decoding.window, self.config.num_image_tokens,
-                                                                len(tokens[index]), len(new))
+                        if tokens[index]:  # not the prompt forward
+                            verified, accepted = draft_stats(decoding, self.config.num_image_tokens,
+                                                             len(tokens[index]), len(new))
                             drafts[index][0] += verified
                             drafts[index][1] += accepted
                         forwards[index] += 1

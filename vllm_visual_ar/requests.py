@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass, replace
-
-from vllm_visual_ar.samplers.sjd import DEFAULT_WINDOW, check_init, check_relaxed, check_sjd_window
-from vllm_visual_ar.samplers.zipar import check_window
+from dataclasses import dataclass
 
 EXTRA_ARGS_KEY = "visual_ar"
 ROLES = ("single", "cond", "uncond")
-STRATEGIES = ("raster", "zipar", "sjd", "code")
 # PyTorch's CPU generator (mt19937) keeps only the low 32 bits of a seed (seeds 0 and 2**32 draw the
 # same numbers), so larger seeds could not all give distinct images.
 MAX_SEED = 2**32 - 1
@@ -65,13 +61,15 @@ def short(value, limit: int = 80) -> str:
 
 @dataclass(frozen=True)
 class Decoding:
-    """How an image's tokens are decoded: "raster" (one token per forward), "zipar" (row-parallel: a
-    row starts once the row above has `window` tokens; `samplers/zipar.py`) or "sjd" (speculative
-    Jacobi decoding: `window` tokens verified per forward, drafts initialised by `init`;
-    `samplers/sjd.py`). SJD's window defaults to 16 and its init to "random"; `relaxed_delta` turns on
-    relaxed (LANTERN-style, not exact) acceptance over `relaxed_neighbours` latent neighbours.
-    "code" (VAR models with a CoDe refiner, `samplers/next_scale.py`): the drafter decodes the first
-    `draft_steps` scales, the refiner the rest; "raster" on a VAR model is its plain next-scale order."""
+    """How an image's tokens are decoded: a strategy registered in `samplers/__init__.py` and its
+    options. "raster" (one token per forward), "zipar" (row-parallel: a row starts once the row above
+    has `window` tokens; `samplers/zipar.py`) or "sjd" (speculative Jacobi decoding: `window` tokens
+    verified per forward, drafts initialised by `init`; `samplers/sjd.py`). SJD's window defaults to
+    16 and its init to "random"; `relaxed_delta` turns on relaxed (LANTERN-style, not exact)
+    acceptance over `relaxed_neighbours` latent neighbours. "code" (VAR models with a CoDe refiner,
+    `samplers/next_scale.py`): the drafter decodes the first `draft_steps` scales, the refiner the
+    rest; "raster" on a VAR model is its plain next-scale order. Each strategy validates the fields
+    it reads (`Strategy.checked`); a field no strategy of this name reads must be unset."""
     strategy: str = "raster"
     window: int | None = None
     init: str | None = None
@@ -80,48 +78,35 @@ class Decoding:
     draft_steps: int | None = None
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {short(self.strategy)}")
-        if self.strategy == "zipar":
-            check_window(self.window)
-        elif self.strategy == "sjd":
-            object.__setattr__(self, "window", check_sjd_window(DEFAULT_WINDOW if self.window is None else self.window))
-            object.__setattr__(self, "init", check_init("random" if self.init is None else self.init))
-        elif self.window is not None:
-            raise ValueError(f"window applies to strategies 'zipar' and 'sjd' only, got window={short(self.window)} "
-                             f"with strategy {self.strategy!r}")
-        if self.strategy != "sjd" and self.init is not None:
-            raise ValueError(f"init applies to strategy 'sjd' only, got init={short(self.init)}")
-        if self.strategy != "sjd" and (self.relaxed_delta, self.relaxed_neighbours) != (None, None):
-            raise ValueError("relaxed_delta and relaxed_neighbours apply to strategy 'sjd' only")
-        if self.strategy == "code":
-            n = self.draft_steps
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"draft_steps must be an integer >= 1 (CoDe: scales the drafter decodes), got {short(n)}")
-        elif self.draft_steps is not None:
-            raise ValueError(f"draft_steps applies to strategy 'code' only, got draft_steps={short(self.draft_steps)} "
-                             f"with strategy {self.strategy!r}")
-        delta, neighbours = check_relaxed(self.relaxed_delta, self.relaxed_neighbours)
-        object.__setattr__(self, "relaxed_delta", delta)
-        object.__setattr__(self, "relaxed_neighbours", neighbours)
+        from vllm_visual_ar.samplers import strategy_class, strategy_names
+
+        names = strategy_names()
+        if not isinstance(self.strategy, str) or self.strategy not in names:
+            raise ValueError(f"strategy must be one of {names}, got {short(self.strategy)}")
+        cls = strategy_class(self.strategy)
+        for name, value in cls.checked(self).items():
+            object.__setattr__(self, name, value)
+        for name in DECODING_OPTIONS:
+            if getattr(self, name) is not None and name not in cls.fields:
+                readers = [repr(s) for s in names if name in strategy_class(s).fields]
+                raise ValueError(f"{name} applies to strateg{'ies' if len(readers) > 1 else 'y'} "
+                                 f"{' and '.join(readers)} only, got {name}={short(getattr(self, name))} "
+                                 f"with strategy {self.strategy!r}")
 
     def fitted(self, config) -> "Decoding":
-        """The same decoding with its sizes cut to what an image of `config` can use: a ZipAR window
+        """The same decoding with its sizes cut to what an image of `config` can use (a ZipAR window
         beyond the grid width is raster order, an SJD window beyond the image verifies the whole
-        image, and no code has more latent neighbours than the other codes."""
-        window = self.window
-        if window is not None:
-            window = min(window, config.image_grid if self.strategy == "zipar" else config.num_image_tokens)
-        neighbours = self.relaxed_neighbours
-        if neighbours is not None:
-            neighbours = min(neighbours, max(1, config.codebook_size - 1))
-        return replace(self, window=window, relaxed_neighbours=neighbours)
+        image, no code has more latent neighbours than the other codes)."""
+        from vllm_visual_ar.samplers import strategy_class
+
+        return strategy_class(self.strategy).fitted(self, config)
 
     def to_args(self) -> dict:
-        args = {"strategy": self.strategy, "window": self.window, "init": self.init,
-                "relaxed_delta": self.relaxed_delta, "relaxed_neighbours": self.relaxed_neighbours,
-                "draft_steps": self.draft_steps}
+        args = {"strategy": self.strategy, **{name: getattr(self, name) for name in DECODING_OPTIONS}}
         return {k: v for k, v in args.items() if v is not None}
+
+
+DECODING_OPTIONS = ("window", "init", "relaxed_delta", "relaxed_neighbours", "draft_steps")
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ def parse_images_request(body, config) -> ImagesJob:
     except ValueError as e:
         raise BadRequest(str(e), "seed") from None
     from vllm_visual_ar.families import family_of
-    from vllm_visual_ar.samplers import family_decoding
+    from vllm_visual_ar.samplers import decoding_problem
 
     top_k = _int(fields, "top_k", config.default_top_k, 0)
     guidance = fields.get("guidance_scale")
@@ -187,10 +187,7 @@ def parse_images_request(body, config) -> ImagesJob:
                             fields.get("relaxed_neighbours"), fields.get("draft_steps")).fitted(config)
     except ValueError as e:
         raise BadRequest(str(e), next((f for f in names if str(e).startswith(f)), "relaxed_delta")) from None
-    order = family_decoding(config, 0)
-    problem = order(config).decoding_problem(decoding) if order is not None else (
-        "strategy 'code' (draft_steps) applies to VAR models with a refiner" if strategy == "code" else None)
-    if problem:
+    if problem := decoding_problem(config, decoding):
         raise BadRequest(problem, next((f for f in reversed(names) if f in problem), "strategy"))
     stream = fields.get("stream") or False
     partial_images = _int(fields, "partial_images", 0, 0, MAX_PARTIAL_IMAGES)
@@ -257,7 +254,7 @@ class _Metrics:
         self.forwards.labels(strategy).observe(stats.forwards)
         self.tokens_per_forward.labels(strategy).observe(len(stats.codes) / max(stats.forwards, 1))
         self.latency.labels(strategy).observe(seconds)
-        if strategy == "sjd":
+        if stats.draft_tokens:  # strategies that verify drafts (`Strategy.draft_stats`)
             self.sjd_drafts.inc(stats.draft_tokens)
             self.sjd_accepted.inc(stats.accepted_drafts)
 
@@ -277,8 +274,8 @@ def metrics() -> _Metrics:
 class ImageRun:
     codes: list[int]
     forwards: int = 0
-    draft_tokens: int = 0     # SJD
-    accepted_drafts: int = 0  # SJD
+    draft_tokens: int = 0     # drafts verified (SJD)
+    accepted_drafts: int = 0  # drafts accepted (SJD)
 
 
 async def generate_codes(engine, config, class_id: int, settings: SamplingSettings, decoding: Decoding,
@@ -286,8 +283,9 @@ async def generate_codes(engine, config, class_id: int, settings: SamplingSettin
     """One image through the engine client (codes in raster order, forwards counted from the
     per-step outputs). Both guidance streams are consumed; on_tokens(codes so far) is awaited as
     codes arrive. If this coroutine is cancelled (client gone), vLLM aborts the streams it was reading."""
-    from vllm_visual_ar.samplers.sjd import forward_drafts
     from vllm.sampling_params import RequestOutputKind
+
+    from vllm_visual_ar.samplers import strategy_for
 
     image_id = uuid.uuid4().hex
     streams = []
@@ -297,6 +295,7 @@ async def generate_codes(engine, config, class_id: int, settings: SamplingSettin
         streams.append((role, engine.generate(prompt, params, f"img-{image_id}-{role}")))
     run = ImageRun([])
     codes = run.codes
+    draft_stats = strategy_for(config, decoding).draft_stats
     finish = None
 
     async def follow(role, stream):
@@ -306,8 +305,8 @@ async def generate_codes(engine, config, class_id: int, settings: SamplingSettin
                 continue
             new = out.outputs[0].token_ids
             if new:
-                if decoding.strategy == "sjd" and codes:
-                    verified, accepted = forward_drafts(decoding.window, config.num_image_tokens, len(codes), len(new))
+                if codes:  # not the prompt forward
+                    verified, accepted = draft_stats(decoding, config.num_image_tokens, len(codes), len(new))
                     run.draft_tokens += verified
                     run.accepted_drafts += accepted
                 run.forwards += 1

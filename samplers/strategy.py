@@ -1,0 +1,185 @@
+"""A decoding strategy as one object: what vLLM's scheduler and the plugin's model runner ask of it.
+
+The shape follows vLLM's speculative-decoding proposers (`v1/spec_decode/`) and diffusers'
+schedulers: a strategy keeps its own state, answers a few questions and knows of the engine only
+what it is handed. The engine subclasses (`vllm_visual_ar/scheduler.py`, `vllm_visual_ar/worker.py`)
+name no strategy: they look a request's strategy up in the registry (`samplers/__init__.py`) and ask
+it the questions below. Adding a strategy is a module under `samplers/` plus one registry entry.
+
+Scheduler half, `Strategy`: one object per request (each guidance stream has its own), built from
+the model config and the request's `Decoding`. It answers whether the model and the request can run
+it, what one stream reserves (`footprint`: the same answer for the scheduler's admission and for
+`admission.image_need`), the slots or rewind before a step, the phase a step runs (a phase per
+model, when a strategy hands requests from one model to another), and what the frontend sees of the
+tokens a step appended. The request format's own checks (`checked`, `fitted`) are class methods, so
+`Decoding` validates through the same object.
+
+Runner half, `StrategyRunner`: one object per model runner, holding what a strategy carries between
+forwards. For token-by-token models the runner gives each half the rows of its requests in a
+forward; the half answers with a `RowPlan` per row it rewrites (positions, the rows of logits it
+reads, who sees whom, tokens written into speculative slots) and later turns the logits of those
+rows, guidance already mixed by the runner, into the tokens each request appends. A strategy that is
+a model family's own decoding order (config.decoding) runs every request of that model and answers
+for the whole batch instead (`owns_batch`: `prepare_batch`, `sample_batch`), mixing guidance its own
+way.
+
+Raster order, the default, is the strategy with nothing to rewrite.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one stream of an image reserves for its whole life."""
+    tokens: int        # output tokens vLLM appends to it (its max_tokens: stand-ins and the like included)
+    widest_step: int   # tokens of its widest forward, reserved up front so that no forward is split
+    lookahead: int     # KV slots a step may write past its committed tokens (speculative slots)
+
+
+@dataclass
+class RowPlan:
+    """How one request's forward departs from vLLM's plain one (offsets count its fed tokens)."""
+    logits: Sequence[int]                    # offsets whose logits the strategy reads, in order
+    positions: Sequence[int] | None = None   # each fed token's position, if not vLLM's contiguous ones
+    # (query positions [n], key positions [length]) -> bool [n, length], True = seen; None: causal
+    visible: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    slot_tokens: Sequence[int] | None = None  # token ids written into the fed tokens after the first
+
+
+class Step:
+    """One forward as a strategy's runner half sees it: vLLM's batch, read only, and a builder of
+    masked attention for rows whose queries see other than causally (`masked_attention.py`)."""
+
+    def __init__(self, req_ids: Sequence[str], query_start: np.ndarray, computed: np.ndarray,
+                 prompt_lens: np.ndarray, states: Mapping, generators: Mapping[int, torch.Generator],
+                 device, info: Callable[[str], object], masked_attention: Callable):
+        self.req_ids, self.query_start, self.computed, self.prompt_lens = req_ids, query_start, computed, prompt_lens
+        self.generators, self.device = generators, device
+        self._states, self._info, self.masked_attention = states, info, masked_attention
+
+    def fed(self, row: int) -> tuple[int, int]:
+        """The row's fed tokens in the flat batch: [start, end)."""
+        return int(self.query_start[row]), int(self.query_start[row + 1])
+
+    def state(self, row: int):
+        """vLLM's request state: prompt_token_ids, output_token_ids, sampling_params."""
+        return self._states[self.req_ids[row]]
+
+    def info(self, row: int):
+        """The row's `ImageRequestInfo` (None for a request that is not an image request)."""
+        return self._info(self.req_ids[row])
+
+    def generator(self, row: int) -> torch.Generator | None:
+        return self.generators.get(row)
+
+
+class StrategyRunner:
+    """Runner half of a strategy: one per model runner; explicit state between forwards."""
+
+    owns_batch: ClassVar[bool] = False  # a family's own order: answers for whole batches
+
+    def __init__(self, config, model, model_dir: str, device):
+        self.config, self.model, self.model_dir, self.device = config, model, model_dir, device
+
+    # -- token by token: the rows of this strategy's requests in a mixed batch --------------------
+    def prepare(self, step: Step, rows: list[int]) -> dict[int, RowPlan]:
+        """Before the forward (vLLM has laid out the batch): a plan per row it rewrites; rows it
+        leaves out take vLLM's own path (one token, the last one's logits, vLLM's sample)."""
+        return {}
+
+    def emit(self, step: Step, rows: list[int], logits: torch.Tensor, at: list[slice]) -> dict[int, list[int]]:
+        """The tokens each planned row appends. `rows`: the rows that sample (a guided pair's uncond
+        stream gets its cond stream's tokens); `logits[at[row]]`: its plan's logits rows, guidance
+        mixed, image codes only."""
+        raise NotImplementedError
+
+    # -- a family's own order: every request of the model, whole batches -----------------------
+    def prepare_batch(self, step: Step) -> tuple[np.ndarray, int]:
+        """-> (flat token indices whose logits are needed, most logits rows of one request)."""
+        raise NotImplementedError
+
+    def sample_batch(self, step: Step, logits: torch.Tensor) -> torch.Tensor:
+        """Unmixed logits of the prepared rows -> token ids [rows, width] (int32, padding -1)."""
+        raise NotImplementedError
+
+    def forget(self, req_id: str, info) -> None:
+        """A request has finished: drop what was kept for it."""
+
+
+class Strategy:
+    """Scheduler half of a decoding strategy, and its request format (class methods)."""
+
+    fields: ClassVar[tuple[str, ...]] = ()  # the `Decoding` fields it reads; others must be unset
+    order: ClassVar[str | None] = None      # the config.decoding it runs under (None: token by token)
+    runner: ClassVar[type[StrategyRunner] | None] = None  # its runner half; None: vLLM's own path
+    uses_spec_slots: ClassVar[bool] = False  # asks vLLM for speculative-token slots (then no other speculative method)
+    entry_phase: ClassVar[Hashable] = None   # the phase of a request's first forward
+
+    # -- the request format (no engine) ---------------------------------------------------------
+    @classmethod
+    def checked(cls, decoding) -> dict:
+        """The decoding's fields validated (ValueError naming the field) and defaulted."""
+        return {}
+
+    @classmethod
+    def fitted(cls, decoding, config):
+        """The decoding with its sizes cut to what an image of `config` can use."""
+        return decoding
+
+    @classmethod
+    def problem(cls, config, decoding) -> str | None:
+        """Why a model of `config` cannot decode this way, or None."""
+        if getattr(config, "decoding", None) != cls.order:
+            return f"strategy {decoding.strategy!r} does not apply to this model"
+        return None
+
+    @classmethod
+    def draft_stats(cls, decoding, image_tokens: int, done: int, committed: int) -> tuple[int, int]:
+        """(drafts verified, drafts accepted) by a forward that committed `committed` tokens to an
+        image that had `done` (the frontend's per-image statistics)."""
+        return 0, 0
+
+    # -- one request in vLLM's scheduler ------------------------------------------------------------
+    def __init__(self, config, decoding):
+        self.config, self.decoding = config, decoding
+
+    def start(self, request) -> str | None:
+        """Why this request cannot run this way, or None (then it is tracked until it ends)."""
+        return None
+
+    def footprint(self, output_tokens: int) -> Footprint:
+        """One stream of an image that asks for `output_tokens` tokens."""
+        return Footprint(output_tokens, 1, 0)
+
+    def before_step(self, request) -> None:
+        """Before a step that runs the request: its speculative-token slots, or a rewind."""
+
+    def phase(self, request) -> Hashable:
+        """Which model runs the request's next forward (a step runs one phase)."""
+        return None
+
+    def frontend_tokens(self, request, new_token_ids: list[int]) -> list[int]:
+        """What the frontend is shown of the tokens a step appended to the request."""
+        return new_token_ids
+
+
+class Raster(Strategy):
+    """One token per forward in raster order: vLLM's own path, nothing to rewrite."""
+
+
+def whole_image_problem(config, request, strategy: str) -> str | None:
+    """Strategies that reorder or verify tokens decode whole images and return no logprobs."""
+    grid = getattr(config, "image_grid", None)
+    if grid is None:
+        return f"strategy {strategy!r} needs an image model, not {type(config).__name__}"
+    if request.max_tokens != grid * grid:
+        return f"strategy {strategy!r} generates whole images: max_tokens must be {grid * grid}"
+    if request.sampling_params.logprobs is not None:
+        return f"strategy {strategy!r} does not return logprobs"
+    return None
