@@ -32,6 +32,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_raster.py
 	$(BIN)/python benchmarks/bench_zipar.py
 	$(BIN)/python benchmarks/bench_sjd.py
+	$(BIN)/python benchmarks/bench_var.py
 	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/bench_soak.py
 
