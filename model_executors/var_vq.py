@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # The resnet block, resampling and GroupNorm are LlamaGen's (both are taming-transformers' VQGAN).
-from vllm_visual_ar.model_executors.vq import VQ_WEIGHTS, Downsample, ResnetBlock, Upsample, _norm
+from vllm_visual_ar.model_executors.vq import VQ_WEIGHTS, Downsample, ResnetBlock, Upsample, _norm, load_vq_state_dict
 
 # Training state of the official quantizer (per-scale EMA code usage), not a weight.
 VQ_TRAINING_BUFFERS = ("quantize.ema_vocab_hit_SV",)
@@ -355,12 +355,7 @@ class MultiScaleVQVAE(nn.Module):
 def load_vq_state(model: MultiScaleVQVAE, state: dict) -> None:
     """Load official or converted VQVAE weights: training buffers ignored, the encoder optional
     (serving decodes only); anything else missing or unexpected is an error."""
-    state = {k: v for k, v in state.items() if k not in VQ_TRAINING_BUFFERS}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(("encoder.", "quant_conv."))]
-    if missing or unexpected:
-        raise ValueError(f"VQVAE weights do not match the vq config: missing={missing[:5]} "
-                         f"unexpected={unexpected[:5]}")
+    load_vq_state_dict(model, state, VQ_TRAINING_BUFFERS)
 
 
 def scale_ends(patch_nums) -> list[int]:

@@ -269,8 +269,10 @@ def load_image_decoder(model_dir: str, device: str = "cpu"):
     return decode
 
 
-def load_vq_state_dict(model: VQModel, state: dict) -> None:
-    state = {k: v for k, v in state.items() if k not in _IGNORED_KEYS}
+def load_vq_state_dict(model: nn.Module, state: dict, ignored_keys=_IGNORED_KEYS) -> None:
+    """A tokenizer's weights (LlamaGen's VQ, VAR's VQVAE): training state in `ignored_keys` dropped,
+    the encoder optional; anything else missing or unexpected is an error."""
+    state = {k: v for k, v in state.items() if k not in ignored_keys}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # The encoder is optional in a serving folder (only the decoder is needed).
     missing = [k for k in missing if not k.startswith(("encoder.", "quant_conv."))]

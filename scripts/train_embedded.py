@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from vllm_visual_ar.evaluation import CLASSIFIER_DIR, MNISTClassifier
-from vllm_visual_ar.mnist import load_mnist_5k, split_indices, to_model_space
+from vllm_visual_ar.mnist import load_mnist_5k, shifted, split_indices, to_model_space
 from vllm_visual_ar.model_executors.convert import write_model_folder
 from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
 from vllm_visual_ar.model_executors.llamagen_reference import LlamaGenReference
@@ -30,18 +30,6 @@ from vllm_visual_ar.models import EMBEDDED_MODEL_DIR
 VQ_CONFIG = VQConfig(codebook_size=256, codebook_embed_dim=8, ch=32, ch_mult=[1, 2], num_res_blocks=1,
                      z_channels=32, image_channels=1)
 GPT_DIMS = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2)  # head_dim 64 (CPU kernel)
-
-
-def shifted(images: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random translation by up to max_shift pixels (cheap augmentation for 5,000 digits)."""
-    out = torch.empty_like(images)
-    pad = F.pad(images, (max_shift,) * 4, value=-1.0)
-    s = 2 * max_shift + 1
-    offs = torch.randint(0, s, (images.shape[0], 2), generator=gen)
-    h, w = images.shape[-2:]
-    for i, (dy, dx) in enumerate(offs.tolist()):
-        out[i] = pad[i, :, dy:dy + h, dx:dx + w]
-    return out
 
 
 def train_classifier(epochs: int = 8):

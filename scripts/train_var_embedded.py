@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from vllm_visual_ar.evaluation import Evaluator, heldout_digits  # noqa: E402
-from vllm_visual_ar.mnist import load_mnist_5k, to_model_space  # noqa: E402
+from vllm_visual_ar.mnist import load_mnist_5k, shifted, to_model_space  # noqa: E402
 from vllm_visual_ar.model_executors.convert import write_var_folder  # noqa: E402
 from vllm_visual_ar.model_executors.var_config import VARConfig  # noqa: E402
 from vllm_visual_ar.model_executors.var_reference import VARReference, generate_code, generate_var  # noqa: E402
@@ -74,18 +74,6 @@ STAGES = ("vq", "drafter", "refiner", "code", "eval")
 
 def log(*args):
     print(*args, flush=True)
-
-
-def shifted(images: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random translation by up to max_shift pixels (as scripts/train_embedded.py)."""
-    out = torch.empty_like(images)
-    pad = F.pad(images, (max_shift,) * 4, value=-1.0)
-    s = 2 * max_shift + 1
-    offs = torch.randint(0, s, (images.shape[0], 2), generator=gen)
-    h, w = images.shape[-2:]
-    for i, (dy, dx) in enumerate(offs.tolist()):
-        out[i] = pad[i, :, dy:dy + h, dx:dx + w]
-    return out
 
 
 def var_config(dims: dict, **defaults) -> VARConfig:
