@@ -45,7 +45,6 @@ class VARStepInputs:
     """What the runner supplies for one forward, aligned with its flat tokens."""
     features: torch.Tensor  # [T, z_channels] next-scale input of each token (ignored at position 0)
     labels: torch.Tensor    # [T] class label of each token's sequence (num_classes = the null class)
-    masked: MaskedAttention | None = None  # block-causal re-attention for multi-scale forwards
     refiner: bool = False   # run the CoDe refiner instead of the folder's main VAR (the drafter)
 
 
@@ -188,8 +187,10 @@ class VARForClassToImage(VARTransformer):
                                             vq["share_quant_resi"], vq["quant_resi"], vq["using_znorm"],
                                             default_qresi_counts=vq.get("default_qresi_counts", 0))
         self.model_dir = vllm_config.model_config.model
-        # Set by the plugin's model runner before each forward (None in vLLM's dummy runs).
+        # Set by the plugin's model runner before each forward (None in vLLM's dummy runs); the
+        # masked attention (block-causal re-attention of multi-scale forwards) as for every family.
         self.step_inputs: VARStepInputs | None = None
+        self.masked_attention: MaskedAttention | None = None
         self._refiner_ran = False  # which model's head compute_logits applies
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -212,7 +213,7 @@ class VARForClassToImage(VARTransformer):
             return self.hidden(positions, labels, features, None)
         self._refiner_ran = step.refiner
         model = self.refiner if step.refiner else self
-        return model.hidden(positions, step.labels, step.features, step.masked)
+        return model.hidden(positions, step.labels, step.features, self.masked_attention)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         head = self.refiner.head if self._refiner_ran else self.head

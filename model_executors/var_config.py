@@ -159,10 +159,3 @@ class VARConfig(PretrainedConfig):
         for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
             shared.pop(k, None)
         return VARConfig(**shared, **self.refiner)
-
-    def scale_of(self, position: int) -> int:
-        """Scale index of flat token position `position` (0 = the class token / 1x1 map)."""
-        for k, end in enumerate(self.scale_ends):
-            if position < end:
-                return k
-        raise ValueError(f"position {position} is beyond the last scale ({self.num_image_tokens} tokens)")

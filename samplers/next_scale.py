@@ -25,13 +25,14 @@ seven scales, 1.0 after).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
 
+from vllm_visual_ar.model_executors.var_vq import scale_ends
 from vllm_visual_ar.samplers.strategy import Footprint, Strategy, StrategyRunner
 
 
@@ -42,11 +43,7 @@ class ScaleSchedule:
     @cached_property
     def ends(self) -> tuple[int, ...]:
         """Cumulative token counts: scale k holds flat positions [ends[k-1], ends[k])."""
-        out, total = [], 0
-        for pn in self.patch_nums:
-            total += pn * pn
-            out.append(total)
-        return tuple(out)
+        return tuple(scale_ends(self.patch_nums))
 
     @property
     def num_scales(self) -> int:
@@ -62,21 +59,9 @@ class ScaleSchedule:
     def start(self, k: int) -> int:
         return self.ends[k - 1] if k > 0 else 0
 
-    def scale_fed_at(self, computed: int) -> int | None:
-        """The scale a forward feeds when `computed` tokens are in the cache, or None if `computed`
-        is no scale boundary."""
-        if computed == 0:
-            return 0
-        for k, end in enumerate(self.ends[:-1]):
-            if end == computed:
-                return k + 1
-        return None
-
-    def extra_slots(self, computed: int) -> int:
-        """Speculative-token slots a request needs for its next forward (beyond the one token vLLM
-        feeds anyway): pn_k^2 - 1 for scale k >= 1."""
-        k = self.scale_fed_at(computed)
-        return self.tokens(k) - 1 if k not in (None, 0) else 0
+    def scale_of(self, position: int) -> int:
+        """The scale that flat position `position` belongs to."""
+        return bisect.bisect_right(self.ends, position)
 
     @property
     def widest_step(self) -> int:
@@ -92,11 +77,6 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg: float, k: int, num_scal
     """VAR's guidance at scale k, in its own form: (1 + t) cond - t uncond, t = cfg * k / (K - 1)."""
     t = cfg * k / (num_scales - 1) if num_scales > 1 else 0.0
     return (1 + t) * cond - t * uncond
-
-
-def per_scale(value, k: int):
-    """A setting given once for every scale, or as a per-scale list."""
-    return value[k] if isinstance(value, (list, tuple)) else value
 
 
 def sample_scale(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
@@ -119,21 +99,6 @@ def sample_scale(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, tempe
     return (x / temperature).softmax(dim=-1).div(race).argmax(dim=-1)
 
 
-def check_settings(value, name: str, num_scales: int, check) -> None:
-    """A per-scale list must have one entry per scale; every entry passes `check`."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != num_scales:
-            raise ValueError(f"{name} as a list needs one value per scale ({num_scales}), got {len(value)}")
-        for v in value:
-            check(v)
-    else:
-        check(value)
-
-
-def settings_list(value, num_scales: int) -> Sequence:
-    return list(value) if isinstance(value, (list, tuple)) else [value] * num_scales
-
-
 # -- the strategy: what vLLM's scheduler and the plugin's runner ask of next-scale decoding -------------
 #
 # Every request to a model whose config.decoding is "next_scale" runs under `NextScale`: strategy
@@ -146,8 +111,8 @@ def settings_list(value, num_scales: int) -> Sequence:
 # folder may carry a refiner beside its VAR (the drafter). A request with strategy "code" and
 # draft_steps N is decoded by the drafter for scales 0..N-1; at the hand-off the scheduler rewinds the
 # request's KV length to 0, so vLLM feeds positions [0, ends[N]) again in one forward, which the
-# refiner computes with the block-causal mask, writing its own keys and values over the same slots
-# (the drafter's are dead from then on), and samples scale N from its last pn_N^2 rows; the refiner
+# refiner computes with the block-causal mask, writing its own layers' keys and values for those
+# positions (the drafter's stay in their layers, unused, until the image ends), and samples scale N from its last pn_N^2 rows; the refiner
 # then decodes scales N+1..K-1 one forward each. The two models have different weights, so a forward
 # runs one of them: requests are in the drafter or the refiner phase, and the scheduler alternates
 # between the phases that have work (`phase`).
@@ -225,7 +190,7 @@ class NextScaleRunner(StrategyRunner):
             phases.add(REFINER if k >= draft_steps(decoding, self.schedule.num_scales) else DRAFTER)
             labels[start:end] = state.prompt_token_ids[0] - self.config.codebook_size
             key = info.image_id if info is not None else req_id
-            for s in range(max(1, self.config.scale_of(first)), k + 1):  # every scale fed (scale 0: the class token)
+            for s in range(max(1, self.schedule.scale_of(first)), k + 1):  # every scale fed (scale 0: the class token)
                 at = start + self.schedule.start(s) - first
                 features[at:at + self.schedule.tokens(s)] = self._inputs(key, s, state.output_token_ids, step.device)
             if first < self.schedule.start(k):  # several scales at once: block-causal inside the chunk
@@ -240,7 +205,8 @@ class NextScaleRunner(StrategyRunner):
             scale_of = np.repeat(np.arange(self.schedule.num_scales), [p * p for p in self.schedule.patch_nums])
             masked = step.masked_attention([(row, lambda q, kv: scale_of[kv][None, :] <= scale_of[q][:, None])
                                             for row, _ in prefixes])
-        self.model.step_inputs = VARStepInputs(features, labels.to(step.device), masked, refiner=phases == {REFINER})
+        self.model.masked_attention = masked
+        self.model.step_inputs = VARStepInputs(features, labels.to(step.device), refiner=phases == {REFINER})
         return np.asarray(indices), max(r.stop - r.start for *_, r in self.rows)
 
     def forget(self, req_id, info):

@@ -2,7 +2,7 @@
 registration and the engine read about a model, instead of one family's config fields.
 
 A family is its config class, its vLLM model class, how a guidance scale reads (which value means
-unguided), and its image decoder. Its decoding order is named by the config (`config.decoding`:
+unguided) and how guidance mixes logits, and its image decoder. Its decoding order is named by the config (`config.decoding`:
 None = token by token, where the raster/ZipAR/SJD strategies apply; "next_scale" = VAR's one
 forward per scale, `samplers/next_scale.py`). Adding a family is one entry here plus its modules in
 `model_executors/`.
@@ -30,6 +30,9 @@ class Family:
     model_class: str       # "module:Class" (the vLLM model), imported lazily by vLLM
     decoder_loader: str    # "module:function": model_dir -> decode(codes [N, tokens]) -> images [N, C, H, W] in [-1, 1]
     unguided_scale: float  # the guidance_scale that means "no guidance" (one stream per image)
+    # "module:function" (cond, uncond, scale) -> guided logits, as the runner mixes token-by-token
+    # models; None where the family's own decoding order mixes guidance itself (VAR's ramp).
+    guidance_mix: str | None = None
 
     def config(self, model_dir: str):
         return load_object(self.config_class).from_pretrained(model_dir)
@@ -53,7 +56,8 @@ FAMILIES = (
     Family("llamagen", "LlamaGenForClassToImage", "llamagen",
            "vllm_visual_ar.model_executors.llamagen_config:LlamaGenConfig",
            "vllm_visual_ar.model_executors.llamagen:LlamaGenForClassToImage",
-           "vllm_visual_ar.model_executors.vq:load_image_decoder", unguided_scale=1.0),
+           "vllm_visual_ar.model_executors.vq:load_image_decoder", unguided_scale=1.0,
+           guidance_mix="vllm_visual_ar.samplers.sampling:cfg_mix"),
     # VAR's cfg t mixes (1 + t) cond - t uncond: 0 is unguided (models/var.py::autoregressive_infer_cfg).
     Family("var", "VARForClassToImage", "var",
            "vllm_visual_ar.model_executors.var_config:VARConfig",

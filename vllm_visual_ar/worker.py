@@ -1,8 +1,8 @@
 """vLLM worker whose model runner decodes images: guided pairs sampled as one, and each request's
 forward shaped by its decoding strategy (`samplers/`), which this runner asks and never names.
 
-Guidance: the runner mixes each pair's logits, `uncond + s * (cond - uncond)` (classifier-free
-guidance on logits) over the image codes, samples from the mixed row of the cond request (its
+Guidance: the runner mixes each pair's logits over the image codes as the model family says
+(`families.py`; LlamaGen: `uncond + s * (cond - uncond)`), samples from the mixed row of the cond request (its
 temperature, top-k, top-p and seed) and writes that token to the uncond request as well, so both
 streams feed the same token next step. The scheduler (`scheduler.py`) guarantees both rows are in the batch.
 
@@ -26,10 +26,10 @@ import torch
 
 from vllm.platforms import current_platform
 
+from vllm_visual_ar.families import family_of, load_object
 from vllm_visual_ar.model_executors.masked_attention import masked_attention_for
 from vllm_visual_ar.requests import Decoding, ImageRequestInfo, image_request_info
 from vllm_visual_ar.samplers import strategy_for
-from vllm_visual_ar.samplers.sampling import cfg_mix
 from vllm_visual_ar.samplers.strategy import RowPlan, Step, StrategyRunner
 
 if current_platform.is_cpu():
@@ -52,6 +52,12 @@ class VisualARRunnerMixin:
     _requests_seen: dict | None = None  # request id -> (ImageRequestInfo or None, its strategy's half or None)
     _halves: dict | None = None  # strategy class -> its runner half
     _owner = None  # the half that owns whole batches (a family's own order), False if none
+    _guidance_mix = None  # the model family's guidance mix (cond, uncond, scale) -> logits
+
+    def _mix(self, cond, uncond, scale):
+        if self._guidance_mix is None:
+            self._guidance_mix = load_object(family_of(self.model_config.hf_config).guidance_mix)
+        return self._guidance_mix(cond, uncond, scale)
 
     def _half_of(self, cls) -> StrategyRunner | None:
         if cls.runner is None:
@@ -117,11 +123,11 @@ class VisualARRunnerMixin:
         logits_indices, spec_decode_metadata, max_sampled = super()._prepare_inputs(
             scheduler_output, num_scheduled_tokens)
         self._step_layout = None
+        model = self.get_model()
+        model.masked_attention = None  # the model contract: set for a forward whose queries see other than causally
         if (owner := self._batch_owner()) is not None:
             indices, width = owner.prepare_batch(self._step())
             return torch.from_numpy(indices).to(logits_indices.device, logits_indices.dtype), None, width
-        model = self.get_model()
-        model.masked_attention = None
         batch = self.input_batch
         computed, prompt_lens = batch.num_computed_tokens_cpu, batch.num_prompt_tokens
         by_half: dict[StrategyRunner, list[int]] = {}
@@ -204,7 +210,7 @@ class VisualARRunnerMixin:
             uncond = torch.cat([torch.arange(rows[r].start, rows[r].stop) for r in guided[1]]).to(logits.device)
             scale = torch.tensor([s for r, s in zip(guided[0], guided[2]) for _ in range(rows[r].stop - rows[r].start)],
                                  device=logits.device, dtype=torch.float32)[:, None]
-            logits[cond, :k] = cfg_mix(logits[cond, :k], logits[uncond, :k], scale).to(logits.dtype)
+            logits[cond, :k] = self._mix(logits[cond, :k], logits[uncond, :k], scale).to(logits.dtype)
         if layout is None:
             output = super()._sample(logits, spec_decode_metadata)
             if guided is not None:
