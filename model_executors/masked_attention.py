@@ -50,22 +50,39 @@ class MaskedAttention:
     query_index: torch.Tensor  # [B, Q] flat token index in the batch (padding repeats a valid one)
     query_valid: torch.Tensor  # [B, Q] bool
     query_pos: torch.Tensor    # [B, Q] position of each query token in its request's sequence
-    key_blocks: torch.Tensor   # [B, n] each request's KV blocks, in order (padding: any block, masked)
-    mask: torch.Tensor         # [B, Q, n * block_size] bool, True = the query sees that position
+    mask: torch.Tensor         # [B, Q, length] bool, True = the query sees that position
+    # Per KV cache group (a model whose layers keep KV in several groups has one block table each,
+    # `vllm_visual_ar/phase_kv.py`): each request's blocks in order [B, n] (padding: any block,
+    # masked), and the group of each attention layer by name (absent: group 0).
+    key_blocks: list[torch.Tensor]
+    group_of_layer: dict[str, int]
 
     def __post_init__(self):
-        self.bias = torch.zeros(self.mask.shape, dtype=torch.float32, device=self.mask.device).masked_fill_(
-            ~self.mask, float("-inf"))[:, None]  # [B, 1, Q, L], shared by all layers
+        self._bias: dict[int, torch.Tensor] = {}
+
+    def _blocks_and_bias(self, layer, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's group's key blocks and the additive mask [B, 1, Q, n * block_size] over them
+        (computed once per group, shared by its layers)."""
+        group = self.group_of_layer.get(getattr(layer, "layer_name", None), 0)
+        blocks = self.key_blocks[group]
+        if group not in self._bias:
+            width = blocks.shape[1] * block_size
+            if width < self.mask.shape[-1]:
+                raise RuntimeError("masked attention: KV cache block size differs from the block table's")
+            mask = torch.nn.functional.pad(self.mask, (0, width - self.mask.shape[-1]))
+            self._bias[group] = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+                ~mask, float("-inf"))[:, None]
+        return blocks, self._bias[group]
 
     def apply(self, layer, q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, num_heads: int,
               head_dim: int, scale: float) -> torch.Tensor:
         """q, k: this forward's [T, heads * head_dim] (as given to the vLLM layer); out: the layer's
         output [T, heads * head_dim], whose masked rows are replaced. Attention runs block by block
         on the gathered blocks (batched matmuls), so the history is copied once per layer."""
-        keys_t, values = read_paged_blocks(layer, self.key_blocks)  # [B, n, H, D, bs], [B, n, H, bs, D]
+        cache = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
+        key_blocks, bias = self._blocks_and_bias(layer, _block_size(layer, cache))
+        keys_t, values = read_paged_blocks(layer, key_blocks)  # [B, n, H, D, bs], [B, n, H, bs, D]
         b, n, kv_heads, _, block_size = keys_t.shape
-        if n * block_size != self.mask.shape[-1]:
-            raise RuntimeError("masked attention: KV cache block size differs from the block table's")
         if not getattr(layer, "_masked_kv_layout_checked", False):
             rows = torch.arange(b, device=keys_t.device)[:, None].expand_as(self.query_pos)[self.query_valid]
             pos = self.query_pos[self.query_valid]
@@ -82,7 +99,7 @@ class MaskedAttention:
         queries = q.view(q.shape[0], num_heads, head_dim)[self.query_index].transpose(1, 2)  # [B, H, Q, D]
         scores = torch.matmul(queries[:, None].to(keys_t.dtype), keys_t).float() * scale  # [B, n, H, Q, bs]
         scores = scores.permute(0, 2, 3, 1, 4).reshape(b, num_heads, nq, n * block_size)
-        probs = (scores + self.bias).softmax(dim=-1)
+        probs = (scores + bias).softmax(dim=-1)
         probs = probs.view(b, num_heads, nq, n, block_size).permute(0, 3, 1, 2, 4)  # [B, n, H, Q, bs]
         o = torch.matmul(probs.to(values.dtype), values).sum(dim=1)  # [B, H, Q, D]
         o = o.transpose(1, 2).reshape(b, nq, num_heads * head_dim)
@@ -91,33 +108,45 @@ class MaskedAttention:
         return out
 
 
+def _block_size(layer, cache: torch.Tensor) -> int:
+    """Tokens per block of a layer's paged cache, in the layouts `read_paged_blocks` reads."""
+    if layer.attn_backend.get_name() == "CPU_ATTN":
+        return cache.shape[2]
+    return cache.shape[2] if cache.shape[0] == 2 or layer.attn_backend.get_name() == "FLASHINFER" else cache.shape[1]
+
+
 def masked_attention_for(runner, rows) -> MaskedAttention:
     """A MaskedAttention for some requests of the runner's current batch. rows: [(batch row,
     visible)], where visible(q, kv) maps the query positions q [n] (this forward's tokens of the
     request) and the key positions kv [length] (everything cached, this forward's included) to a
     bool [n, length] mask (True = seen)."""
     batch = runner.input_batch
-    table = batch.block_table[0]
-    bs = table.block_size
     qsl = runner.query_start_loc.np
     computed = batch.num_computed_tokens_cpu
     fed = [int(qsl[row + 1] - qsl[row]) for row, _ in rows]
     lengths = [int(computed[row]) + n for (row, _), n in zip(rows, fed)]
-    nq, nblocks, b = max(fed), (max(lengths) + bs - 1) // bs, len(rows)
+    nq, longest, b = max(fed), max(lengths), len(rows)
     query_index = np.zeros((b, nq), dtype=np.int64)
     query_valid = np.zeros((b, nq), dtype=bool)
     query_pos = np.zeros((b, nq), dtype=np.int64)
-    key_blocks = np.zeros((b, nblocks), dtype=np.int64)
-    mask = np.zeros((b, nq, nblocks * bs), dtype=bool)
+    mask = np.zeros((b, nq, longest), dtype=bool)
     mask[:, :, 0] = True  # padding queries attend to something (their output is dropped)
     for i, ((row, visible), n, length) in enumerate(zip(rows, fed, lengths)):
         start = int(qsl[row])
-        used = (length + bs - 1) // bs
-        key_blocks[i, :used] = table.block_table.np[row, :used]
         query_index[i, :n] = np.arange(start, start + n)
         query_index[i, n:] = start
         query_valid[i, :n] = True
         query_pos[i, :n] = np.arange(length - n, length)
         mask[i, :n, :length] = np.asarray(visible(np.arange(length - n, length), np.arange(length)))
-    return MaskedAttention(*(torch.from_numpy(a).to(runner.device)
-                             for a in (query_index, query_valid, query_pos, key_blocks, mask)))
+    key_blocks = []
+    for table in batch.block_table.block_tables:  # one per KV cache group
+        bs = table.block_size
+        blocks = np.zeros((b, (longest + bs - 1) // bs), dtype=np.int64)
+        for i, ((row, _), length) in enumerate(zip(rows, lengths)):
+            used = (length + bs - 1) // bs
+            blocks[i, :used] = table.block_table.np[row, :used]
+        key_blocks.append(torch.from_numpy(blocks).to(runner.device))
+    groups = runner.kv_cache_config.kv_cache_groups
+    group_of_layer = {name: g for g, group in enumerate(groups) for name in group.layer_names}
+    return MaskedAttention(*(torch.from_numpy(a).to(runner.device) for a in (query_index, query_valid, query_pos, mask)),
+                           key_blocks, group_of_layer)

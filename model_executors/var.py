@@ -34,7 +34,8 @@ from vllm.model_executor.layers.attention.prefill_prefix_lm_attention import Pre
 from vllm.sequence import IntermediateTensors
 
 from vllm_visual_ar.model_executors.masked_attention import MaskedAttention
-from vllm_visual_ar.model_executors.var_config import VARConfig
+from vllm_visual_ar import phase_kv
+from vllm_visual_ar.model_executors.var_config import DRAFTER, REFINER, VARConfig
 from vllm_visual_ar.model_executors.var_reference import FFN
 from vllm_visual_ar.model_executors.var_vq import MultiScaleQuantizer
 from vllm_visual_ar.model_executors.vq import VQ_WEIGHTS
@@ -48,8 +49,22 @@ class VARStepInputs:
     refiner: bool = False   # run the CoDe refiner instead of the folder's main VAR (the drafter)
 
 
+class PhaseAttention(PrefillPrefixLMAttention):
+    """vLLM's non-causal decoder attention whose KV a request holds only in one phase, when the
+    layer is labelled with one (a CoDe folder's drafter and refiner layers; `phase_kv.py`)."""
+
+    kv_phase: str | None = None
+
+    def get_kv_cache_spec(self, vllm_config):
+        spec = super().get_kv_cache_spec(vllm_config)
+        if self.kv_phase is None:
+            return spec
+        phase_kv.register()
+        return phase_kv.PhaseKVSpec.of(spec, self.kv_phase)
+
+
 class VARAttention(nn.Module):
-    def __init__(self, cfg: VARConfig, vllm_config: VllmConfig, prefix: str):
+    def __init__(self, cfg: VARConfig, vllm_config: VllmConfig, prefix: str, kv_phase: str | None = None):
         super().__init__()
         c, self.num_heads, self.head_dim = cfg.embed_dim, cfg.num_heads, cfg.head_dim
         self.mat_qkv = nn.Linear(c, 3 * c, bias=False)
@@ -63,8 +78,9 @@ class VARAttention(nn.Module):
             scale = 0.25 / math.sqrt(self.head_dim)
         self.scale = scale
         self.proj = nn.Linear(c, c)
-        self.attn = PrefillPrefixLMAttention(self.num_heads, self.head_dim, scale,
-                                             cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn")
+        self.attn = PhaseAttention(self.num_heads, self.head_dim, scale, cache_config=vllm_config.cache_config,
+                                   prefix=f"{prefix}.attn")
+        self.attn.kv_phase = kv_phase
 
     def forward(self, x: torch.Tensor, masked: MaskedAttention | None) -> torch.Tensor:
         t = x.shape[0]
@@ -82,10 +98,10 @@ class VARAttention(nn.Module):
 
 
 class VARBlock(nn.Module):
-    def __init__(self, cfg: VARConfig, vllm_config: VllmConfig, prefix: str):
+    def __init__(self, cfg: VARConfig, vllm_config: VllmConfig, prefix: str, kv_phase: str | None = None):
         super().__init__()
         self.embed_dim, self.eps = cfg.embed_dim, cfg.norm_eps
-        self.attn = VARAttention(cfg, vllm_config, f"{prefix}.attn")
+        self.attn = VARAttention(cfg, vllm_config, f"{prefix}.attn", kv_phase)
         self.ffn = FFN(cfg)  # fc1, tanh-GELU, fc2: the reference's module
         if cfg.shared_aln:
             self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, cfg.embed_dim))
@@ -136,7 +152,7 @@ def load_quantizer_weights(quantizer: MultiScaleQuantizer, model_dir: str) -> No
 class VARTransformer(nn.Module):
     """One VAR: embeddings, AdaLN blocks, head (the official parameter names)."""
 
-    def __init__(self, cfg: VARConfig, vllm_config: VllmConfig, prefix: str = ""):
+    def __init__(self, cfg: VARConfig, vllm_config: VllmConfig, prefix: str = "", kv_phase: str | None = None):
         super().__init__()
         self.config = cfg
         c = cfg.embed_dim
@@ -147,7 +163,8 @@ class VARTransformer(nn.Module):
         self.lvl_embed = nn.Embedding(cfg.num_scales, c)
         if cfg.shared_aln:
             self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
-        self.blocks = nn.ModuleList(VARBlock(cfg, vllm_config, f"{prefix}blocks.{i}") for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(VARBlock(cfg, vllm_config, f"{prefix}blocks.{i}", kv_phase)
+                                    for i in range(cfg.depth))
         self.head_nm = VARHeadNorm(cfg)
         self.head = nn.Linear(c, cfg.codebook_size)
         self.register_buffer("scale_of_position", torch.tensor(
@@ -177,9 +194,11 @@ class VARForClassToImage(VARTransformer):
         cfg: VARConfig = vllm_config.model_config.hf_config
         if cfg.patch_nums[0] != 1:
             raise ValueError(f"VAR serving needs a 1x1 first scale (the class token), got patch_nums {cfg.patch_nums}")
-        super().__init__(cfg, vllm_config, prefix)
+        # With a refiner, each model's layers keep their KV in their own phase's groups (`phase_kv.py`).
+        phases = cfg.kv_phases
+        super().__init__(cfg, vllm_config, prefix, DRAFTER if phases else None)
         refiner_cfg = cfg.refiner_config()
-        self.refiner = VARTransformer(refiner_cfg, vllm_config, f"{prefix}refiner.") if refiner_cfg else None
+        self.refiner = VARTransformer(refiner_cfg, vllm_config, f"{prefix}refiner.", REFINER) if refiner_cfg else None
         # The VQVAE's codebook and phi convolutions: the runner builds each scale's input features with
         # them (`samplers/next_scale.py`). Loaded from the folder's VQ weights, not vLLM's file list.
         vq = cfg.vq

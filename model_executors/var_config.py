@@ -41,6 +41,9 @@ DEFAULT_VQ = dict(
 
 # The transformer sizes a CoDe refiner section (`refiner` in config.json) may set; everything else
 # (schedule, VQVAE, classes) is shared with the drafter, the folder's main model.
+# The phases of a CoDe request (`samplers/next_scale.py`), each running one model's layers; they label
+# the attention layers' KV cache (`vllm_visual_ar/phase_kv.py`).
+DRAFTER, REFINER = "drafter", "refiner"
 REFINER_FIELDS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "norm_eps", "shared_aln", "attn_l2_norm")
 
 
@@ -150,6 +153,12 @@ class VARConfig(PretrainedConfig):
     def extra_weight_files(self) -> list[str]:
         """Weights beside model.safetensors and the VQVAE's: the CoDe refiner's."""
         return [os.path.join("refiner", "model.safetensors")] if self.refiner is not None else []
+
+    @property
+    def kv_phases(self) -> dict[str, int]:
+        """Attention layers per phase when the phases run different models (CoDe), else empty: one
+        KV pool for every layer."""
+        return {DRAFTER: self.depth, REFINER: self.refiner["depth"]} if self.refiner is not None else {}
 
     def refiner_config(self) -> "VARConfig | None":
         """The CoDe refiner as a VARConfig of its own (same schedule, VQVAE and classes), or None."""

@@ -32,6 +32,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 import torch
 
+from vllm_visual_ar.model_executors.var_config import DRAFTER, REFINER
 from vllm_visual_ar.model_executors.var_vq import scale_ends
 from vllm_visual_ar.samplers.strategy import Footprint, Strategy, StrategyRunner
 
@@ -112,13 +113,12 @@ def sample_scale(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, tempe
 # draft_steps N is decoded by the drafter for scales 0..N-1; at the hand-off the scheduler rewinds the
 # request's KV length to 0, so vLLM feeds positions [0, ends[N]) again in one forward, which the
 # refiner computes with the block-causal mask, writing its own layers' keys and values for those
-# positions (the drafter's stay in their layers, unused, until the image ends), and samples scale N from its last pn_N^2 rows; the refiner
-# then decodes scales N+1..K-1 one forward each. The two models have different weights, so a forward
+# positions, and samples scale N from its last pn_N^2 rows; the refiner then decodes scales N+1..K-1
+# one forward each. The two models' layers keep their KV in separate groups of vLLM's block pool,
+# and a request holds blocks only in its phase's groups (`vllm_visual_ar/phase_kv.py`): the
+# drafter's blocks go back to the pool at the hand-off, the refiner's are taken then. The two models have different weights, so a forward
 # runs one of them: requests are in the drafter or the refiner phase, and the scheduler alternates
 # between the phases that have work (`phase`).
-
-DRAFTER, REFINER = "drafter", "refiner"
-
 
 def draft_steps(decoding, num_scales: int) -> int:
     """Scales the drafter decodes: N for strategy "code", every scale otherwise."""
@@ -227,7 +227,10 @@ class NextScaleRunner(StrategyRunner):
             if "uncond" in streams:
                 x = guide(x, logits[streams["uncond"][3], :v], info.guidance_scale, k, self.schedule.num_scales)
             params = step.state(lead_row).sampling_params
-            codes = sample_scale(x, max(params.top_k or 0, 0), params.top_p, params.temperature, step.generator(lead_row))
+            settings = [max(params.top_k or 0, 0), params.top_p, params.temperature]
+            if info is not None and info.scale_sampling:
+                settings = [info.setting(name, k, value) for name, value in zip(("top_k", "top_p", "temperature"), settings)]
+            codes = sample_scale(x, *settings, step.generator(lead_row))
             for row, _, _, rows in streams.values():
                 out[row, : rows.stop - rows.start] = codes.to(torch.int32).cpu()
         return out
@@ -248,9 +251,29 @@ class NextScale(Strategy):
         from vllm_visual_ar.requests import short
 
         n = decoding.draft_steps
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"draft_steps must be an integer >= 1 (CoDe: scales the drafter decodes), got {short(n)}")
         return {}
+
+    @classmethod
+    def fitted(cls, decoding, config):
+        """CoDe without draft_steps: the folder's `default_draft_steps` (the N a fine-tuned pair was
+        trained for), if it names one."""
+        default = getattr(config, "default_draft_steps", None)
+        if decoding.strategy == "code" and decoding.draft_steps is None and default is not None:
+            from dataclasses import replace
+
+            return replace(decoding, draft_steps=default)
+        return decoding
+
+    @classmethod
+    def budget_decodings(cls, config):
+        """The CoDe hand-off at the last scale feeds the most tokens in one forward."""
+        from vllm_visual_ar.requests import Decoding
+
+        if getattr(config, "refiner", None) is None:
+            return [Decoding()]
+        return [Decoding(), Decoding("code", draft_steps=config.num_scales - 1)]
 
     @classmethod
     def problem(cls, config, decoding):
@@ -259,6 +282,8 @@ class NextScale(Strategy):
         if decoding.strategy == "code":
             if getattr(config, "refiner", None) is None:
                 return "strategy 'code' (draft_steps) needs a CoDe model folder: this VAR has no refiner"
+            if decoding.draft_steps is None:
+                return "strategy 'code' needs draft_steps (this model folder names no default_draft_steps)"
             if not 1 <= decoding.draft_steps <= config.num_scales - 1:
                 return f"draft_steps must be in [1, {config.num_scales - 1}], got {decoding.draft_steps}"
         elif decoding.strategy != "raster":
@@ -279,12 +304,21 @@ class NextScale(Strategy):
             return "next-scale (VAR) decoding does not return logprobs"
         return None
 
+    def scale_sampling_problem(self, scale_sampling):
+        from vllm_visual_ar.requests import per_scale_problem
+
+        return per_scale_problem(scale_sampling, self.schedule.num_scales)
+
     def footprint(self, output_tokens):
-        """The CoDe hand-off feeds every position up to the end of scale N at once."""
+        """The CoDe hand-off feeds every position up to the end of scale N at once. KV per phase:
+        the drafter's last forward writes up to the end of scale N-1, the refiner up to the end."""
         widest = self.schedule.widest_step
+        everything = 1 + self.schedule.num_tokens  # the class token and every code
+        phase_tokens = {DRAFTER: everything}
         if self.draft_steps < self.schedule.num_scales:
             widest = max(widest, self.schedule.ends[self.draft_steps])
-        return Footprint(self.schedule.num_tokens, widest, 0)
+            phase_tokens = {DRAFTER: 1 + self.schedule.ends[self.draft_steps - 1], REFINER: everything}
+        return Footprint(self.schedule.num_tokens, widest, 0, phase_tokens)
 
     def next_scale(self, request) -> int:
         """The scale the request's next forward samples (its codes so far end the scale before)."""

@@ -40,6 +40,9 @@ class Footprint:
     tokens: int        # output tokens vLLM appends to it (its max_tokens: stand-ins and the like included)
     widest_step: int   # tokens of its widest forward, reserved up front so that no forward is split
     lookahead: int     # KV slots a step may write past its committed tokens (speculative slots)
+    # For a model whose phases run different layers (`config.kv_phases`): the most tokens the stream
+    # holds KV for in each phase's layers (`vllm_visual_ar/phase_kv.py`). None: every layer, every token.
+    phase_tokens: Mapping[str, int] | None = None
 
 
 @dataclass
@@ -133,6 +136,14 @@ class Strategy:
         return decoding
 
     @classmethod
+    def budget_decodings(cls, config) -> list:
+        """Decodings whose widest steps bound those of every request a model of `config` can get
+        under this strategy's order (the engine's token budget is sized from them)."""
+        from vllm_visual_ar.requests import Decoding
+
+        return [Decoding()]
+
+    @classmethod
     def problem(cls, config, decoding) -> str | None:
         """Why a model of `config` cannot decode this way, or None."""
         if getattr(config, "decoding", None) != cls.order:
@@ -159,6 +170,12 @@ class Strategy:
 
     def before_step(self, request) -> None:
         """Before a step that runs the request: its speculative-token slots, or a rewind."""
+
+    def scale_sampling_problem(self, scale_sampling: dict) -> str | None:
+        """Why the request's per-scale settings ({name: values}) do not fit, or None."""
+        from vllm_visual_ar.requests import per_scale_problem
+
+        return per_scale_problem(scale_sampling, None)
 
     def phase(self, request) -> Hashable:
         """Which model runs the request's next forward (a step runs one phase)."""

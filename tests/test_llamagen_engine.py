@@ -133,7 +133,7 @@ def test_same_seed_gives_same_image_alone_or_in_a_batch(tiny_generator):
     (dict(classes=[1], guidance_scale=-0.5), "guidance_scale"), (dict(classes=[1], n=0), "n must"),
     (dict(classes=[1], top_p=0.0), "top_p"), (dict(classes=[1], top_p=1.5), "top_p"),
     (dict(classes=[1], top_k=-2), "top_k"), (dict(classes=[1], temperature=-1.0), "temperature"),
-    (dict(classes=[1], seed=-3), "seed"),
+    (dict(classes=[1], seed=-3), "seed"), (dict(classes=[1], top_k=[1, 2]), "next-scale"),
 ])
 def test_bad_input_raises_value_error_and_engine_keeps_working(tiny_generator, tiny_model, kwargs, names):
     with pytest.raises(ValueError, match=names):

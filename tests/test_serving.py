@@ -112,6 +112,7 @@ BAD = [
     ({"prompt": "3", "guidance_scale": "high"}, "guidance_scale"), ({"prompt": "3", "seed": -1}, "seed"),
     ({"prompt": "3", "seed": "abc"}, "seed"), ({"prompt": "3", "temperature": -0.5}, "temperature"),
     ({"prompt": "3", "top_p": 0}, "top_p"), ({"prompt": "3", "top_k": -5}, "top_k"),
+    ({"prompt": "3", "top_k": [1] * 5}, "top_k"),  # one value per scale: VAR models only
     ({"prompt": "3", "negative_prompt": "blurry"}, "negative_prompt"), ({"prompt": "3", "steps": 50}, "steps"),
     ({"prompt": "3", "stream": "yes"}, "stream"), ({"prompt": "3", "stream": True, "n": 2}, "n"),
     ({"prompt": "3", "partial_images": 5}, "partial_images"),
@@ -275,7 +276,7 @@ def _requests():
         "seed": field(st.integers(-1, 2**33), st.sampled_from([2**32 - 1, 2**62, 2**63, 2**64])),
         "guidance_scale": field(st.floats(0, 8), st.sampled_from([1, 1.0, 100, 101, 1e308, -0.0])),
         "temperature": field(st.floats(0, 3), st.sampled_from([0, 1e-9, 100, 1e308])),
-        "top_k": field(st.integers(-1, 300), st.just(10**18)),
+        "top_k": field(st.integers(-1, 300), st.just(10**18), st.lists(st.integers(-1, 9), max_size=3)),
         "top_p": field(st.floats(0, 1), st.sampled_from([1e-300, 1.0000001])),
         "strategy": field(st.sampled_from(["raster", "zipar", "sjd", "SJD", "code"])),
         "window": field(st.integers(-1, 20), st.sampled_from([10**9, 2**63, 64, 256, 257])),

@@ -27,6 +27,16 @@ def test_var_mnist_draws_recognisable_digits(var_mnist, decoding):
     assert all(r.stats.forward_passes == var_mnist.config.num_scales for r in results)
 
 
+def test_code_without_draft_steps_uses_the_folders_default(var_mnist):
+    """var-mnist's pair was fine-tuned for N = 3 (config.json `default_draft_steps`)."""
+    assert var_mnist.config.default_draft_steps == 3
+    default = var_mnist.generate([7, 2], seed=3, strategy="code")
+    explicit = var_mnist.generate([7, 2], seed=3, strategy="code", draft_steps=3)
+    other = var_mnist.generate([7, 2], seed=3, strategy="code", draft_steps=1)
+    assert torch.equal(torch.stack([r.codes for r in default]), torch.stack([r.codes for r in explicit]))
+    assert not torch.equal(torch.stack([r.codes for r in default]), torch.stack([r.codes for r in other]))
+
+
 def test_cli_generates_with_the_named_embedded_var_model(tmp_path):
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     done = subprocess.run([sys.executable, "-m", "vllm_visual_ar.cli", "generate", "--model", "var-mnist",

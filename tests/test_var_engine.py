@@ -161,6 +161,35 @@ def test_seeded_code_equals_reference(code_generator, tiny_code):
     assert torch.equal(torch.stack([im.codes for im in images]), expected)
 
 
+def test_per_scale_settings_equal_reference(code_generator, tiny_code):
+    """CoDe's convention: top-k, top-p and temperature given per scale (here all three differ from
+    scale to scale, one scale greedy), drawn as the reference loop draws them."""
+    classes = [1, 6, 8]
+    sampling = dict(top_k=[0, 3, 5, 0], top_p=[1.0, 0.9, 1.0, 0.7], temperature=[1.1, 0.0, 1.3, 1.0])
+    images = code_generator.generate(classes, guidance_scale=1.5, seed=11, strategy="code", draft_steps=2, **sampling)
+    expected = reference_code(tiny_code, classes, 1.5, 2, seeds=[11, 12, 13], **sampling)
+    assert torch.equal(torch.stack([im.codes for im in images]), expected)
+    plain = code_generator.generate(classes, guidance_scale=1.5, seed=11, strategy="code", draft_steps=2,
+                                    top_k=0, top_p=1.0, temperature=1.0)
+    assert not torch.equal(torch.stack([im.codes for im in plain]), expected)  # the lists did something
+
+
+def test_bad_per_scale_settings(code_generator):
+    with pytest.raises(ValueError, match="3 values for this model's 4 scales"):
+        code_generator.generate([1], top_k=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"temperature\[1\] must be"):
+        code_generator.generate([1], temperature=[1.0, -1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="non-empty list"):
+        code_generator.generate([1], top_p=[])
+    cfg = code_generator.config
+    raw = image_requests(cfg, 2, SamplingSettings(guidance_scale=0.0, unguided_scale=0.0), image_id="sbad")
+    raw[0][1].extra_args["visual_ar"]["scale_sampling"] = {"top_k": [1, 2]}
+    raw2 = image_requests(cfg, 3, SamplingSettings(guidance_scale=0.0, unguided_scale=0.0), image_id="sbad2")
+    raw2[0][1].extra_args["visual_ar"]["scale_sampling"] = {"min_p": [0.1] * 4}
+    assert set(finish_reasons(code_generator.llm.llm_engine, raw + raw2, "scalebad").values()) == {"error"}
+    assert code_generator.generate([2], top_k=[1] * 4)[0].stats.tokens == cfg.num_image_tokens
+
+
 def test_code_phases_share_the_engine_with_staggered_arrivals(code_generator, tiny_code):
     """Images at every draft_steps, guided and not, drafter-only among them, arriving over several
     steps and more than fit at once: drafter- and refiner-phase images alternate in the engine and
@@ -217,6 +246,55 @@ def test_code_abort_in_the_refiner_phase_frees_both_models_kv(code_generator):
     assert done["cabort-cond"].finish_reason == "abort"
     assert 0 < len(done["cabort-cond"].token_ids) < cfg.num_image_tokens
     assert scheduler_of(code_generator).kv_cache_manager.usage == 0
+
+
+def test_code_holds_each_models_kv_only_in_its_phase(tmp_path, make_generator):
+    """CoDe's memory saving in vLLM's block pool (`phase_kv.py`), on a schedule long enough (67
+    tokens) to span several 32-token blocks: a CoDe image holds the drafter's blocks until its
+    hand-off and none after it; a drafter-only image never holds refiner blocks; neither ever holds
+    more than the scheduler reserved for it, both reserve less than the two models' KV for every
+    position, and the images are still exact."""
+    from vllm_visual_ar import phase_kv
+    from vllm_visual_ar.admission import image_need
+
+    tiny_code = write_tiny_code_folder(tmp_path, patch_nums=(1, 2, 3, 4, 6))
+    gen = make_generator(tiny_code[0], max_images_in_flight=2, block_size=32)
+    cfg, engine, scheduler = gen.config, gen.llm.llm_engine, scheduler_of(gen)
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    assert sorted(m.kv_cache_spec.phase for m in managers) == ["drafter", "drafter", "refiner"]
+    n = 2
+    code = image_requests(cfg, 4, SamplingSettings(guidance_scale=0.0, unguided_scale=0.0, **GREEDY),
+                          image_id="kvcode", decoding=Decoding("code", draft_steps=n))
+    plain = image_requests(cfg, 5, SamplingSettings(guidance_scale=0.0, unguided_scale=0.0, **GREEDY),
+                           image_id="kvplain")
+    submit = {0: [("kvcode", *code[0]), ("kvplain", *plain[0])]}
+    held, reserved = {"kvcode": [], "kvplain": []}, {}
+
+    def watch():
+        for r in scheduler.running:
+            by_phase = {"drafter": 0, "refiner": 0}
+            for m in managers:
+                by_phase[m.kv_cache_spec.phase] += sum(not b.is_null for b in m.req_to_blocks.get(r.request_id, ()))
+            name = r.request_id.rsplit("-", 1)[0]  # vLLM suffixes the ids it is given
+            held[name].append((r.num_output_tokens, by_phase["drafter"], by_phase["refiner"]))
+            reserved[name] = scheduler._tracked[r.request_id].need.kv_blocks
+
+    done = step_until_done(engine, submit, each_step=watch)
+    assert torch.equal(torch.tensor(done["kvcode"].token_ids), reference_code(tiny_code, [4], 0.0, n, **GREEDY)[0])
+    assert torch.equal(torch.tensor(done["kvplain"].token_ids), reference_code(tiny_code, [5], 0.0, None, **GREEDY)[0])
+    drafted = 1 + 4  # scales 0 and 1
+    assert all(d > 0 and r > 0 for out, d, r in held["kvcode"] if out <= drafted)
+    assert all(d == 0 and r > 0 for out, d, r in held["kvcode"] if out > drafted)  # after the hand-off
+    assert any(out > drafted for out, _, _ in held["kvcode"])
+    assert all(r == 0 for _, _, r in held["kvplain"])
+    for rid in held:
+        assert max(d + r for _, d, r in held[rid]) <= reserved[rid]
+    layout = phase_kv.group_layout(scheduler.kv_cache_config)
+    assert sorted(layout) == sorted(phase_kv.expected_layout(cfg.kv_phases, 32))  # what the frontends assume
+    assert image_need(cfg, Decoding("code", draft_steps=n), False, 32).kv_blocks == reserved["kvcode"]
+    unphased = phase_kv.blocks_needed(layout, 1 + cfg.num_image_tokens, None)
+    assert reserved["kvcode"] < unphased and reserved["kvplain"] < unphased
+    assert scheduler.kv_cache_manager.usage == 0
 
 
 def test_folder_missing_its_refiner_is_refused(tiny_code, tmp_path):

@@ -26,7 +26,7 @@ def pixels(b64: str):
     return image
 
 
-def expected_png_pixels(models, class_id, guidance_scale, seed, draft_steps=None):
+def expected_png_pixels(models, class_id, guidance_scale, seed, draft_steps=None, **settings):
     """The reference loop's image for one request, as the server would encode it."""
     import torch
 
@@ -35,6 +35,7 @@ def expected_png_pixels(models, class_id, guidance_scale, seed, draft_steps=None
 
     drafter, refiner, vq = models
     sampling = dict(top_k=0, top_p=1.0, temperature=1.0, seeds=[seed])
+    sampling.update(settings)
     codes = (generate_code(drafter, refiner, vq, [class_id], draft_steps, guidance_scale, **sampling) if draft_steps
              else generate_var(drafter, vq, [class_id], guidance_scale, **sampling))
     with torch.no_grad():
@@ -60,6 +61,19 @@ def test_openai_client_serves_var_and_code(code_server):
         assert (got == expected_png_pixels(models, 6, 1.5, 21, draft_steps)).all(), draft_steps
 
 
+def test_per_scale_settings_over_http(code_server):
+    """top_k, top_p and temperature as lists, one value per scale (CoDe's convention)."""
+    import numpy as np
+
+    url, models = code_server
+    settings = dict(top_k=[0, 3, 5, 0], top_p=[1.0, 0.9, 1.0, 0.7], temperature=[1.1, 1.0, 1.3, 1.0])
+    r = httpx.post(f"{url}/v1/images/generations", timeout=60, json={
+        "prompt": "5", "seed": 3, "guidance_scale": 1.5, "strategy": "code", "draft_steps": 2, **settings})
+    assert r.status_code == 200, r.text
+    got = np.asarray(pixels(r.json()["data"][0]["b64_json"]))
+    assert (got == expected_png_pixels(models, 5, 1.5, 3, 2, **settings)).all()
+
+
 def test_streamed_previews_come_scale_by_scale(code_server):
     from openai import OpenAI
 
@@ -80,6 +94,10 @@ def test_streamed_previews_come_scale_by_scale(code_server):
     ({"prompt": "3", "strategy": "zipar", "window": 2}, "strategy"),
     ({"prompt": "3", "strategy": "code", "draft_steps": "2"}, "draft_steps"),
     ({"prompt": "3", "size": "32x32"}, "size"),
+    ({"prompt": "3", "top_k": [0, 1, 2]}, "top_k"),
+    ({"prompt": "3", "temperature": [1.0, 1.0, "hot", 1.0]}, "temperature"),
+    ({"prompt": "3", "top_p": [1.0, 1.0, 0.0, 1.0]}, "top_p"),
+    ({"prompt": "3", "top_k": {"0": 1}}, "top_k"),
 ])
 def test_bad_code_requests_get_a_400_and_the_server_serves_on(code_server, body, param):
     url, _ = code_server

@@ -111,12 +111,13 @@ def write_official_var_checkpoints(root, config, refiner_config=None, seed: int 
     return models, vq, paths + [root / "vae_tiny.pth"]
 
 
-def write_tiny_code_folder(root):
+def write_tiny_code_folder(root, patch_nums=(1, 2, 3, 4)):
     """A random CoDe pair (drafter depth 3 width 192, refiner depth 2 width 128) on one VQVAE, from
     release-layout files through the plugin's converter -> (folder, drafter, refiner, vq)."""
     from vllm_visual_ar.model_executors.convert import convert_var
 
-    drafter_cfg, refiner_cfg = tiny_var_config(depth=3, heads=3), tiny_var_config(depth=2, heads=2)
+    drafter_cfg = tiny_var_config(patch_nums, depth=3, heads=3)
+    refiner_cfg = tiny_var_config(patch_nums, depth=2, heads=2)
     (drafter, refiner), vq, (d_pth, r_pth, vae_pth) = write_official_var_checkpoints(root, drafter_cfg, refiner_cfg)
     folder = convert_var(str(d_pth), str(vae_pth), str(root / "converted"), patch_nums=drafter_cfg.patch_nums,
                          refiner_path=str(r_pth))

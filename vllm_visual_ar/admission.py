@@ -18,9 +18,10 @@ smaller ones. An image that would not fit in an empty engine is refused at once 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Hashable, Sequence
+
+from vllm_visual_ar.phase_kv import blocks_needed, expected_layout
 
 
 @dataclass(frozen=True)
@@ -43,26 +44,27 @@ class Need:
                 and self.kv_blocks <= room.kv_blocks)
 
 
-def stream_need(prompt_tokens: int, output_tokens: int, widest_step: int, lookahead: int, block_size: int) -> Need:
-    """One stream: KV for its prompt, every token it appends and its look-ahead; the token budget of
-    its widest step (the prefill included)."""
-    return Need(1, max(prompt_tokens, widest_step), math.ceil((prompt_tokens + output_tokens + lookahead) / block_size))
-
-
-def footprint_need(prompt_tokens: int, footprint, block_size: int, lookahead: int | None = None) -> Need:
-    """One stream, from its strategy's footprint (`samplers/strategy.py::Footprint`); `lookahead`
-    overrides the strategy's (an engine with a speculative method of vLLM's own)."""
-    return stream_need(prompt_tokens, footprint.tokens, footprint.widest_step,
-                       footprint.lookahead if lookahead is None else lookahead, block_size)
+def footprint_need(prompt_tokens: int, footprint, kv_layout, lookahead: int | None = None) -> Need:
+    """One stream, from its strategy's footprint (`samplers/strategy.py::Footprint`): KV for its
+    prompt, every token it appends and its look-ahead, in the engine's KV cache groups (`kv_layout`,
+    `phase_kv.py`: a stream of a phased model holds only its phase's groups at a time); the token
+    budget of its widest step (the prefill included). `lookahead` overrides the strategy's (an engine
+    with a speculative method of vLLM's own)."""
+    lookahead = footprint.lookahead if lookahead is None else lookahead
+    tokens = prompt_tokens + footprint.tokens + lookahead
+    phase_tokens = ({p: min(n + lookahead, tokens) for p, n in footprint.phase_tokens.items()}
+                    if footprint.phase_tokens else None)
+    return Need(1, max(prompt_tokens, footprint.widest_step), blocks_needed(kv_layout, tokens, phase_tokens))
 
 
 def image_need(config, decoding, guided: bool, block_size: int, prompt_tokens: int = 1) -> Need:
     """What one image of a model config asks of the engine, as the scheduler will reserve it: its
-    strategy's footprint (`samplers/`), per stream."""
+    strategy's footprint (`samplers/`), per stream, in the KV cache groups vLLM forms for the model."""
     from vllm_visual_ar.samplers import strategy_for
 
     footprint = strategy_for(config, decoding)(config, decoding).footprint(config.num_image_tokens)
-    one = footprint_need(prompt_tokens, footprint, block_size)
+    layout = expected_layout(getattr(config, "kv_phases", {}), block_size)
+    one = footprint_need(prompt_tokens, footprint, layout)
     return one + one if guided else one
 
 

@@ -30,15 +30,14 @@ def engine_kwargs(model: str | None = None, max_images_in_flight: int = 16, **ov
     from vllm_visual_ar.admission import image_need
     from vllm_visual_ar.families import family_of
     from vllm_visual_ar.requests import Decoding
+    from vllm_visual_ar.samplers import strategy_for
 
     model_dir = resolve_model_dir(model)
     config = family_of(model_dir).config(model_dir)
     # Room for every image in flight to take its widest step at once (VAR: its largest scale; CoDe:
     # the refiner's hand-off, which at most feeds every scale but the last).
-    widest = image_need(config, Decoding(), True, block_size=16).tokens_per_step
-    if getattr(config, "refiner", None) is not None:
-        latest = Decoding("code", draft_steps=config.num_scales - 1)
-        widest = max(widest, image_need(config, latest, True, block_size=16).tokens_per_step)
+    widest = max(image_need(config, decoding, True, block_size=16).tokens_per_step
+                 for decoding in strategy_for(config, Decoding()).budget_decodings(config))
     kwargs = dict(
         model=model_dir,
         skip_tokenizer_init=True,

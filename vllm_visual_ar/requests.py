@@ -9,7 +9,8 @@ as one:
 
 Both carry the same max_tokens (the image's token count); the cond request carries the sampling
 settings and the seed. Optional keys choose the decoding order, the same on both halves:
-"strategy": "raster" (default) or "zipar" with "window": w (`Decoding`). A ZipAR request must ask
+"strategy": "raster" (default) or "zipar" with "window": w (`Decoding`); for a next-scale (VAR) model,
+"scale_sampling": {"top_k" | "top_p" | "temperature": [one value per scale]}. A ZipAR request must ask
 for the whole image (max_tokens = the image's token count) and no logprobs; its tokens still come
 back in raster order. `image_requests` builds all of this, for `LLM.generate` or the engine client.
 """
@@ -115,6 +116,14 @@ class ImageRequestInfo:
     role: str  # "single", "cond" or "uncond"
     guidance_scale: float
     decoding: Decoding = Decoding()
+    # Next-scale models: settings given per scale, {name: values} (`SamplingSettings.per_scale`);
+    # they replace the request's SamplingParams value of that name at each scale.
+    scale_sampling: tuple = ()
+
+    def setting(self, name: str, scale: int, default):
+        """Setting `name` at `scale`: its per-scale value if it has them, else `default`."""
+        values = dict(self.scale_sampling).get(name)
+        return default if values is None else values[scale]
 
     @property
     def guided(self) -> bool:
@@ -135,34 +144,84 @@ def image_request_info(sampling_params) -> ImageRequestInfo | None:
         raise ValueError(f"malformed extra_args[{EXTRA_ARGS_KEY!r}]: {short(info)}") from e
     decoding = Decoding(info.get("strategy", "raster"), info.get("window"), info.get("init"),
                         info.get("relaxed_delta"), info.get("relaxed_neighbours"), info.get("draft_steps"))
-    parsed = ImageRequestInfo(parsed.image_id, parsed.role, parsed.guidance_scale, decoding)
+    scale_sampling = info.get("scale_sampling") or {}
+    if not isinstance(scale_sampling, dict) or set(scale_sampling) - set(PER_SCALE):
+        raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['scale_sampling'] must map some of {sorted(PER_SCALE)} "
+                         f"to per-scale lists, got {short(scale_sampling)}")
+    scale_sampling = tuple(sorted((k, check_per_scale(k, v)) for k, v in scale_sampling.items()))
+    parsed = ImageRequestInfo(parsed.image_id, parsed.role, parsed.guidance_scale, decoding, scale_sampling)
     if parsed.role not in ROLES:
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['role'] must be one of {ROLES}, got {short(parsed.role)}")
     return parsed
 
 
+def check_top_k(value, name: str = "top_k") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (0 = off), got {short(value)}")
+    return value
+
+
+# The settings a next-scale (VAR) image may give per scale, as CoDe does (top-k 600 and temperature
+# 1.1 on the first seven scales, 1.0 after), each with its check.
+PER_SCALE = {"top_k": check_top_k,
+             "top_p": lambda v, name="top_p": check_number(v, name, 0, 1, low_open=True),
+             "temperature": lambda v, name="temperature": check_number(v, name, 0, MAX_TEMPERATURE)}
+NEUTRAL = {"top_k": 0, "top_p": 1.0, "temperature": 1.0}
+
+
+def check_per_scale(name: str, values) -> tuple:
+    """A non-empty list of valid values of setting `name`, one per scale -> tuple, or ValueError."""
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"{name} per scale must be a non-empty list, got {short(values)}")
+    return tuple(PER_SCALE[name](v, f"{name}[{i}]") for i, v in enumerate(values))
+
+
+def per_scale_problem(scale_sampling: dict, num_scales: int | None) -> str | None:
+    """Why per-scale settings do not fit a model with `num_scales` scales (None: not a next-scale model)."""
+    if not scale_sampling:
+        return None
+    if num_scales is None:
+        return (f"{', '.join(sorted(scale_sampling))} as a list (one value per scale) applies to next-scale "
+                "(VAR) models only")
+    for name, values in scale_sampling.items():
+        if len(values) != num_scales:
+            return f"{name} has {len(values)} values for this model's {num_scales} scales"
+    return None
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """Sampling settings of one image, validated. top_k 0 and top_p 1 switch those filters off;
-    temperature 0 (or top_k 1) is greedy."""
+    temperature 0 (or top_k 1) is greedy. For a next-scale (VAR) model, top_k, top_p and temperature
+    may each be a list with one value per scale (`per_scale`)."""
     guidance_scale: float = 4.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float | tuple = 1.0
+    top_k: int | tuple = 0
+    top_p: float | tuple = 1.0
     # The scale that means "no guidance" in the model family's convention (`families.py`):
     # LlamaGen's uncond + s (cond - uncond) at s = 1, VAR's (1 + t) cond - t uncond at t = 0.
     unguided_scale: float = 1.0
 
     def __post_init__(self):
         check_number(self.guidance_scale, "guidance_scale", 0, MAX_GUIDANCE_SCALE)
-        check_number(self.temperature, "temperature", 0, MAX_TEMPERATURE)
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {short(self.top_k)}")
-        check_number(self.top_p, "top_p", 0, 1, low_open=True)
+        for name, check in PER_SCALE.items():
+            value = getattr(self, name)
+            object.__setattr__(self, name, check_per_scale(name, value) if isinstance(value, (list, tuple))
+                               else check(value))
 
     @property
     def guided(self) -> bool:
         return self.guidance_scale != self.unguided_scale
+
+    @property
+    def per_scale(self) -> dict[str, tuple]:
+        """The settings given per scale: {name: values}."""
+        return {name: getattr(self, name) for name in PER_SCALE if isinstance(getattr(self, name), tuple)}
+
+    def scalar(self, name: str):
+        """A setting as one value for vLLM's SamplingParams (a per-scale one: its neutral value)."""
+        value = getattr(self, name)
+        return NEUTRAL[name] if isinstance(value, tuple) else value
 
 
 def validate_class_id(config, class_id) -> int:
@@ -178,19 +237,24 @@ def image_requests(config, class_id: int, settings: SamplingSettings, seed: int 
 
     validate_class_id(config, class_id)
     check_seed(seed)
+    if problem := per_scale_problem(settings.per_scale, getattr(config, "num_scales", None)):
+        raise ValueError(problem)
     decoding = decoding.fitted(config)
     image_id = image_id or uuid.uuid4().hex
-    greedy = settings.temperature == 0 or settings.top_k == 1
+    temperature, top_k, top_p = (settings.scalar(n) for n in ("temperature", "top_k", "top_p"))
+    greedy = temperature == 0 or top_k == 1
+    per_scale = {"scale_sampling": {k: list(v) for k, v in settings.per_scale.items()}} if settings.per_scale else {}
 
     def params(role: str, with_seed: bool) -> SamplingParams:
         return SamplingParams(
             max_tokens=config.num_image_tokens, min_tokens=config.num_image_tokens, ignore_eos=True,
-            temperature=0.0 if greedy else settings.temperature,
-            top_k=0 if greedy else min(settings.top_k, config.codebook_size),
-            top_p=1.0 if greedy else settings.top_p,
+            temperature=0.0 if greedy else temperature,
+            top_k=0 if greedy else min(top_k, config.codebook_size),
+            top_p=1.0 if greedy else top_p,
             seed=seed if with_seed else None, detokenize=False,
             extra_args={EXTRA_ARGS_KEY: {"image_id": image_id, "role": role,
-                                         "guidance_scale": float(settings.guidance_scale), **decoding.to_args()}})
+                                         "guidance_scale": float(settings.guidance_scale), **decoding.to_args(),
+                                         **per_scale}})
 
     cond_prompt = {"prompt_token_ids": [config.class_token(class_id)]}
     if not settings.guided:

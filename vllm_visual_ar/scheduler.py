@@ -25,7 +25,6 @@ preempts request by request, so this subclass wraps it rather than rewriting it:
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_visual_ar import phase_kv
 from vllm_visual_ar.admission import Need, admit, cannot_fit, footprint_need
 from vllm_visual_ar.requests import Decoding, image_request_info
 from vllm_visual_ar.samplers import strategy_for
@@ -52,6 +52,7 @@ class _Tracked:
     strategy: Strategy
     need: Need
     widest_step: int
+    route: tuple = ()  # the phases it visits, in order (`phase_kv.py`); empty: no phases
 
     def __post_init__(self):
         # Most strategies show the frontend what vLLM appended: skip the call for those.
@@ -60,7 +61,17 @@ class _Tracked:
 
 class VisualARScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
+        phase_kv.register()  # before vLLM builds its KV cache manager
         super().__init__(*args, **kwargs)
+        # vLLM's KV cache groups: (phase, block size) each. A model whose phases run different
+        # layers has groups per phase; a request holds blocks in its phase's groups only.
+        self._kv_layout = phase_kv.group_layout(self.kv_cache_config)
+        expected = phase_kv.expected_layout(getattr(self.vllm_config.model_config.hf_config, "kv_phases", {}),
+                                            self.block_size)
+        if sorted(self._kv_layout, key=repr) != sorted(expected, key=repr):
+            # The frontends' pre-check (`admission.image_need`) assumes vLLM's grouping rule.
+            logger.warning("visual_ar: KV cache groups %s differ from the expected %s; the frontend's "
+                           "fit check may be off, the scheduler uses the real ones", self._kv_layout, expected)
         self._pair_members: dict[str, set[str]] = defaultdict(set)  # image_id -> request ids
         self._finished_here: list[Request] = []  # finished by this scheduler; the frontend must hear of it
         self._tracked: dict[str, _Tracked] = {}
@@ -124,6 +135,9 @@ class VisualARScheduler(Scheduler):
         strategy = cls(config, decoding)
         if problem := strategy.start(request):
             return problem
+        if info is not None and info.scale_sampling and (
+                problem := strategy.scale_sampling_problem(dict(info.scale_sampling))):
+            return problem
         if cls.uses_spec_slots and self.vllm_config.speculative_config is not None:
             return (f"strategy {decoding.strategy!r} cannot run in an engine configured with another "
                     "speculative method")
@@ -133,10 +147,11 @@ class VisualARScheduler(Scheduler):
                     f"{request.num_prompt_tokens + footprint.tokens} (it is {self.max_model_len})")
         request.max_tokens = footprint.tokens
         spec = self.vllm_config.speculative_config
-        need = footprint_need(request.num_prompt_tokens, footprint, self.block_size,
+        need = footprint_need(request.num_prompt_tokens, footprint, self._kv_layout,
                               spec.num_speculative_tokens if spec is not None else None)
         pair_key = info.image_id if info is not None and info.guided else None
-        self._tracked[request.request_id] = _Tracked(request, pair_key, strategy, need, footprint.widest_step)
+        self._tracked[request.request_id] = _Tracked(request, pair_key, strategy, need, footprint.widest_step,
+                                                     tuple(footprint.phase_tokens or ()))
         return None
 
     def make_spec_decoding_stats(self, spec_decoding_stats, *args, **kwargs):
@@ -152,6 +167,7 @@ class VisualARScheduler(Scheduler):
         self._finished_here += super().finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
+        phase_kv.forget(request.request_id)
         key = self._pair_key(request)
         if (tracked := self._tracked.pop(request.request_id, None)) is not None:
             self._freed[request.request_id] = tracked
@@ -204,8 +220,9 @@ class VisualARScheduler(Scheduler):
         not yet allocated."""
         tracked = self._tracked[request.request_id]
         pending = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
-        blocks = tracked.need.kv_blocks - math.ceil(request.num_computed_tokens / self.block_size)
-        return Need(1, max(pending, tracked.widest_step), max(0, blocks))
+        held = sum(not b.is_null for group in self.kv_cache_manager.coordinator.get_blocks(request.request_id)
+                   for b in group)
+        return Need(1, max(pending, tracked.widest_step), max(0, tracked.need.kv_blocks - held))
 
     def _admissible_groups(self) -> list[Request]:
         """Waiting requests that this step may admit: whole groups, chosen by `admission.admit`."""
@@ -231,6 +248,11 @@ class VisualARScheduler(Scheduler):
         if len(present) > 1:
             present.discard(self._last_phase)
         phase = self._last_phase = min(present, key=repr) if present else None
+        for r in self.running:
+            phase_kv.set_phase(r.request_id, phase_of[r.request_id], self._tracked[r.request_id].route)
+        for r in admitted:  # a resumed request (preempted) may be past its entry phase
+            tracked = self._tracked[r.request_id]
+            phase_kv.set_phase(r.request_id, tracked.strategy.phase(r), tracked.route)
         held = []
         for r in self.running:
             if phase_of[r.request_id] == phase:

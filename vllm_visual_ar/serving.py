@@ -5,6 +5,7 @@ Request (OpenAI's images API, plus this plugin's decoding fields; unknown fields
     {"prompt": "7" | 7 | "seven",      # a class id, or a name from config.json's class_names
      "model": "...", "n": 1, "size": "auto" | "32x32", "response_format": "b64_json",
      "seed": 0, "guidance_scale": 2.0, "temperature": 1.0, "top_k": 32, "top_p": 1.0,
+     # VAR models: top_k, top_p, temperature may each be a list, one value per scale (CoDe's way)
      "strategy": "raster" | "zipar" | "sjd", "window": 8, "init": "random" | "horizontal",  # init: SJD
      "relaxed_delta": 0.1, "relaxed_neighbours": 16,     # SJD: relaxed acceptance (not exact)
      "strategy": "code", "draft_steps": 2,               # VAR models with a CoDe refiner
@@ -43,7 +44,8 @@ import uuid
 from dataclasses import dataclass
 
 from vllm_visual_ar.admission import image_cannot_fit
-from vllm_visual_ar.requests import Decoding, SamplingSettings, check_number, check_seed, image_requests, short
+from vllm_visual_ar.requests import (Decoding, SamplingSettings, check_number, check_seed, image_requests,
+                                     per_scale_problem, short)
 
 MAX_IMAGES_PER_REQUEST = 16
 MAX_PARTIAL_IMAGES = 3  # as OpenAI's API
@@ -52,15 +54,16 @@ MAX_STRING = 1000       # characters in any string field (OpenAI's prompt limit 
 MAX_TIMEOUT = 3600.0    # seconds
 # Every field and the JSON types it may have; anything else is a 400 before the engine is touched.
 FIELD_TYPES = {"prompt": (str, int), "model": (str,), "n": (int,), "size": (str,), "response_format": (str,),
-               "output_format": (str,), "seed": (int,), "guidance_scale": (int, float), "temperature": (int, float),
-               "top_k": (int,), "top_p": (int, float), "strategy": (str,), "window": (int,), "init": (str,),
+               "output_format": (str,), "seed": (int,), "guidance_scale": (int, float), "temperature": (int, float, list),
+               "top_k": (int, list), "top_p": (int, float, list), "strategy": (str,), "window": (int,), "init": (str,),
                "relaxed_delta": (int, float), "relaxed_neighbours": (int,), "extra_params": (dict,),
                "stream": (bool,), "partial_images": (int,), "negative_prompt": (str,), "user": (str,),
                "timeout": (int, float), "draft_steps": (int,)}
 KNOWN_FIELDS = set(FIELD_TYPES)
 EXTRA_PARAMS = {"seed", "guidance_scale", "temperature", "top_k", "top_p", "strategy", "window", "init",
                 "relaxed_delta", "relaxed_neighbours", "negative_prompt", "timeout", "draft_steps"}
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object"}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object",
+               list: "a list"}
 
 
 class BadRequest(ValueError):
@@ -94,7 +97,7 @@ def _check_types(fields: dict, where: str = "") -> None:
         types = FIELD_TYPES[name]
         ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
         if not ok:
-            expected = "a number" if float in types else " or ".join(_TYPE_NAMES[t] for t in types)
+            expected = " or ".join(_TYPE_NAMES[t] for t in types if not (t is int and float in types))
             raise BadRequest(f"'{where}{name}' must be {expected}, got {short(value)}", where + name)
         if isinstance(value, str) and len(value) > MAX_STRING:
             raise BadRequest(f"'{where}{name}' is longer than {MAX_STRING} characters", where + name)
@@ -170,16 +173,21 @@ def parse_images_request(body, config) -> ImagesJob:
     from vllm_visual_ar.families import family_of
     from vllm_visual_ar.samplers import decoding_problem
 
-    top_k = _int(fields, "top_k", config.default_top_k, 0)
+    # top_k, top_p and temperature: one value, or (next-scale models) a list with one per scale.
+    top_k = fields.get("top_k")
+    if not isinstance(top_k, list):
+        top_k = min(_int(fields, "top_k", config.default_top_k, 0), config.codebook_size)
     guidance = fields.get("guidance_scale")
     top_p = fields.get("top_p", getattr(config, "default_top_p", 1.0))
     numbers = (config.default_guidance_scale if guidance is None else guidance, fields.get("temperature", 1.0),
-               min(top_k, config.codebook_size), 1.0 if top_p is None else top_p)
+               top_k, 1.0 if top_p is None else top_p)
     try:
         settings = SamplingSettings(*(1.0 if v is None else v for v in numbers),
                                     unguided_scale=family_of(config).unguided_scale)
     except ValueError as e:
-        raise BadRequest(str(e), str(e).split(" ", 1)[0]) from None
+        raise BadRequest(str(e), str(e).split(" ", 1)[0].split("[")[0]) from None
+    if problem := per_scale_problem(settings.per_scale, getattr(config, "num_scales", None)):
+        raise BadRequest(problem, next(iter(sorted(settings.per_scale))))
     strategy = fields.get("strategy") or "raster"
     names = ("strategy", "init", "window", "relaxed_delta", "relaxed_neighbours", "draft_steps")
     try:
