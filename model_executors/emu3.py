@@ -1,0 +1,240 @@
+"""Emu3's language model (Emu3-Gen, Emu3-Chat) as a vLLM model: a Llama-style decoder over one
+vocabulary of text and visual tokens, with logits over the full vocabulary (visual tokens are not
+masked; a sampler that wants image tokens only constrains them itself).
+
+Architecture, as in the original release (baaivision/Emu3, emu3/mllm/modeling_emu3.py) and in
+transformers' port (transformers/models/emu3/modeling_emu3.py, `Emu3TextModel`):
+- pre-norm blocks: RMSNorm -> attention -> residual, RMSNorm -> SwiGLU MLP -> residual, final RMSNorm;
+  the RMSNorm eps is `rms_norm_eps` (1e-5 in the release configs);
+- attention with grouped KV heads (query head h reads KV head h // (heads / kv_heads), the
+  `repeat_kv` expansion), scale head_dim**-0.5, head_dim = hidden_size // num_attention_heads;
+  no bias in q/k/v/o or the MLP in the release (`Emu3Attention.__init__`, `Emu3MLP.__init__`;
+  transformers reads `attention_bias` / `mlp_bias`, both False by default, honoured here);
+- RoPE over the whole head, rotate-half ("neox") pairing, theta `rope_theta` (1e6 in the release),
+  optional `rope_scaling` linear (positions / factor) or dynamic NTK. The release's dynamic variant
+  (`Emu3DynamicNTKScalingRotaryEmbedding._set_cos_sin_cache`) and transformers' `dynamic_rope_update`
+  only change the base once a sequence is longer than max_position_embeddings; vLLM's dynamic rope
+  rescales at every length, so a dynamic config is served with the plain base and a context of at
+  most max_position_embeddings;
+- attention dropout and the release's residual/embedding dropout (`attention_dropout`, 0.1) act in
+  training only;
+- `lm_head` is a separate matrix unless the top-level config sets `tie_word_embeddings` (the release
+  and transformers' `Emu3ForConditionalGeneration` tie only then; both default to False).
+
+Weight layouts read by `load_weights`:
+- original release (`Emu3ForCausalLM`): `model.embed_tokens`, `model.layers.N.self_attn.{q,k,v,o}_proj`,
+  `model.layers.N.mlp.{gate,up,down}_proj`, `model.layers.N.{input,post_attention}_layernorm`,
+  `model.norm`, `lm_head`;
+- transformers' `Emu3ForConditionalGeneration` as saved by transformers 5: the same names under
+  `model.text_model.` (instead of `model.`), `lm_head`, and the image tokenizer under `model.vqmodel.`;
+- the same class as converted for the hub with transformers 4 (`text_model.model.*`,
+  `text_model.lm_head`, `vqmodel.*`; transformers' conversion_mapping.py "emu3" entry renames these).
+The VQ-VAE weights are the image decoder's, not the LM's, and are skipped.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.sequence import IntermediateTensors
+
+
+def emu3_rope_parameters(cfg, max_model_len: int) -> dict:
+    """The rope parameters to hand vLLM's `get_rope` (see the module docstring for dynamic)."""
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", 1_000_000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return {"rope_type": "default", "rope_theta": theta}
+    if kind == "linear":
+        return {"rope_type": "linear", "rope_theta": theta, "factor": float(params["factor"])}
+    if kind == "dynamic":
+        if max_model_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"Emu3 with dynamic rope scaling is served up to max_position_embeddings="
+                f"{cfg.max_position_embeddings} tokens (within it the rope is unscaled); "
+                f"pass max_model_len <= {cfg.max_position_embeddings}")
+        return {"rope_type": "default", "rope_theta": theta}
+    raise ValueError(f"unsupported Emu3 rope scaling {kind!r}")
+
+
+# Checkpoint prefix -> ours, for each layout in the module docstring (None: not the LM's, skipped).
+CHECKPOINT_PREFIXES = (
+    ("model.vqmodel.", None),
+    ("vqmodel.", None),
+    ("model.text_model.", "model."),
+    ("text_model.model.", "model."),
+    ("text_model.lm_head.", "lm_head."),
+    ("model.", "model."),
+    ("lm_head.", "lm_head."),
+)
+
+
+def our_weight_name(name: str) -> str | None:
+    """A checkpoint weight name in any of the three layouts -> the release's name, which is ours
+    before q/k/v and gate/up are fused; None for the VQ-VAE's weights."""
+    for ckpt, ours in CHECKPOINT_PREFIXES:
+        if name.startswith(ckpt):
+            return None if ours is None else ours + name[len(ckpt):]
+    raise ValueError(f"unexpected Emu3 weight {name!r}")
+
+
+class Emu3Attention(nn.Module):
+    def __init__(self, cfg, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        total_heads, total_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        if total_heads % tp or (total_kv % tp if total_kv >= tp else tp % total_kv):
+            raise ValueError(f"{total_heads} heads / {total_kv} KV heads do not split over {tp} ranks")
+        self.num_heads, self.num_kv_heads = total_heads // tp, max(1, total_kv // tp)
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // total_heads
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = bool(getattr(cfg, "attention_bias", False))
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, total_heads, total_kv, bias=bias,
+                                          prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, cfg.hidden_size, bias=bias,
+                                        prefix=f"{prefix}.o_proj")
+        self.rotary_emb = get_rope(self.head_dim, max_position=vllm_config.model_config.max_model_len,
+                                   is_neox_style=True,
+                                   rope_parameters=emu3_rope_parameters(cfg, vllm_config.model_config.max_model_len))
+        # vLLM's Attention maps query head h to KV head h // (num_heads // num_kv_heads), the same
+        # grouping as `repeat_kv` in both Emu3 implementations.
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, num_kv_heads=self.num_kv_heads,
+                              cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn")
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(h)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v))
+        return out
+
+
+class Emu3MLP(nn.Module):
+    def __init__(self, cfg, prefix: str):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"Emu3 MLP with {cfg.hidden_act!r} activation is not supported (release: silu)")
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        # gate_proj and up_proj are fused into one matmul; see `load_weights`.
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias,
+                                                       prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias,
+                                           prefix=f"{prefix}.down_proj")
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.gate_up_proj(x)
+        x, _ = self.down_proj(self.act(x))
+        return x
+
+
+class Emu3DecoderLayer(nn.Module):
+    def __init__(self, cfg, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.self_attn = Emu3Attention(cfg, vllm_config, f"{prefix}.self_attn")
+        self.mlp = Emu3MLP(cfg, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.self_attn(positions, self.input_layernorm(x))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Emu3TextModel(nn.Module):
+    def __init__(self, cfg, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            Emu3DecoderLayer(cfg, vllm_config, f"{prefix}.layers.{i}") for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(positions, h)
+        return self.norm(h)
+
+
+class Emu3ForCausalLM(nn.Module):
+    """Served under the architecture names the plugin registers (see `plugin.register`): the
+    release's `Emu3ForCausalLM`, and `Emu3GenForConditionalGeneration` for transformers' layout,
+    whose own name `Emu3ForConditionalGeneration` vLLM already maps to its Transformers backend."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        # The release's config is flat; transformers' Emu3Config keeps the LM's under text_config,
+        # which vLLM exposes as hf_text_config.
+        cfg = vllm_config.model_config.hf_text_config
+        self.config = cfg
+        self.model = Emu3TextModel(cfg, vllm_config, prefix=f"{prefix}model")
+        self.tie_word_embeddings = bool(getattr(vllm_config.model_config.hf_config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, prefix=f"{prefix}lm_head")
+        self.logits_processor = LogitsProcessor(cfg.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        return self.model(positions, h)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    # Checkpoint name part -> (our parameter name part, shard id) for weights fused on our side.
+    stacked_params_mapping = [
+        (".self_attn.q_proj.", ".self_attn.qkv_proj.", "q"),
+        (".self_attn.k_proj.", ".self_attn.qkv_proj.", "k"),
+        (".self_attn.v_proj.", ".self_attn.qkv_proj.", "v"),
+        (".mlp.gate_proj.", ".mlp.gate_up_proj.", 0),
+        (".mlp.up_proj.", ".mlp.gate_up_proj.", 1),
+    ]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for ckpt_name, tensor in weights:
+            name = our_weight_name(ckpt_name)
+            if name is None or "rotary_emb.inv_freq" in name:
+                continue
+            if name.startswith("lm_head.") and self.tie_word_embeddings:
+                continue  # the embedding matrix is the head
+            for ckpt, ours, shard in self.stacked_params_mapping:
+                if ckpt in name:
+                    name = name.replace(ckpt, ours)
+                    if name not in params:
+                        raise ValueError(f"unexpected Emu3 weight {ckpt_name!r}")
+                    params[name].weight_loader(params[name], tensor, shard)
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"unexpected Emu3 weight {ckpt_name!r}")
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+        missing = set(params) - loaded
+        if missing:
+            raise ValueError(f"Emu3 checkpoint lacks {sorted(missing)[:5]} ({len(missing)} weights)")
+        return loaded
