@@ -28,7 +28,6 @@ What is Chameleon-specific, and how it is matched:
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -36,19 +35,16 @@ from torch import nn
 
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
-    MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.sequence import IntermediateTensors
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+from vllm_visual_ar.model_executors.decoder_blocks import DecoderLM, DecoderStack
 
 QK_NORM_EPS = 1e-5  # hard-coded in both transformers' and Lumina-mGPT's ChameleonLayerNorm
 
@@ -127,109 +123,25 @@ class ChameleonAttention(nn.Module):
         return out
 
 
-class ChameleonMLP(nn.Module):
-    def __init__(self, cfg, prefix: str):
-        super().__init__()
-        if cfg.hidden_act != "silu":
-            raise ValueError(f"Chameleon MLP activation {cfg.hidden_act!r} is not supported (only silu)")
-        bias = bool(getattr(cfg, "mlp_bias", False))
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias,
-                                                       prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias,
-                                           prefix=f"{prefix}.down_proj")
-        self.act = SiluAndMul()
-
-    def forward(self, x):
-        x, _ = self.gate_up_proj(x)
-        x, _ = self.down_proj(self.act(x))
-        return x
-
-
-class ChameleonDecoderLayer(nn.Module):
-    """Pre-norm (transformers `ChameleonDecoderLayer`), or with `swin_norm` post-norm
-    (`ChameleonSwinDecoderLayer`: the branch output is normed before the residual add)."""
-
-    def __init__(self, cfg, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        self.swin_norm = bool(getattr(cfg, "swin_norm", False))
-        self.self_attn = ChameleonAttention(cfg, vllm_config, f"{prefix}.self_attn")
-        self.mlp = ChameleonMLP(cfg, f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.swin_norm:
-            h = x + self.input_layernorm(self.self_attn(positions, x))
-            return h + self.post_attention_layernorm(self.mlp(h))
-        h = x + self.self_attn(positions, self.input_layernorm(x))
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
-class ChameleonModel(nn.Module):
-    def __init__(self, cfg, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(ChameleonDecoderLayer(cfg, vllm_config, prefix=f"{prefix}.layers.{i}")
-                                    for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            h = layer(positions, h)
-        return self.norm(h)
-
-
-class ChameleonXLLMXForConditionalGeneration(nn.Module):
+class ChameleonXLLMXForConditionalGeneration(DecoderLM):
     """Chameleon decoder, text and image tokens alike; positions are plain 1D sequence positions."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         cfg = vllm_config.model_config.hf_config
         self.config = cfg
+        self.family, self.tie_word_embeddings = "Chameleon", bool(cfg.tie_word_embeddings)
+
         def sub(name: str) -> str:
             return f"{prefix}.{name}" if prefix else name
 
-        self.model = ChameleonModel(cfg, vllm_config, prefix=sub("model"))
+        self.model = DecoderStack(cfg, sub("model"), lambda p: ChameleonAttention(cfg, vllm_config, p),
+                                  post_norm=bool(getattr(cfg, "swin_norm", False)))
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, prefix=sub("lm_head"))
         if cfg.tie_word_embeddings:  # transformers ties lm_head to embed_tokens then (`_tied_weights_keys`)
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(cfg.vocab_size)
 
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        return self.model(positions, h)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        # Full vocabulary: image tokens are NOT masked (see the module docstring).
-        return self.logits_processor(self.lm_head, hidden_states)
-
-    # checkpoint name part -> (our parameter name part, shard id) for weights fused on our side.
-    stacked_params_mapping = [(".q_proj.", ".qkv_proj.", "q"), (".k_proj.", ".qkv_proj.", "k"),
-                              (".v_proj.", ".qkv_proj.", "v"), (".gate_proj.", ".gate_up_proj.", 0),
-                              (".up_proj.", ".gate_up_proj.", 1)]
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name.startswith("model.vqmodel.") or "rotary_emb.inv_freq" in name:
-                continue  # image tokenizer (encoder) not used for generation; RoPE is recomputed
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            for ckpt, ours, shard in self.stacked_params_mapping:
-                if ckpt in name:
-                    name = name.replace(ckpt, ours)
-                    params[name].weight_loader(params[name], tensor, shard)
-                    break
-            else:
-                if name not in params:
-                    raise ValueError(f"unexpected Chameleon weight {name!r}")
-                param = params[name]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            loaded.add(name)
-        return loaded
+    def checkpoint_name(self, name: str) -> str | None:
+        # The image tokenizer (encoder) under model.vqmodel is not used to generate.
+        return None if name.startswith("model.vqmodel.") else name

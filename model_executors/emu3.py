@@ -33,26 +33,22 @@ The VQ-VAE weights are the image decoder's, not the LM's, and are skipped.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
-    MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.sequence import IntermediateTensors
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+from vllm_visual_ar.model_executors.decoder_blocks import DecoderLM, DecoderStack
 
 
 def emu3_rope_parameters(cfg, max_model_len: int) -> dict:
@@ -126,53 +122,7 @@ class Emu3Attention(nn.Module):
         return out
 
 
-class Emu3MLP(nn.Module):
-    def __init__(self, cfg, prefix: str):
-        super().__init__()
-        if cfg.hidden_act != "silu":
-            raise ValueError(f"Emu3 MLP with {cfg.hidden_act!r} activation is not supported (release: silu)")
-        bias = bool(getattr(cfg, "mlp_bias", False))
-        # gate_proj and up_proj are fused into one matmul; see `load_weights`.
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias,
-                                                       prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias,
-                                           prefix=f"{prefix}.down_proj")
-        self.act = SiluAndMul()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self.gate_up_proj(x)
-        x, _ = self.down_proj(self.act(x))
-        return x
-
-
-class Emu3DecoderLayer(nn.Module):
-    def __init__(self, cfg, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        self.self_attn = Emu3Attention(cfg, vllm_config, f"{prefix}.self_attn")
-        self.mlp = Emu3MLP(cfg, f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.self_attn(positions, self.input_layernorm(x))
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
-class Emu3TextModel(nn.Module):
-    def __init__(self, cfg, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, prefix=f"{prefix}.embed_tokens")
-        self.layers = nn.ModuleList(
-            Emu3DecoderLayer(cfg, vllm_config, f"{prefix}.layers.{i}") for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            h = layer(positions, h)
-        return self.norm(h)
-
-
-class Emu3ForCausalLM(nn.Module):
+class Emu3ForCausalLM(DecoderLM):
     """Served under the architecture names the plugin registers (see `plugin.register`): the
     release's `Emu3ForCausalLM`, and `Emu3GenForConditionalGeneration` for transformers' layout,
     whose own name `Emu3ForConditionalGeneration` vLLM already maps to its Transformers backend."""
@@ -183,7 +133,8 @@ class Emu3ForCausalLM(nn.Module):
         # which vLLM exposes as hf_text_config.
         cfg = vllm_config.model_config.hf_text_config
         self.config = cfg
-        self.model = Emu3TextModel(cfg, vllm_config, prefix=f"{prefix}model")
+        self.family = "Emu3"
+        self.model = DecoderStack(cfg, f"{prefix}model", lambda p: Emu3Attention(cfg, vllm_config, p))
         self.tie_word_embeddings = bool(getattr(vllm_config.model_config.hf_config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
@@ -191,50 +142,5 @@ class Emu3ForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, prefix=f"{prefix}lm_head")
         self.logits_processor = LogitsProcessor(cfg.vocab_size)
 
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        return self.model(positions, h)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
-
-    # Checkpoint name part -> (our parameter name part, shard id) for weights fused on our side.
-    stacked_params_mapping = [
-        (".self_attn.q_proj.", ".self_attn.qkv_proj.", "q"),
-        (".self_attn.k_proj.", ".self_attn.qkv_proj.", "k"),
-        (".self_attn.v_proj.", ".self_attn.qkv_proj.", "v"),
-        (".mlp.gate_proj.", ".mlp.gate_up_proj.", 0),
-        (".mlp.up_proj.", ".mlp.gate_up_proj.", 1),
-    ]
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for ckpt_name, tensor in weights:
-            name = our_weight_name(ckpt_name)
-            if name is None or "rotary_emb.inv_freq" in name:
-                continue
-            if name.startswith("lm_head.") and self.tie_word_embeddings:
-                continue  # the embedding matrix is the head
-            for ckpt, ours, shard in self.stacked_params_mapping:
-                if ckpt in name:
-                    name = name.replace(ckpt, ours)
-                    if name not in params:
-                        raise ValueError(f"unexpected Emu3 weight {ckpt_name!r}")
-                    params[name].weight_loader(params[name], tensor, shard)
-                    break
-            else:
-                if name not in params:
-                    raise ValueError(f"unexpected Emu3 weight {ckpt_name!r}")
-                param = params[name]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            loaded.add(name)
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"Emu3 checkpoint lacks {sorted(missing)[:5]} ({len(missing)} weights)")
-        return loaded
+    def checkpoint_name(self, name: str) -> str | None:
+        return our_weight_name(name)

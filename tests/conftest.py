@@ -83,3 +83,21 @@ def finish_reasons(engine, requests: list, name: str) -> dict[str, str]:
     finish reason}; a request that never finishes fails the step limit."""
     submitted = {0: [(f"{name}-{i}", prompt, sp) for i, (prompt, sp) in enumerate(requests)]}
     return {rid: out.finish_reason for rid, out in step_until_done(engine, submitted, max_steps=50).items()}
+
+
+def raw_logits(output, vocab: int) -> "torch.Tensor":
+    """Raw logits per generated position [S, vocab] from vLLM's logprobs (engine built with
+    logprobs_mode="raw_logits"); ids at or past `vocab` are dropped, ids not returned are NaN."""
+    rows = []
+    for step in output.outputs[0].logprobs:
+        row = torch.full((vocab,), float("nan"))
+        for token, lp in step.items():
+            if token < vocab:
+                row[token] = lp.logprob
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def rel_err(a: "torch.Tensor", b: "torch.Tensor") -> float:
+    """Largest absolute difference relative to the largest magnitude of the expected `b`."""
+    return ((a - b).abs().max() / b.abs().max()).item()

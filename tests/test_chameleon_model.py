@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import raw_logits, rel_err
 from safetensors.torch import load_file, save_file
 
 ARCH = "ChameleonXLLMXForConditionalGeneration"
@@ -112,18 +113,7 @@ def run(llm, prompts, n=NEW_TOKENS):
 
     sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=VOCAB, detokenize=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-    return [(list(o.outputs[0].token_ids), logits_of(o)) for o in outs]
-
-
-def logits_of(output) -> torch.Tensor:
-    """Raw logits per generated position [S, VOCAB] (logprobs_mode="raw_logits")."""
-    rows = []
-    for step in output.outputs[0].logprobs:
-        row = torch.full((VOCAB,), float("nan"))
-        for token, lp in step.items():
-            row[token] = lp.logprob
-        rows.append(row)
-    return torch.stack(rows)
+    return [(list(o.outputs[0].token_ids), raw_logits(o, VOCAB)) for o in outs]
 
 
 @torch.no_grad()
@@ -137,10 +127,6 @@ def hf_greedy(model, prompt: list[int], n=NEW_TOKENS) -> list[int]:
     for _ in range(n):
         ids.append(int(hf_logits(model, ids)[-1].argmax()))
     return ids[len(prompt):]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+from conftest import raw_logits, rel_err
 from safetensors.torch import save_file
 
 VOCAB = 300
@@ -148,21 +149,6 @@ def reference_greedy(ref, prompt: list[int]) -> list[int]:
     return ids[len(prompt):]
 
 
-def engine_logits(output) -> torch.Tensor:
-    """[generated tokens, VOCAB] raw logits from vLLM's logprobs (raw_logits mode)."""
-    rows = []
-    for step in output.outputs[0].logprobs:
-        row = torch.full((VOCAB,), float("nan"))
-        for token, lp in step.items():
-            row[token] = lp.logprob
-        rows.append(row)
-    return torch.stack(rows)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def test_checkpoint_layouts_name_the_same_lm_weights(references, folders):
     """transformers' in-memory names, its saved names and the release's names load the same
     parameters; the VQ-VAE's weights are skipped."""
@@ -189,7 +175,7 @@ def test_engine_logits_equal_transformers_logits(engine_outputs, references, lay
     for prompt, output in zip(PROMPTS, engine_outputs[layout]):
         generated = list(output.outputs[0].token_ids)
         assert len(generated) == MAX_TOKENS
-        got = engine_logits(output)
+        got = raw_logits(output, VOCAB)
         assert not got.isnan().any()
         expected = reference_logits(references[layout], prompt + generated[:-1])[len(prompt) - 1:]
         assert rel_err(got, expected) <= 1e-4, (layout, prompt)

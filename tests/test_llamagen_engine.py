@@ -2,29 +2,13 @@
 plain-PyTorch reference model and generate loop."""
 import pytest
 import torch
-from conftest import finish_reasons, scheduler_of, step_until_done
+from conftest import finish_reasons, raw_logits, rel_err, scheduler_of, step_until_done
 
 from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_generate
 from vllm_visual_ar.requests import SamplingSettings, image_requests
 from vllm_visual_ar.samplers.sampling import cfg_mix
 
 GREEDY = dict(top_k=1)
-
-
-def logits_of(output, codebook_size: int) -> torch.Tensor:
-    """Raw logits per generated position [S, codebook_size] from vLLM's logprobs (raw_logits mode)."""
-    rows = []
-    for step in output.outputs[0].logprobs:
-        row = torch.full((codebook_size,), float("nan"))
-        for token, lp in step.items():
-            if token < codebook_size:
-                row[token] = lp.logprob
-        rows.append(row)
-    return torch.stack(rows)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
@@ -37,7 +21,7 @@ def test_engine_logits_equal_reference_logits(tiny_generator, tiny_model, guidan
         sp.logprobs = cfg.codebook_size
     outputs = tiny_generator.llm.generate([p for p, _ in requests], [sp for _, sp in requests], use_tqdm=False)
     codes = torch.tensor(outputs[0].outputs[0].token_ids)[None]
-    engine_logits = logits_of(outputs[0], cfg.codebook_size)
+    engine_logits = raw_logits(outputs[0], cfg.codebook_size)
     with torch.no_grad():
         cond = ref(torch.tensor([3]), codes[:, :-1])[0]
         expected = cond
@@ -45,7 +29,7 @@ def test_engine_logits_equal_reference_logits(tiny_generator, tiny_model, guidan
             uncond = ref(torch.tensor([cfg.num_classes]), codes[:, :-1])[0]
             expected = cfg_mix(cond, uncond, guidance_scale)
             assert torch.equal(torch.tensor(outputs[1].outputs[0].token_ids), codes[0]), "both streams share tokens"
-            assert rel_err(logits_of(outputs[1], cfg.codebook_size), uncond) <= 1e-4
+            assert rel_err(raw_logits(outputs[1], cfg.codebook_size), uncond) <= 1e-4
     assert not engine_logits.isnan().any()
     assert rel_err(engine_logits, expected) <= 1e-4
 
