@@ -100,3 +100,18 @@ class LlamaGenConfig(PretrainedConfig):
 
     def class_token(self, class_id: int) -> int:
         return self.codebook_size + class_id
+
+
+def image_layout(config: LlamaGenConfig, size=None):
+    """One resolution: grid x grid codes in raster order, code c is token id c; no row or image end."""
+    from vllm_visual_ar.families import ImageLayout
+
+    check_native_size(config, size)
+    return ImageLayout(config.image_grid, config.image_grid, range(config.codebook_size))
+
+
+def check_native_size(config, size) -> None:
+    """Class-conditional models make one size: theirs."""
+    if size is not None and tuple(size) != (config.image_size, config.image_size):
+        raise ValueError(f"size {size[0]}x{size[1]} is not one this model makes: "
+                         f"{config.image_size}x{config.image_size} only")

@@ -168,3 +168,13 @@ class VARConfig(PretrainedConfig):
         for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
             shared.pop(k, None)
         return VARConfig(**shared, **self.refiner)
+
+
+def image_layout(config: VARConfig, size=None):
+    """The codes of every scale, coarse to fine (the last scale is the grid); code c is token id c."""
+    from vllm_visual_ar.families import ImageLayout
+    from vllm_visual_ar.model_executors.llamagen_config import check_native_size
+
+    check_native_size(config, size)
+    return ImageLayout(config.image_grid, config.image_grid, range(config.codebook_size),
+                       scale_tokens=config.num_image_tokens)

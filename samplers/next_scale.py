@@ -214,7 +214,7 @@ class NextScaleRunner(StrategyRunner):
 
     def sample_batch(self, step, logits):
         """-> each request's codes of the scale it sampled (padding -1)."""
-        v = self.config.codebook_size
+        v = self.layout.codebook_size
         images: dict[str, dict[str, tuple]] = {}
         for row, info, k, rows in self.rows:
             key = info.image_id if info is not None else step.req_ids[row]

@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from vllm_visual_ar.families import image_layout
 from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 
 INITS = ("random", "horizontal")
@@ -191,7 +192,7 @@ class SJDRunner(StrategyRunner):
             start, end = step.fed(row)
             if end - start > 1:  # x0 and end - start - 1 drafts; a forward without drafts is vLLM's own
                 images.setdefault(step.info(row).image_id, []).append(row)
-        vocab, grid = self.config.codebook_size, self.config.image_grid
+        vocab, grid = self.layout.codebook_size, self.layout.cols
         plans, self._leads = {}, {}
         for image_id, streams in images.items():
             streams.sort(key=lambda r: step.info(r).role == "uncond")
@@ -228,8 +229,8 @@ class SJDRunner(StrategyRunner):
     def _latent_neighbours(self, k: int | None) -> torch.Tensor:
         """Each image code's k nearest codes in the VQ's latent space (relaxed acceptance); k
         defaults to LlamaGen/LANTERN's share, 1000 of 16384 codes."""
-        cfg = self.config
-        k = min(k or max(1, round(cfg.codebook_size * 1000 / 16384)), max(1, cfg.codebook_size - 1))
+        cfg, codes = self.config, self.layout.codebook_size
+        k = min(k or max(1, round(codes * 1000 / 16384)), max(1, codes - 1))
         if k not in self._neighbours:
             if len(self._neighbours) >= 4:  # clients choose k: keep a few tables, not one per k ever asked
                 self._neighbours.pop(next(iter(self._neighbours)))
@@ -260,10 +261,11 @@ class SJD(Strategy):
     def fitted(cls, decoding, config):
         """A window beyond the image verifies the whole image; no code has more latent neighbours
         than the other codes."""
+        layout = image_layout(config)
         neighbours = decoding.relaxed_neighbours
         if neighbours is not None:
-            neighbours = min(neighbours, max(1, config.codebook_size - 1))
-        return replace(decoding, window=min(decoding.window, config.num_image_tokens), relaxed_neighbours=neighbours)
+            neighbours = min(neighbours, max(1, layout.codebook_size - 1))
+        return replace(decoding, window=min(decoding.window, layout.num_tokens), relaxed_neighbours=neighbours)
 
     @classmethod
     def draft_stats(cls, decoding, image_tokens, done, committed):

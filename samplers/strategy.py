@@ -33,6 +33,8 @@ from typing import Callable, ClassVar, Hashable, Mapping, Sequence
 import numpy as np
 import torch
 
+from vllm_visual_ar.families import image_layout
+
 
 @dataclass(frozen=True)
 class Footprint:
@@ -89,6 +91,7 @@ class StrategyRunner:
 
     def __init__(self, config, model, model_dir: str, device):
         self.config, self.model, self.model_dir, self.device = config, model, model_dir, device
+        self.layout = image_layout(config)  # the image's tokens (one resolution per model so far)
 
     # -- token by token: the rows of this strategy's requests in a mixed batch --------------------
     def prepare(self, step: Step, rows: list[int]) -> dict[int, RowPlan]:
@@ -192,11 +195,12 @@ class Raster(Strategy):
 
 def whole_image_problem(config, request, strategy: str) -> str | None:
     """Strategies that reorder or verify tokens decode whole images and return no logprobs."""
-    grid = getattr(config, "image_grid", None)
-    if grid is None:
+    try:
+        tokens = image_layout(config).num_tokens
+    except ValueError:
         return f"strategy {strategy!r} needs an image model, not {type(config).__name__}"
-    if request.max_tokens != grid * grid:
-        return f"strategy {strategy!r} generates whole images: max_tokens must be {grid * grid}"
+    if request.max_tokens != tokens:
+        return f"strategy {strategy!r} generates whole images: max_tokens must be {tokens}"
     if request.sampling_params.logprobs is not None:
         return f"strategy {strategy!r} does not return logprobs"
     return None

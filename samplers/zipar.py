@@ -41,6 +41,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 import torch
 
+from vllm_visual_ar.families import image_layout
 from vllm_visual_ar.samplers.sampling import sample_rows
 from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 
@@ -191,11 +192,11 @@ class ZipARRunner(StrategyRunner):
         self._forwards: dict[int, tuple[ZipARSchedule, int]] = {}  # this forward's rows -> (schedule, step)
 
     def prepare(self, step, rows):
-        grid = self.config.image_grid
+        height, width = self.layout.rows, self.layout.cols
         plans, self._forwards = {}, {}
         for row in rows:
-            schedule = zipar_schedule(grid, grid, step.info(row).decoding.window)
-            if schedule.window == grid:  # raster order exactly: vLLM's own path
+            schedule = zipar_schedule(height, width, step.info(row).decoding.window)
+            if schedule.window == width:  # raster order exactly: vLLM's own path
                 continue
             start, end = step.fed(row)
             prefix = int(step.prompt_lens[row])
@@ -203,8 +204,8 @@ class ZipARRunner(StrategyRunner):
             if t is None or len(schedule.fed(t)) != end - start:
                 raise RuntimeError(f"ZipAR request {step.req_ids[row]}: scheduled {end - start} tokens at KV "
                                    f"length {step.computed[row]}, which is no forward of its schedule")
-            predicting, positions = forward_plan(grid, grid, schedule.window, t, prefix)
-            seen = visibility(grid, grid, schedule.window, prefix)
+            predicting, positions = forward_plan(height, width, schedule.window, t, prefix)
+            seen = visibility(height, width, schedule.window, prefix)
             plans[row] = RowPlan(predicting, positions, lambda q, kv, seen=seen: seen[q][:, kv])
             self._forwards[row] = (schedule, t)
         return plans
@@ -248,11 +249,12 @@ class ZipAR(Strategy):
 
     @classmethod
     def fitted(cls, decoding, config):
-        return replace(decoding, window=min(decoding.window, config.image_grid))
+        return replace(decoding, window=min(decoding.window, image_layout(config).cols))
 
     @cached_property
     def schedule(self) -> ZipARSchedule:
-        return zipar_schedule(self.config.image_grid, self.config.image_grid, self.decoding.window)
+        layout = image_layout(self.config)
+        return zipar_schedule(layout.rows, layout.cols, self.decoding.window)
 
     def start(self, request):
         if problem := whole_image_problem(self.config, request, self.decoding.strategy):

@@ -111,3 +111,21 @@ def test_sample_rows_follows_each_rows_generator():
 
     assert torch.equal(draw(1, 2), draw(1, 2))
     assert torch.equal(draw(1, 2)[:3], draw(1, 9)[:3]) and not torch.equal(draw(1, 2)[3:], draw(1, 9)[3:])
+
+
+def test_image_layouts_of_the_class_to_image_families():
+    from tiny_models import tiny_config, tiny_var_config
+
+    from vllm_visual_ar.families import ImageLayout, image_layout
+
+    llamagen = tiny_config(grid=8)
+    layout = image_layout(llamagen)
+    assert (layout.rows, layout.cols, layout.code_ids, layout.num_tokens) == (8, 8, range(llamagen.codebook_size), 64)
+    assert image_layout(llamagen) is layout  # computed once per config
+    var = tiny_var_config()
+    assert image_layout(var).num_tokens == var.num_image_tokens == 30 and image_layout(var).rows == 4
+    with pytest.raises(ValueError, match="not one this model makes"):
+        image_layout(llamagen, (llamagen.image_size * 2, llamagen.image_size * 2))
+    # a text-to-image layout: an end-of-line token after each row and two tokens after the image
+    t2i = ImageLayout(3, 4, range(100, 164), row_end=7, image_end=(8, 9))
+    assert (t2i.row_stride, t2i.num_tokens, t2i.num_codes, t2i.codebook_size) == (5, 17, 12, 64)

@@ -62,7 +62,9 @@ def image_need(config, decoding, guided: bool, block_size: int, prompt_tokens: i
     strategy's footprint (`samplers/`), per stream, in the KV cache groups vLLM forms for the model."""
     from vllm_visual_ar.samplers import strategy_for
 
-    footprint = strategy_for(config, decoding)(config, decoding).footprint(config.num_image_tokens)
+    from vllm_visual_ar.families import image_layout
+
+    footprint = strategy_for(config, decoding)(config, decoding).footprint(image_layout(config).num_tokens)
     layout = expected_layout(getattr(config, "kv_phases", {}), block_size)
     one = footprint_need(prompt_tokens, footprint, layout)
     return one + one if guided else one

@@ -1,8 +1,11 @@
 """Model families behind one description: what the offline API, the CLI, the endpoint, the plugin
 registration and the engine read about a model, instead of one family's config fields.
 
-A family is its config class, its vLLM model class, how a guidance scale reads (which value means
-unguided) and how guidance mixes logits, and its image decoder. Its decoding order is named by the config (`config.decoding`:
+A family is its config class, its vLLM model class, the layout of an image's tokens in a request
+(`ImageLayout`: the grid per resolution, the code ids, row-end and image-end tokens; the scheduler,
+runner, strategies, endpoint and offline API read this, never a family's config fields), how a
+guidance scale reads (which value means unguided) and how guidance mixes logits, and its image
+decoder. Its decoding order is named by the config (`config.decoding`:
 None = token by token, where the raster/ZipAR/SJD strategies apply; "next_scale" = VAR's one
 forward per scale, `samplers/next_scale.py`). Adding a family is one entry here plus its modules in
 `model_executors/`.
@@ -22,6 +25,44 @@ def load_object(path: str):
 
 
 @dataclass(frozen=True)
+class ImageLayout:
+    """Where one image's tokens lie in its request, for one resolution: what the engine (scheduler,
+    runner, strategies) reads of a model family instead of its config fields.
+
+    The request's generated tokens are the image: in raster order (token-by-token families) `rows`
+    rows of `cols` codes, each row followed by `row_end` when the family writes one (an end-of-line
+    token, placed by the engine, never sampled), then `image_end` (tokens placed after the last row);
+    a next-scale family (VAR) generates `num_tokens` codes scale by scale instead. Codes are sampled
+    among the token ids `code_ids` (a contiguous range; the decoder maps them to codebook entries)."""
+    rows: int
+    cols: int
+    code_ids: range
+    row_end: int | None = None
+    image_end: tuple[int, ...] = ()
+    scale_tokens: int | None = None  # next-scale families: codes over all scales (rows * cols is the last)
+
+    @property
+    def num_codes(self) -> int:
+        return self.scale_tokens if self.scale_tokens is not None else self.rows * self.cols
+
+    @property
+    def row_stride(self) -> int:
+        """Tokens from the start of one row to the next."""
+        return self.cols + (self.row_end is not None)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens generated per image (the request's max_tokens)."""
+        if self.scale_tokens is not None:
+            return self.scale_tokens
+        return self.rows * self.row_stride + len(self.image_end)
+
+    @property
+    def codebook_size(self) -> int:
+        return len(self.code_ids)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     architecture: str
@@ -29,6 +70,7 @@ class Family:
     config_class: str      # "module:Class" (a transformers PretrainedConfig)
     model_class: str       # "module:Class" (the vLLM model), imported lazily by vLLM
     decoder_loader: str    # "module:function": model_dir -> decode(codes [N, tokens]) -> images [N, C, H, W] in [-1, 1]
+    layout: str            # "module:function": (config, size (width, height) or None) -> ImageLayout
     unguided_scale: float  # the guidance_scale that means "no guidance" (one stream per image)
     # "module:function" (cond, uncond, scale) -> guided logits, as the runner mixes token-by-token
     # models; None where the family's own decoding order mixes guidance itself (VAR's ramp).
@@ -36,6 +78,14 @@ class Family:
 
     def config(self, model_dir: str):
         return load_object(self.config_class).from_pretrained(model_dir)
+
+    def image_layout(self, config, size: tuple[int, int] | None = None) -> ImageLayout:
+        """The layout of an image of `size` pixels (None: the model's default size); ValueError for
+        a size the model does not make. Computed once per config and size."""
+        cache = config.__dict__.setdefault("_visual_ar_layouts", {})
+        if size not in cache:
+            cache[size] = load_object(self.layout)(config, size)
+        return cache[size]
 
     def decoder(self, model_dir: str):
         return load_object(self.decoder_loader)(model_dir)
@@ -56,13 +106,15 @@ FAMILIES = (
     Family("llamagen", "LlamaGenForClassToImage", "llamagen",
            "vllm_visual_ar.model_executors.llamagen_config:LlamaGenConfig",
            "vllm_visual_ar.model_executors.llamagen:LlamaGenForClassToImage",
-           "vllm_visual_ar.model_executors.vq:load_image_decoder", unguided_scale=1.0,
+           "vllm_visual_ar.model_executors.vq:load_image_decoder",
+           "vllm_visual_ar.model_executors.llamagen_config:image_layout", unguided_scale=1.0,
            guidance_mix="vllm_visual_ar.samplers.sampling:cfg_mix"),
     # VAR's cfg t mixes (1 + t) cond - t uncond: 0 is unguided (models/var.py::autoregressive_infer_cfg).
     Family("var", "VARForClassToImage", "var",
            "vllm_visual_ar.model_executors.var_config:VARConfig",
            "vllm_visual_ar.model_executors.var:VARForClassToImage",
-           "vllm_visual_ar.model_executors.var_vq:load_image_decoder", unguided_scale=0.0),
+           "vllm_visual_ar.model_executors.var_vq:load_image_decoder",
+           "vllm_visual_ar.model_executors.var_config:image_layout", unguided_scale=0.0),
 )
 
 
@@ -78,3 +130,8 @@ def family_of(config_or_dir) -> Family:
             return family
     raise ValueError(f"architecture {archs[0] if archs else None!r} is not one this plugin serves "
                      f"({', '.join(f.architecture for f in FAMILIES)})")
+
+
+def image_layout(config, size: tuple[int, int] | None = None) -> ImageLayout:
+    """The layout of one image of a model config (its family's answer)."""
+    return family_of(config).image_layout(config, size)

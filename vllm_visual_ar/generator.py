@@ -84,6 +84,7 @@ class ImageGenerator:
         self.model_dir = kwargs["model"]
         self.family = family_of(self.model_dir)
         self.config = self.family.config(self.model_dir)
+        self.layout = self.family.image_layout(self.config)
         self.decode_codes = self.family.decoder(self.model_dir)
         self.llm = LLM(**kwargs)
 
@@ -118,9 +119,9 @@ class ImageGenerator:
         tokens, forwards, latency, drafts = self._run(jobs, settings, decoding, progress, timeout)
         codes = torch.tensor(tokens)
         images = self.decode(codes)
-        grid = self.config.image_grid
-        if codes.shape[1] == grid * grid:  # a raster grid; VAR's codes stay flat, scale by scale
-            codes = codes.view(-1, grid, grid)
+        layout = self.layout
+        if layout.scale_tokens is None:  # a raster grid; VAR's codes stay flat, scale by scale
+            codes = codes.view(-1, layout.rows, layout.cols)
         streams = 2 if settings.guided else 1
         return [GeneratedImage(img, c, codes[i], s, ImageStats(len(tokens[i]), forwards[i], latency[i], streams,
                                                                *drafts[i]))
@@ -143,7 +144,7 @@ class ImageGenerator:
         forwards = [0] * len(jobs)
         latency = [0.0] * len(jobs)
         drafts = [[0, 0] for _ in jobs]  # [drafts verified, drafts accepted] per image (SJD)
-        bar = tqdm(total=len(jobs) * self.config.num_image_tokens, unit="tok", disable=not progress,
+        bar = tqdm(total=len(jobs) * self.layout.num_tokens, unit="tok", disable=not progress,
                    desc=f"{len(jobs)} images")
         t0 = time.perf_counter()
         try:
@@ -168,7 +169,7 @@ class ImageGenerator:
                     new = out.outputs[0].token_ids
                     if new:
                         if tokens[index]:  # not the prompt forward
-                            verified, accepted = draft_stats(decoding, self.config.num_image_tokens,
+                            verified, accepted = draft_stats(decoding, self.layout.num_tokens,
                                                              len(tokens[index]), len(new))
                             drafts[index][0] += verified
                             drafts[index][1] += accepted
@@ -177,7 +178,7 @@ class ImageGenerator:
                         bar.update(len(new))
                     if out.finished:
                         latency[index] = time.perf_counter() - t0
-                        if len(tokens[index]) != self.config.num_image_tokens:
+                        if len(tokens[index]) != self.layout.num_tokens:
                             raise RuntimeError(f"image {index} ended after {len(tokens[index])} tokens "
                                                f"({out.outputs[0].finish_reason})")
         except BaseException:

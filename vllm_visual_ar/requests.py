@@ -235,8 +235,11 @@ def image_requests(config, class_id: int, settings: SamplingSettings, seed: int 
     """-> [(prompt, SamplingParams)] for one image: one pair for a guided image, one entry otherwise."""
     from vllm import SamplingParams
 
+    from vllm_visual_ar.families import image_layout
+
     validate_class_id(config, class_id)
     check_seed(seed)
+    layout = image_layout(config)
     if problem := per_scale_problem(settings.per_scale, getattr(config, "num_scales", None)):
         raise ValueError(problem)
     decoding = decoding.fitted(config)
@@ -247,9 +250,9 @@ def image_requests(config, class_id: int, settings: SamplingSettings, seed: int 
 
     def params(role: str, with_seed: bool) -> SamplingParams:
         return SamplingParams(
-            max_tokens=config.num_image_tokens, min_tokens=config.num_image_tokens, ignore_eos=True,
+            max_tokens=layout.num_tokens, min_tokens=layout.num_tokens, ignore_eos=True,
             temperature=0.0 if greedy else temperature,
-            top_k=0 if greedy else min(top_k, config.codebook_size),
+            top_k=0 if greedy else min(top_k, layout.codebook_size),
             top_p=1.0 if greedy else top_p,
             seed=seed if with_seed else None, detokenize=False,
             extra_args={EXTRA_ARGS_KEY: {"image_id": image_id, "role": role,

@@ -44,6 +44,7 @@ import uuid
 from dataclasses import dataclass
 
 from vllm_visual_ar.admission import image_cannot_fit
+from vllm_visual_ar.families import image_layout
 from vllm_visual_ar.requests import (Decoding, SamplingSettings, check_number, check_seed, image_requests,
                                      per_scale_problem, short)
 
@@ -176,7 +177,7 @@ def parse_images_request(body, config) -> ImagesJob:
     # top_k, top_p and temperature: one value, or (next-scale models) a list with one per scale.
     top_k = fields.get("top_k")
     if not isinstance(top_k, list):
-        top_k = min(_int(fields, "top_k", config.default_top_k, 0), config.codebook_size)
+        top_k = min(_int(fields, "top_k", config.default_top_k, 0), image_layout(config).codebook_size)
     guidance = fields.get("guidance_scale")
     top_p = fields.get("top_p", getattr(config, "default_top_p", 1.0))
     numbers = (config.default_guidance_scale if guidance is None else guidance, fields.get("temperature", 1.0),
@@ -304,6 +305,7 @@ async def generate_codes(engine, config, class_id: int, settings: SamplingSettin
     run = ImageRun([])
     codes = run.codes
     draft_stats = strategy_for(config, decoding).draft_stats
+    total = image_layout(config).num_tokens
     finish = None
 
     async def follow(role, stream):
@@ -314,7 +316,7 @@ async def generate_codes(engine, config, class_id: int, settings: SamplingSettin
             new = out.outputs[0].token_ids
             if new:
                 if codes:  # not the prompt forward
-                    verified, accepted = draft_stats(decoding, config.num_image_tokens, len(codes), len(new))
+                    verified, accepted = draft_stats(decoding, total, len(codes), len(new))
                     run.draft_tokens += verified
                     run.accepted_drafts += accepted
                 run.forwards += 1
@@ -331,8 +333,8 @@ async def generate_codes(engine, config, class_id: int, settings: SamplingSettin
         for t in tasks:
             t.cancel()
         await engine.abort([f"img-{image_id}-{role}" for role, _ in streams])
-    if len(codes) != config.num_image_tokens:
-        raise RuntimeError(f"image ended after {len(codes)} of {config.num_image_tokens} tokens ({finish})")
+    if len(codes) != total:
+        raise RuntimeError(f"image ended after {len(codes)} of {total} tokens ({finish})")
     return run
 
 
@@ -398,7 +400,7 @@ class ImagesEndpoint:
             return JSONResponse(_timeout(job).body(), status_code=408)
         pngs = await asyncio.to_thread(decode_pngs, served["decode"], images)
         size = f"{served['config'].image_size}x{served['config'].image_size}"
-        tokens = job.n * served["config"].num_image_tokens
+        tokens = job.n * image_layout(served["config"]).num_tokens
         return JSONResponse({"created": created, "data": [{"b64_json": p} for p in pngs], "size": size,
                              "output_format": "png", "usage": _usage(tokens)})
 
@@ -419,7 +421,7 @@ class ImagesEndpoint:
 
     async def _stream(self, served, job: ImagesJob):
         config, decode = served["config"], served["decode"]
-        size, total = f"{config.image_size}x{config.image_size}", config.num_image_tokens
+        size, total = f"{config.image_size}x{config.image_size}", image_layout(config).num_tokens
         # Partial image j goes out once (j + 1) / (partial_images + 1) of the image's codes are in, or
         # where the family's decoder places its previews (VAR: after whole scales).
         marks = (decode.preview_marks(job.partial_images) if hasattr(decode, "preview_marks") else

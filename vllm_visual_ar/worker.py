@@ -26,7 +26,7 @@ import torch
 
 from vllm.platforms import current_platform
 
-from vllm_visual_ar.families import family_of, load_object
+from vllm_visual_ar.families import family_of, image_layout, load_object
 from vllm_visual_ar.model_executors.masked_attention import masked_attention_for
 from vllm_visual_ar.requests import Decoding, ImageRequestInfo, image_request_info
 from vllm_visual_ar.samplers import strategy_for
@@ -58,6 +58,16 @@ class VisualARRunnerMixin:
         if self._guidance_mix is None:
             self._guidance_mix = load_object(family_of(self.model_config.hf_config).guidance_mix)
         return self._guidance_mix(cond, uncond, scale)
+
+    def _code_ids(self) -> slice:
+        """The vocabulary ids of image codes (the family's layout): guidance mixes them, strategies
+        read their logits."""
+        ids = image_layout(self.model_config.hf_config).code_ids
+        if ids.start != 0 and self._halves:
+            # Strategies emit and draft code indices, which are token ids only for families whose
+            # codes start at id 0 (LlamaGen, VAR); the text-to-image families' offsets are not wired yet.
+            raise NotImplementedError("decoding strategies need image codes at token ids 0..K-1")
+        return slice(ids.start, ids.stop)
 
     def _half_of(self, cls) -> StrategyRunner | None:
         if cls.runner is None:
@@ -202,7 +212,7 @@ class VisualARRunnerMixin:
         layout = self._step_layout
         if logits is None or spec_decode_metadata is not None:
             return super()._sample(logits, spec_decode_metadata)
-        k = self.model_config.hf_config.codebook_size
+        codes = self._code_ids()
         guided = self._guidance_rows()
         rows = layout.logits_rows if layout is not None else [slice(i, i + 1) for i in range(logits.shape[0])]
         if guided is not None:
@@ -210,7 +220,7 @@ class VisualARRunnerMixin:
             uncond = torch.cat([torch.arange(rows[r].start, rows[r].stop) for r in guided[1]]).to(logits.device)
             scale = torch.tensor([s for r, s in zip(guided[0], guided[2]) for _ in range(rows[r].stop - rows[r].start)],
                                  device=logits.device, dtype=torch.float32)[:, None]
-            logits[cond, :k] = self._mix(logits[cond, :k], logits[uncond, :k], scale).to(logits.dtype)
+            logits[cond, codes] = self._mix(logits[cond, codes], logits[uncond, codes], scale).to(logits.dtype)
         if layout is None:
             output = super()._sample(logits, spec_decode_metadata)
             if guided is not None:
@@ -227,7 +237,7 @@ class VisualARRunnerMixin:
         for half, planned in layout.planned:
             sampling = [r for r in planned if r not in uncond_rows]
             if sampling:
-                emitted.update(half.emit(layout.step, sampling, logits[:, :k], rows))
+                emitted.update(half.emit(layout.step, sampling, logits[:, codes], rows))
         width = max((len(t) for t in emitted.values()), default=1)
         ids = torch.full((len(rows), width), -1, dtype=torch.int32)
         ids[:, :1] = output.sampled_token_ids[:, :1].cpu()
