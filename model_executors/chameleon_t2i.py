@@ -281,3 +281,59 @@ def guidance_mix(cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tenso
     """Lumina-mGPT's guidance on raw logits: uncond + scale * (cond - uncond); `scale` a float or a
     [N, 1] tensor. Mixing only the code columns (as the runner does) gives the same values there."""
     return uncond + scale * (cond - uncond)
+
+
+# ---- the family interface (`vllm_visual_ar/families.py`) -----------------------------------------
+# A converted Lumina-mGPT folder's config.json is the checkpoint's (a ChameleonConfig whose
+# `vocabulary_map` is the tokenizer's vocabulary), plus `target_size`: the resolution the checkpoint
+# was trained for (Alpha-VLLM/Lumina-mGPT-7B-768: 768), which sets its allowed sizes.
+
+def vocab_of(config) -> LuminaVocab:
+    """The config's vocabulary ids (computed once per config)."""
+    if "_lumina_vocab" not in config.__dict__:
+        if not getattr(config, "vocabulary_map", None):
+            raise ValueError("a Lumina-mGPT config.json needs the tokenizer's vocabulary_map")
+        config.__dict__["_lumina_vocab"] = LuminaVocab.of(config.vocabulary_map)
+    return config.__dict__["_lumina_vocab"]
+
+
+def target_size_of(config) -> int:
+    return int(getattr(config, "target_size", None) or 768)
+
+
+def default_size(config) -> tuple[int, int]:
+    """The checkpoint's training resolution, square."""
+    return (target_size_of(config),) * 2
+
+
+def config_layout(config, size) -> ImageLayout:
+    return image_layout(vocab_of(config), tuple(size if size is not None else default_size(config)),
+                        target_size_of(config))
+
+
+def config_prompts(config, tokenizer, text: str, negative_prompt: str | None, size) -> tuple[list[int], list[int]]:
+    vocab, target = vocab_of(config), target_size_of(config)
+    return (prompt_ids(tokenizer, text, tuple(size), target, vocab),
+            uncond_ids(tokenizer, negative_prompt, tuple(size), target, vocab))
+
+
+def load_image_decoder(model_dir: str, device: str = "cpu"):
+    """Code token ids [N, rows * cols] (the image's codes, end-of-line tokens dropped) and the grid
+    -> RGB images in [-1, 1]: the tokens' codebook indices (`bpe2img`) through Chameleon's VQGAN."""
+    from transformers import AutoConfig
+
+    from vllm_visual_ar.model_executors import chameleon_vq
+
+    vocab = vocab_of(AutoConfig.from_pretrained(model_dir))
+    vq = chameleon_vq.load_image_decoder(model_dir, device)
+
+    def decode(tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        return vq(vocab.bpe2img[tokens - vocab.code_ids.start], grid)
+
+    def preview(codes: list[int], total: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """The code tokens so far -> the image with its complete rows, the rest black."""
+        return vq.preview([int(vocab.bpe2img[t - vocab.code_ids.start]) for t in codes], total, grid)
+
+    decode.to_uint8, decode.preview = vq.to_uint8, preview
+    return decode

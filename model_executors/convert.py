@@ -15,6 +15,7 @@ for CoDe, a `refiner` section), `model.safetensors` (VAR key names, persistent b
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -273,3 +274,36 @@ def convert_var(var_path: str, vae_path: str, out_dir: str, patch_nums=None, ref
         refiner_state = load(refiner_path)
         refiner_config = var_config_from_state(refiner_state, vq, config.patch_nums, refiner_num_heads)
     return write_var_folder(out_dir, config, var_state, vq_state, refiner_state, refiner_config)
+
+
+# -- Lumina-mGPT -------------------------------------------------------------------------------------
+def convert_lumina(hf_dir: str, vqgan_ckpt: str, vqgan_yaml: str, out: str, target_size: int | None = None,
+                   trust_pickle: bool = False) -> str:
+    """A Lumina-mGPT release (its Hugging Face folder, e.g. Alpha-VLLM/Lumina-mGPT-7B-768: config.json,
+    safetensors shards, tokenizer files) plus Chameleon's VQGAN (`tokenizer/vqgan.ckpt`, `vqgan.yaml`)
+    -> a folder the plugin serves: the weights and tokenizer files linked, config.json with the
+    architecture Lumina's code names, the tokenizer's vocabulary_map (if the checkpoint lacks it) and
+    `target_size` (the resolution the checkpoint was trained for: 512, 768 or 1024; read from the
+    folder name when not given), and the VQGAN's decoder under vq/. Returns `out`."""
+    from vllm_visual_ar.model_executors.chameleon_vq import convert_chameleon_vq
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = json.load(f)
+    if target_size is None:
+        found = re.search(r"-(\d+)/*$", os.path.abspath(hf_dir))
+        if found is None:
+            raise ValueError(f"cannot tell the training resolution from {hf_dir!r}: pass target_size (512, 768, 1024)")
+        target_size = int(found.group(1))
+    if not config.get("vocabulary_map"):
+        with open(os.path.join(hf_dir, "tokenizer.json")) as f:
+            config["vocabulary_map"] = json.load(f)["model"]["vocab"]
+    config.update(architectures=["ChameleonXLLMXForConditionalGeneration"], target_size=int(target_size))
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(hf_dir):
+        source, target = os.path.abspath(os.path.join(hf_dir, name)), os.path.join(out, name)
+        if name != "config.json" and os.path.isfile(source) and not os.path.exists(target):
+            os.symlink(source, target)  # the 7B's shards are 14 GB: linked, not copied
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    convert_chameleon_vq(vqgan_ckpt, vqgan_yaml, out, trust_pickle=trust_pickle)
+    return out

@@ -375,11 +375,11 @@ def load_image_decoder(model_dir: str, device: str = "cpu"):
     ends = scale_ends(vq.patch_nums)
 
     @torch.no_grad()
-    def decode(codes: torch.Tensor) -> torch.Tensor:
+    def decode(codes: torch.Tensor, grid=None) -> torch.Tensor:  # codes of every scale; grid: the last
         return vq.fhat_to_img(vq.quantize.codes_to_fhat(vq.split_codes(codes.to(device))))
 
     @torch.no_grad()
-    def preview(codes: list[int], total: int) -> torch.Tensor:
+    def preview(codes: list[int], total: int, grid=None) -> torch.Tensor:
         done = sum(1 for e in ends if e <= len(codes))
         scales = vq.split_codes(torch.tensor([codes[: ends[-1]] + [0] * (ends[-1] - len(codes))], device=device))
         return vq.fhat_to_img(vq.quantize.codes_to_fhat(scales[: max(done, 1)]))

@@ -252,12 +252,12 @@ def load_image_decoder(model_dir: str, device: str = "cpu"):
     vq = load_vq(model_dir, device)
 
     @torch.no_grad()
-    def decode(codes: torch.Tensor) -> torch.Tensor:
+    def decode(codes: torch.Tensor, grid=None) -> torch.Tensor:  # grid: one size, always square
         grid = round(codes.shape[-1] ** 0.5)
         return vq.decode_codes(codes.view(-1, grid, grid))
 
     @torch.no_grad()
-    def preview(codes: list[int], total: int) -> torch.Tensor:
+    def preview(codes: list[int], total: int, grid=None) -> torch.Tensor:
         grid = round(total ** 0.5)
         rows = len(codes) // grid
         known = list(codes[: rows * grid]) + [codes[0] if codes else 0] * (total - rows * grid)

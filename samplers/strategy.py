@@ -151,6 +151,12 @@ class Strategy:
         """Why a model of `config` cannot decode this way, or None."""
         if getattr(config, "decoding", None) != cls.order:
             return f"strategy {decoding.strategy!r} does not apply to this model"
+        if cls.runner is not None:
+            layout = image_layout(config)
+            if layout.row_end is not None or layout.image_end or layout.code_ids.start:
+                # Rows closed by end-of-line tokens and codes past id 0 (the text-to-image families)
+                # are not in the token-reordering strategies yet.
+                return f"strategy {decoding.strategy!r} does not run on text-to-image models yet"
         return None
 
     @classmethod

@@ -26,10 +26,10 @@ import re
 
 import pytest
 import torch
+from tiny_models import (CHAMELEON_TINY, chameleon_release_weights, chameleon_yaml, formula_tensor,
+                         write_chameleon_release)
 
 # -- Chameleon ------------------------------------------------------------------------------------
-CHAMELEON_TINY = dict(n_embed=16, embed_dim=4, z_channels=8, ch=32, ch_mult=[1, 2], num_res_blocks=1,
-                      attn_resolutions=[8], resolution=8, out_ch=3)
 CHAMELEON_CODES = [[3, 15, 0, 7, 9, 1]]  # one image, grid (2, 3)
 CHAMELEON_GRID = (2, 3)
 # The authors' decoder output (lumina_mgpt/model/chameleon_vae_ori/vqgan.py, VQModel.decode of
@@ -49,61 +49,6 @@ CHAMELEON_EXPECTED = [  # channel-major: 3 channels x 4 rows of 6
     -0.1921812, 0.9855771, -0.1226616, -0.3730926, -0.5417589, -0.4528691,
     0.4792984, -0.2666787, 0.1484698, -0.1389727, -0.6600387, -0.09848978,
 ]
-
-
-def formula_tensor(shape, salt: int) -> torch.Tensor:
-    """Values in [-1, 1) from a fixed formula of (element index, salt): reproducible anywhere."""
-    n = math.prod(shape)
-    i = torch.arange(1, n + 1, dtype=torch.float64)
-    x = torch.sin(i * 12.9898 + salt * 78.233) * 43758.5453
-    return (2 * (x - torch.floor(x)) - 1).float().reshape(shape)
-
-
-def chameleon_yaml(cfg: dict = CHAMELEON_TINY) -> dict:
-    """vqgan.yaml in the layout of Chameleon's (`model.params` with ddconfig and a lossconfig)."""
-    dd = {k: cfg[k] for k in ("z_channels", "resolution", "ch", "ch_mult", "num_res_blocks", "attn_resolutions")}
-    return {"model": {"target": "taming.models.vqgan.VQModel", "params": {
-        "embed_dim": cfg["embed_dim"], "n_embed": cfg["n_embed"],
-        "ddconfig": {"double_z": False, "in_channels": 3, "out_ch": cfg["out_ch"], "dropout": 0.0, **dd},
-        "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
-                       "params": {"disc_start": 0}}}}}
-
-
-def chameleon_release_weights(cfg: dict = CHAMELEON_TINY) -> dict[str, torch.Tensor]:
-    """The decoder side of a release state dict for `cfg`, values by `formula_tensor`: weights with
-    variance 1 / fan_in, norm scales near 1, small biases, a unit-variance codebook."""
-    from vllm_visual_ar.model_executors.chameleon_vq import ChameleonVQConfig, ChameleonVQDecoder
-
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in ChameleonVQDecoder(ChameleonVQConfig.from_dict(cfg)).state_dict().items()}
-    state = {}
-    for salt, (k, shape) in enumerate(sorted(shapes.items())):
-        u = formula_tensor(shape, salt)
-        if k == "quantize.embedding.weight":
-            state[k] = u * 3 ** 0.5
-        elif len(shape) > 1:
-            state[k] = u * (3 / math.prod(shape[1:])) ** 0.5
-        elif "norm" in k and k.endswith(".weight"):
-            state[k] = 1 + 0.2 * u
-        else:
-            state[k] = 0.1 * u
-    return state
-
-
-def write_chameleon_release(root, cfg: dict = CHAMELEON_TINY):
-    """(vqgan.ckpt, vqgan.yaml) as Meta ships them, with encoder, quant_conv and loss weights that the
-    converter must drop."""
-    import yaml
-
-    state = dict(chameleon_release_weights(cfg))
-    state.update({"encoder.conv_in.weight": torch.ones(cfg["ch"], 3, 3, 3), "quant_conv.weight":
-                  torch.ones(cfg["embed_dim"], cfg["z_channels"], 1, 1),
-                  "loss.discriminator.main.0.weight": torch.ones(2, 3, 4, 4)})
-    ckpt, yml = os.path.join(root, "vqgan.ckpt"), os.path.join(root, "vqgan.yaml")
-    torch.save({"state_dict": state, "epoch": 3, "global_step": 1000}, ckpt)
-    with open(yml, "w") as f:
-        yaml.safe_dump(chameleon_yaml(cfg), f)
-    return ckpt, yml
 
 
 @pytest.fixture(scope="module")

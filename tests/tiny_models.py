@@ -1,5 +1,9 @@
-"""Tiny LlamaGen-format models with random weights, written the way real folders are."""
+"""Tiny models of every family with random weights, written the way real folders are."""
 from __future__ import annotations
+
+import json
+import math
+import os
 
 import torch
 
@@ -122,3 +126,117 @@ def write_tiny_code_folder(root, patch_nums=(1, 2, 3, 4)):
     folder = convert_var(str(d_pth), str(vae_pth), str(root / "converted"), patch_nums=drafter_cfg.patch_nums,
                          refiner_path=str(r_pth))
     return folder, drafter, refiner, vq
+
+
+# -- Lumina-mGPT (Chameleon) -------------------------------------------------------------------------
+CHAMELEON_TINY = dict(n_embed=16, embed_dim=4, z_channels=8, ch=32, ch_mult=[1, 2], num_res_blocks=1,
+                      attn_resolutions=[8], resolution=8, out_ch=3)
+
+
+def formula_tensor(shape, salt: int) -> torch.Tensor:
+    """Values in [-1, 1) from a fixed formula of (element index, salt): reproducible anywhere."""
+    n = math.prod(shape)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    x = torch.sin(i * 12.9898 + salt * 78.233) * 43758.5453
+    return (2 * (x - torch.floor(x)) - 1).float().reshape(shape)
+
+
+def chameleon_yaml(cfg: dict = CHAMELEON_TINY) -> dict:
+    """vqgan.yaml in the layout of Chameleon's (`model.params` with ddconfig and a lossconfig)."""
+    dd = {k: cfg[k] for k in ("z_channels", "resolution", "ch", "ch_mult", "num_res_blocks", "attn_resolutions")}
+    return {"model": {"target": "taming.models.vqgan.VQModel", "params": {
+        "embed_dim": cfg["embed_dim"], "n_embed": cfg["n_embed"],
+        "ddconfig": {"double_z": False, "in_channels": 3, "out_ch": cfg["out_ch"], "dropout": 0.0, **dd},
+        "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+                       "params": {"disc_start": 0}}}}}
+
+
+def chameleon_release_weights(cfg: dict = CHAMELEON_TINY) -> dict[str, torch.Tensor]:
+    """The decoder side of a release state dict for `cfg`, values by `formula_tensor`: weights with
+    variance 1 / fan_in, norm scales near 1, small biases, a unit-variance codebook."""
+    from vllm_visual_ar.model_executors.chameleon_vq import ChameleonVQConfig, ChameleonVQDecoder
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in ChameleonVQDecoder(ChameleonVQConfig.from_dict(cfg)).state_dict().items()}
+    state = {}
+    for salt, (k, shape) in enumerate(sorted(shapes.items())):
+        u = formula_tensor(shape, salt)
+        if k == "quantize.embedding.weight":
+            state[k] = u * 3 ** 0.5
+        elif len(shape) > 1:
+            state[k] = u * (3 / math.prod(shape[1:])) ** 0.5
+        elif "norm" in k and k.endswith(".weight"):
+            state[k] = 1 + 0.2 * u
+        else:
+            state[k] = 0.1 * u
+    return state
+
+
+def write_chameleon_release(root, cfg: dict = CHAMELEON_TINY):
+    """(vqgan.ckpt, vqgan.yaml) as Meta ships them, with encoder, quant_conv and loss weights that the
+    converter must drop."""
+    import yaml
+
+    state = dict(chameleon_release_weights(cfg))
+    state.update({"encoder.conv_in.weight": torch.ones(cfg["ch"], 3, 3, 3), "quant_conv.weight":
+                  torch.ones(cfg["embed_dim"], cfg["z_channels"], 1, 1),
+                  "loss.discriminator.main.0.weight": torch.ones(2, 3, 4, 4)})
+    ckpt, yml = os.path.join(root, "vqgan.ckpt"), os.path.join(root, "vqgan.yaml")
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 1000}, ckpt)
+    with open(yml, "w") as f:
+        yaml.safe_dump(chameleon_yaml(cfg), f)
+    return ckpt, yml
+
+
+LUMINA_WORDS = ("Generate an image of x according to the following prompt : a red green blue cat dog on "
+                "mat at dusk blurry low quality 0 1 2 3 4 5 6 7 8 9 , .").split()
+
+
+def lumina_vocab(codes: int = CHAMELEON_TINY["n_embed"]) -> dict[str, int]:
+    """A Chameleon-shaped vocabulary: <s> <pad> </s> <unk> at 0..3, the image tokens from 4 in name
+    order (so token order is not code order, as in the real 8192), <eoss>, <racm3:break>, the
+    reserved tokens 8700..8869 (end of turn, end of line, resolution tokens), then words."""
+    from vllm_visual_ar.model_executors.chameleon_t2i import IMAGE_CODE_PREFIX
+
+    def name(code):
+        return IMAGE_CODE_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+    vocab = {n: i for i, n in enumerate(["<s>", "<pad>", "</s>", "<unk>"])}
+    for n in sorted(name(c) for c in range(codes)):
+        vocab[n] = len(vocab)
+    for n in ["<eoss>", "<racm3:break>"] + [f"<reserved{j:05d}>" for j in range(8700, 8870)]:
+        vocab[n] = len(vocab)
+    for w in LUMINA_WORDS:
+        vocab.setdefault(w, len(vocab))
+    return vocab
+
+
+def write_tiny_lumina_folder(root, target_size: int = 64, seed: int = 0):
+    """A tiny Lumina-mGPT release, converted by the plugin (`convert_lumina`), so every test of the
+    family also runs the converter: a Hugging Face folder with transformers' Chameleon weights
+    (random, 2 layers of width 128, qk-norm, GQA) and a tokenizer, and Chameleon's VQGAN files
+    (tiny). -> (converted folder, transformers model)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration, PreTrainedTokenizerFast
+
+    from vllm_visual_ar.model_executors.convert import convert_lumina
+
+    release = os.path.join(str(root), f"Lumina-mGPT-tiny-{target_size}")
+    vocab = lumina_vocab()
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[A-Za-z]+|\d|[^\w\s]|\n"), behavior="removed", invert=True)
+    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in vocab if n.startswith("<")])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>", sep_token="<reserved08706>").save_pretrained(release)
+    config = ChameleonConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             vocabulary_map=vocab, initializer_range=0.2, tie_word_embeddings=False,
+                             vq_config=dict(embed_dim=4, num_embeddings=CHAMELEON_TINY["n_embed"], base_channels=32,
+                                            channel_multiplier=[1, 2], num_res_blocks=1, resolution=8,
+                                            attn_resolutions=[]))
+    torch.manual_seed(seed)
+    model = ChameleonForConditionalGeneration(config).eval()
+    model.save_pretrained(release, safe_serialization=True)
+    ckpt, yaml_path = write_chameleon_release(str(root))
+    return convert_lumina(release, ckpt, yaml_path, os.path.join(str(root), "converted")), model

@@ -57,14 +57,14 @@ def footprint_need(prompt_tokens: int, footprint, kv_layout, lookahead: int | No
     return Need(1, max(prompt_tokens, footprint.widest_step), blocks_needed(kv_layout, tokens, phase_tokens))
 
 
-def image_need(config, decoding, guided: bool, block_size: int, prompt_tokens: int = 1) -> Need:
+def image_need(config, decoding, guided: bool, block_size: int, prompt_tokens: int = 1, size=None) -> Need:
     """What one image of a model config asks of the engine, as the scheduler will reserve it: its
-    strategy's footprint (`samplers/`), per stream, in the KV cache groups vLLM forms for the model."""
+    strategy's footprint (`samplers/`), per stream (each taken with the longer prompt), in the KV
+    cache groups vLLM forms for the model."""
+    from vllm_visual_ar.families import image_layout
     from vllm_visual_ar.samplers import strategy_for
 
-    from vllm_visual_ar.families import image_layout
-
-    footprint = strategy_for(config, decoding)(config, decoding).footprint(image_layout(config).num_tokens)
+    footprint = strategy_for(config, decoding)(config, decoding).footprint(image_layout(config, size).num_tokens)
     layout = expected_layout(getattr(config, "kv_phases", {}), block_size)
     one = footprint_need(prompt_tokens, footprint, layout)
     return one + one if guided else one
@@ -102,11 +102,17 @@ def cannot_fit(need: Need, room: Need) -> str | None:
     return "this image can never be scheduled by this engine: it needs " + " and ".join(problems)
 
 
-def image_cannot_fit(vllm_config, config, decoding, guided: bool) -> str | None:
+def image_cannot_fit(vllm_config, config, decoding, guided: bool, size=None, prompt_tokens: int = 1) -> str | None:
     """Why one image could never be scheduled by the started engine of `vllm_config`, or None:
     the check the offline API and the endpoint make before submitting."""
+    from vllm_visual_ar.families import image_layout
+
     limits = engine_limits(vllm_config)
-    return cannot_fit(image_need(config, decoding, guided, limits.block_size), limits.room)
+    longest = prompt_tokens + image_layout(config, size).num_tokens
+    if longest > limits.max_model_len:
+        return (f"this image can never be scheduled by this engine: its prompt and image take {longest} "
+                f"tokens, more than max_model_len {limits.max_model_len}")
+    return cannot_fit(image_need(config, decoding, guided, limits.block_size, prompt_tokens, size), limits.room)
 
 
 def admit(groups: Sequence[tuple[Hashable, Need]], room: Need, overtaken: dict, max_overtakes: int) -> list:

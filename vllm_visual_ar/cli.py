@@ -1,5 +1,5 @@
 """Command line: `vllm-visual-ar generate ...`, `vllm-visual-ar serve [MODEL] [vLLM server options]`,
-`vllm-visual-ar convert llamagen ...` and `vllm-visual-ar convert var ...`."""
+`vllm-visual-ar convert llamagen|var|lumina ...`."""
 from __future__ import annotations
 
 import argparse
@@ -40,22 +40,33 @@ def cmd_generate(args) -> int:
     # Check the arguments before the engine takes its seconds to start.
     model_dir = resolve_model_dir(args.model)
     config = family_of(model_dir).config(model_dir)
-    check_generate_args(config, args.classes, args.n, args.seed, args.guidance_scale, args.temperature,
+    text = family_of(model_dir).takes_text
+    if text and not args.prompt:
+        raise ValueError("this model is text-to-image: give --prompt TEXT (repeatable)")
+    if not text and (args.prompt or args.negative_prompt or args.size):
+        raise ValueError("this model is class-conditional: --prompt, --negative-prompt and --size do not apply; "
+                         "use --classes")
+    classes = None if text else (args.classes or parse_classes("0-9"))
+    prompts = args.prompt if text else None
+    check_generate_args(config, classes, args.n, args.seed, args.guidance_scale, args.temperature,
                         args.top_k, args.top_p, args.strategy, args.window, args.init, args.relaxed_delta,
-                        draft_steps=args.draft_steps)
+                        draft_steps=args.draft_steps, prompts=prompts)
     gen = ImageGenerator(args.model, max_images_in_flight=args.max_images_in_flight)
-    results = gen.generate(args.classes, n=args.n, guidance_scale=args.guidance_scale,
+    results = gen.generate(classes, n=args.n, guidance_scale=args.guidance_scale,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, strategy=args.strategy, window=args.window, init=args.init,
                            relaxed_delta=args.relaxed_delta, draft_steps=args.draft_steps,
-                           progress=True)
+                           progress=True, prompts=prompts, negative_prompt=args.negative_prompt, size=args.size)
     os.makedirs(args.out, exist_ok=True)
-    counts: dict[int, int] = {}
+    counts: dict = {}
     for r in results:
-        i = counts[r.class_id] = counts.get(r.class_id, -1) + 1
-        r.image.save(os.path.join(args.out, f"class{r.class_id}_{i}.png"))
-    scale = max(1, 256 // results[0].image.size[0])  # small digits are upscaled in the grid only
-    grid = image_grid([r.image.resize((r.image.size[0] * scale,) * 2) for r in results], args.n)
+        key = r.class_id if r.prompt is None else r.prompt
+        i = counts[key] = counts.get(key, -1) + 1
+        name = f"class{r.class_id}" if r.prompt is None else f"prompt{prompts.index(r.prompt)}"
+        r.image.save(os.path.join(args.out, f"{name}_{i}.png"))
+    w, h = results[0].image.size
+    scale = max(1, 256 // max(w, h))  # small images are upscaled in the grid only
+    grid = image_grid([r.image.resize((w * scale, h * scale)) for r in results], args.n)
     grid.save(os.path.join(args.out, "grid.png"))
     seconds = max(r.stats.seconds for r in results)
     summary = {"images": len(results), "seconds": round(seconds, 2),
@@ -117,6 +128,13 @@ def cmd_convert_var(args) -> int:
     return 0
 
 
+def cmd_convert_lumina(args) -> int:
+    from vllm_visual_ar.model_executors.convert import convert_lumina
+
+    print(f"wrote {convert_lumina(args.hf, args.vqgan_ckpt, args.vqgan_yaml, args.out, args.target_size)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vllm_visual_ar.samplers import strategy_names
 
@@ -126,8 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images offline (one PNG per image, plus grid.png)")
     g.add_argument("--model", default=None, help="converted model folder or an embedded model's name "
                    "(llamagen-mnist, the default, or var-mnist)")
-    g.add_argument("--classes", type=parse_classes, default=parse_classes("0-9"), help="e.g. 0-9 or 3,7")
-    g.add_argument("--n", type=int, default=4, help="images per class")
+    g.add_argument("--classes", type=parse_classes, default=None,
+                   help="class-conditional models: e.g. 0-9 (the default) or 3,7")
+    g.add_argument("--prompt", action="append", default=None,
+                   help="text-to-image models: the prompt (repeat for several)")
+    g.add_argument("--negative-prompt", default=None,
+                   help="text-to-image models: what the unconditional stream is given (default: the family's)")
+    g.add_argument("--size", default=None, help="text-to-image models: WIDTHxHEIGHT among the model's sizes")
+    g.add_argument("--n", type=int, default=4, help="images per class or prompt")
     g.add_argument("--out", default="out", help="output folder")
     g.add_argument("--seed", type=int, default=None, help="image i of the run uses seed + i")
     g.add_argument("--guidance-scale", type=float, default=None,
@@ -173,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     vr.add_argument("--num-heads", type=int, default=None, help="attention heads, needed when attn_l2_norm is off")
     vr.add_argument("--refiner-num-heads", type=int, default=None, help="the same for the refiner")
     vr.set_defaults(func=cmd_convert_var)
+    lm = csub.add_parser("lumina", help="Lumina-mGPT (its Hugging Face folder) + Chameleon's VQGAN")
+    lm.add_argument("--hf", required=True, help="the release folder, e.g. Lumina-mGPT-7B-768")
+    lm.add_argument("--vqgan-ckpt", required=True, help="Chameleon's tokenizer/vqgan.ckpt")
+    lm.add_argument("--vqgan-yaml", required=True, help="Chameleon's tokenizer/vqgan.yaml")
+    lm.add_argument("--out", required=True)
+    lm.add_argument("--target-size", type=int, default=None,
+                    help="training resolution, 512/768/1024 (default: from the folder name)")
+    lm.set_defaults(func=cmd_convert_lumina)
     return ap
 
 

@@ -40,12 +40,14 @@ def engine_kwargs(model: str | None = None, max_images_in_flight: int = 16, **ov
                  for decoding in strategy_for(config, Decoding()).budget_decodings(config))
     kwargs = dict(
         model=model_dir,
-        skip_tokenizer_init=True,
+        skip_tokenizer_init=not family_of(model_dir).takes_text,
         scheduler_cls=SCHEDULER_CLS,
         worker_cls=WORKER_CLS,
         max_num_seqs=2 * max_images_in_flight,
         max_model_len=config.max_position_embeddings,
-        max_num_batched_tokens=max(2048, 4 * max_images_in_flight, widest * max_images_in_flight),
+        # A text model's prompt is prefilled in one step (the scheduler never splits a pair's step).
+        max_num_batched_tokens=max(2048, 4 * max_images_in_flight, widest * max_images_in_flight,
+                                   config.max_position_embeddings if family_of(model_dir).takes_text else 0),
         seed=0,
         # Image requests share no prefix worth caching (a one-token prompt), and a cached block is
         # matched by token ids alone, while ZipAR places the same ids at other raster positions.

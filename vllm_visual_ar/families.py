@@ -61,6 +61,26 @@ class ImageLayout:
     def codebook_size(self) -> int:
         return len(self.code_ids)
 
+    def forced(self, index: int) -> int | None:
+        """The token the engine places at generated token `index` (an end of line or an image end),
+        or None where a code is sampled."""
+        if self.scale_tokens is not None:
+            return None
+        body = self.rows * self.row_stride
+        if index >= body:
+            return self.image_end[index - body]
+        if self.row_end is not None and index % self.row_stride == self.cols:
+            return self.row_end
+        return None
+
+    def codes_of(self, tokens):
+        """Generated tokens [..., num_tokens] -> their codes' token ids [..., rows * cols] (the forced
+        tokens dropped), raster order."""
+        if self.scale_tokens is not None or (self.row_end is None and not self.image_end):
+            return tokens
+        body = tokens[..., : self.rows * self.row_stride]
+        return body.reshape(*body.shape[:-1], self.rows, self.row_stride)[..., : self.cols].flatten(-2)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -75,6 +95,19 @@ class Family:
     # "module:function" (cond, uncond, scale) -> guided logits, as the runner mixes token-by-token
     # models; None where the family's own decoding order mixes guidance itself (VAR's ramp).
     guidance_mix: str | None = None
+    # Text-to-image families: "module:function" (config, tokenizer, text, negative_prompt or None,
+    # size or None) -> (cond prompt ids, uncond prompt ids). None: class-conditional (class tokens).
+    text_prompts: str | None = None
+    default_size: str | None = None  # text families: "module:function" config -> (width, height) when none is asked
+    # Sampling defaults where config.json names none (`default_guidance_scale`, `default_top_k`, ...).
+    sampling_defaults: tuple = ()
+
+    @property
+    def takes_text(self) -> bool:
+        return self.text_prompts is not None
+
+    def prompts(self, config, tokenizer, text: str, negative_prompt: str | None, size):
+        return load_object(self.text_prompts)(config, tokenizer, text, negative_prompt, size)
 
     def config(self, model_dir: str):
         return load_object(self.config_class).from_pretrained(model_dir)
@@ -92,6 +125,19 @@ class Family:
 
     def guided(self, guidance_scale: float) -> bool:
         return guidance_scale != self.unguided_scale
+
+    def default(self, config, name: str, fallback=None):
+        """The model's default for a sampling setting: config.json's `default_<name>`, else the
+        family's, else `fallback`."""
+        value = getattr(config, f"default_{name}", None)
+        return value if value is not None else dict(self.sampling_defaults).get(name, fallback)
+
+    def size(self, config, size=None):
+        """The size an image is made at: the one asked for, else the family's default (None for
+        class-conditional models, which make one size)."""
+        if size is None and self.takes_text:
+            return tuple(load_object(self.default_size)(config))
+        return None if size is None else tuple(size)
 
     def missing_files(self, model_dir: str) -> list[str]:
         """Weight files the folder's config.json calls for that are not there (a CoDe folder also
@@ -115,6 +161,22 @@ FAMILIES = (
            "vllm_visual_ar.model_executors.var:VARForClassToImage",
            "vllm_visual_ar.model_executors.var_vq:load_image_decoder",
            "vllm_visual_ar.model_executors.var_config:image_layout", unguided_scale=0.0),
+)
+
+
+# Lumina-mGPT: Chameleon's LM, Lumina's prompt template and layout (`chameleon_t2i.py`), Chameleon's
+# VQGAN (`chameleon_vq.py`); guidance on raw logits, 1 is unguided.
+FAMILIES += (
+    Family("lumina", "ChameleonXLLMXForConditionalGeneration", "chameleon",
+           "transformers:ChameleonConfig",
+           "vllm_visual_ar.model_executors.chameleon:ChameleonXLLMXForConditionalGeneration",
+           "vllm_visual_ar.model_executors.chameleon_t2i:load_image_decoder",
+           "vllm_visual_ar.model_executors.chameleon_t2i:config_layout", unguided_scale=1.0,
+           guidance_mix="vllm_visual_ar.model_executors.chameleon_t2i:guidance_mix",
+           text_prompts="vllm_visual_ar.model_executors.chameleon_t2i:config_prompts",
+           default_size="vllm_visual_ar.model_executors.chameleon_t2i:default_size",
+           # Lumina-mGPT's generate.py / inference_solver: cfg 3.0, top-k 2000 inside the image.
+           sampling_defaults=(("guidance_scale", 3.0), ("top_k", 2000), ("top_p", 1.0))),
 )
 
 

@@ -16,7 +16,8 @@ import torch
 
 from vllm_visual_ar.engine import engine_kwargs, set_engine_env
 from vllm_visual_ar.admission import image_cannot_fit
-from vllm_visual_ar.requests import Decoding, SamplingSettings, check_number, check_seed, image_requests, validate_class_id
+from vllm_visual_ar.requests import (Decoding, SamplingSettings, check_number, check_seed, check_text, image_requests,
+                                     parse_size, prompt_pair, validate_class_id)
 
 
 @dataclass
@@ -40,37 +41,50 @@ class ImageStats:
 @dataclass
 class GeneratedImage:
     image: "object"        # PIL.Image
-    class_id: int
-    codes: torch.Tensor    # image codes: [grid, grid] in raster order (LlamaGen), or flat scale by scale (VAR)
+    class_id: int | None   # class-conditional models
+    codes: torch.Tensor    # the image's code token ids: [rows, cols] in raster order, or flat scale by scale (VAR)
     seed: int | None
     stats: ImageStats
+    prompt: str | None = None  # text-to-image models
 
 
 def check_generate_args(config, classes, n, seed, guidance_scale, temperature, top_k, top_p,
                         strategy="raster", window=None, init=None, relaxed_delta=None, relaxed_neighbours=None,
-                        draft_steps=None):
+                        draft_steps=None, prompts=None):
     """Validate `generate` arguments against a model config (ValueError naming the problem);
-    -> (classes as a list, SamplingSettings with the model's defaults filled in, Decoding)."""
-    classes = [classes] if isinstance(classes, int) else list(classes)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    if not classes:
-        raise ValueError("classes must name at least one class")
-    for c in classes:
-        validate_class_id(config, c)
-    check_seed(seed, len(classes) * n)
+    -> (the prompts as a list: class ids, or texts for a text-to-image model; SamplingSettings with
+    the model's defaults filled in; Decoding)."""
     from vllm_visual_ar.families import family_of
     from vllm_visual_ar.samplers import decoding_problem
 
+    family = family_of(config)
+    if family.takes_text:
+        if classes is not None:
+            raise ValueError("this model is text-to-image: give prompts=[...], not classes")
+        items = [prompts] if isinstance(prompts, str) else list(prompts or [])
+        if not items:
+            raise ValueError("prompts must hold at least one text prompt")
+        for text in items:
+            check_text(text, "prompt")
+    else:
+        if prompts is not None:
+            raise ValueError("this model is class-conditional: give classes=[...], not prompts")
+        items = [classes] if isinstance(classes, int) else list(classes or [])
+        if not items:
+            raise ValueError("classes must name at least one class")
+        for c in items:
+            validate_class_id(config, c)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    check_seed(seed, len(items) * n)
     decoding = Decoding(strategy, window, init, relaxed_delta, relaxed_neighbours, draft_steps).fitted(config)
     if problem := decoding_problem(config, decoding):
         raise ValueError(problem)
-    if top_p is None:
-        top_p = getattr(config, "default_top_p", 1.0)
-    settings = SamplingSettings(config.default_guidance_scale if guidance_scale is None else guidance_scale,
-                                temperature, config.default_top_k if top_k is None else top_k, top_p,
-                                unguided_scale=family_of(config).unguided_scale)
-    return classes, settings, decoding
+    settings = SamplingSettings(family.default(config, "guidance_scale") if guidance_scale is None else guidance_scale,
+                                temperature, family.default(config, "top_k", 0) if top_k is None else top_k,
+                                family.default(config, "top_p", 1.0) if top_p is None else top_p,
+                                unguided_scale=family.unguided_scale)
+    return items, settings, decoding
 
 
 class ImageGenerator:
@@ -87,15 +101,20 @@ class ImageGenerator:
         self.layout = self.family.image_layout(self.config)
         self.decode_codes = self.family.decoder(self.model_dir)
         self.llm = LLM(**kwargs)
+        # Text-to-image models: vLLM's own tokenizer for the model, which builds the prompts.
+        self.tokenizer = self.llm.get_tokenizer() if self.family.takes_text else None
 
-    def generate(self, classes: list[int] | int, n: int = 1, guidance_scale: float | None = None,
+    def generate(self, classes: list[int] | int | None = None, n: int = 1, guidance_scale: float | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None,
                  strategy: str = "raster", window: int | None = None, init: str | None = None,
                  relaxed_delta: float | None = None, relaxed_neighbours: int | None = None,
                  draft_steps: int | None = None, progress: bool = False,
-                 timeout: float | None = None) -> list[GeneratedImage]:
-        """n images per class, in order (class-major). Image i of the call uses seed + i, so a seed
+                 timeout: float | None = None, prompts: list[str] | str | None = None,
+                 negative_prompt: str | None = None, size=None) -> list[GeneratedImage]:
+        """n images per class (class-conditional models) or per prompt (text-to-image models:
+        `prompts`, an optional `negative_prompt` for the unconditional stream, `size` as "WxH" or
+        (width, height) among the model's sizes), in order. Image i of the call uses seed + i, so a seed
         gives the same images whatever else is in the batch. guidance_scale and top_k None mean
         the model's `default_guidance_scale` / `default_top_k` (top_p None: its `default_top_p`, or off);
         guidance 1 is unguided (VAR: 0), top_k 0 is off.
@@ -107,27 +126,36 @@ class ImageGenerator:
         is unguided there (VAR's cfg).
         An image this engine could never schedule is a ValueError before anything is submitted; with
         `timeout` (seconds), the call aborts its images and raises TimeoutError when time is up."""
-        classes, settings, decoding = check_generate_args(self.config, classes, n, seed, guidance_scale,
-                                                          temperature, top_k, top_p, strategy, window, init,
-                                                          relaxed_delta, relaxed_neighbours, draft_steps)
+        items, settings, decoding = check_generate_args(self.config, classes, n, seed, guidance_scale,
+                                                        temperature, top_k, top_p, strategy, window, init,
+                                                        relaxed_delta, relaxed_neighbours, draft_steps, prompts)
         if timeout is not None:
             timeout = check_number(timeout, "timeout", 0, 1e9, low_open=True)
-        if problem := image_cannot_fit(self.llm.llm_engine.vllm_config, self.config, decoding, settings.guided):
+        size = self.family.size(self.config, parse_size(size))
+        layout = self.family.image_layout(self.config, size)
+        # Every prompt's ids (and the size and negative prompt's checks) before anything is submitted.
+        pairs = {item: prompt_pair(self.config, item, negative_prompt, size, self.tokenizer) for item in set(items)}
+        prompt_tokens = max(len(ids) for cond, uncond, _ in pairs.values() for ids in (cond, uncond))
+        if problem := image_cannot_fit(self.llm.llm_engine.vllm_config, self.config, decoding, settings.guided,
+                                       size, prompt_tokens):
             raise ValueError(problem)
 
-        jobs = [(c, None if seed is None else seed + i) for i, c in enumerate(c for c in classes for _ in range(n))]
-        tokens, forwards, latency, drafts = self._run(jobs, settings, decoding, progress, timeout)
-        codes = torch.tensor(tokens)
-        images = self.decode(codes)
-        layout = self.layout
+        jobs = [(c, None if seed is None else seed + i) for i, c in enumerate(c for c in items for _ in range(n))]
+        tokens, forwards, latency, drafts = self._run(jobs, settings, decoding, progress, timeout, layout,
+                                                      dict(size=size, negative_prompt=negative_prompt))
+        codes = layout.codes_of(torch.tensor(tokens))
+        images = self.decode(codes, layout)
         if layout.scale_tokens is None:  # a raster grid; VAR's codes stay flat, scale by scale
             codes = codes.view(-1, layout.rows, layout.cols)
         streams = 2 if settings.guided else 1
-        return [GeneratedImage(img, c, codes[i], s, ImageStats(len(tokens[i]), forwards[i], latency[i], streams,
-                                                               *drafts[i]))
+        text = self.family.takes_text
+        return [GeneratedImage(img, None if text else c, codes[i], s,
+                               ImageStats(len(tokens[i]), forwards[i], latency[i], streams, *drafts[i]),
+                               c if text else None)
                 for i, ((c, s), img) in enumerate(zip(jobs, images))]
 
-    def _run(self, jobs, settings: SamplingSettings, decoding: Decoding, progress: bool, timeout: float | None):
+    def _run(self, jobs, settings: SamplingSettings, decoding: Decoding, progress: bool, timeout: float | None,
+             layout, request_args: dict):
         """Submit every image, step the engine until all are done. Outputs come as per-step deltas,
         so an image's forward passes are counted, not assumed: one per step that advanced it (a
         ZipAR image advances its raster prefix every step too, see `scheduler.py`)."""
@@ -144,14 +172,14 @@ class ImageGenerator:
         forwards = [0] * len(jobs)
         latency = [0.0] * len(jobs)
         drafts = [[0, 0] for _ in jobs]  # [drafts verified, drafts accepted] per image (SJD)
-        bar = tqdm(total=len(jobs) * self.layout.num_tokens, unit="tok", disable=not progress,
+        bar = tqdm(total=len(jobs) * layout.num_tokens, unit="tok", disable=not progress,
                    desc=f"{len(jobs)} images")
         t0 = time.perf_counter()
         try:
             for index, (class_id, seed) in enumerate(jobs):
                 image_id = uuid.uuid4().hex
                 for prompt, params in image_requests(self.config, class_id, settings, seed, image_id=image_id,
-                                                     decoding=decoding):
+                                                     decoding=decoding, tokenizer=self.tokenizer, **request_args):
                     params.output_kind = RequestOutputKind.DELTA
                     role = params.extra_args["visual_ar"]["role"]
                     request_id = f"{image_id}-{role}"
@@ -169,7 +197,7 @@ class ImageGenerator:
                     new = out.outputs[0].token_ids
                     if new:
                         if tokens[index]:  # not the prompt forward
-                            verified, accepted = draft_stats(decoding, self.layout.num_tokens,
+                            verified, accepted = draft_stats(decoding, layout.num_tokens,
                                                              len(tokens[index]), len(new))
                             drafts[index][0] += verified
                             drafts[index][1] += accepted
@@ -178,7 +206,7 @@ class ImageGenerator:
                         bar.update(len(new))
                     if out.finished:
                         latency[index] = time.perf_counter() - t0
-                        if len(tokens[index]) != self.layout.num_tokens:
+                        if len(tokens[index]) != layout.num_tokens:
                             raise RuntimeError(f"image {index} ended after {len(tokens[index])} tokens "
                                                f"({out.outputs[0].finish_reason})")
         except BaseException:
@@ -188,15 +216,17 @@ class ImageGenerator:
             bar.close()
         return tokens, forwards, latency, drafts
 
-    def decode(self, codes: torch.Tensor) -> list:
-        """codes [N, image tokens] (or [N, grid, grid]) -> PIL images (grayscale for 1-channel
-        tokenizers, else RGB)."""
+    def decode(self, codes: torch.Tensor, layout=None) -> list:
+        """codes [N, image codes] (or [N, grid, grid]; the code token ids of `layout`, default the
+        model's one size) -> PIL images (grayscale for 1-channel tokenizers, else RGB)."""
         from PIL import Image
 
         from vllm_visual_ar.model_executors.vq import images_to_uint8
 
+        layout = layout or self.layout
         codes = codes.reshape(codes.shape[0], -1)
-        pixels = images_to_uint8(torch.cat([self.decode_codes(c) for c in codes.split(64)]))
+        grid = (layout.rows, layout.cols)
+        pixels = images_to_uint8(torch.cat([self.decode_codes(c, grid) for c in codes.split(64)]))
         if pixels.shape[-1] == 1:
             return [Image.fromarray(p[..., 0].numpy(), mode="L") for p in pixels]
         return [Image.fromarray(p.numpy(), mode="RGB") for p in pixels]

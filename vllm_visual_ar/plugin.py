@@ -21,7 +21,11 @@ def configure_vllm(vllm_config) -> None:
         vllm_config.scheduler_config.scheduler_cls = SCHEDULER_CLS
     if vllm_config.parallel_config.worker_cls == "auto":
         vllm_config.parallel_config.worker_cls = WORKER_CLS
-    vllm_config.model_config.skip_tokenizer_init = True
+    from vllm_visual_ar.families import family_of
+
+    # Class-conditional models have no tokenizer; text-to-image ones use vLLM's (unless told not to).
+    if not family_of(vllm_config.model_config.hf_config).takes_text:
+        vllm_config.model_config.skip_tokenizer_init = True
     vllm_config.model_config.enforce_eager = True
     vllm_config.scheduler_config.async_scheduling = False
     vllm_config.cache_config.enable_prefix_caching = False

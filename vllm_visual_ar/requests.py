@@ -119,6 +119,7 @@ class ImageRequestInfo:
     # Next-scale models: settings given per scale, {name: values} (`SamplingSettings.per_scale`);
     # they replace the request's SamplingParams value of that name at each scale.
     scale_sampling: tuple = ()
+    size: tuple[int, int] | None = None  # (width, height) of a text-to-image request; None: the model's one size
 
     def setting(self, name: str, scale: int, default):
         """Setting `name` at `scale`: its per-scale value if it has them, else `default`."""
@@ -149,7 +150,12 @@ def image_request_info(sampling_params) -> ImageRequestInfo | None:
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['scale_sampling'] must map some of {sorted(PER_SCALE)} "
                          f"to per-scale lists, got {short(scale_sampling)}")
     scale_sampling = tuple(sorted((k, check_per_scale(k, v)) for k, v in scale_sampling.items()))
-    parsed = ImageRequestInfo(parsed.image_id, parsed.role, parsed.guidance_scale, decoding, scale_sampling)
+    size = info.get("size")
+    if size is not None and (not isinstance(size, (list, tuple)) or len(size) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['size'] must be [width, height], got {short(size)}")
+    parsed = ImageRequestInfo(parsed.image_id, parsed.role, parsed.guidance_scale, decoding, scale_sampling,
+                              tuple(size) if size is not None else None)
     if parsed.role not in ROLES:
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['role'] must be one of {ROLES}, got {short(parsed.role)}")
     return parsed
@@ -230,16 +236,66 @@ def validate_class_id(config, class_id) -> int:
     return class_id
 
 
-def image_requests(config, class_id: int, settings: SamplingSettings, seed: int | None = None,
-                   image_id: str | None = None, decoding: Decoding = Decoding()) -> list[tuple[dict, "object"]]:
-    """-> [(prompt, SamplingParams)] for one image: one pair for a guided image, one entry otherwise."""
+MAX_PROMPT_CHARS = 4000
+
+
+def parse_size(size) -> tuple[int, int] | None:
+    """None, "WxH" or (width, height) -> (width, height) of positive integers, or ValueError."""
+    if size is None or size == "auto":
+        return None
+    if isinstance(size, str):
+        parts = size.lower().split("x")
+        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+            size = tuple(int(p) for p in parts)
+    if (isinstance(size, (tuple, list)) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        return tuple(size)
+    raise ValueError(f"size must be 'WIDTHxHEIGHT' (pixels), got {short(size)}")
+
+
+def check_text(text, name: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{name} must be non-empty text, got {short(text)}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} is longer than {MAX_PROMPT_CHARS} characters")
+    return text
+
+
+def prompt_pair(config, prompt, negative_prompt=None, size=None, tokenizer=None):
+    """One image's (cond prompt ids, uncond prompt ids, size) as its model family builds them: a
+    class-conditional model's class token and null class, or a text model's templated prompt and
+    its unconditional (or negative) prompt for the size asked for (default: the family's)."""
+    from vllm_visual_ar.families import family_of
+
+    family = family_of(config)
+    if family.takes_text:
+        check_text(prompt, "prompt")
+        if negative_prompt is not None:
+            check_text(negative_prompt, "negative_prompt")
+        size = family.size(config, size)
+        family.image_layout(config, size)  # a size the model does not make is a ValueError here
+        cond, uncond = family.prompts(config, tokenizer, prompt, negative_prompt, size)
+        return cond, uncond, size
+    if negative_prompt is not None:
+        raise ValueError("negative_prompt applies to text-to-image models; this one is class-conditional")
+    validate_class_id(config, prompt)
+    family.image_layout(config, size)
+    return [config.class_token(prompt)], [config.null_class_token], None
+
+
+def image_requests(config, prompt, settings: SamplingSettings, seed: int | None = None,
+                   image_id: str | None = None, decoding: Decoding = Decoding(), size=None,
+                   negative_prompt: str | None = None, tokenizer=None) -> list[tuple[dict, "object"]]:
+    """-> [(prompt, SamplingParams)] for one image: one pair for a guided image, one entry otherwise.
+    `prompt` is a class id (class-conditional models) or text (text-to-image models, which need the
+    model's `tokenizer`)."""
     from vllm import SamplingParams
 
     from vllm_visual_ar.families import image_layout
 
-    validate_class_id(config, class_id)
+    cond_ids, uncond_ids, size = prompt_pair(config, prompt, negative_prompt, size, tokenizer)
     check_seed(seed)
-    layout = image_layout(config)
+    layout = image_layout(config, size)
     if problem := per_scale_problem(settings.per_scale, getattr(config, "num_scales", None)):
         raise ValueError(problem)
     decoding = decoding.fitted(config)
@@ -257,10 +313,9 @@ def image_requests(config, class_id: int, settings: SamplingSettings, seed: int 
             seed=seed if with_seed else None, detokenize=False,
             extra_args={EXTRA_ARGS_KEY: {"image_id": image_id, "role": role,
                                          "guidance_scale": float(settings.guidance_scale), **decoding.to_args(),
-                                         **per_scale}})
+                                         **per_scale, **({"size": list(size)} if size is not None else {})}})
 
-    cond_prompt = {"prompt_token_ids": [config.class_token(class_id)]}
+    cond_prompt = {"prompt_token_ids": cond_ids}
     if not settings.guided:
         return [(cond_prompt, params("single", True))]
-    return [(cond_prompt, params("cond", True)),
-            ({"prompt_token_ids": [config.null_class_token]}, params("uncond", False))]
+    return [(cond_prompt, params("cond", True)), ({"prompt_token_ids": uncond_ids}, params("uncond", False))]

@@ -283,10 +283,15 @@ class VisualARScheduler(Scheduler):
         return output
 
     def _check_pairs(self, output: SchedulerOutput) -> None:
+        """Both halves of a pair in every step, with the same tokens once past their prompts (a text
+        model's cond and uncond prompts differ in length)."""
         scheduled = output.num_scheduled_tokens
         for rid, n in scheduled.items():
             partner = self._partner_id(rid)
-            if partner is not None and scheduled.get(partner) != n:
+            if partner is None:
+                continue
+            prefill = any(r.num_output_tokens == 0 for r in (self.requests[rid], self.requests[partner]))
+            if partner not in scheduled or (scheduled[partner] != n and not prefill):
                 raise RuntimeError(
                     f"guidance pair split: {rid} scheduled {n} tokens, its partner {partner} "
                     f"{scheduled.get(partner, 0)}")

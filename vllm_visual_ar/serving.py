@@ -45,8 +45,8 @@ from dataclasses import dataclass
 
 from vllm_visual_ar.admission import image_cannot_fit
 from vllm_visual_ar.families import image_layout
-from vllm_visual_ar.requests import (Decoding, SamplingSettings, check_number, check_seed, image_requests,
-                                     per_scale_problem, short)
+from vllm_visual_ar.requests import (Decoding, SamplingSettings, check_number, check_seed, check_text,
+                                     image_requests, parse_size, per_scale_problem, short)
 
 MAX_IMAGES_PER_REQUEST = 16
 MAX_PARTIAL_IMAGES = 3  # as OpenAI's API
@@ -79,7 +79,7 @@ class BadRequest(ValueError):
 
 @dataclass(frozen=True)
 class ImagesJob:
-    class_id: int
+    prompt: object  # a class id (class-conditional models) or text (text-to-image models)
     n: int
     seed: int | None
     settings: SamplingSettings
@@ -87,6 +87,8 @@ class ImagesJob:
     stream: bool
     partial_images: int
     timeout: float | None = None
+    negative_prompt: str | None = None
+    size: tuple[int, int] | None = None  # text-to-image models: (width, height)
 
 
 def _check_types(fields: dict, where: str = "") -> None:
@@ -149,17 +151,36 @@ def parse_images_request(body, config) -> ImagesJob:
                          f"extra_params.{unknown[0][:MAX_STRING]}")
     _check_types(extra, "extra_params.")
     fields = {**body, **{k: v for k, v in extra.items() if v is not None}}
-    if fields.get("negative_prompt") not in (None, ""):
+    from vllm_visual_ar.families import family_of
+
+    family = family_of(config)
+    negative = fields.get("negative_prompt") or None  # "" is "none", as OpenAI clients may send it
+    if negative is not None and not family.takes_text:
         raise BadRequest("negative_prompt is not supported: this model is class-conditional and takes no text",
                          "negative_prompt")
     if body.get("prompt") is None:
         raise BadRequest("'prompt' is required", "prompt")
-    class_id = parse_class(config, body["prompt"])
+    size = None
+    if family.takes_text:
+        prompt = body["prompt"]
+        for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+            if text is not None:
+                try:
+                    check_text(text, name)
+                except ValueError as e:
+                    raise BadRequest(str(e), name) from None
+        try:
+            size = family.size(config, parse_size(fields.get("size") or "auto"))
+            family.image_layout(config, size)
+        except ValueError as e:
+            raise BadRequest(str(e), "size") from None
+    else:
+        prompt = parse_class(config, body["prompt"])
+        size_text = fields.get("size") or "auto"
+        native = f"{config.image_size}x{config.image_size}"
+        if size_text not in ("auto", native):
+            raise BadRequest(f"size {short(size_text)} is not one this model makes: use {native!r} or 'auto'", "size")
     n = _int(fields, "n", 1, 1, MAX_IMAGES_PER_REQUEST)
-    size = fields.get("size") or "auto"
-    native = f"{config.image_size}x{config.image_size}"
-    if size not in ("auto", native):
-        raise BadRequest(f"size {short(size)} is not one this model makes: use {native!r} or 'auto'", "size")
     response_format = fields.get("response_format") or "b64_json"
     if response_format != "b64_json":
         raise BadRequest(f"response_format {short(response_format)} is not supported: images are returned inline "
@@ -177,10 +198,10 @@ def parse_images_request(body, config) -> ImagesJob:
     # top_k, top_p and temperature: one value, or (next-scale models) a list with one per scale.
     top_k = fields.get("top_k")
     if not isinstance(top_k, list):
-        top_k = min(_int(fields, "top_k", config.default_top_k, 0), image_layout(config).codebook_size)
+        top_k = min(_int(fields, "top_k", family.default(config, "top_k", 0), 0), image_layout(config).codebook_size)
     guidance = fields.get("guidance_scale")
-    top_p = fields.get("top_p", getattr(config, "default_top_p", 1.0))
-    numbers = (config.default_guidance_scale if guidance is None else guidance, fields.get("temperature", 1.0),
+    top_p = fields.get("top_p", family.default(config, "top_p", 1.0))
+    numbers = (family.default(config, "guidance_scale") if guidance is None else guidance, fields.get("temperature", 1.0),
                top_k, 1.0 if top_p is None else top_p)
     try:
         settings = SamplingSettings(*(1.0 if v is None else v for v in numbers),
@@ -208,7 +229,7 @@ def parse_images_request(body, config) -> ImagesJob:
             timeout = check_number(timeout, "timeout", 0, MAX_TIMEOUT, low_open=True)
         except ValueError as e:
             raise BadRequest(f"{e} (seconds)", "timeout") from None
-    return ImagesJob(class_id, n, seed, settings, decoding, stream, partial_images, timeout)
+    return ImagesJob(prompt, n, seed, settings, decoding, stream, partial_images, timeout, negative, size)
 
 
 # -- images --------------------------------------------------------------------------------------
@@ -223,23 +244,25 @@ def png_b64(pixels) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def decode_pngs(decode, codes_list: list[list[int]]) -> list[str]:
-    """Whole images' codes -> base64 PNGs (`decode`: the model family's decoder)."""
+def decode_pngs(decode, tokens_list: list[list[int]], layout) -> list[str]:
+    """Whole images' generated tokens -> base64 PNGs (`decode`: the model family's decoder, given
+    the image's codes; `layout`: where they lie among the tokens)."""
     import torch
 
     from vllm_visual_ar.model_executors.vq import images_to_uint8
 
     with torch.no_grad():
-        pixels = images_to_uint8(decode(torch.tensor(codes_list)))
+        pixels = images_to_uint8(decode(layout.codes_of(torch.tensor(tokens_list)), (layout.rows, layout.cols)))
     return [png_b64(p) for p in pixels]
 
 
-def preview_png(decode, codes: list[int], total: int) -> str:
+def preview_png(decode, tokens: list[int], layout) -> str:
     """A partial image as a base64 PNG: what the family's decoder draws from the codes so far
     (LlamaGen: the complete rows, the rest black; VAR: the complete scales, coarse to fine)."""
     from vllm_visual_ar.model_executors.vq import images_to_uint8
 
-    return png_b64(images_to_uint8(decode.preview(list(codes), total))[0])
+    codes = [t for i, t in enumerate(tokens) if layout.forced(i) is None]
+    return png_b64(images_to_uint8(decode.preview(codes, layout.num_codes, (layout.rows, layout.cols)))[0])
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -287,8 +310,8 @@ class ImageRun:
     accepted_drafts: int = 0  # drafts accepted (SJD)
 
 
-async def generate_codes(engine, config, class_id: int, settings: SamplingSettings, decoding: Decoding,
-                         seed: int | None, on_tokens=None) -> ImageRun:
+async def generate_codes(engine, config, prompt, settings: SamplingSettings, decoding: Decoding,
+                         seed: int | None, on_tokens=None, size=None, negative_prompt=None, tokenizer=None) -> ImageRun:
     """One image through the engine client (codes in raster order, forwards counted from the
     per-step outputs). Both guidance streams are consumed; on_tokens(codes so far) is awaited as
     codes arrive. If this coroutine is cancelled (client gone), vLLM aborts the streams it was reading."""
@@ -298,14 +321,15 @@ async def generate_codes(engine, config, class_id: int, settings: SamplingSettin
 
     image_id = uuid.uuid4().hex
     streams = []
-    for prompt, params in image_requests(config, class_id, settings, seed, image_id=image_id, decoding=decoding):
+    for ids, params in image_requests(config, prompt, settings, seed, image_id=image_id, decoding=decoding,
+                                      size=size, negative_prompt=negative_prompt, tokenizer=tokenizer):
         params.output_kind = RequestOutputKind.DELTA
         role = params.extra_args["visual_ar"]["role"]
-        streams.append((role, engine.generate(prompt, params, f"img-{image_id}-{role}")))
+        streams.append((role, engine.generate(ids, params, f"img-{image_id}-{role}")))
     run = ImageRun([])
     codes = run.codes
     draft_stats = strategy_for(config, decoding).draft_stats
-    total = image_layout(config).num_tokens
+    total = image_layout(config, size).num_tokens
     finish = None
 
     async def follow(role, stream):
@@ -338,6 +362,10 @@ async def generate_codes(engine, config, class_id: int, settings: SamplingSettin
     return run
 
 
+def _size_text(config, job) -> str:
+    return f"{job.size[0]}x{job.size[1]}" if job.size is not None else f"{config.image_size}x{config.image_size}"
+
+
 class ImagesEndpoint:
     """The `vllm.endpoint_plugins` entry: adds the route, loads the model config and VQ decoder."""
 
@@ -367,7 +395,13 @@ class ImagesEndpoint:
             return  # another model: the route answers 400
         model_dir = engine_client.vllm_config.model_config.model
         names = list(getattr(args, "served_model_name", None) or []) + [args.model, model_dir]
-        state.visual_ar = dict(engine=engine_client, config=config, decode=family.decoder(model_dir), names=names)
+        tokenizer = None
+        if family.takes_text:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)  # the one vLLM's engine loaded
+        state.visual_ar = dict(engine=engine_client, config=config, decode=family.decoder(model_dir), names=names,
+                               family=family, tokenizer=tokenizer)
         metrics()
 
     async def _handle(self, raw_request):
@@ -398,30 +432,40 @@ class ImagesEndpoint:
                                             job.timeout)
         except asyncio.TimeoutError:  # wait_for has cancelled the images, which aborts their streams
             return JSONResponse(_timeout(job).body(), status_code=408)
-        pngs = await asyncio.to_thread(decode_pngs, served["decode"], images)
-        size = f"{served['config'].image_size}x{served['config'].image_size}"
-        tokens = job.n * image_layout(served["config"]).num_tokens
+        layout = image_layout(served["config"], job.size)
+        pngs = await asyncio.to_thread(decode_pngs, served["decode"], images, layout)
+        size = _size_text(served["config"], job)
+        tokens = job.n * layout.num_tokens
         return JSONResponse({"created": created, "data": [{"b64_json": p} for p in pngs], "size": size,
                              "output_format": "png", "usage": _usage(tokens)})
 
     @staticmethod
     def _check_fits(served, job: ImagesJob) -> None:
         """Refuse an image the engine could never schedule (it would otherwise wait for ever)."""
+        prompt_tokens = 1
+        if served["tokenizer"] is not None:
+            from vllm_visual_ar.requests import prompt_pair
+
+            cond, uncond, _ = prompt_pair(served["config"], job.prompt, job.negative_prompt, job.size,
+                                          served["tokenizer"])
+            prompt_tokens = max(len(cond), len(uncond))
         if problem := image_cannot_fit(served["engine"].vllm_config, served["config"], job.decoding,
-                                       job.settings.guided):
+                                       job.settings.guided, job.size, prompt_tokens):
             raise BadRequest(problem, "window" if job.decoding.window is not None else None)
 
     async def _one(self, served, job: ImagesJob, index: int, on_tokens=None) -> list[int]:
         config = served["config"]
         t0 = time.perf_counter()
         seed = None if job.seed is None else job.seed + index
-        run = await generate_codes(served["engine"], config, job.class_id, job.settings, job.decoding, seed, on_tokens)
+        run = await generate_codes(served["engine"], config, job.prompt, job.settings, job.decoding, seed, on_tokens,
+                                   job.size, job.negative_prompt, served["tokenizer"])
         metrics().observe(job.decoding.strategy, run, time.perf_counter() - t0)
         return run.codes
 
     async def _stream(self, served, job: ImagesJob):
         config, decode = served["config"], served["decode"]
-        size, total = f"{config.image_size}x{config.image_size}", image_layout(config).num_tokens
+        layout = image_layout(config, job.size)
+        size, total = _size_text(config, job), layout.num_tokens
         # Partial image j goes out once (j + 1) / (partial_images + 1) of the image's codes are in, or
         # where the family's decoder places its previews (VAR: after whole scales).
         marks = (decode.preview_marks(job.partial_images) if hasattr(decode, "preview_marks") else
@@ -438,13 +482,13 @@ class ImagesEndpoint:
         async def on_tokens(codes):
             while marks and len(codes) >= marks[0] and len(codes) < total:
                 mark = marks.pop(0)
-                png = await asyncio.to_thread(preview_png, decode, codes[:mark], total)
+                png = await asyncio.to_thread(preview_png, decode, codes[:mark], layout)
                 await queue.put(event("image_generation.partial_image", png, partial_image_index=len(sent)))
                 sent.append(mark)
 
         async def produce():
             codes = await self._one(served, job, 0, on_tokens)
-            png = (await asyncio.to_thread(decode_pngs, decode, [codes]))[0]
+            png = (await asyncio.to_thread(decode_pngs, decode, [codes], layout))[0]
             await queue.put(event("image_generation.completed", png, usage=_usage(total)))
 
         task = asyncio.ensure_future(produce())

@@ -69,6 +69,27 @@ class VisualARRunnerMixin:
             raise NotImplementedError("decoding strategies need image codes at token ids 0..K-1")
         return slice(ids.start, ids.stop)
 
+    def _place_forced_tokens(self, logits, rows) -> None:
+        """Families whose image holds tokens no one samples (an end of line after each row, image-end
+        tokens: `ImageLayout.forced`) get them here: the logits row of a request whose next token is
+        forced keeps only that token, every other row of such a family keeps only the image codes."""
+        config = self.model_config.hf_config
+        if not family_of(config).takes_text:
+            return
+        for row, req_id in enumerate(self.input_batch.req_ids):
+            info = self._image_info(req_id)
+            if info is None:
+                continue
+            layout = image_layout(config, info.size)
+            at = rows[row].start
+            forced = layout.forced(len(self.requests[req_id].output_token_ids))
+            if forced is not None:
+                logits[at].fill_(float("-inf"))
+                logits[at, forced] = 0.0
+            else:
+                logits[at, : layout.code_ids.start] = float("-inf")
+                logits[at, layout.code_ids.stop:] = float("-inf")
+
     def _half_of(self, cls) -> StrategyRunner | None:
         if cls.runner is None:
             return None
@@ -212,8 +233,8 @@ class VisualARRunnerMixin:
         layout = self._step_layout
         if logits is None or spec_decode_metadata is not None:
             return super()._sample(logits, spec_decode_metadata)
-        codes = self._code_ids()
         guided = self._guidance_rows()
+        codes = self._code_ids() if guided is not None or layout is not None else None
         rows = layout.logits_rows if layout is not None else [slice(i, i + 1) for i in range(logits.shape[0])]
         if guided is not None:
             cond = torch.cat([torch.arange(rows[r].start, rows[r].stop) for r in guided[0]]).to(logits.device)
@@ -221,6 +242,7 @@ class VisualARRunnerMixin:
             scale = torch.tensor([s for r, s in zip(guided[0], guided[2]) for _ in range(rows[r].stop - rows[r].start)],
                                  device=logits.device, dtype=torch.float32)[:, None]
             logits[cond, codes] = self._mix(logits[cond, codes], logits[uncond, codes], scale).to(logits.dtype)
+        self._place_forced_tokens(logits, rows)
         if layout is None:
             output = super()._sample(logits, spec_decode_metadata)
             if guided is not None:
