@@ -243,6 +243,26 @@ def pixels_to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 # -- conversion -----------------------------------------------------------------------------------
+def weights_mismatch(expected: dict, state: dict) -> str | None:
+    """How a state dict fails to fill a module's (`expected`) exactly, or None."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        return f"missing={missing[:5]} unexpected={unexpected[:5]} wrong shapes={wrong[:5]}"
+    return None
+
+
+def save_vq(out: str, state: dict, config: dict) -> None:
+    """A decoder's weights and config under out/vq/, as the families' decoder loaders read them."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.join(out, "vq"), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, VQ_WEIGHTS))
+    with open(os.path.join(out, VQ_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def _load_release_ckpt(path: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
@@ -262,22 +282,12 @@ def convert_chameleon_vq(ckpt_path: str, yaml_path: str, out: str, trust_pickle:
     `out/vq/model.safetensors` (decoder side, release names). The weights must fit the yaml exactly
     (every decoder parameter present, shapes equal); the encoder, `quant_conv` and the training
     loss's weights are dropped. Returns `out`."""
-    from safetensors.torch import save_file
-
     cfg = ChameleonVQConfig.from_yaml(yaml_path)
     state = _load_release_ckpt(ckpt_path, trust_pickle)
     kept = {k: v.contiguous() for k, v in state.items() if k.startswith(DECODER_PREFIXES)}
     with torch.device("meta"):
         model = ChameleonVQDecoder(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(kept))
-    unexpected = sorted(set(kept) - set(expected))
-    wrong = [k for k in expected if k in kept and kept[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{ckpt_path} does not match {yaml_path}: missing={missing[:5]} "
-                         f"unexpected={unexpected[:5]} wrong shapes={wrong[:5]}")
-    os.makedirs(os.path.join(out, "vq"), exist_ok=True)
-    save_file(kept, os.path.join(out, VQ_WEIGHTS))
-    with open(os.path.join(out, VQ_CONFIG), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+    if problem := weights_mismatch(model.state_dict(), kept):
+        raise ValueError(f"{ckpt_path} does not match {yaml_path}: {problem}")
+    save_vq(out, kept, cfg.to_dict())
     return out

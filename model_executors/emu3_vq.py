@@ -49,7 +49,7 @@ import re
 import torch
 import torch.nn as nn
 
-from vllm_visual_ar.model_executors.chameleon_vq import VQ_CONFIG, raster_decoder
+from vllm_visual_ar.model_executors.chameleon_vq import VQ_CONFIG, raster_decoder, save_vq, weights_mismatch
 from vllm_visual_ar.model_executors.vq import VQ_WEIGHTS
 
 DECODER_PREFIXES = ("quantize.embedding.", "post_quant_conv.", "decoder.")
@@ -237,19 +237,10 @@ def convert_emu3_vq(src: str, out: str) -> str:
     """An Emu3 vision tokenizer (release folder), an Emu3VQVAE folder or an
     Emu3ForConditionalGeneration folder -> `out/vq/config.json` + `out/vq/model.safetensors` (see the
     module docstring). The weights must fill the decoder exactly. Returns `out`."""
-    from safetensors.torch import save_file
-
     fields, state = read_emu3_vq(src)
     with torch.device("meta"):
         expected = Emu3ImageDecoder(fields).state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{src}: weights do not match its config: missing={missing[:5]} "
-                         f"unexpected={unexpected[:5]} wrong shapes={wrong[:5]}")
-    os.makedirs(os.path.join(out, "vq"), exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, VQ_WEIGHTS))
-    with open(os.path.join(out, VQ_CONFIG), "w") as f:
-        json.dump(fields, f, indent=2)
+    if problem := weights_mismatch(expected, state):
+        raise ValueError(f"{src}: weights do not match its config: {problem}")
+    save_vq(out, state, fields)
     return out

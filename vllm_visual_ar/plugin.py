@@ -51,9 +51,6 @@ def register() -> None:
         if family.architecture not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(family.architecture, family.model_class)
         MODELS_CONFIG_MAP.setdefault(family.architecture, VisualAREngineConfig)
-    if "ChameleonXLLMXForConditionalGeneration" not in ModelRegistry.get_supported_archs():  # Lumina-mGPT
-        ModelRegistry.register_model("ChameleonXLLMXForConditionalGeneration",
-                                     "vllm_visual_ar.model_executors.chameleon:ChameleonXLLMXForConditionalGeneration")
     # Emu3 (Gen/Chat) LM: the release's flat config (model_type "Emu3", remote code) read by a local
     # class; transformers' layout is served as Emu3GenForConditionalGeneration, since vLLM maps
     # Emu3ForConditionalGeneration to its Transformers backend (set "architectures" to ours).
