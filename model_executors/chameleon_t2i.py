@@ -320,11 +320,10 @@ def config_prompts(config, tokenizer, text: str, negative_prompt: str | None, si
 def load_image_decoder(model_dir: str, device: str = "cpu"):
     """Code token ids [N, rows * cols] (the image's codes, end-of-line tokens dropped) and the grid
     -> RGB images in [-1, 1]: the tokens' codebook indices (`bpe2img`) through Chameleon's VQGAN."""
-    from transformers import AutoConfig
-
+    from vllm_visual_ar.families import family_of
     from vllm_visual_ar.model_executors import chameleon_vq
 
-    vocab = vocab_of(AutoConfig.from_pretrained(model_dir))
+    vocab = vocab_of(family_of(model_dir).config(model_dir))
     vq = chameleon_vq.load_image_decoder(model_dir, device)
 
     def decode(tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:

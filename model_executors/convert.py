@@ -307,3 +307,42 @@ def convert_lumina(hf_dir: str, vqgan_ckpt: str, vqgan_yaml: str, out: str, targ
         json.dump(config, f, indent=2)
     convert_chameleon_vq(vqgan_ckpt, vqgan_yaml, out, trust_pickle=trust_pickle)
     return out
+
+
+# -- Emu3-Gen ------------------------------------------------------------------------------------------
+def convert_emu3(model_dir: str, out: str, vision_dir: str | None = None, image_area: int | None = None) -> str:
+    """An Emu3-Gen release -> a folder the plugin serves. `model_dir`: the release's LM folder
+    (BAAI/Emu3-Gen: flat config, model_type "Emu3") or transformers' layout (BAAI/Emu3-Gen-hf:
+    model_type "emu3", the LM under text_config, the vision tokenizer inside); `vision_dir`: the
+    vision tokenizer's folder (BAAI/Emu3-VisionTokenizer) when it is not inside. Writes the release's
+    flat LM config with architecture Emu3ForCausalLM, the tokenizer's `vocabulary_map` (from
+    tokenizer.json: the special and visual tokens the engine places and samples) and `image_area`
+    (720 * 720 unless given), links the weights and tokenizer files, and the decoder under vq/."""
+    from vllm_visual_ar.model_executors.emu3_t2i import IMAGE_AREA
+    from vllm_visual_ar.model_executors.emu3_vq import convert_emu3_vq
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    if config.get("model_type") == "emu3":  # transformers' layout: the LM's config is text_config
+        outer = config
+        config = dict(outer["text_config"], tie_word_embeddings=outer.get("tie_word_embeddings", False))
+        config.setdefault("vocabulary_map", outer.get("vocabulary_map"))
+    tokenizer_json = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.isfile(tokenizer_json):
+        raise ValueError(f"{model_dir} has no tokenizer.json: the release's tiktoken tokenizer is remote code; "
+                         "use transformers' Emu3 tokenizer files (as in BAAI/Emu3-Gen-hf)")
+    from tokenizers import Tokenizer
+
+    config.update(model_type="Emu3", architectures=["Emu3ForCausalLM"],
+                  vocabulary_map=Tokenizer.from_file(tokenizer_json).get_vocab(with_added_tokens=True),
+                  image_area=int(image_area or config.get("image_area") or IMAGE_AREA))
+    config.pop("auto_map", None)
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(model_dir):
+        source, target = os.path.abspath(os.path.join(model_dir, name)), os.path.join(out, name)
+        if name != "config.json" and os.path.isfile(source) and not os.path.exists(target):
+            os.symlink(source, target)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    convert_emu3_vq(vision_dir or model_dir, out)
+    return out

@@ -233,3 +233,57 @@ def guidance_mix(cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tenso
     c = torch.log_softmax(cond.float(), dim=-1)
     u = torch.log_softmax(uncond.float(), dim=-1)
     return u + scale * (c - u)
+
+
+# ---- the family interface (`vllm_visual_ar/families.py`) -----------------------------------------
+# A converted Emu3-Gen folder's config.json is the release's flat LM config (`convert emu3`), plus
+# the tokenizer's `vocabulary_map` (so the engine finds the special and visual tokens without the
+# tokenizer) and `image_area` (720 * 720 for Emu3-Gen).
+
+def vocab_of(config) -> Emu3Vocab:
+    """The config's vocabulary ids (computed once per config)."""
+    if "_emu3_vocab" not in config.__dict__:
+        if not getattr(config, "vocabulary_map", None):
+            raise ValueError("an Emu3 config.json needs the tokenizer's vocabulary_map (`vllm-visual-ar convert emu3`)")
+        config.__dict__["_emu3_vocab"] = Emu3Vocab.of(config.vocabulary_map)
+    return config.__dict__["_emu3_vocab"]
+
+
+def image_area_of(config) -> int:
+    return int(getattr(config, "image_area", None) or IMAGE_AREA)
+
+
+def default_size(config) -> tuple[int, int]:
+    """The square image at the model's area."""
+    rows, cols = grid("1:1", image_area_of(config))
+    return cols * SPATIAL_FACTOR, rows * SPATIAL_FACTOR
+
+
+def config_layout(config, size) -> ImageLayout:
+    return image_layout(vocab_of(config), tuple(size) if size is not None else default_size(config),
+                        image_area_of(config))
+
+
+def config_prompts(config, tokenizer, text: str, negative_prompt: str | None, size) -> tuple[list[int], list[int]]:
+    vocab, area = vocab_of(config), image_area_of(config)
+    return (prompt_ids(tokenizer, text, tuple(size), area, vocab=vocab),
+            uncond_ids(tokenizer, negative_prompt, tuple(size), area, vocab=vocab))
+
+
+def load_image_decoder(model_dir: str, device: str = "cpu"):
+    """Visual token ids [N, rows * cols] and the grid -> RGB images in [-1, 1]: token - first visual
+    token is the codebook index, through Emu3's vision tokenizer."""
+    from vllm_visual_ar.families import family_of
+    from vllm_visual_ar.model_executors import emu3_vq
+
+    start = vocab_of(family_of(model_dir).config(model_dir)).code_ids.start
+    vq = emu3_vq.load_image_decoder(model_dir, device)
+
+    def decode(tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        return vq(torch.as_tensor(tokens, dtype=torch.long) - start, grid)
+
+    def preview(codes: list[int], total: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        return vq.preview([t - start for t in codes], total, grid)
+
+    decode.to_uint8, decode.preview = vq.to_uint8, preview
+    return decode

@@ -41,10 +41,12 @@ def generate_image_tokens(next_logits: Callable[[list[int]], torch.Tensor], cond
 
 
 def transformers_next_logits(model) -> Callable[[list[int]], torch.Tensor]:
-    """A transformers causal LM as `next_logits`, recomputed from scratch for every token (slow,
-    simple, no cache). Chameleon's head is applied to the decoder's output directly: its
-    `forward` masks image tokens out of the logits, which image generation samples."""
+    """A transformers text-to-image LM (Chameleon, Emu3) as `next_logits`, recomputed from scratch
+    for every token (slow, simple, no cache). The head is applied to the decoder's output directly:
+    Chameleon's `forward` masks image tokens out of the logits, which image generation samples."""
+    body = getattr(model.model, "text_model", model.model)  # Emu3 keeps its LM beside its VQ
+
     def next_logits(ids: list[int]) -> torch.Tensor:
-        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state
+        hidden = body(input_ids=torch.tensor([ids])).last_hidden_state
         return model.lm_head(hidden[0, -1])
     return next_logits

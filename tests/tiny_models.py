@@ -240,3 +240,61 @@ def write_tiny_lumina_folder(root, target_size: int = 64, seed: int = 0):
     model.save_pretrained(release, safe_serialization=True)
     ckpt, yaml_path = write_chameleon_release(str(root))
     return convert_lumina(release, ckpt, yaml_path, os.path.join(str(root), "converted")), model
+
+
+# -- Emu3-Gen -------------------------------------------------------------------------------------------
+EMU3_VISUAL = 64
+EMU3_WORDS = ("a red green blue cat dog on mat at dusk blurry low quality masterpiece film grained best lowres "
+              "bad anatomy text error cropped worst normal jpeg artifacts signature watermark username * 0 1 2 3 4 "
+              "5 6 7 8 9 , . ( )").split()
+
+
+def emu3_vocab() -> dict[str, int]:
+    """Words first, then Emu3's special tokens in the release's order (`tokenization_emu3.py`), then
+    the visual tokens."""
+    vocab = {"[UNK]": 0}
+    for w in EMU3_WORDS:
+        vocab.setdefault(w, len(vocab))
+    for n in (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
+              + ["<|image token|>", "<|image start|>", "<|image end|>"]
+              + [f"<|visual token {c:06d}|>" for c in range(EMU3_VISUAL)]):
+        vocab[n] = len(vocab)
+    return vocab
+
+
+def write_tiny_emu3_folder(root, image_area: int = 64 * 64, seed: int = 0):
+    """A tiny Emu3-Gen in transformers' layout (random LM of width 128 with GQA, a random vision
+    tokenizer with its BatchNorm statistics, a tokenizer), converted by the plugin (`convert_emu3`).
+    -> (converted folder, transformers model)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+    from transformers import Emu3Config, Emu3ForConditionalGeneration, PreTrainedTokenizerFast
+
+    from vllm_visual_ar.model_executors.convert import convert_emu3
+
+    release = os.path.join(str(root), "Emu3-Gen-hf")
+    vocab = emu3_vocab()
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[A-Za-z]+|\d|[^\w\s]|\n"), behavior="removed", invert=True)
+    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in vocab if n.startswith("<|")])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|extra_203|>", eos_token="<|extra_204|>",
+                            pad_token="<|endoftext|>", unk_token="[UNK]").save_pretrained(release)
+    text = dict(vocab_size=len(vocab), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+                pad_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|extra_203|>"],
+                eos_token_id=vocab["<|extra_204|>"], initializer_range=0.2)
+    vq = dict(codebook_size=EMU3_VISUAL, embed_dim=4, latent_channels=4, base_channels=32,
+              channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[], hidden_size=32,
+              temporal_downsample_factor=1)
+    config = Emu3Config(text_config=text, vq_config=vq, vocabulary_map=vocab, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Emu3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # BatchNorm statistics and norm scales off their defaults
+        for name, t in model.model.vqmodel.state_dict().items():
+            if name.endswith("running_var"):
+                t.uniform_(0.5, 1.5)
+            elif name.endswith("running_mean"):
+                t.normal_(0, 0.1)
+            elif t.is_floating_point() and "norm" in name and name.endswith(".weight"):
+                t.normal_(1, 0.1)
+    model.save_pretrained(release, safe_serialization=True)
+    return convert_emu3(release, os.path.join(str(root), "converted"), image_area=image_area), model

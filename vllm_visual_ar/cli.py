@@ -1,5 +1,5 @@
 """Command line: `vllm-visual-ar generate ...`, `vllm-visual-ar serve [MODEL] [vLLM server options]`,
-`vllm-visual-ar convert llamagen|var|lumina ...`."""
+`vllm-visual-ar convert llamagen|var|lumina|emu3 ...`."""
 from __future__ import annotations
 
 import argparse
@@ -135,6 +135,13 @@ def cmd_convert_lumina(args) -> int:
     return 0
 
 
+def cmd_convert_emu3(args) -> int:
+    from vllm_visual_ar.model_executors.convert import convert_emu3
+
+    print(f"wrote {convert_emu3(args.model, args.out, args.vision, args.image_area)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vllm_visual_ar.samplers import strategy_names
 
@@ -205,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--target-size", type=int, default=None,
                     help="training resolution, 512/768/1024 (default: from the folder name)")
     lm.set_defaults(func=cmd_convert_lumina)
+    em = csub.add_parser("emu3", help="Emu3-Gen (its release or transformers' folder) + its vision tokenizer")
+    em.add_argument("--model", required=True, help="Emu3-Gen or Emu3-Gen-hf folder")
+    em.add_argument("--vision", default=None, help="Emu3-VisionTokenizer folder, if the model folder lacks it")
+    em.add_argument("--out", required=True)
+    em.add_argument("--image-area", type=int, default=None, help="pixels per image (default 720 * 720)")
+    em.set_defaults(func=cmd_convert_emu3)
     return ap
 
 

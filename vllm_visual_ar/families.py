@@ -144,7 +144,9 @@ class Family:
         needs its refiner's), so a broken folder is refused before an engine starts."""
         from vllm_visual_ar.model_executors.vq import VQ_WEIGHTS
 
-        needed = ["model.safetensors", VQ_WEIGHTS, *getattr(self.config(model_dir), "extra_weight_files", ())]
+        sharded = os.path.isfile(os.path.join(model_dir, "model.safetensors.index.json"))
+        needed = [*([] if sharded else ["model.safetensors"]), VQ_WEIGHTS,
+                  *getattr(self.config(model_dir), "extra_weight_files", ())]
         return [f for f in needed if not os.path.isfile(os.path.join(model_dir, f))]
 
 
@@ -177,6 +179,21 @@ FAMILIES += (
            default_size="vllm_visual_ar.model_executors.chameleon_t2i:default_size",
            # Lumina-mGPT's generate.py / inference_solver: cfg 3.0, top-k 2000 inside the image.
            sampling_defaults=(("guidance_scale", 3.0), ("top_k", 2000), ("top_p", 1.0))),
+)
+
+
+# Emu3-Gen: its LM (`emu3.py`), its prompt format and layout (`emu3_t2i.py`), its vision tokenizer's
+# decoder (`emu3_vq.py`); guidance in log-softmax space, 1 is unguided.
+FAMILIES += (
+    Family("emu3", "Emu3ForCausalLM", "Emu3", "vllm_visual_ar.model_executors.emu3_config:Emu3GenConfig",
+           "vllm_visual_ar.model_executors.emu3:Emu3ForCausalLM",
+           "vllm_visual_ar.model_executors.emu3_t2i:load_image_decoder",
+           "vllm_visual_ar.model_executors.emu3_t2i:config_layout", unguided_scale=1.0,
+           guidance_mix="vllm_visual_ar.model_executors.emu3_t2i:guidance_mix",
+           text_prompts="vllm_visual_ar.model_executors.emu3_t2i:config_prompts",
+           default_size="vllm_visual_ar.model_executors.emu3_t2i:default_size",
+           # Emu3's image_generation.py: classifier-free guidance 3.0, top-k 2048.
+           sampling_defaults=(("guidance_scale", 3.0), ("top_k", 2048), ("top_p", 1.0))),
 )
 
 

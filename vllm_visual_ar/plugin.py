@@ -51,12 +51,8 @@ def register() -> None:
         if family.architecture not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(family.architecture, family.model_class)
         MODELS_CONFIG_MAP.setdefault(family.architecture, VisualAREngineConfig)
-    # Emu3 (Gen/Chat) LM: the release's flat config (model_type "Emu3", remote code) read by a local
-    # class; transformers' layout is served as Emu3GenForConditionalGeneration, since vLLM maps
-    # Emu3ForConditionalGeneration to its Transformers backend (set "architectures" to ours).
-    from vllm_visual_ar.model_executors.emu3_config import Emu3GenConfig
-
-    AutoConfig.register(Emu3GenConfig.model_type, Emu3GenConfig, exist_ok=True)
-    for arch in ("Emu3ForCausalLM", "Emu3GenForConditionalGeneration"):
-        if arch not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(arch, "vllm_visual_ar.model_executors.emu3:Emu3ForCausalLM")
+    # Emu3's LM in transformers' layout, as a plain vLLM model (not a family: `convert emu3` writes
+    # the release's flat layout); vLLM maps Emu3ForConditionalGeneration to its Transformers backend.
+    if "Emu3GenForConditionalGeneration" not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model("Emu3GenForConditionalGeneration",
+                                     "vllm_visual_ar.model_executors.emu3:Emu3ForCausalLM")

@@ -306,7 +306,9 @@ def image_requests(config, prompt, settings: SamplingSettings, seed: int | None 
 
     def params(role: str, with_seed: bool) -> SamplingParams:
         return SamplingParams(
-            max_tokens=layout.num_tokens, min_tokens=layout.num_tokens, ignore_eos=True,
+            # ignore_eos alone holds the image to its length: min_tokens would also mask the EOS
+            # that a text model's layout places at its end (Emu3).
+            max_tokens=layout.num_tokens, ignore_eos=True,
             temperature=0.0 if greedy else temperature,
             top_k=0 if greedy else min(top_k, layout.codebook_size),
             top_p=1.0 if greedy else top_p,
