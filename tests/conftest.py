@@ -101,3 +101,17 @@ def raw_logits(output, vocab: int) -> "torch.Tensor":
 def rel_err(a: "torch.Tensor", b: "torch.Tensor") -> float:
     """Largest absolute difference relative to the largest magnitude of the expected `b`."""
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def t2i_reference(generator, hf_model, mix, text, guidance_scale, size=None, negative_prompt=None):
+    """A text-to-image family's greedy image from the plain-PyTorch loop over the transformers model
+    (`model_executors/t2i_reference.py`), with the family's prompts and layout as the engine builds
+    them and the family's guidance `mix` as the test writes it out. -> (layout, generated tokens)."""
+    from vllm_visual_ar.model_executors.t2i_reference import generate_image_tokens, transformers_next_logits
+    from vllm_visual_ar.requests import prompt_pair
+
+    cond, uncond, size = prompt_pair(generator.config, text, negative_prompt, size, generator.tokenizer)
+    layout = generator.family.image_layout(generator.config, size)
+    tokens = generate_image_tokens(transformers_next_logits(hf_model), cond,
+                                   uncond if guidance_scale != 1.0 else None, layout, mix, guidance_scale, top_k=1)
+    return layout, torch.tensor(tokens)

@@ -5,9 +5,9 @@ log-softmax space, end-of-line after every row and EOF, image end, EOS placed by
 aspect ratios, decoding with its vision tokenizer."""
 import pytest
 import torch
+from conftest import t2i_reference
 from tiny_models import write_tiny_emu3_folder
 
-from vllm_visual_ar.model_executors.t2i_reference import generate_image_tokens, transformers_next_logits
 
 GREEDY = dict(top_k=1)
 
@@ -29,22 +29,12 @@ def emu3_cfg(cond, uncond, scale):
     return u + scale * (c - u)
 
 
-def reference(gen, model, text, guidance_scale, size=None, negative_prompt=None):
-    from vllm_visual_ar.requests import prompt_pair
-
-    cond, uncond, size = prompt_pair(gen.config, text, negative_prompt, size, gen.tokenizer)
-    layout = gen.family.image_layout(gen.config, size)
-    tokens = generate_image_tokens(transformers_next_logits(model), cond, uncond if guidance_scale != 1.0 else None,
-                                   layout, emu3_cfg, guidance_scale, top_k=1)
-    return layout, torch.tensor(tokens)
-
-
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
 def test_greedy_emu3_equals_reference(emu3_generator, tiny_emu3, guidance_scale):
     prompts = ["a red cat on a mat", "a blue dog at dusk"]
     images = emu3_generator.generate(prompts=prompts, guidance_scale=guidance_scale, **GREEDY)
     for image, text in zip(images, prompts):
-        layout, expected = reference(emu3_generator, tiny_emu3[1], text, guidance_scale)
+        layout, expected = t2i_reference(emu3_generator, tiny_emu3[1], emu3_cfg, text, guidance_scale)
         assert (layout.rows, layout.cols) == (8, 8)  # 64 x 64 px at 8 px per visual token
         assert torch.equal(image.codes.flatten(), layout.codes_of(expected))
         assert image.stats.tokens == layout.num_tokens == 8 * 9 + 3  # EOL per row; EOF, image end, EOS
@@ -57,11 +47,12 @@ def test_emu3_negative_prompt_ratio_and_placed_tokens(emu3_generator, tiny_emu3)
 
     gen, text = emu3_generator, "a green cat"
     negative = gen.generate(prompts=[text], guidance_scale=3.0, negative_prompt="blurry low quality", **GREEDY)[0]
-    layout, expected = reference(gen, tiny_emu3[1], text, 3.0, negative_prompt="blurry low quality")
+    layout, expected = t2i_reference(gen, tiny_emu3[1], emu3_cfg, text, 3.0,
+                                     negative_prompt="blurry low quality")
     assert torch.equal(negative.codes.flatten(), layout.codes_of(expected))
     wide_size = emu3_t2i.resolutions(64 * 64)[emu3_t2i.RATIOS.index("16:9")]
     wide = gen.generate(prompts=[text], guidance_scale=3.0, size=wide_size, **GREEDY)[0]
-    layout, expected = reference(gen, tiny_emu3[1], text, 3.0, size=wide_size)
+    layout, expected = t2i_reference(gen, tiny_emu3[1], emu3_cfg, text, 3.0, size=wide_size)
     assert layout.cols > layout.rows and wide.codes.shape == (layout.rows, layout.cols)
     assert torch.equal(wide.codes.flatten(), layout.codes_of(expected))
     reqs = image_requests(gen.config, "a cat", SamplingSettings(guidance_scale=3.0, temperature=1.0, top_k=0),

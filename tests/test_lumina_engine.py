@@ -4,10 +4,10 @@ built with the folder's tokenizer, guidance with the unconditional image header 
 prompt, end-of-line and image-end tokens placed by the engine, several sizes, decoding to pixels."""
 import pytest
 import torch
+from conftest import t2i_reference
 from tiny_models import CHAMELEON_TINY, write_tiny_lumina_folder
 
 from vllm_visual_ar.model_executors import chameleon_t2i as lumina
-from vllm_visual_ar.model_executors.t2i_reference import generate_image_tokens, transformers_next_logits
 
 GREEDY = dict(top_k=1)
 PIXELS_PER_CODE = 2 ** (len(CHAMELEON_TINY["ch_mult"]) - 1)  # the tiny VQGAN's (the real one: 16)
@@ -28,22 +28,12 @@ def lumina_cfg(cond, uncond, scale):
     return uncond + scale * (cond - uncond)
 
 
-def reference(gen, model, text, guidance_scale, size=None, negative_prompt=None):
-    from vllm_visual_ar.requests import prompt_pair
-
-    cond, uncond, size = prompt_pair(gen.config, text, negative_prompt, size, gen.tokenizer)
-    layout = gen.family.image_layout(gen.config, size)
-    tokens = generate_image_tokens(transformers_next_logits(model), cond, uncond if guidance_scale != 1.0 else None,
-                                   layout, lumina_cfg, guidance_scale, top_k=1)
-    return layout, torch.tensor(tokens)
-
-
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
 def test_greedy_text_to_image_equals_reference(lumina_generator, tiny_lumina, guidance_scale):
     prompts = ["a red cat on a mat", "a blue dog at dusk"]
     images = lumina_generator.generate(prompts=prompts, guidance_scale=guidance_scale, **GREEDY)
     for image, text in zip(images, prompts):
-        layout, expected = reference(lumina_generator, tiny_lumina[1], text, guidance_scale)
+        layout, expected = t2i_reference(lumina_generator, tiny_lumina[1], lumina_cfg, text, guidance_scale)
         assert (layout.rows, layout.cols) == (4, 4)  # 64 px at 16 px per code
         assert image.prompt == text and image.class_id is None
         assert torch.equal(image.codes.flatten(), layout.codes_of(expected))
@@ -57,11 +47,12 @@ def test_negative_prompt_and_size(lumina_generator, tiny_lumina):
     plain = lumina_generator.generate(prompts=[text], guidance_scale=3.0, **GREEDY)[0]
     negative = lumina_generator.generate(prompts=[text], guidance_scale=3.0, negative_prompt="blurry low quality",
                                          **GREEDY)[0]
-    layout, expected = reference(lumina_generator, tiny_lumina[1], text, 3.0, negative_prompt="blurry low quality")
+    layout, expected = t2i_reference(lumina_generator, tiny_lumina[1], lumina_cfg, text, 3.0,
+                                     negative_prompt="blurry low quality")
     assert torch.equal(negative.codes.flatten(), layout.codes_of(expected))
     assert not torch.equal(plain.codes, negative.codes)
     wide = lumina_generator.generate(prompts=[text], guidance_scale=3.0, size="128x32", **GREEDY)[0]
-    layout, expected = reference(lumina_generator, tiny_lumina[1], text, 3.0, size=(128, 32))
+    layout, expected = t2i_reference(lumina_generator, tiny_lumina[1], lumina_cfg, text, 3.0, size=(128, 32))
     assert (layout.rows, layout.cols) == (2, 8) and wide.codes.shape == (2, 8)
     assert torch.equal(wide.codes.flatten(), layout.codes_of(expected))
     assert wide.image.size == (8 * PIXELS_PER_CODE, 2 * PIXELS_PER_CODE)
