@@ -2,7 +2,7 @@
 forward shaped by its decoding strategy (`samplers/`), which this runner asks and never names.
 
 Guidance: the runner mixes each pair's logits over the image codes as the model family says
-(`families.py`; LlamaGen: `uncond + s * (cond - uncond)`), samples from the mixed row of the cond request (its
+(`families.py`, e.g. `uncond + s * (cond - uncond)`), samples from the mixed row of the cond request (its
 temperature, top-k, top-p and seed) and writes that token to the uncond request as well, so both
 streams feed the same token next step. The scheduler (`scheduler.py`) guarantees both rows are in the batch.
 
@@ -53,6 +53,7 @@ class VisualARRunnerMixin:
     _halves: dict | None = None  # strategy class -> its runner half
     _owner = None  # the half that owns whole batches (a family's own order), False if none
     _guidance_mix = None  # the model family's guidance mix (cond, uncond, scale) -> logits
+    _places_tokens = None  # whether the family's layout has tokens the engine places (or codes past id 0)
 
     def _mix(self, cond, uncond, scale):
         if self._guidance_mix is None:
@@ -65,7 +66,7 @@ class VisualARRunnerMixin:
         ids = image_layout(self.model_config.hf_config).code_ids
         if ids.start != 0 and self._halves:
             # Strategies emit and draft code indices, which are token ids only for families whose
-            # codes start at id 0 (LlamaGen, VAR); the text-to-image families' offsets are not wired yet.
+            # codes start at id 0; an offset is not wired into the strategies yet.
             raise NotImplementedError("decoding strategies need image codes at token ids 0..K-1")
         return slice(ids.start, ids.stop)
 
@@ -74,7 +75,10 @@ class VisualARRunnerMixin:
         tokens: `ImageLayout.forced`) get them here: the logits row of a request whose next token is
         forced keeps only that token, every other row of such a family keeps only the image codes."""
         config = self.model_config.hf_config
-        if not family_of(config).takes_text:
+        if self._places_tokens is None:  # asked of the family's default layout once
+            default = image_layout(config)
+            self._places_tokens = bool(default.row_end is not None or default.image_end or default.code_ids.start)
+        if not self._places_tokens:
             return
         for row, req_id in enumerate(self.input_batch.req_ids):
             info = self._image_info(req_id)
