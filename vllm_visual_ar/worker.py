@@ -75,15 +75,17 @@ class VisualARRunnerMixin:
         tokens: `ImageLayout.forced`) get them here: the logits row of a request whose next token is
         forced keeps only that token, every other row of such a family keeps only the image codes."""
         config = self.model_config.hf_config
-        if self._places_tokens is None:  # asked of the family's default layout once
-            default = image_layout(config)
-            self._places_tokens = bool(default.row_end is not None or default.image_end or default.code_ids.start)
-        if not self._places_tokens:
+        if self._places_tokens is False:
             return
         for row, req_id in enumerate(self.input_batch.req_ids):
             info = self._image_info(req_id)
-            if info is None:
+            if info is None:  # not an image request: vLLM's own sampling
                 continue
+            if self._places_tokens is None:  # asked of the family's default layout once
+                default = image_layout(config)
+                self._places_tokens = bool(default.row_end is not None or default.image_end or default.code_ids.start)
+                if not self._places_tokens:
+                    return
             layout = image_layout(config, info.size)
             at = rows[row].start
             forced = layout.forced(len(self.requests[req_id].output_token_ids))
