@@ -55,11 +55,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, masked=None) -> torch.Tensor:
         if self.post_norm:
-            h = x + self.input_layernorm(self.self_attn(positions, x))
+            h = x + self.input_layernorm(self.self_attn(positions, x, masked))
             return h + self.post_attention_layernorm(self.mlp(h))
-        h = x + self.self_attn(positions, self.input_layernorm(x))
+        h = x + self.self_attn(positions, self.input_layernorm(x), masked)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -74,10 +74,20 @@ class DecoderStack(nn.Module):
             for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, masked=None) -> torch.Tensor:
         for layer in self.layers:
-            h = layer(positions, h)
+            h = layer(positions, h, masked)
         return self.norm(h)
+
+
+def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked, num_heads: int,
+           head_dim: int) -> torch.Tensor:
+    """vLLM's causal attention; then, for a forward with requests decoding out of raster order
+    (ZipAR: `masked`, a `MaskedAttention`), their queries attended again under their mask."""
+    out = attn(q, k, v)
+    if masked is not None:
+        out = masked.apply(attn, q, k, out, num_heads, head_dim, head_dim ** -0.5)
+    return out
 
 
 def load_weight(params: dict, name: str, tensor: torch.Tensor, what: str) -> str:
@@ -103,6 +113,8 @@ class DecoderLM(nn.Module):
 
     family = "decoder"  # for error messages
     tie_word_embeddings = False
+    # Set by the plugin's model runner for a forward whose queries see other than causally (ZipAR).
+    masked_attention = None
 
     def checkpoint_name(self, name: str) -> str | None:
         """A checkpoint tensor's name -> our parameter name, or None to skip it."""
@@ -114,7 +126,7 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        return self.model(positions, h)
+        return self.model(positions, h, self.masked_attention)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

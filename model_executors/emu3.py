@@ -48,7 +48,7 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-from vllm_visual_ar.model_executors.decoder_blocks import DecoderLM, DecoderStack
+from vllm_visual_ar.model_executors.decoder_blocks import DecoderLM, DecoderStack, attend
 
 
 def emu3_rope_parameters(cfg, max_model_len: int) -> dict:
@@ -114,11 +114,11 @@ class Emu3Attention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, num_kv_heads=self.num_kv_heads,
                               cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn")
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, masked=None) -> torch.Tensor:
         qkv, _ = self.qkv_proj(h)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
-        out, _ = self.o_proj(self.attn(q, k, v))
+        out, _ = self.o_proj(attend(self.attn, q, k, v, masked, self.num_heads, self.head_dim))
         return out
 
 

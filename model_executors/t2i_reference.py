@@ -50,3 +50,93 @@ def transformers_next_logits(model) -> Callable[[list[int]], torch.Tensor]:
         hidden = body(input_ids=torch.tensor([ids])).last_hidden_state
         return model.lm_head(hidden[0, -1])
     return next_logits
+
+
+@torch.no_grad()
+def generate_zipar_image_tokens(model, cond_ids: list[int], uncond_ids: list[int] | None, layout, window: int,
+                                guidance_mix=None, guidance_scale: float = 1.0) -> tuple[list[int], int]:
+    """Greedy ZipAR on a transformers text-to-image LM whose rows end with an end-of-line token, the
+    authors' Lumina-mGPT loop (`Lumina-mGPT-ZipAR/.../modeling_chameleon.py::_sample`): row 0 from
+    the image header; row r+1 starts once row r has `window - 1` codes (the window counts the row's
+    leading token), by placing row r's end of line at its slot, which predicts (r+1, 0); every
+    started row then advances one code per forward; a row's last code is fed for its key/value only;
+    the last code brings the last end of line and the image end. Each stream keeps a transformers
+    KV cache in feed order; a fed token sits at position prompt length + its slot in the image and
+    sees the prompt and the cached or fed tokens whose slot is <= its own (a 4D mask).
+    -> (the image's tokens in raster order, forwards)."""
+    from transformers import DynamicCache
+
+    body = getattr(model.model, "text_model", model.model)
+    height, width, stride = layout.rows, layout.cols, layout.cols + 1
+    assert layout.row_end is not None, "this loop is for layouts with an end of line per row"
+    w = min(window, stride)
+    streams = [list(cond_ids)] + ([list(uncond_ids)] if uncond_ids is not None else [])
+    caches = [DynamicCache() for _ in streams]
+    key_slots: list[list[int]] = [[] for _ in streams]  # slot of every cached key (prompt: -1)
+    codes = slice(layout.code_ids.start, layout.code_ids.stop)
+
+    def forward(i: int, ids: list[int], slots: list[int] | None) -> torch.Tensor:
+        """Feed `ids` (at image `slots`, or the prompt) to stream i -> logits [len(ids), V]."""
+        prefix = len(streams[i])
+        past = key_slots[i]
+        new = [-1] * len(ids) if slots is None else slots
+        positions = list(range(prefix)) if slots is None else [prefix + s for s in slots]
+        keys = torch.tensor(past + new)
+        query = torch.tensor(new)
+        if slots is None:  # the prompt: causal
+            seen = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+        else:
+            seen = keys[None, :] <= query[:, None]
+        mask = torch.zeros(seen.shape).masked_fill(~seen, torch.finfo(torch.float32).min)
+        out = body(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
+                   attention_mask=mask[None, None], past_key_values=caches[i], use_cache=True)
+        key_slots[i] = past + new
+        return model.lm_head(out.last_hidden_state[0]).float()
+
+    def choose(rows: list[torch.Tensor]) -> int:
+        logits = rows[0][codes]
+        if len(rows) > 1:
+            logits = guidance_mix(logits, rows[1][codes], guidance_scale)
+        return codes.start + int(logits.argmax())
+
+    image: dict[int, int] = {}
+    count, closed = [0] * height, [False] * height
+
+    def sample(row: int, rows: list[torch.Tensor]) -> int:
+        slot = row * stride + count[row]
+        image[slot] = choose(rows)
+        count[row] += 1
+        return slot
+
+    def place() -> list[int]:
+        placed = []
+        for r in range(height - 1):
+            if not closed[r] and count[r] >= min(w - 1, width):
+                closed[r] = True
+                placed.append(r * stride + width)
+        if count[-1] == width:
+            closed[-1] = True
+            placed += list(range(height * stride - 1, layout.num_tokens))
+        for slot in placed:
+            image[slot] = layout.forced(slot)
+        return placed
+
+    prompts = [forward(i, ids, None)[-1] for i, ids in enumerate(streams)]
+    fed = [sample(0, prompts)]  # as the engine: the prompt's forward places nothing (`zipar_schedule`)
+    forwards = 1
+    while not closed[-1]:
+        logits = [forward(i, [image[s] for s in fed], fed) for i in range(len(streams))]
+        emitted = []
+        for j, slot in enumerate(fed):
+            row, col = divmod(slot, stride)
+            if col == width:
+                target = row + 1          # an end of line predicts the next row's first code
+            elif col < width - 1:
+                target = row
+            else:
+                target = None             # a row's last code: key/value only
+            if target is not None:
+                emitted.append(sample(target, [lg[j] for lg in logits]))
+        fed = emitted + place()
+        forwards += 1
+    return [image[s] for s in range(layout.num_tokens)], forwards

@@ -256,7 +256,7 @@ class NextScale(Strategy):
         return {}
 
     @classmethod
-    def fitted(cls, decoding, config):
+    def fitted(cls, decoding, config, size=None):
         """CoDe without draft_steps: the folder's `default_draft_steps` (the N a fine-tuned pair was
         trained for), if it names one."""
         default = getattr(config, "default_draft_steps", None)
@@ -290,8 +290,8 @@ class NextScale(Strategy):
             return f"strategy {decoding.strategy!r} does not apply: this model decodes scale by scale"
         return None
 
-    def __init__(self, config, decoding):
-        super().__init__(config, decoding)
+    def __init__(self, config, decoding, size=None):
+        super().__init__(config, decoding, size)
         self.schedule = scale_schedule(tuple(config.patch_nums))
         self.draft_steps = draft_steps(decoding, self.schedule.num_scales)
 

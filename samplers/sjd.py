@@ -98,18 +98,28 @@ class Drafts:
 
 
 def fill_drafts(carried: Drafts, count: int, init: str, vocab: int, last_token: int, first_position: int,
-                width: int, generator: torch.Generator | None, device="cpu") -> Drafts:
-    """`count` drafts for raster positions first_position .. : the carried ones first, then initialised."""
+                width: int, generator: torch.Generator | None, device="cpu", codes: int | None = None,
+                placed=None) -> Drafts:
+    """`count` drafts for raster positions first_position .. : the carried ones first, then initialised.
+    `width`: tokens per row (an end of line counted); `codes`: the drafts drawn at random are codes
+    0..codes-1 (default: the whole vocabulary); `placed(position)`: True where the layout places a
+    token (an end of line, an image end), drafted as index `codes` with q one-hot there, so that it is
+    always accepted."""
+    codes = vocab if codes is None else codes
     tokens, q = list(carried.tokens[:count]), carried.q[:count]
     fresh = count - len(tokens)
     if fresh <= 0:
         return Drafts(tokens, q)
     new: list[int] = []
-    randoms = torch.randint(vocab, (fresh,), generator=generator, device=device).tolist()
+    randoms = torch.randint(codes, (fresh,), generator=generator, device=device).tolist()
     for i in range(fresh):
         position = first_position + len(tokens) + i
         left = (tokens + new)[-1] if tokens or new else last_token
-        new.append(left if init == "horizontal" and position % width != 0 else randoms[i])
+        if placed is not None and placed(position):
+            new.append(codes)
+        else:
+            horizontal = init == "horizontal" and position % width != 0 and left < codes
+            new.append(left if horizontal else randoms[i])
     one_hot = torch.nn.functional.one_hot(torch.tensor(new, dtype=torch.long, device=device), vocab).float()
     return Drafts(tokens + new, torch.cat([q.to(one_hot.device), one_hot]))
 
@@ -171,11 +181,18 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
 
 
 # -- the strategy: what vLLM's scheduler and the plugin's runner ask of SJD ----------------------------
+# Layouts with tokens the engine places (an end of line after each row, the image end: Lumina-mGPT,
+# Emu3) verify over the codes plus one index, `codes` = K, that stands for "the token the layout
+# places here": at such a position the target is one-hot at K and the draft is K with q one-hot, so
+# the draft is always accepted (the authors draft these positions at random and reject once per
+# row, `get_eol_in_multitokens`; placing them is the same distribution, fewer rejections), and the
+# Jacobi carry keeps K there. Committed indices become token ids by position.
 @dataclass
 class _Jacobi:
     """One image's Jacobi state between forwards (shared by its two guidance streams)."""
     carried: Drafts
     current: Drafts | None = None
+    first: int = 0  # output index of current's first draft
 
 
 class SJDRunner(StrategyRunner):
@@ -185,6 +202,15 @@ class SJDRunner(StrategyRunner):
         self._leads: dict[int, str] = {}  # this forward's sampling rows -> image id
         self._neighbours: dict[int, torch.Tensor] = {}  # k -> [codebook, k] latent neighbours (relaxed)
 
+    @staticmethod
+    def _space(layout) -> int:
+        """The verified index space: the codes, plus K for placed tokens when the layout has any."""
+        return layout.codebook_size + (layout.row_end is not None or bool(layout.image_end))
+
+    @staticmethod
+    def _token(layout, index: int, position: int) -> int:
+        return layout.forced(position) if index == layout.codebook_size else layout.code_ids.start + index
+
     def prepare(self, step, rows):
         """Each image's drafts (carried Jacobi tail, then initialised), written into both streams."""
         images: dict[str, list[int]] = {}
@@ -192,20 +218,26 @@ class SJDRunner(StrategyRunner):
             start, end = step.fed(row)
             if end - start > 1:  # x0 and end - start - 1 drafts; a forward without drafts is vLLM's own
                 images.setdefault(step.info(row).image_id, []).append(row)
-        vocab, grid = self.layout.codebook_size, self.layout.cols
         plans, self._leads = {}, {}
         for image_id, streams in images.items():
             streams.sort(key=lambda r: step.info(r).role == "uncond")
             lead = streams[0]
-            state = self.images.setdefault(image_id, _Jacobi(Drafts.empty(vocab)))
+            layout = self.layout_of(step.info(lead))
+            codes, space = layout.codebook_size, self._space(layout)
+            state = self.images.setdefault(image_id, _Jacobi(Drafts.empty(space)))
             history = step.state(lead).output_token_ids
             start, end = step.fed(lead)
-            state.current = fill_drafts(state.carried, end - start - 1, step.info(lead).decoding.init, vocab,
-                                        history[-1], len(history), grid, step.generator(lead), self.device)
+            last = history[-1] - layout.code_ids.start
+            state.first = len(history)
+            state.current = fill_drafts(state.carried, end - start - 1, step.info(lead).decoding.init, space,
+                                        last if 0 <= last < codes else codes, len(history), layout.row_stride,
+                                        step.generator(lead), self.device, codes,
+                                        lambda position: layout.forced(position) is not None)
+            tokens = [self._token(layout, d, state.first + i) for i, d in enumerate(state.current.tokens)]
             for row in streams:
                 if step.fed(row)[1] - step.fed(row)[0] != end - start:
                     raise RuntimeError(f"SJD image {image_id}: its streams got different numbers of draft slots")
-                plans[row] = RowPlan(range(end - start), slot_tokens=state.current.tokens)
+                plans[row] = RowPlan(range(end - start), slot_tokens=tokens)
             self._leads[lead] = image_id
         return plans
 
@@ -214,12 +246,20 @@ class SJDRunner(StrategyRunner):
         out = {}
         for row in rows:
             params = step.state(row).sampling_params
-            p = target_probs(logits[at[row]], params.temperature, max(params.top_k or 0, 0), params.top_p)
+            layout = self.layout_of(step.info(row))
             state = self.images[self._leads[row]]
+            p = target_probs(logits[at[row]], params.temperature, max(params.top_k or 0, 0), params.top_p)
+            if (space := self._space(layout)) > p.shape[1]:
+                # Targets at placed positions: all mass on K (position first + k is predicted by input k).
+                p = torch.nn.functional.pad(p, (0, space - p.shape[1]))
+                for k in range(p.shape[0]):
+                    if layout.forced(state.first + k) is not None:
+                        p[k].zero_()[layout.codebook_size] = 1.0
             decoding = step.info(row).decoding
             relaxed = None if decoding.relaxed_delta is None else (
                 self._latent_neighbours(decoding.relaxed_neighbours), decoding.relaxed_delta)
-            out[row], state.carried = verify(p, state.current, step.generator(row), relaxed)
+            committed, state.carried = verify(p, state.current, step.generator(row), relaxed)
+            out[row] = [self._token(layout, d, state.first + i) for i, d in enumerate(committed)]
         return out
 
     def forget(self, req_id, info):
@@ -258,21 +298,30 @@ class SJD(Strategy):
                 "relaxed_delta": delta, "relaxed_neighbours": neighbours}
 
     @classmethod
-    def fitted(cls, decoding, config):
+    def fitted(cls, decoding, config, size=None):
         """A window beyond the image verifies the whole image; no code has more latent neighbours
         than the other codes."""
-        layout = image_layout(config)
+        layout = image_layout(config, size)
         neighbours = decoding.relaxed_neighbours
         if neighbours is not None:
             neighbours = min(neighbours, max(1, layout.codebook_size - 1))
         return replace(decoding, window=min(decoding.window, layout.num_tokens), relaxed_neighbours=neighbours)
 
     @classmethod
+    def problem(cls, config, decoding):
+        if problem := super().problem(config, decoding):
+            return problem
+        if decoding.relaxed_delta is not None and not isinstance(getattr(config, "vq", None), dict):
+            # The latent neighbours come from a LlamaGen folder's VQ codebook (`_latent_neighbours`).
+            return "relaxed acceptance (relaxed_delta) needs a LlamaGen model's VQ codebook; this model has none"
+        return None
+
+    @classmethod
     def draft_stats(cls, decoding, image_tokens, done, committed):
         return forward_drafts(decoding.window, image_tokens, done, committed)
 
     def start(self, request):
-        return whole_image_problem(self.config, request, self.decoding.strategy)
+        return whole_image_problem(self.layout, request, self.decoding.strategy)
 
     def footprint(self, output_tokens):
         window = min(self.decoding.window, output_tokens)  # a longer window verifies no more than the image

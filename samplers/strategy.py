@@ -28,12 +28,13 @@ Raster order, the default, is the strategy with nothing to rewrite.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, ClassVar, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from vllm_visual_ar.families import image_layout
+from vllm_visual_ar.families import ImageLayout, image_layout
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,11 @@ class StrategyRunner:
 
     def __init__(self, config, model, model_dir: str, device):
         self.config, self.model, self.model_dir, self.device = config, model, model_dir, device
-        self.layout = image_layout(config)  # the image's tokens (one resolution per model so far)
+        self.layout = image_layout(config)  # the image's tokens at the model's default size
+
+    def layout_of(self, info) -> ImageLayout:
+        """The layout of a request's image (its size's)."""
+        return image_layout(self.config, info.size)
 
     # -- token by token: the rows of this strategy's requests in a mixed batch --------------------
     def prepare(self, step: Step, rows: list[int]) -> dict[int, RowPlan]:
@@ -134,8 +139,8 @@ class Strategy:
         return {}
 
     @classmethod
-    def fitted(cls, decoding, config):
-        """The decoding with its sizes cut to what an image of `config` can use."""
+    def fitted(cls, decoding, config, size=None):
+        """The decoding with its sizes cut to what an image of `config` at `size` can use."""
         return decoding
 
     @classmethod
@@ -151,12 +156,6 @@ class Strategy:
         """Why a model of `config` cannot decode this way, or None."""
         if getattr(config, "decoding", None) != cls.order:
             return f"strategy {decoding.strategy!r} does not apply to this model"
-        if cls.runner is not None:
-            layout = image_layout(config)
-            if layout.row_end is not None or layout.image_end or layout.code_ids.start:
-                # Rows closed by end-of-line tokens and codes past id 0 (the text-to-image families)
-                # are not in the token-reordering strategies yet.
-                return f"strategy {decoding.strategy!r} does not run on text-to-image models yet"
         return None
 
     @classmethod
@@ -166,8 +165,13 @@ class Strategy:
         return 0, 0
 
     # -- one request in vLLM's scheduler ------------------------------------------------------------
-    def __init__(self, config, decoding):
-        self.config, self.decoding = config, decoding
+    def __init__(self, config, decoding, size=None):
+        self.config, self.decoding, self.size = config, decoding, size
+
+    @cached_property
+    def layout(self) -> ImageLayout:
+        """The request's image (`size`: a text-to-image request's); asked only of image requests."""
+        return image_layout(self.config, self.size)
 
     def start(self, request) -> str | None:
         """Why this request cannot run this way, or None (then it is tracked until it ends)."""
@@ -199,12 +203,9 @@ class Raster(Strategy):
     """One token per forward in raster order: vLLM's own path, nothing to rewrite."""
 
 
-def whole_image_problem(config, request, strategy: str) -> str | None:
+def whole_image_problem(layout, request, strategy: str) -> str | None:
     """Strategies that reorder or verify tokens decode whole images and return no logprobs."""
-    try:
-        tokens = image_layout(config).num_tokens
-    except ValueError:
-        return f"strategy {strategy!r} needs an image model, not {type(config).__name__}"
+    tokens = layout.num_tokens
     if request.max_tokens != tokens:
         return f"strategy {strategy!r} generates whole images: max_tokens must be {tokens}"
     if request.sampling_params.logprobs is not None:

@@ -53,9 +53,16 @@ def check_window(window) -> int:
     return window
 
 
-def forward_passes(height: int, width: int, window: int) -> int:
-    """Forwards per image, prefill included: the closed form of `ZipARSchedule`."""
-    w = min(check_window(window), width)
+def forward_passes(height: int, width: int, window: int, row_end: bool = False) -> int:
+    """Forwards per image, prefill included: the closed form of `ZipARSchedule`. With end-of-line
+    tokens (`row_end`) a window >= width + 1 is raster order, which vLLM runs token by token (a
+    forward per token, the placed ones included)."""
+    stride = width + row_end
+    w = min(check_window(window), stride)
+    if row_end:
+        if w == stride:
+            return height * stride + 1  # raster: one forward per token, the image end placed by the last
+        return width + (height - 1) * (w - 1) + (w == 2 and height > 1)  # see zipar_schedule on window 2
     if w == width or height == 1:
         return height * width
     return 2 * width + (height - 2) * w
@@ -63,11 +70,14 @@ def forward_passes(height: int, width: int, window: int) -> int:
 
 @dataclass(frozen=True)
 class Entry:
-    """One token of the engine-side sequence. `raster` is the image position it is fed at; a
-    stand-in (copy_of set) is fed at the raster slot of the row end it stands in for."""
+    """One token of the engine-side sequence. `raster` is its index in the image's tokens (raster
+    order, end-of-line and image-end tokens counted: the slot it is fed at); a stand-in (copy_of set)
+    is fed at the slot of the row end it stands in for; a placed entry (an end of line, an image end)
+    is the token the layout forces there."""
     raster: int
     copy_of: int | None = None  # stand-in: raster index of the token it copies
     predicts: int | None = None  # raster index sampled from this token's logits; None = key/value only
+    placed: bool = False
 
     @property
     def stand_in(self) -> bool:
@@ -81,6 +91,21 @@ class ZipARSchedule:
     window: int
     sequence: tuple[Entry, ...]          # every token the engine appends, in order
     step_starts: tuple[int, ...]         # sequence index of the first entry each forward *emits*
+    row_end: bool = False                # rows end with an end-of-line token (the image's slots: width + 1 per row)
+    image_end: int = 0                   # image-end tokens after the last row
+
+    @property
+    def stride(self) -> int:
+        return self.width + self.row_end
+
+    @property
+    def raster(self) -> bool:
+        """Plain raster order (vLLM's own path runs it)."""
+        return self.window == self.stride
+
+    @property
+    def num_slots(self) -> int:
+        return self.height * self.stride + self.image_end
 
     @property
     def num_forwards(self) -> int:
@@ -110,8 +135,8 @@ class ZipARSchedule:
 
     @cached_property
     def raster_order(self) -> list[int]:
-        """For each raster index, its sequence index (stand-ins are not in the image)."""
-        order = [-1] * (self.height * self.width)
+        """For each raster index (slot), its sequence index (stand-ins are not in the image)."""
+        order = [-1] * self.num_slots
         for i, e in enumerate(self.sequence):
             if not e.stand_in:
                 order[e.raster] = i
@@ -119,55 +144,96 @@ class ZipARSchedule:
 
 
 @lru_cache(maxsize=64)
-def zipar_schedule(height: int, width: int, window: int) -> ZipARSchedule:
-    w = min(check_window(window), width)
-    count = [0] * height  # tokens sampled so far, per row
+def zipar_schedule(height: int, width: int, window: int, row_end: bool = False, image_end: int = 0) -> ZipARSchedule:
+    """The schedule of one image. `row_end`: every row is followed by an end-of-line token, placed
+    (never sampled) as ZipAR's Lumina-mGPT code does (`Lumina-mGPT-ZipAR/.../modeling_chameleon.py::
+    ChameleonForConditionalGeneration._sample`): its window counts a row's leading token (the image
+    header for row 0, the row above's end of line otherwise), so row r+1 starts once row r has
+    `window - 1` codes, at every row, row 1 included; row r's end of line is placed then, at its own
+    slot, which is the raster predecessor of (r+1, 0): it predicts that token, so no stand-in is
+    needed. `image_end` tokens follow the last row's end of line, placed with the last code. The
+    prompt's forward places nothing (vLLM samples one token there), so at window 2 row 1 starts a
+    forward later than in the authors' loop, which places row 0's end of line with its first code."""
+    stride = width + row_end
+    w = min(check_window(window), stride)
+    if row_end and w < 2:
+        raise ValueError("window must be >= 2 on a model whose rows end with an end-of-line token (the "
+                         "window counts the row's leading token, as ZipAR's Lumina-mGPT code does)")
+    count = [0] * height  # codes sampled so far, per row
+    closed = [False] * height  # row_end: the row's end of line is placed
     sequence: list[Entry] = []
     step_starts: list[int] = []
 
     def sample(row: int) -> int:
-        raster = row * width + count[row]
+        raster = row * stride + count[row]
         count[row] += 1
         return raster
 
-    emitted = [Entry(sample(0))]  # forward 0 (the prompt) samples (0, 0)
+    def placements() -> list[Entry]:
+        """Tokens placed after a forward's samples: ends of line that start the next row (row_end),
+        and after the last code the last row's end of line and the image end."""
+        placed = []
+        for r in range(height - 1 if row_end else 0):
+            if not closed[r] and count[r] >= min(w - 1, width):
+                closed[r] = True
+                placed.append(Entry(r * stride + width, placed=True))
+        if count[height - 1] == width and not closed[height - 1]:
+            closed[height - 1] = True
+            last = [height * stride - 1] if row_end else []
+            placed += [Entry(s, placed=True) for s in last + list(range(height * stride, height * stride + image_end))]
+        return placed
+
+    # Forward 0 (the prompt, vLLM's own sampling) samples (0, 0) and places nothing: at window 2 row
+    # 0's end of line comes after forward 1, one forward later than the authors' loop places it.
+    emitted = [Entry(sample(0))]
     while True:
         step_starts.append(len(sequence))
-        if sum(count) == height * width:
-            sequence += emitted  # the last token is never fed
+        if closed[height - 1]:
+            sequence += emitted  # the last tokens are never fed
             break
         # Feed what the previous forward emitted; record what each fed token predicts.
         fed, emitted = emitted, []
         for e in fed:
-            row, col = divmod(e.raster, width)
-            if e.stand_in:
-                target = row + 1
+            row, col = divmod(e.raster, stride)
+            if e.stand_in or (e.placed and row_end):
+                target = row + 1  # a stand-in or an end of line predicts the next row's first code
             elif col < width - 1:
                 target = row
-            elif row + 1 < height and count[row + 1] == 0:
+            elif not row_end and row + 1 < height and count[row + 1] == 0:
                 target = row + 1  # raster hand-over: the row end predicts the next row's first token
             else:
                 target = None  # a finished row's last token: key/value only
             predicts = sample(target) if target is not None else None
-            sequence.append(Entry(e.raster, e.copy_of, predicts))
+            sequence.append(Entry(e.raster, e.copy_of, predicts, e.placed))
             if predicts is not None:
                 emitted.append(Entry(predicts))
-        # The bottom row reached the window: the next forward starts the row below via a stand-in.
+        emitted += placements()
+        # No end-of-line tokens: the bottom row reached the window, so the next forward starts the
+        # row below via a stand-in.
         bottom = max(r for r in range(height) if count[r] > 0)
-        if w < width and 1 <= bottom < height - 1 and count[bottom] == w and count[bottom + 1] == 0:
+        if (not row_end and w < width and 1 <= bottom < height - 1 and count[bottom] == w
+                and count[bottom + 1] == 0):
             above = bottom - 1
             emitted.append(Entry(bottom * width + width - 1, copy_of=above * width + count[above] - 1))
-    return ZipARSchedule(height, width, w, tuple(sequence), tuple(step_starts))
+    return ZipARSchedule(height, width, w, tuple(sequence), tuple(step_starts), row_end, image_end)
+
+
+def layout_schedule(layout, window: int) -> ZipARSchedule:
+    """The schedule of an image of this `ImageLayout`."""
+    return zipar_schedule(layout.rows, layout.cols, window, layout.row_end is not None, len(layout.image_end))
 
 
 # -- the strategy: what vLLM's scheduler and the plugin's runner ask of ZipAR ----------------------------
 # Keyed by the schedule's sizes, not the schedule: hashing a schedule hashes its whole sequence.
+ScheduleKey = tuple  # (height, width, window, row_end, image_end): zipar_schedule's arguments
+
+
 @lru_cache(maxsize=64)
-def visibility(height: int, width: int, window: int, prefix: int) -> np.ndarray:
+def visibility(key: ScheduleKey, prefix: int) -> np.ndarray:
     """[S, S] bool over a request's sequence positions (prompt first): position s sees position j
     iff j's raster index <= s's and j is not a stand-in other than s itself. The prompt counts as
     raster -1: seen by all. A forward's mask is a slice of it."""
-    schedule = zipar_schedule(height, width, window)
+    schedule = zipar_schedule(*key)
     raster = np.array([-1] * prefix + [e.raster for e in schedule.sequence])
     stand_in = np.array([False] * prefix + [e.stand_in for e in schedule.sequence])
     seen = (raster[None, :] <= raster[:, None]) & ~stand_in[None, :]
@@ -176,27 +242,33 @@ def visibility(height: int, width: int, window: int, prefix: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=4096)
-def forward_plan(height: int, width: int, window: int, step: int, prefix: int) -> tuple[tuple, tuple]:
+def forward_plan(key: ScheduleKey, step: int, prefix: int) -> tuple[tuple, tuple]:
     """Forward `step` of a request: (offsets of the fed tokens that predict something, each fed
     token's position: the prompt length plus its raster index)."""
-    schedule = zipar_schedule(height, width, window)
+    schedule = zipar_schedule(*key)
     fed = schedule.fed(step)
     entries = schedule.sequence[fed.start:fed.stop]
     return (tuple(j for j, e in enumerate(entries) if e.predicts is not None),
             tuple(prefix + e.raster for e in entries))
 
 
+def schedule_key(layout, window: int) -> ScheduleKey:
+    return (layout.rows, layout.cols, window, layout.row_end is not None, len(layout.image_end))
+
+
 class ZipARRunner(StrategyRunner):
     def __init__(self, *args):
         super().__init__(*args)
-        self._forwards: dict[int, tuple[ZipARSchedule, int]] = {}  # this forward's rows -> (schedule, step)
+        self._forwards: dict[int, tuple[ZipARSchedule, int, object]] = {}  # this forward's rows -> (schedule, step, layout)
 
     def prepare(self, step, rows):
-        height, width = self.layout.rows, self.layout.cols
         plans, self._forwards = {}, {}
         for row in rows:
-            schedule = zipar_schedule(height, width, step.info(row).decoding.window)
-            if schedule.window == width:  # raster order exactly: vLLM's own path
+            info = step.info(row)
+            layout = self.layout_of(info)
+            key = schedule_key(layout, info.decoding.window)
+            schedule = zipar_schedule(*key)
+            if schedule.raster:  # raster order exactly: vLLM's own path
                 continue
             start, end = step.fed(row)
             prefix = int(step.prompt_lens[row])
@@ -204,15 +276,16 @@ class ZipARRunner(StrategyRunner):
             if t is None or len(schedule.fed(t)) != end - start:
                 raise RuntimeError(f"ZipAR request {step.req_ids[row]}: scheduled {end - start} tokens at KV "
                                    f"length {step.computed[row]}, which is no forward of its schedule")
-            predicting, positions = forward_plan(height, width, schedule.window, t, prefix)
-            seen = visibility(height, width, schedule.window, prefix)
+            predicting, positions = forward_plan(key, t, prefix)
+            seen = visibility(key, prefix)
             plans[row] = RowPlan(predicting, positions, lambda q, kv, seen=seen: seen[q][:, kv])
-            self._forwards[row] = (schedule, t)
+            self._forwards[row] = (schedule, t, layout)
         return plans
 
     def emit(self, step, rows, logits, at):
-        """A sample per predicting token, in order, then the stand-in if the schedule starts a row
-        next forward (a copy of an earlier token: from the history, or from this forward's samples)."""
+        """A code per predicting token, in order, then the tokens the schedule places (ends of line,
+        the image end) or the stand-in that starts a row next forward (a copy of an earlier token:
+        from the history, or from this forward's samples)."""
         index = torch.cat([torch.arange(at[r].start, at[r].stop) for r in rows]).to(logits.device)
         settings, generators, first = [], [], 0
         for row in rows:
@@ -223,18 +296,23 @@ class ZipARRunner(StrategyRunner):
                 generators.append((slice(first, first + n), g))
             first += n
         temperature, top_k, top_p = (torch.tensor(c, device=logits.device) for c in zip(*settings))
-        tokens = sample_rows(logits[index].float(), temperature, top_k, top_p, generators).tolist()
+        codes = sample_rows(logits[index].float(), temperature, top_k, top_p, generators).tolist()
         out, first = {}, 0
         for row in rows:
             n = at[row].stop - at[row].start
-            mine, first = tokens[first:first + n], first + n
-            schedule, t = self._forwards[row]
+            schedule, t, layout = self._forwards[row]
+            offset = layout.code_ids.start
+            mine = [offset + c for c in codes[first:first + n]]
+            first += n
             emitted = schedule.emitted(t)
-            last = schedule.sequence[emitted.stop - 1]
-            if last.stand_in:
-                where = schedule.raster_order[last.copy_of]
-                history = step.state(row).output_token_ids
-                mine.append(history[where] if where < len(history) else mine[where - emitted.start])
+            for i in emitted[n:]:
+                e = schedule.sequence[i]
+                if e.placed:
+                    mine.append(layout.forced(e.raster))
+                else:  # a stand-in
+                    where = schedule.raster_order[e.copy_of]
+                    history = step.state(row).output_token_ids
+                    mine.append(history[where] if where < len(history) else mine[where - emitted.start])
             out[row] = mine
         return out
 
@@ -248,16 +326,25 @@ class ZipAR(Strategy):
         return {"window": check_window(decoding.window)}
 
     @classmethod
-    def fitted(cls, decoding, config):
-        return replace(decoding, window=min(decoding.window, image_layout(config).cols))
+    def fitted(cls, decoding, config, size=None):
+        layout = image_layout(config, size)
+        return replace(decoding, window=min(decoding.window, layout.row_stride))
+
+    @classmethod
+    def problem(cls, config, decoding):
+        if problem := super().problem(config, decoding):
+            return problem
+        if image_layout(config).row_end is not None and decoding.window < 2:
+            return ("window must be >= 2 on this model: its rows end with an end-of-line token, and the "
+                    "window counts that leading token, as ZipAR's Lumina-mGPT code does")
+        return None
 
     @cached_property
     def schedule(self) -> ZipARSchedule:
-        layout = image_layout(self.config)
-        return zipar_schedule(layout.rows, layout.cols, self.decoding.window)
+        return zipar_schedule(*schedule_key(self.layout, self.decoding.window))
 
     def start(self, request):
-        if problem := whole_image_problem(self.config, request, self.decoding.strategy):
+        if problem := whole_image_problem(self.layout, request, self.decoding.strategy):
             return problem
         self._raster_of = [-1 if e.stand_in else e.raster for e in self.schedule.sequence]
         self._codes: dict[int, int] = {}  # raster index -> token, not yet released
@@ -266,13 +353,13 @@ class ZipAR(Strategy):
         return None
 
     def footprint(self, output_tokens):
-        if self.schedule.window == self.schedule.width:  # raster order exactly
+        if self.schedule.raster:
             return Footprint(output_tokens, 1, 0)
         return Footprint(len(self.schedule.sequence), self.schedule.max_fed_per_forward, 0)
 
     def frontend_tokens(self, request, new_token_ids):
         """Stand-ins dropped, image tokens released in raster order as the raster prefix grows."""
-        if self.schedule.window == self.schedule.width:
+        if self.schedule.raster:
             return new_token_ids
         outputs = request.output_token_ids
         for i in range(self._seen, len(outputs)):

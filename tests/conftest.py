@@ -103,15 +103,37 @@ def rel_err(a: "torch.Tensor", b: "torch.Tensor") -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def t2i_reference(generator, hf_model, mix, text, guidance_scale, size=None, negative_prompt=None):
+def t2i_reference(generator, hf_model, mix, text, guidance_scale, size=None, negative_prompt=None, window=None):
     """A text-to-image family's greedy image from the plain-PyTorch loop over the transformers model
-    (`model_executors/t2i_reference.py`), with the family's prompts and layout as the engine builds
-    them and the family's guidance `mix` as the test writes it out. -> (layout, generated tokens)."""
-    from vllm_visual_ar.model_executors.t2i_reference import generate_image_tokens, transformers_next_logits
+    (`model_executors/t2i_reference.py`: raster order, or ZipAR's with `window`), with the family's
+    prompts and layout as the engine builds them and the family's guidance `mix` as the test writes
+    it out. -> (layout, generated tokens)."""
+    from vllm_visual_ar.model_executors.t2i_reference import (generate_image_tokens, generate_zipar_image_tokens,
+                                                              transformers_next_logits)
     from vllm_visual_ar.requests import prompt_pair
 
     cond, uncond, size = prompt_pair(generator.config, text, negative_prompt, size, generator.tokenizer)
     layout = generator.family.image_layout(generator.config, size)
-    tokens = generate_image_tokens(transformers_next_logits(hf_model), cond,
-                                   uncond if guidance_scale != 1.0 else None, layout, mix, guidance_scale, top_k=1)
+    uncond = uncond if guidance_scale != 1.0 else None
+    if window is None:
+        tokens = generate_image_tokens(transformers_next_logits(hf_model), cond, uncond, layout, mix, guidance_scale,
+                                       top_k=1)
+    else:
+        tokens, _ = generate_zipar_image_tokens(hf_model, cond, uncond, layout, window, mix, guidance_scale)
     return layout, torch.tensor(tokens)
+
+
+def chi_square_p(samples: list[tuple], exact: dict[tuple, float]) -> float:
+    """Chi-square goodness of fit of samples to the exact distribution over outcomes."""
+    from scipy.stats import chisquare
+
+    n = len(samples)
+    counts: dict[tuple, int] = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    assert all(exact[s] > 0 for s in counts), "a sample the model gives probability 0"
+    # Pool the outcomes expected fewer than 5 times into one bin.
+    big = [s for s, p in exact.items() if p * n >= 5]
+    observed = [counts.get(s, 0) for s in big] + [n - sum(counts.get(s, 0) for s in big)]
+    expected = [exact[s] * n for s in big] + [n - sum(exact[s] * n for s in big)]
+    return chisquare(observed, expected).pvalue

@@ -76,11 +76,132 @@ def test_engine_places_end_of_line_and_image_end(lumina_generator, tiny_lumina):
     assert list(out[1].outputs[0].token_ids) == list(tokens)  # both streams carry the image
 
 
+# -- ZipAR and SJD on a layout with an end of line per row ----------------------------------------------
+@pytest.mark.parametrize("window,guidance_scale,size", [(2, 3.0, None), (3, 1.0, None), (4, 3.0, "128x32"),
+                                                         (2, 3.0, "32x64")])
+def test_zipar_equals_reference_zipar(lumina_generator, tiny_lumina, window, guidance_scale, size):
+    """The engine's ZipAR equals the authors' Lumina loop over transformers' Chameleon, token for token,
+    in its forward count (W + (H - 1)(w - 1)) too; ends of line are placed, never sampled."""
+    from vllm_visual_ar.samplers.zipar import forward_passes
+
+    text = "a blue dog on a mat"
+    image = lumina_generator.generate(prompts=[text], guidance_scale=guidance_scale, strategy="zipar",
+                                      window=window, size=size, **GREEDY)[0]
+    size = None if size is None else tuple(int(v) for v in size.split("x"))
+    layout, expected = t2i_reference(lumina_generator, tiny_lumina[1], lumina_cfg, text, guidance_scale, size=size,
+                                     window=window)
+    assert torch.equal(image.codes.flatten(), layout.codes_of(expected))
+    assert image.stats.forward_passes == forward_passes(layout.rows, layout.cols, window, row_end=True)
+    assert image.stats.forward_passes < layout.num_tokens
+    if window > 2:  # not raster order: a different image than the raster one
+        _, raster = t2i_reference(lumina_generator, tiny_lumina[1], lumina_cfg, text, guidance_scale, size=size)
+        assert not torch.equal(raster, expected)
+
+
+def test_zipar_window_of_a_whole_row_is_raster(lumina_generator, tiny_lumina):
+    image = lumina_generator.generate(prompts=["a cat"], guidance_scale=3.0, strategy="zipar", window=9, **GREEDY)[0]
+    layout, expected = t2i_reference(lumina_generator, tiny_lumina[1], lumina_cfg, "a cat", 3.0)
+    assert torch.equal(image.codes.flatten(), layout.codes_of(expected))
+    assert image.stats.forward_passes == layout.num_tokens  # raster: one forward per token, placed ones too
+
+
+@pytest.mark.parametrize("window,init,guidance_scale", [(3, "random", 3.0), (16, "horizontal", 3.0),
+                                                        (6, "random", 1.0)])
+def test_greedy_sjd_equals_greedy_raster(lumina_generator, tiny_lumina, window, init, guidance_scale):
+    """Greedy targets make SJD greedy raster decoding: its drafts over ends of line are always
+    accepted (placed), so it equals the raster reference whatever the window."""
+    text = "a red cat at dusk"
+    image = lumina_generator.generate(prompts=[text], guidance_scale=guidance_scale, strategy="sjd", window=window,
+                                      init=init, **GREEDY)[0]
+    layout, expected = t2i_reference(lumina_generator, tiny_lumina[1], lumina_cfg, text, guidance_scale)
+    assert torch.equal(image.codes.flatten(), layout.codes_of(expected))
+    assert image.stats.tokens == layout.num_tokens and image.stats.forward_passes < layout.num_tokens
+
+
+def test_strategies_and_sizes_share_a_batch(lumina_generator, tiny_lumina):
+    """Raster, ZipAR and SJD requests of two sizes, guided and not, in one engine batch: every image
+    equals its reference and carries its placed tokens where its own layout has them."""
+    from conftest import step_until_done
+
+    from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
+
+    gen = lumina_generator
+    plan = [("a red cat", None, 3.0, Decoding()), ("a blue dog", (128, 32), 3.0, Decoding("zipar", 2)),
+            ("a green cat", None, 1.0, Decoding("sjd", 4, "random")), ("a dog at dusk", (128, 32), 3.0,
+                                                                         Decoding("sjd", 5, "horizontal")),
+            ("a cat on a mat", None, 3.0, Decoding("zipar", 3))]
+    submit_at: dict[int, list] = {}
+    for i, (text, size, scale, decoding) in enumerate(plan):
+        reqs = image_requests(gen.config, text, SamplingSettings(guidance_scale=scale, **GREEDY), image_id=f"t2i{i}",
+                              decoding=decoding, size=size, tokenizer=gen.tokenizer)
+        for j, (prompt, sp) in enumerate(reqs):
+            submit_at.setdefault(i % 3, []).append((f"t2i{i}-{j}", prompt, sp))
+    done = step_until_done(gen.llm.llm_engine, submit_at)
+    for i, (text, size, scale, decoding) in enumerate(plan):
+        window = decoding.window if decoding.strategy == "zipar" else None
+        layout, expected = t2i_reference(gen, tiny_lumina[1], lumina_cfg, text, scale, size=size, window=window)
+        assert done[f"t2i{i}-0"].token_ids == expected.tolist(), i
+
+
+@pytest.fixture(scope="module")
+def enumerable_lumina(tmp_path_factory, make_generator):
+    """A random tiny Lumina with a 2-code codebook, asked for 64x32 (2 rows of 4 codes, an end of
+    line after each, the image end): 256 possible images."""
+    folder, hf = write_tiny_lumina_folder(tmp_path_factory.mktemp("lumina2"), seed=5, codes=2)
+    return make_generator(folder, max_images_in_flight=64), hf
+
+
+def enumerate_lumina_images(gen, hf, text: str, guidance_scale: float, size) -> dict[tuple, float]:
+    """The exact probability of every image (its codes, raster order) under raster sampling:
+    transformers' Chameleon over all 256 token sequences at once, Lumina's guidance, temperature 1."""
+    import itertools
+
+    from vllm_visual_ar.requests import prompt_pair
+
+    cond, uncond, size = prompt_pair(gen.config, text, None, size, gen.tokenizer)
+    layout = gen.family.image_layout(gen.config, size)
+    ids = layout.code_ids
+    images = list(itertools.product(ids, repeat=layout.num_codes))
+    seqs = []
+    for codes in images:
+        it = iter(codes)
+        seqs.append([layout.forced(i) if layout.forced(i) is not None else next(it) for i in range(layout.num_tokens)])
+    seqs = torch.tensor(seqs)
+    sampled = [i for i in range(layout.num_tokens) if layout.forced(i) is None]
+
+    def logits(prompt):
+        x = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], 1)
+        with torch.no_grad():
+            out = hf.lm_head(hf.model(input_ids=x).last_hidden_state).float()
+        return out[:, [len(prompt) + i - 1 for i in sampled]][..., ids.start:ids.stop]
+
+    probs = lumina_cfg(logits(cond), logits(uncond), guidance_scale).softmax(-1)
+    chosen = seqs[:, sampled] - ids.start
+    joint = probs.gather(2, chosen[..., None]).squeeze(2).prod(1)
+    return {tuple(c - ids.start for c in codes): float(p) for codes, p in zip(images, joint)}
+
+
+@pytest.mark.parametrize("decoding", [dict(strategy="sjd", window=3), dict(strategy="sjd", window=7, init="horizontal"),
+                                      dict()])
+def test_sampled_sjd_follows_the_exact_distribution(enumerable_lumina, decoding):
+    """SJD through the engine on a text model is exact: its drafts cross the ends of line and the
+    image end (placed, always accepted), and 3,000 images follow the model's raster distribution."""
+    from conftest import chi_square_p
+
+    gen, hf = enumerable_lumina
+    sampling = dict(guidance_scale=2.0, temperature=1.0, top_k=0)
+    images = gen.generate(prompts=["a red cat"], n=3000, seed=0, size="64x32", **sampling, **decoding)
+    samples = [tuple((im.codes.flatten() - gen.layout.code_ids.start).tolist()) for im in images]
+    exact = enumerate_lumina_images(gen, hf, "a red cat", 2.0, (64, 32))
+    assert chi_square_p(samples, exact) > 1e-3
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(prompts=[""]), "prompt must be non-empty"), (dict(classes=[1]), "text-to-image"),
     (dict(prompts=["a cat"], size="100x100"), "allowed"), (dict(prompts=["a cat"], size="big"), "size"),
     (dict(prompts=["a cat"], negative_prompt=""), "negative_prompt"),
-    (dict(prompts=["a cat"], strategy="zipar", window=2), "text-to-image"),
+    (dict(prompts=["a cat"], strategy="zipar", window=1), "window must be >= 2"),
+    (dict(prompts=["a cat"], strategy="sjd", relaxed_delta=0.1), "relaxed"),
     (dict(prompts=["cat " * 2000]), "max_model_len|longer"),
 ])
 def test_bad_text_to_image_input(lumina_generator, kwargs, match):

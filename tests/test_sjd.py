@@ -5,8 +5,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import finish_reasons, scheduler_of, step_until_done
-from scipy.stats import chisquare
+from conftest import chi_square_p, finish_reasons, scheduler_of, step_until_done
 
 from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
 from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar as reference_zipar
@@ -48,19 +47,6 @@ def exact_distribution(length, vocab, temperature, top_k) -> dict[tuple, float]:
             prob *= float(synthetic_probs(seq[:i], vocab, temperature, top_k)[seq[i]])
         out[seq] = prob
     return out
-
-
-def chi_square_p(samples: list[tuple], exact: dict[tuple, float]) -> float:
-    n = len(samples)
-    counts: dict[tuple, int] = {}
-    for s in samples:
-        counts[s] = counts.get(s, 0) + 1
-    assert all(exact[s] > 0 for s in counts), "a sample the model gives probability 0"
-    # Pool the outcomes expected fewer than 5 times into one bin.
-    big = [s for s, p in exact.items() if p * n >= 5]
-    observed = [counts.get(s, 0) for s in big] + [n - sum(counts.get(s, 0) for s in big)]
-    expected = [exact[s] * n for s in big] + [n - sum(exact[s] * n for s in big)]
-    return chisquare(observed, expected).pvalue
 
 
 @pytest.mark.parametrize("window,init,temperature,top_k", [(3, "random", 1.0, 0), (4, "horizontal", 0.8, 0),

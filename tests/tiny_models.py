@@ -211,18 +211,18 @@ def lumina_vocab(codes: int = CHAMELEON_TINY["n_embed"]) -> dict[str, int]:
     return vocab
 
 
-def write_tiny_lumina_folder(root, target_size: int = 64, seed: int = 0):
+def write_tiny_lumina_folder(root, target_size: int = 64, seed: int = 0, codes: int = CHAMELEON_TINY["n_embed"]):
     """A tiny Lumina-mGPT release, converted by the plugin (`convert_lumina`), so every test of the
     family also runs the converter: a Hugging Face folder with transformers' Chameleon weights
     (random, 2 layers of width 128, qk-norm, GQA) and a tokenizer, and Chameleon's VQGAN files
-    (tiny). -> (converted folder, transformers model)."""
+    (tiny, `codes` codebook entries). -> (converted folder, transformers model)."""
     from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration, PreTrainedTokenizerFast
 
     from vllm_visual_ar.model_executors.convert import convert_lumina
 
     release = os.path.join(str(root), f"Lumina-mGPT-tiny-{target_size}")
-    vocab = lumina_vocab()
+    vocab = lumina_vocab(codes)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[A-Za-z]+|\d|[^\w\s]|\n"), behavior="removed", invert=True)
     tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in vocab if n.startswith("<")])
@@ -232,13 +232,13 @@ def write_tiny_lumina_folder(root, target_size: int = 64, seed: int = 0):
     config = ChameleonConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                              vocabulary_map=vocab, initializer_range=0.2, tie_word_embeddings=False,
-                             vq_config=dict(embed_dim=4, num_embeddings=CHAMELEON_TINY["n_embed"], base_channels=32,
+                             vq_config=dict(embed_dim=4, num_embeddings=codes, base_channels=32,
                                             channel_multiplier=[1, 2], num_res_blocks=1, resolution=8,
                                             attn_resolutions=[]))
     torch.manual_seed(seed)
     model = ChameleonForConditionalGeneration(config).eval()
     model.save_pretrained(release, safe_serialization=True)
-    ckpt, yaml_path = write_chameleon_release(str(root))
+    ckpt, yaml_path = write_chameleon_release(str(root), {**CHAMELEON_TINY, "n_embed": codes})
     return convert_lumina(release, ckpt, yaml_path, os.path.join(str(root), "converted")), model
 
 

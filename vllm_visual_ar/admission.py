@@ -64,7 +64,7 @@ def image_need(config, decoding, guided: bool, block_size: int, prompt_tokens: i
     from vllm_visual_ar.families import image_layout
     from vllm_visual_ar.samplers import strategy_for
 
-    footprint = strategy_for(config, decoding)(config, decoding).footprint(image_layout(config, size).num_tokens)
+    footprint = strategy_for(config, decoding)(config, decoding, size).footprint(image_layout(config, size).num_tokens)
     layout = expected_layout(getattr(config, "kv_phases", {}), block_size)
     one = footprint_need(prompt_tokens, footprint, layout)
     return one + one if guided else one

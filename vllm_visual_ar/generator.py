@@ -50,7 +50,7 @@ class GeneratedImage:
 
 def check_generate_args(config, classes, n, seed, guidance_scale, temperature, top_k, top_p,
                         strategy="raster", window=None, init=None, relaxed_delta=None, relaxed_neighbours=None,
-                        draft_steps=None, prompts=None):
+                        draft_steps=None, prompts=None, size=None):
     """Validate `generate` arguments against a model config (ValueError naming the problem);
     -> (the prompts as a list: class ids, or texts for a text-to-image model; SamplingSettings with
     the model's defaults filled in; Decoding)."""
@@ -77,7 +77,7 @@ def check_generate_args(config, classes, n, seed, guidance_scale, temperature, t
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     check_seed(seed, len(items) * n)
-    decoding = Decoding(strategy, window, init, relaxed_delta, relaxed_neighbours, draft_steps).fitted(config)
+    decoding = Decoding(strategy, window, init, relaxed_delta, relaxed_neighbours, draft_steps).fitted(config, size)
     if problem := decoding_problem(config, decoding):
         raise ValueError(problem)
     settings = SamplingSettings(family.default(config, "guidance_scale") if guidance_scale is None else guidance_scale,
@@ -126,12 +126,13 @@ class ImageGenerator:
         is unguided there (VAR's cfg).
         An image this engine could never schedule is a ValueError before anything is submitted; with
         `timeout` (seconds), the call aborts its images and raises TimeoutError when time is up."""
+        size = self.family.size(self.config, parse_size(size))
         items, settings, decoding = check_generate_args(self.config, classes, n, seed, guidance_scale,
                                                         temperature, top_k, top_p, strategy, window, init,
-                                                        relaxed_delta, relaxed_neighbours, draft_steps, prompts)
+                                                        relaxed_delta, relaxed_neighbours, draft_steps, prompts,
+                                                        size)
         if timeout is not None:
             timeout = check_number(timeout, "timeout", 0, 1e9, low_open=True)
-        size = self.family.size(self.config, parse_size(size))
         layout = self.family.image_layout(self.config, size)
         # Every prompt's ids (and the size and negative prompt's checks) before anything is submitted.
         pairs = {item: prompt_pair(self.config, item, negative_prompt, size, self.tokenizer) for item in set(items)}

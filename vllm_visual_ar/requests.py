@@ -94,13 +94,13 @@ class Decoding:
                                  f"{' and '.join(readers)} only, got {name}={short(getattr(self, name))} "
                                  f"with strategy {self.strategy!r}")
 
-    def fitted(self, config) -> "Decoding":
-        """The same decoding with its sizes cut to what an image of `config` can use (a ZipAR window
-        beyond the grid width is raster order, an SJD window beyond the image verifies the whole
+    def fitted(self, config, size=None) -> "Decoding":
+        """The same decoding with its sizes cut to what an image of `config` at `size` can use (a
+        ZipAR window beyond a row is raster order, an SJD window beyond the image verifies the whole
         image, no code has more latent neighbours than the other codes)."""
         from vllm_visual_ar.samplers import strategy_class
 
-        return strategy_class(self.strategy).fitted(self, config)
+        return strategy_class(self.strategy).fitted(self, config, size)
 
     def to_args(self) -> dict:
         args = {"strategy": self.strategy, **{name: getattr(self, name) for name in DECODING_OPTIONS}}
@@ -298,7 +298,7 @@ def image_requests(config, prompt, settings: SamplingSettings, seed: int | None 
     layout = image_layout(config, size)
     if problem := per_scale_problem(settings.per_scale, getattr(config, "num_scales", None)):
         raise ValueError(problem)
-    decoding = decoding.fitted(config)
+    decoding = decoding.fitted(config, size)
     image_id = image_id or uuid.uuid4().hex
     temperature, top_k, top_p = (settings.scalar(n) for n in ("temperature", "top_k", "top_p"))
     greedy = temperature == 0 or top_k == 1

@@ -132,9 +132,12 @@ class VisualARScheduler(Scheduler):
         cls = strategy_for(config, decoding)
         if problem := cls.problem(config, decoding):
             return problem
-        strategy = cls(config, decoding)
-        if problem := strategy.start(request):
-            return problem
+        strategy = cls(config, decoding, info.size if info is not None else None)
+        try:
+            if problem := strategy.start(request):
+                return problem
+        except ValueError as e:  # e.g. a hand-made request's size that the model does not make
+            return str(e)
         if info is not None and info.scale_sampling and (
                 problem := strategy.scale_sampling_problem(dict(info.scale_sampling))):
             return problem

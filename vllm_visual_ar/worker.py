@@ -64,22 +64,19 @@ class VisualARRunnerMixin:
         """The vocabulary ids of image codes (the family's layout): guidance mixes them, strategies
         read their logits."""
         ids = image_layout(self.model_config.hf_config).code_ids
-        if ids.start != 0 and self._halves:
-            # Strategies emit and draft code indices, which are token ids only for families whose
-            # codes start at id 0; an offset is not wired into the strategies yet.
-            raise NotImplementedError("decoding strategies need image codes at token ids 0..K-1")
         return slice(ids.start, ids.stop)
 
-    def _place_forced_tokens(self, logits, rows) -> None:
+    def _place_forced_tokens(self, logits, rows, planned=frozenset()) -> None:
         """Families whose image holds tokens no one samples (an end of line after each row, image-end
         tokens: `ImageLayout.forced`) get them here: the logits row of a request whose next token is
-        forced keeps only that token, every other row of such a family keeps only the image codes."""
+        forced keeps only that token, every other row of such a family keeps only the image codes.
+        Rows a strategy planned are its own: it reads the codes' logits and places those tokens itself."""
         config = self.model_config.hf_config
         if self._places_tokens is False:
             return
         for row, req_id in enumerate(self.input_batch.req_ids):
             info = self._image_info(req_id)
-            if info is None:  # not an image request: vLLM's own sampling
+            if info is None or row in planned:  # vLLM's own sampling, or the strategy's
                 continue
             if self._places_tokens is None:  # asked of the family's default layout once
                 default = image_layout(config)
@@ -248,7 +245,7 @@ class VisualARRunnerMixin:
             scale = torch.tensor([s for r, s in zip(guided[0], guided[2]) for _ in range(rows[r].stop - rows[r].start)],
                                  device=logits.device, dtype=torch.float32)[:, None]
             logits[cond, codes] = self._mix(logits[cond, codes], logits[uncond, codes], scale).to(logits.dtype)
-        self._place_forced_tokens(logits, rows)
+        self._place_forced_tokens(logits, rows, {r for _, mine in layout.planned for r in mine} if layout else ())
         if layout is None:
             output = super()._sample(logits, spec_decode_metadata)
             if guided is not None:
