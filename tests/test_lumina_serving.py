@@ -46,13 +46,15 @@ def pixels(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
-@pytest.mark.parametrize("size,negative", [("64x64", None), ("128x32", "blurry low quality")])
-def test_openai_client_draws_text_prompts(lumina_server, size, negative):
+@pytest.mark.parametrize("size,negative,decoding", [("64x64", None, {}), ("128x32", "blurry low quality", {}),
+                                                   ("64x64", None, {"strategy": "sjd", "window": 6})])
+def test_openai_client_draws_text_prompts(lumina_server, size, negative, decoding):
+    """Greedy: the raster reference's image, also with SJD (greedy SJD is greedy raster)."""
     from openai import OpenAI
 
     url, folder, model = lumina_server
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-    extra = {"guidance_scale": 3.0, "top_k": 1, "seed": 0}
+    extra = {"guidance_scale": 3.0, "top_k": 1, "seed": 0, **decoding}
     if negative:
         extra["negative_prompt"] = negative
     result = client.images.generate(model=client.models.list().data[0].id, prompt="a red cat on a mat", size=size,
@@ -77,7 +79,7 @@ def test_streamed_text_to_image_previews(lumina_server):
 @pytest.mark.parametrize("body,param", [
     ({"prompt": ""}, "prompt"), ({"prompt": 7}, "prompt"), ({"prompt": "a cat", "size": "100x100"}, "size"),
     ({"prompt": "a cat", "size": "huge"}, "size"), ({"prompt": "a cat", "negative_prompt": "x" * 5000}, "negative_prompt"),
-    ({"prompt": "a cat", "strategy": "zipar", "window": 2}, "strategy"),
+    ({"prompt": "a cat", "strategy": "zipar", "window": 1}, "window"),  # the window counts the row's end of line
     ({"prompt": "cat " * 240}, None),  # 240 words: longer than the tiny model's context, never schedulable
     ({"prompt": "cat " * 300}, "prompt"),  # over the 1,000 characters of any string field
 ])

@@ -139,6 +139,47 @@ def test_bad_input_is_a_400_naming_the_field_and_the_server_keeps_serving(server
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
+def test_openapi_shows_the_images_request(server):
+    assert httpx.get(f"{server}/docs", timeout=10).status_code == 200
+    operation = httpx.get(f"{server}/openapi.json", timeout=10).json()["paths"]["/v1/images/generations"]["post"]
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    fields = schema["properties"]
+    assert set(fields) == {
+        "prompt", "model", "n", "size", "response_format", "output_format", "stream", "partial_images", "user",
+        "extra_params", "seed", "guidance_scale", "temperature", "top_k", "top_p", "strategy", "window", "init",
+        "relaxed_delta", "relaxed_neighbours", "draft_steps", "negative_prompt", "timeout"}
+    assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
+    assert {t["type"] for t in fields["prompt"]["anyOf"]} == {"string", "integer"}
+    assert fields["n"]["type"] == "integer" and (fields["n"]["default"], fields["n"]["minimum"],
+                                                 fields["n"]["maximum"]) == (1, 1, 16)
+    assert fields["response_format"]["const"] == "b64_json" and fields["size"]["default"] == "auto"
+    assert (fields["stream"]["type"], fields["stream"]["default"]) == ("boolean", False)
+    assert {"type": "array", "items": {"type": "number"}} in fields["temperature"]["anyOf"]  # per scale
+    assert "window" in fields and "description" in fields["window"] and "description" in fields["prompt"]
+    extra = next(t for t in fields["extra_params"]["anyOf"] if t.get("type") == "object")
+    assert {"window", "strategy", "seed", "timeout"} <= set(extra["properties"]) and "prompt" not in extra["properties"]
+    assert "$ref" not in str(operation["requestBody"])  # whole, not pointing into $defs it does not have
+
+
+@pytest.mark.parametrize("body,param,expected", [
+    ({"n": "two"}, "n", "'n' must be an integer"), ({"n": True}, "n", "'n' must be an integer"),
+    ({"guidance_scale": "x"}, "guidance_scale", "'guidance_scale' must be a number"),
+    ({"stream": "yes"}, "stream", "'stream' must be a boolean"),
+    ({"seed": 1.5}, "seed", "'seed' must be an integer"),
+    ({"top_k": {"0": 1}}, "top_k", "'top_k' must be an integer or a list"),
+    ({"temperature": [1.0, "hot"]}, "temperature", "'temperature[1]' must be a number"),
+    ({"extra_params": {"window": "4"}}, "extra_params.window", "'extra_params.window' must be an integer"),
+    ({"extra_params": [1]}, "extra_params", "'extra_params' must be an object"),
+    ({"prompt": None}, "prompt", "'prompt' is required"), ({"prompt": 1.5}, "prompt", "'prompt' must be a string"),
+    ({"response_format": "url"}, "response_format", "b64_json"),
+    ({"steps": 2}, "steps", "unrecognized"), ({"extra_params": {"n": 2}}, "extra_params.n", "unrecognized"),
+])
+def test_a_value_of_the_wrong_type_is_a_400_naming_the_field_and_its_type(server, body, param, expected):
+    r = generate(server, **{"prompt": "3", **body})
+    assert_openai_error(r, 400, param)
+    assert expected in r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_32_concurrent_mixed_requests_complete_and_seeds_hold_under_load(server):
     strategies = [{}, {"strategy": "zipar", "window": 8}, {"strategy": "sjd", "window": 8},
                   {"strategy": "zipar", "window": 2}, {"strategy": "sjd", "window": 16, "init": "horizontal"}]

@@ -1,6 +1,7 @@
 """`POST /v1/images/generations` on vLLM's OpenAI-compatible server (entry point `vllm.endpoint_plugins`).
 
-Request (OpenAI's images API, plus this plugin's decoding fields; unknown fields are a 400):
+Request (OpenAI's images API, plus this plugin's decoding fields; the pydantic model `ImagesRequest`,
+shown in the server's /docs and /openapi.json; unknown fields are a 400):
 
     {"prompt": "7" | 7 | "seven",      # a class id, or a name from config.json's class_names
      "model": "...", "n": 1, "size": "auto" | "32x32", "response_format": "b64_json",
@@ -23,10 +24,12 @@ with the whole image. Image i of a request uses seed `seed + i`.
 
 The model family (`families.py`) decides what guidance 0 or 1 means (LlamaGen: 1 is unguided; VAR's
 cfg: 0 is), which strategies apply (VAR: its own scale order, or "code" with `draft_steps` on a CoDe
-folder) and how codes become pixels. Class-conditional models take no text, so `negative_prompt` is rejected (400) rather than silently
-ignored. Validation is total and comes before the engine is touched: every field's JSON type, numbers
-finite and in range (seed in [0, 2**32 - 1] for every image of the request, guidance and temperature
-at most 100), strings at most 1,000 characters, bodies at most 1 MiB (else 413) and of any shape;
+folder) and how codes become pixels. Class-conditional models take no text, so `negative_prompt` is
+rejected (400) rather than silently ignored. Validation is total and comes before the engine is
+touched: the schema first (every field's JSON type, strictly: "2" is not 2; strings at most 1,000
+characters), then the values: numbers finite and in range (seed in [0, 2**32 - 1] for every image
+of the request, guidance and temperature at most 100) and what the model makes (its classes, sizes,
+scales); bodies at most 1 MiB (else 413);
 a bad field is a 400 with an OpenAI-style error body naming it. Windows beyond an image's length
 act as the longest useful one; an image the engine could never schedule (too many tokens in one
 step for `max_num_batched_tokens`, more KV than the cache holds) is a 400 at once. With `timeout`,
@@ -42,29 +45,107 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vllm_visual_ar.admission import image_cannot_fit
-from vllm_visual_ar.families import image_layout
-from vllm_visual_ar.requests import (Decoding, SamplingSettings, check_number, check_seed, check_text,
-                                     image_requests, parse_size, per_scale_problem, short)
+from vllm_visual_ar.families import family_of, image_layout
+from vllm_visual_ar.requests import (Decoding, SamplingSettings, check_seed, check_text, image_requests, parse_size,
+                                     per_scale_problem, short)
 
 MAX_IMAGES_PER_REQUEST = 16
 MAX_PARTIAL_IMAGES = 3  # as OpenAI's API
 MAX_BODY_BYTES = 1 << 20
 MAX_STRING = 1000       # characters in any string field (OpenAI's prompt limit for dall-e-2)
 MAX_TIMEOUT = 3600.0    # seconds
-# Every field and the JSON types it may have; anything else is a 400 before the engine is touched.
-FIELD_TYPES = {"prompt": (str, int), "model": (str,), "n": (int,), "size": (str,), "response_format": (str,),
-               "output_format": (str,), "seed": (int,), "guidance_scale": (int, float), "temperature": (int, float, list),
-               "top_k": (int, list), "top_p": (int, float, list), "strategy": (str,), "window": (int,), "init": (str,),
-               "relaxed_delta": (int, float), "relaxed_neighbours": (int,), "extra_params": (dict,),
-               "stream": (bool,), "partial_images": (int,), "negative_prompt": (str,), "user": (str,),
-               "timeout": (int, float), "draft_steps": (int,)}
-KNOWN_FIELDS = set(FIELD_TYPES)
-EXTRA_PARAMS = {"seed", "guidance_scale", "temperature", "top_k", "top_p", "strategy", "window", "init",
-                "relaxed_delta", "relaxed_neighbours", "negative_prompt", "timeout", "draft_steps"}
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object",
-               list: "a list"}
+
+
+# -- the request ---------------------------------------------------------------------------------
+# Fields for which "" means "not given", as null does for every field (OpenAI clients may send either).
+EMPTY_IS_DEFAULT = {"size", "response_format", "output_format", "strategy", "negative_prompt"}
+
+
+class DecodingFields(BaseModel):
+    """The fields an images request may give at the top level or in `extra_params`."""
+
+    # strict: JSON types as sent (no "2" for 2, no true for 1); a field not declared here is a 400
+    model_config = ConfigDict(extra="forbid", strict=True, str_max_length=MAX_STRING)
+
+    seed: int | None = Field(None, description="Image i of the request uses seed + i, each in [0, 2**32 - 1]. "
+                                               "Default: random.")
+    guidance_scale: float | None = Field(None, description="Classifier-free guidance, in [0, 100]. What is unguided "
+                                                           "depends on the model family (LlamaGen: 1, VAR: 0). "
+                                                           "Default: the model's.")
+    temperature: float | list[float] = Field(1.0, description="In [0, 2]; 0 is greedy. Next-scale (VAR) models: "
+                                                              "also a list, one value per scale.")
+    top_k: int | list[int] | None = Field(None, description="At least 0 (0: off); more than the codebook acts as "
+                                                            "the codebook. Next-scale (VAR) models: also a list, "
+                                                            "one value per scale. Default: the model's.")
+    top_p: float | list[float] | None = Field(None, description="In (0, 1] (1: off). Next-scale (VAR) models: also "
+                                                                "a list, one value per scale. Default: the model's.")
+    strategy: str = Field("raster", description="The decoding order: 'raster' (VAR models: their next-scale "
+                                                "order), 'zipar' (with window), 'sjd' (speculative Jacobi "
+                                                "decoding) or 'code' (VAR models with a CoDe refiner).")
+    window: int | None = Field(None, description="zipar: the tokens of the row above a row starts after; sjd: "
+                                                 "the tokens verified per forward (default 16). Longer than "
+                                                 "useful: the longest useful one.")
+    init: str | None = Field(None, description="sjd: how drafts start, 'random' (default) or 'horizontal'.")
+    relaxed_delta: float | None = Field(None, description="sjd: relaxed (LANTERN-style, not exact) acceptance "
+                                                          "with this delta.")
+    relaxed_neighbours: int | None = Field(None, description="sjd with relaxed_delta: the latent neighbours of a "
+                                                             "code that count.")
+    draft_steps: int | None = Field(None, description="code: the scales the drafter decodes, before the refiner.")
+    negative_prompt: str | None = Field(None, description="Text-to-image models only: the text the unconditional "
+                                                          "guidance stream is given.")
+    timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT, description="Seconds; images not done by then are "
+                                                                          "aborted and the answer is a 408.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_given(cls, data):
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items()
+                if k not in cls.model_fields or not (v is None or v == "" and k in EMPTY_IS_DEFAULT)}
+
+
+class ImagesRequest(DecodingFields):
+    """`POST /v1/images/generations`: OpenAI's images request and this plugin's decoding fields."""
+
+    prompt: str | int = Field(description="Text-to-image models: the text. Class-conditional models: a class id, "
+                                          "or a name from config.json's class_names.")
+    model: str | None = Field(None, description="The served model's name. Default: the served model.")
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST, description="The number of images.")
+    size: str = Field("auto", description="'WIDTHxHEIGHT' in pixels, or 'auto': the model's default size "
+                                          "(class-conditional models make one size).")
+    response_format: Literal["b64_json"] = Field("b64_json", description="Images come back inline.")
+    output_format: Literal["png"] = "png"
+    stream: bool = Field(False, description="Server-sent events (n = 1): partial images, then the image.")
+    partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description="Streamed previews before the image.")
+    user: str | None = None
+    extra_params: DecodingFields | None = Field(None, description="Decoding fields, vllm-omni style: they win over "
+                                                                  "the same fields at the top level.")
+
+
+def request_schema() -> dict:
+    """ImagesRequest's JSON schema for OpenAPI, with extra_params' schema in place (an operation's
+    schema cannot point into its own $defs)."""
+    schema = ImagesRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+    # OpenAI's fields first, then the decoding ones
+    schema["properties"] = dict(sorted(schema["properties"].items(), key=lambda f: f[0] in DecodingFields.model_fields))
+
+    def inline(node):
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        node = {k: inline(v) for k, v in node.items() if k != "$ref"}
+        return {**inline(defs[ref.rsplit("/", 1)[1]]), **node} if ref else node
+
+    return inline(schema)
 
 
 class BadRequest(ValueError):
@@ -75,6 +156,45 @@ class BadRequest(ValueError):
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+_JSON_TYPES = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
+               "bool_type": "a boolean", "list_type": "a list", "model_type": "an object"}
+
+
+def _where(error: dict) -> tuple:
+    """A pydantic error's loc without its union member tags ('int', 'list[float]', ...): field names,
+    list indices and, for an unknown field, its name."""
+    loc, fields = error["loc"], ImagesRequest.model_fields
+    return tuple(p for i, p in enumerate(loc) if isinstance(p, int) or p in fields
+                 or (error["type"] == "extra_forbidden" and i == len(loc) - 1))
+
+
+def _invalid(error: ValidationError) -> BadRequest:
+    """The first field pydantic refused as a BadRequest: param its name (`extra_params.window`), the
+    message what it must be."""
+    # unknown fields first (often a misspelt one), then the others in the schema's order
+    errors = sorted(((_where(e), e) for e in error.errors(include_url=False)),
+                    key=lambda pair: pair[1]["type"] != "extra_forbidden")
+    first = errors[0][0]
+    field = first[:2] if first[0] == "extra_params" else first[:1]
+    # A union field has one error per member: take the most specific (an entry of a per-scale list).
+    where = max((w for w, _ in errors if w[:len(field)] == field), key=len)
+    found = [e for w, e in errors if w == where]
+    param = ".".join(p for p in where if isinstance(p, str))[:MAX_STRING]
+    name = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in where)[1:]
+    if found[0]["type"] == "extra_forbidden":
+        unknown = [str(w[-1]) for w, e in errors if e["type"] == "extra_forbidden" and w[:-1] == where[:-1]]
+        scope = "extra_params" if len(where) > 1 else "request argument(s)"
+        return BadRequest(f"unrecognized {scope}: {', '.join(unknown)}"[:MAX_STRING], param)
+    if found[0]["type"] == "missing":
+        return BadRequest(f"'{name}' is required", param)
+    value = short(found[0]["input"])
+    if all(e["type"] in _JSON_TYPES for e in found):  # none of the field's JSON types
+        return BadRequest(f"'{name}' must be {' or '.join(_JSON_TYPES[e['type']] for e in found)}, got {value}",
+                          param)
+    message = next(e["msg"] for e in found if e["type"] not in _JSON_TYPES)  # e.g. a bound
+    return BadRequest(f"'{name}': {message[0].lower()}{message[1:]}, got {value}", param)
 
 
 @dataclass(frozen=True)
@@ -89,31 +209,6 @@ class ImagesJob:
     timeout: float | None = None
     negative_prompt: str | None = None
     size: tuple[int, int] | None = None  # text-to-image models: (width, height)
-
-
-def _check_types(fields: dict, where: str = "") -> None:
-    """JSON null means "not given"; otherwise each field must have one of its types (a bool is not
-    a number here) and a string at most MAX_STRING characters."""
-    for name, value in fields.items():
-        if value is None:
-            continue
-        types = FIELD_TYPES[name]
-        ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
-        if not ok:
-            expected = " or ".join(_TYPE_NAMES[t] for t in types if not (t is int and float in types))
-            raise BadRequest(f"'{where}{name}' must be {expected}, got {short(value)}", where + name)
-        if isinstance(value, str) and len(value) > MAX_STRING:
-            raise BadRequest(f"'{where}{name}' is longer than {MAX_STRING} characters", where + name)
-
-
-def _int(fields: dict, name: str, default, low: int, high: int | None = None):
-    value = fields.get(name)
-    if value is None:
-        return default
-    if value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"between {low} and {high}"
-        raise BadRequest(f"'{name}' must be {bounds}, got {short(value)}", name)
-    return value
 
 
 def parse_class(config, prompt) -> int:
@@ -138,31 +233,26 @@ def parse_class(config, prompt) -> int:
 
 
 def parse_images_request(body, config) -> ImagesJob:
-    """Validate an images request against a model config; BadRequest names the offending field."""
+    """Validate an images request: its schema (`ImagesRequest`), then against the model config.
+    BadRequest names the offending field."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", None)
-    unknown = sorted(set(body) - KNOWN_FIELDS)
-    if unknown:
-        raise BadRequest(f"unrecognized request argument(s): {', '.join(unknown)[:MAX_STRING]}", unknown[0][:MAX_STRING])
-    _check_types(body)
-    extra = body.get("extra_params") or {}
-    if unknown := sorted(set(extra) - EXTRA_PARAMS):
-        raise BadRequest(f"unrecognized extra_params: {', '.join(unknown)[:MAX_STRING]}",
-                         f"extra_params.{unknown[0][:MAX_STRING]}")
-    _check_types(extra, "extra_params.")
-    fields = {**body, **{k: v for k, v in extra.items() if v is not None}}
-    from vllm_visual_ar.families import family_of
+    try:
+        request = ImagesRequest.model_validate(body)
+    except ValidationError as e:
+        raise _invalid(e) from None
+    if request.extra_params is not None:  # given there, a field wins over the top level's
+        request = request.model_copy(update=request.extra_params.model_dump(exclude_unset=True))
+    from vllm_visual_ar.samplers import decoding_problem
 
     family = family_of(config)
-    negative = fields.get("negative_prompt") or None  # "" is "none", as OpenAI clients may send it
+    negative = request.negative_prompt
     if negative is not None and not family.takes_text:
         raise BadRequest("negative_prompt is not supported: this model is class-conditional and takes no text",
                          "negative_prompt")
-    if body.get("prompt") is None:
-        raise BadRequest("'prompt' is required", "prompt")
     size = None
     if family.takes_text:
-        prompt = body["prompt"]
+        prompt = request.prompt
         for name, text in (("prompt", prompt), ("negative_prompt", negative)):
             if text is not None:
                 try:
@@ -170,66 +260,49 @@ def parse_images_request(body, config) -> ImagesJob:
                 except ValueError as e:
                     raise BadRequest(str(e), name) from None
         try:
-            size = family.size(config, parse_size(fields.get("size") or "auto"))
+            size = family.size(config, parse_size(request.size))
             family.image_layout(config, size)
         except ValueError as e:
             raise BadRequest(str(e), "size") from None
     else:
-        prompt = parse_class(config, body["prompt"])
-        size_text = fields.get("size") or "auto"
+        prompt = parse_class(config, request.prompt)
         native = f"{config.image_size}x{config.image_size}"
-        if size_text not in ("auto", native):
-            raise BadRequest(f"size {short(size_text)} is not one this model makes: use {native!r} or 'auto'", "size")
-    n = _int(fields, "n", 1, 1, MAX_IMAGES_PER_REQUEST)
-    response_format = fields.get("response_format") or "b64_json"
-    if response_format != "b64_json":
-        raise BadRequest(f"response_format {short(response_format)} is not supported: images are returned inline "
-                         "as 'b64_json'", "response_format")
-    if (fields.get("output_format") or "png") != "png":
-        raise BadRequest(f"output_format {short(fields['output_format'])} is not supported: use 'png'",
-                         "output_format")
+        if request.size not in ("auto", native):
+            raise BadRequest(f"size {short(request.size)} is not one this model makes: use {native!r} or 'auto'",
+                             "size")
+    n = request.n
     try:
-        seed = check_seed(fields.get("seed"), n)
+        seed = check_seed(request.seed, n)
     except ValueError as e:
         raise BadRequest(str(e), "seed") from None
-    from vllm_visual_ar.families import family_of
-    from vllm_visual_ar.samplers import decoding_problem
+
+    def given(name: str, fallback):  # or the model's default
+        value = getattr(request, name)
+        return family.default(config, name, fallback) if value is None else value
 
     # top_k, top_p and temperature: one value, or (next-scale models) a list with one per scale.
-    top_k = fields.get("top_k")
+    top_k = given("top_k", 0)
     if not isinstance(top_k, list):
-        top_k = min(_int(fields, "top_k", family.default(config, "top_k", 0), 0), image_layout(config).codebook_size)
-    guidance = fields.get("guidance_scale")
-    top_p = fields.get("top_p", family.default(config, "top_p", 1.0))
-    numbers = (family.default(config, "guidance_scale") if guidance is None else guidance, fields.get("temperature", 1.0),
-               top_k, 1.0 if top_p is None else top_p)
+        top_k = min(top_k, image_layout(config).codebook_size)
     try:
-        settings = SamplingSettings(*(1.0 if v is None else v for v in numbers),
-                                    unguided_scale=family_of(config).unguided_scale)
+        settings = SamplingSettings(given("guidance_scale", 1.0), request.temperature, top_k, given("top_p", 1.0),
+                                    unguided_scale=family.unguided_scale)
     except ValueError as e:
         raise BadRequest(str(e), str(e).split(" ", 1)[0].split("[")[0]) from None
     if problem := per_scale_problem(settings.per_scale, getattr(config, "num_scales", None)):
         raise BadRequest(problem, next(iter(sorted(settings.per_scale))))
-    strategy = fields.get("strategy") or "raster"
     names = ("strategy", "init", "window", "relaxed_delta", "relaxed_neighbours", "draft_steps")
     try:
-        decoding = Decoding(strategy, fields.get("window"), fields.get("init"), fields.get("relaxed_delta"),
-                            fields.get("relaxed_neighbours"), fields.get("draft_steps")).fitted(config)
+        decoding = Decoding(request.strategy, request.window, request.init, request.relaxed_delta,
+                            request.relaxed_neighbours, request.draft_steps).fitted(config, size)
     except ValueError as e:
         raise BadRequest(str(e), next((f for f in names if str(e).startswith(f)), "relaxed_delta")) from None
     if problem := decoding_problem(config, decoding):
         raise BadRequest(problem, next((f for f in reversed(names) if f in problem), "strategy"))
-    stream = fields.get("stream") or False
-    partial_images = _int(fields, "partial_images", 0, 0, MAX_PARTIAL_IMAGES)
-    if stream and n != 1:
+    if request.stream and n != 1:
         raise BadRequest("streaming returns one image: use n = 1 with stream = true", "n")
-    timeout = fields.get("timeout")
-    if timeout is not None:
-        try:
-            timeout = check_number(timeout, "timeout", 0, MAX_TIMEOUT, low_open=True)
-        except ValueError as e:
-            raise BadRequest(f"{e} (seconds)", "timeout") from None
-    return ImagesJob(prompt, n, seed, settings, decoding, stream, partial_images, timeout, negative, size)
+    return ImagesJob(prompt, n, seed, settings, decoding, request.stream, request.partial_images, request.timeout,
+                     negative, size)
 
 
 # -- images --------------------------------------------------------------------------------------
@@ -377,7 +450,11 @@ class ImagesEndpoint:
 
         from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
-        @app.post("/v1/images/generations")
+        # The body is read here, not by FastAPI, so that every bad request is an OpenAI-style 400
+        # (FastAPI's own validation answers 422); the schema is declared for /docs and /openapi.json.
+        body = {"required": True, "content": {"application/json": {"schema": request_schema()}}}
+
+        @app.post("/v1/images/generations", summary="Create images", openapi_extra={"requestBody": body})
         @with_cancellation
         async def create_images(raw_request: Request):
             return await self._handle(raw_request)
