@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_OMP_THREADS_BIND ?= nobind
 
-.PHONY: venv demo serve test bench train train-var clean
+.PHONY: venv demo serve test bench train train-var train-t2i clean
 
 venv: $(VENV)/.installed
 
@@ -33,6 +33,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_zipar.py
 	$(BIN)/python benchmarks/bench_sjd.py
 	$(BIN)/python benchmarks/bench_var.py
+	$(BIN)/python benchmarks/bench_t2i.py
 	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/bench_soak.py
 
@@ -41,6 +42,9 @@ train: venv  ## retrain the embedded model (CPU, about 40 minutes)
 
 train-var: venv  ## retrain the embedded VAR / CoDe model var-mnist (CPU, about 45 minutes)
 	$(BIN)/python scripts/train_var_embedded.py
+
+train-t2i: venv  ## retrain the embedded text-to-image model t2i-mnist (Lumina-mGPT layout; CPU, about 45 minutes)
+	$(BIN)/python scripts/train_t2i_embedded.py
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -35,7 +35,8 @@ not by id order. `LuminaVocab` holds both directions as tensors. (Meta's `conver
 and values separately, which is right only for a monotone mapping; Lumina's `decode_image` uses the
 `bpe2img` dict, as we do.)
 
-Request layout (a (width, height) size in pixels, both multiples of 32):
+Request layout (a (width, height) size in pixels, both multiples of 32; "/ 32" and "/ 16" below are the
+resolution unit and `code_pixels`, see "Sizes"):
 - cond prompt: `[<s>] + text("Generate an image of {W}x{H} according to the following prompt:\\n{caption}")
   + [<reserved08706>] + [<racm3:break>, res(H/32), res(W/32)]`. The first part is Lumina's
   conversation with one human turn and an empty assistant turn (`Conversation.process` appends the
@@ -65,6 +66,17 @@ checkpoint's (README: 7B-512, 7B-768, 7B-768-Omni, 7B-1024, 34B-512): the (w, h)
 w * h <= (target/32)^2 with aspect ratio at most 4 (49 sizes at 512, 73 at 768, 97 at 1024). Generation
 itself checks nothing; `resolutions` / `grid` refuse other sizes (Lumina-mGPT issue #20: "The model
 was not trained at 256x256").
+
+A `SizeRule` carries these three facts for one checkpoint (the functions below take it, or a bare
+`target_size` for Lumina's own rule). Besides `target_size`, a converted folder's config.json may set
+two fields for checkpoints with another VQGAN (none of Lumina's releases sets them):
+- `code_pixels` (default 16): the VQGAN's downsampling, pixels per code side. The resolution unit
+  stays two codes, as Lumina's 32 px for 16: unit = 2 * code_pixels, so a side of P pixels is
+  P / code_pixels codes and resolution token `<reserved{8800 + P / unit:05d}>`; sizes must be
+  multiples of the unit. The prompt's text still names pixels ("Generate an image of 32x32 ...").
+- `sizes` (default: the staircase above, computed with that unit): a list of [width, height] in
+  pixels, the only sizes the checkpoint was trained at and the only ones allowed.
+The embedded `t2i-mnist` (a 2x-downsampling VQGAN, 32x32 and 24x40 digits) sets both.
 
 Guidance (`guidance_mix`): raw logits, `uncond + s * (cond - uncond)` (the CFG processor above), for
 every position of the image (EOL and `<eoss>` positions are forced afterwards anyway); s == 1 skips the
@@ -142,29 +154,66 @@ def text_ids(tokenizer, text: str) -> list[int]:
 
 # ---- sizes ----------------------------------------------------------------------------------------
 
-def resolutions(target_size: int = 768, max_ratio: float = MAX_ASPECT_RATIO) -> list[tuple[int, int]]:
+def resolutions(target_size: int = 768, max_ratio: float = MAX_ASPECT_RATIO,
+                grid_pixels: int = GRID_PIXELS) -> list[tuple[int, int]]:
     """The (width, height) pixel sizes a Lumina-mGPT model trained at `target_size` (512, 768 or 1024
-    for the released checkpoints; any positive multiple of 32 for other models) was trained on.
+    for the released checkpoints; any positive multiple of `grid_pixels` for other models) was
+    trained on; `grid_pixels` is the resolution unit (32 for Lumina's VQGAN, see `SizeRule`).
 
     Same set and order as `generate_crop_size_list((target_size // 32) ** 2, 32, max_ratio)`: that
     function walks the staircase of grids (w, h) with w * h <= budget, w from the budget down to 1 and
     h rising as far as the budget allows at each w, so at width w it visits every h from
     max(1, budget // (w + 1)) to budget // w; it keeps those with max/min <= max_ratio."""
-    if not isinstance(target_size, int) or target_size <= 0 or target_size % GRID_PIXELS:
-        raise ValueError(f"target_size must be a positive multiple of {GRID_PIXELS} pixels, got {target_size!r}")
-    budget = (target_size // GRID_PIXELS) ** 2
+    if not isinstance(target_size, int) or target_size <= 0 or target_size % grid_pixels:
+        raise ValueError(f"target_size must be a positive multiple of {grid_pixels} pixels, got {target_size!r}")
+    budget = (target_size // grid_pixels) ** 2
     sizes = []
     for w in range(budget, 0, -1):
         for h in range(max(1, budget // (w + 1)), budget // w + 1):
             if max(w, h) / min(w, h) <= max_ratio:
-                sizes.append((w * GRID_PIXELS, h * GRID_PIXELS))
+                sizes.append((w * grid_pixels, h * grid_pixels))
     return sizes
 
 
-def grid(size: tuple[int, int], target_size: int = 768) -> tuple[int, int]:
+@dataclass(frozen=True)
+class SizeRule:
+    """How one checkpoint maps pixels to codes and which sizes it makes (module docstring, "Sizes"):
+    `target_size` its training resolution, `code_pixels` its VQGAN's downsampling (the resolution
+    unit is two codes), `sizes` the (width, height) list it was trained at, or None for Lumina's
+    staircase at `target_size`."""
+    target_size: int = 768
+    code_pixels: int = CODE_PIXELS
+    sizes: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.code_pixels, bool) or not isinstance(self.code_pixels, int) or self.code_pixels <= 0:
+            raise ValueError(f"code_pixels must be a positive integer, got {self.code_pixels!r}")
+        if self.sizes is not None:
+            sizes = tuple((int(w), int(h)) for w, h in self.sizes)
+            if not sizes or any(w <= 0 or h <= 0 or w % self.unit or h % self.unit for w, h in sizes):
+                raise ValueError(f"sizes must be [width, height] pairs of positive multiples of {self.unit} "
+                                 f"pixels (2 x code_pixels), got {self.sizes!r}")
+            object.__setattr__(self, "sizes", sizes)
+
+    @property
+    def unit(self) -> int:
+        """Pixels per resolution-token unit: two codes (Lumina's 32 for its 16)."""
+        return 2 * self.code_pixels
+
+    def allowed(self) -> list[tuple[int, int]]:
+        return list(self.sizes) if self.sizes is not None else resolutions(self.target_size, grid_pixels=self.unit)
+
+
+def size_rule(target_size: "int | SizeRule" = 768) -> SizeRule:
+    """A `SizeRule` as given, or Lumina's rule (16 px per code, the staircase) at a target size."""
+    return target_size if isinstance(target_size, SizeRule) else SizeRule(target_size)
+
+
+def grid(size: tuple[int, int], target_size: "int | SizeRule" = 768) -> tuple[int, int]:
     """(width, height) in pixels -> (rows, cols) of VQGAN codes; ValueError for a size the model at
-    `target_size` was not trained on (the message lists the allowed ones)."""
-    allowed = resolutions(target_size)
+    `target_size` (or `SizeRule`) was not trained on (the message lists the allowed ones)."""
+    rule = size_rule(target_size)
+    allowed = rule.allowed()
     try:
         width, height = (int(v) for v in size)
         ok = (width, height) == tuple(size) and (width, height) in allowed
@@ -172,9 +221,9 @@ def grid(size: tuple[int, int], target_size: int = 768) -> tuple[int, int]:
         ok = False
     if not ok:
         listed = ", ".join(f"{w}x{h}" for w, h in allowed)
-        raise ValueError(f"Lumina-mGPT ({target_size}) cannot generate a (width, height) of {size!r}; "
+        raise ValueError(f"Lumina-mGPT ({rule.target_size}) cannot generate a (width, height) of {size!r}; "
                          f"allowed width x height: {listed}")
-    return height // CODE_PIXELS, width // CODE_PIXELS
+    return height // rule.code_pixels, width // rule.code_pixels
 
 
 # ---- vocabulary -----------------------------------------------------------------------------------
@@ -235,16 +284,17 @@ class LuminaVocab:
             raise ValueError(f"the vocabulary has no resolution token {resolution_token(grids)!r}")
         return self.resolution_ids[grids]
 
-    def image_header(self, size: tuple[int, int], target_size: int = 768) -> list[int]:
+    def image_header(self, size: tuple[int, int], target_size: "int | SizeRule" = 768) -> list[int]:
         """[image start, height token, width token] for a (width, height) size."""
-        grid(size, target_size)
+        rule = size_rule(target_size)
+        grid(size, rule)
         width, height = size
-        return [self.image_start, self.resolution_id(height // GRID_PIXELS), self.resolution_id(width // GRID_PIXELS)]
+        return [self.image_start, self.resolution_id(height // rule.unit), self.resolution_id(width // rule.unit)]
 
 
 # ---- the request ----------------------------------------------------------------------------------
 
-def image_layout(source, size: tuple[int, int], target_size: int = 768) -> ImageLayout:
+def image_layout(source, size: tuple[int, int], target_size: "int | SizeRule" = 768) -> ImageLayout:
     """The generated tokens of one (width, height) image: rows x (cols codes + EOL), then `<eoss>`."""
     rows, cols = grid(size, target_size)
     vocab = LuminaVocab.of(source)
@@ -252,7 +302,7 @@ def image_layout(source, size: tuple[int, int], target_size: int = 768) -> Image
                        image_end=(vocab.image_end,))
 
 
-def prompt_ids(tokenizer, text: str, size: tuple[int, int], target_size: int = 768,
+def prompt_ids(tokenizer, text: str, size: tuple[int, int], target_size: "int | SizeRule" = 768,
                vocab: LuminaVocab | None = None) -> list[int]:
     """The cond request's prompt: BOS, the templated caption, end of turn, then the image start and
     resolution tokens the original leaves to the model (see the module docstring).
@@ -267,7 +317,7 @@ def prompt_ids(tokenizer, text: str, size: tuple[int, int], target_size: int = 7
     return [vocab.bos, *text_ids(tokenizer, caption), vocab.end_of_turn, *header]
 
 
-def uncond_ids(tokenizer, negative_prompt: str | None, size: tuple[int, int], target_size: int = 768,
+def uncond_ids(tokenizer, negative_prompt: str | None, size: tuple[int, int], target_size: "int | SizeRule" = 768,
                vocab: LuminaVocab | None = None) -> list[int]:
     """The uncond request's prompt: Lumina's `[image start, height, width]` when `negative_prompt` is
     None; a negative prompt (not in Lumina-mGPT) is wrapped like a cond prompt."""
@@ -286,7 +336,8 @@ def guidance_mix(cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tenso
 # ---- the family interface (`vllm_visual_ar/families.py`) -----------------------------------------
 # A converted Lumina-mGPT folder's config.json is the checkpoint's (a ChameleonConfig whose
 # `vocabulary_map` is the tokenizer's vocabulary), plus `target_size`: the resolution the checkpoint
-# was trained for (Alpha-VLLM/Lumina-mGPT-7B-768: 768), which sets its allowed sizes.
+# was trained for (Alpha-VLLM/Lumina-mGPT-7B-768: 768), which sets its allowed sizes, and optionally
+# `code_pixels` and `sizes` (module docstring, "Sizes").
 
 def vocab_of(config) -> LuminaVocab:
     """The config's vocabulary ids (computed once per config)."""
@@ -301,25 +352,36 @@ def target_size_of(config) -> int:
     return int(getattr(config, "target_size", None) or 768)
 
 
+def size_rule_of(config) -> SizeRule:
+    """The config's `SizeRule`: `target_size`, `code_pixels` (default 16) and `sizes` (default None)."""
+    sizes = getattr(config, "sizes", None)
+    return SizeRule(target_size_of(config), int(getattr(config, "code_pixels", None) or CODE_PIXELS),
+                    None if sizes is None else tuple(tuple(s) for s in sizes))
+
+
 def default_size(config) -> tuple[int, int]:
-    """The checkpoint's training resolution, square."""
-    return (target_size_of(config),) * 2
+    """The checkpoint's training resolution, square (the first of its `sizes` if the square is not
+    among them)."""
+    rule = size_rule_of(config)
+    square = (rule.target_size,) * 2
+    return square if rule.sizes is None or square in rule.sizes else rule.sizes[0]
 
 
 def config_layout(config, size) -> ImageLayout:
     return image_layout(vocab_of(config), tuple(size if size is not None else default_size(config)),
-                        target_size_of(config))
+                        size_rule_of(config))
 
 
 def config_prompts(config, tokenizer, text: str, negative_prompt: str | None, size) -> tuple[list[int], list[int]]:
-    vocab, target = vocab_of(config), target_size_of(config)
-    return (prompt_ids(tokenizer, text, tuple(size), target, vocab),
-            uncond_ids(tokenizer, negative_prompt, tuple(size), target, vocab))
+    vocab, rule = vocab_of(config), size_rule_of(config)
+    return (prompt_ids(tokenizer, text, tuple(size), rule, vocab),
+            uncond_ids(tokenizer, negative_prompt, tuple(size), rule, vocab))
 
 
 def load_image_decoder(model_dir: str, device: str = "cpu"):
     """Code token ids [N, rows * cols] (the image's codes, end-of-line tokens dropped) and the grid
-    -> RGB images in [-1, 1]: the tokens' codebook indices (`bpe2img`) through Chameleon's VQGAN."""
+    -> RGB images in [-1, 1] (rows * code_pixels high): the tokens' codebook indices (`bpe2img`)
+    through Chameleon's VQGAN."""
     from vllm_visual_ar.families import family_of
     from vllm_visual_ar.model_executors import chameleon_vq
 

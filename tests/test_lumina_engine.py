@@ -210,6 +210,23 @@ def test_bad_text_to_image_input(lumina_generator, kwargs, match):
     assert lumina_generator.generate(prompts=["a cat"], **GREEDY)[0].stats.tokens == lumina_generator.layout.num_tokens
 
 
+def test_tokens_outside_the_vocabulary_are_refused(lumina_generator):
+    """A hand-made `LLM.generate` request with a token id past the vocabulary: vLLM's own clear
+    error (`VLLMValidationError`) before anything runs, and the engine serves on."""
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_visual_ar.requests import SamplingSettings, image_requests
+
+    gen = lumina_generator
+    (cond, params), (uncond, uncond_params) = image_requests(gen.config, "a cat", SamplingSettings(3.0, top_k=1),
+                                                             tokenizer=gen.tokenizer)
+    for bad in (gen.config.vocab_size, -1):
+        with pytest.raises(VLLMValidationError, match="out of vocabulary"):
+            gen.llm.generate([{"prompt_token_ids": cond["prompt_token_ids"] + [bad]}, uncond], [params, uncond_params],
+                             use_tqdm=False)
+    assert gen.generate(prompts=["a cat"], **GREEDY)[0].stats.tokens == gen.layout.num_tokens
+
+
 def test_cli_converts_and_generates_from_text(tmp_path, tiny_lumina):
     """`convert lumina` from the release files, then `generate --prompt --size` in its own process."""
     import os

