@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see bench_raster.py
 
-from common import markdown_table, write_results  # noqa: E402
+from common import decoding_table, images_per_second, markdown_table, write_results  # noqa: E402
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # (caption template, the attribute bin it asks for): the evaluator measures that bin
@@ -51,47 +50,23 @@ def evaluator_images(images) -> "torch.Tensor":
     return x[:, None, 2:-2, 2:-2] / 255
 
 
-def images_per_second(engine, n: int, sampling: dict, decoding: dict, repeats: int) -> float:
-    rounds = max(1, -(-10 // n))
-    texts = [f"the digit {w}" for w in DIGITS]
-    engine.generate(prompts=texts[: min(n, 10)], seed=0, **sampling, **decoding)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for r in range(rounds):
-            engine.generate(prompts=[texts[(r * n + i) % 10] for i in range(n)], seed=r * n, **sampling, **decoding)
-        times.append(time.perf_counter() - t0)
-    return rounds * n / min(times)
-
-
 def compare(engine, configs, in_flight: list[int], repeats: int, per_prompt: int) -> str:
     from vllm_visual_ar.evaluation import Evaluator
 
     evaluator = Evaluator()
     sampling = dict(temperature=1.0)  # guidance, top-k, top-p: the model's defaults (config.json)
     prompts, classes, attributes = quality_prompts(per_prompt)
-    tokens = engine.layout.num_tokens
-    rows, baseline = [], {}
-    for name, decoding in configs:
+    texts = [f"the digit {w}" for w in DIGITS]
+
+    def quality_images(decoding):
         images = engine.generate(prompts=prompts, seed=0, **sampling, **decoding)
-        forwards = sum(im.stats.forward_passes for im in images) / len(images)
-        drafts = sum(im.stats.draft_tokens for im in images)
-        accepted = sum(im.stats.accepted_drafts for im in images)
         quality = evaluator(evaluator_images(images), classes, attributes)
-        row = [name, f"{forwards:.1f}", f"{100 * (forwards / tokens - 1):+.1f}%", f"{tokens / forwards:.2f}",
-               f"{accepted / drafts:.3f}" if drafts else "-"]
-        for n in in_flight:
-            rate = images_per_second(engine, n, sampling, decoding, repeats)
-            baseline.setdefault(n, rate)
-            row += [f"{rate:.2f}", f"{rate / baseline[n]:.2f}x"]
-        row += [f"{quality.class_agreement:.3f}", f"{quality.attribute_agreement:.3f}"]
-        rows.append(row)
-        print(row, flush=True)
-    header = ["decoding", "forwards/image", "vs raster", "tokens/forward", "draft acceptance"]
-    for n in in_flight:
-        header += [f"images/s, {n} in flight", "speed-up"]
-    header += [f"class agreement ({len(prompts)} images)", "attribute agreement (chance 1/3)"]
-    return markdown_table(header, rows)
+        return images, [f"{quality.class_agreement:.3f}", f"{quality.attribute_agreement:.3f}"]
+
+    return decoding_table(configs, engine.layout.num_tokens, in_flight, quality_images,
+                          lambda n, decoding: images_per_second(engine, n, sampling, decoding, repeats, texts,
+                                                                "prompts"),
+                          [f"class agreement ({len(prompts)} images)", "attribute agreement (chance 1/3)"])
 
 
 def lumina_grid_table(windows: list[int]) -> str:

@@ -49,16 +49,20 @@ def default_sampling(config) -> dict:
                 top_p=getattr(config, "default_top_p", 1.0))
 
 
-def images_per_second(engine, n: int, sampling: dict, decoding: dict, repeats: int) -> float:
-    """At least 10 images, in rounds of n in flight (one round = one generate call), so that a
-    single image's luck does not decide the 1-in-flight figure; best of `repeats` after a warm-up."""
+def images_per_second(engine, n: int, sampling: dict, decoding: dict, repeats: int, items=range(10),
+                      key: str = "classes") -> float:
+    """At least 10 images, in rounds of n in flight (one round = one generate call, image i of a
+    round asking for items[i % len(items)]: classes, or prompts with key="prompts"), so that a single
+    image's luck does not decide the 1-in-flight figure; best of `repeats` after a warm-up."""
+    items = list(items)
     rounds = max(1, -(-10 // n))
-    engine.generate(list(range(min(n, 10))), seed=0, **sampling, **decoding)  # warm-up
+    engine.generate(**{key: items[: min(n, 10)]}, seed=0, **sampling, **decoding)  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for r in range(rounds):
-            engine.generate([(r * n + i) % 10 for i in range(n)], seed=r * n, **sampling, **decoding)
+            engine.generate(**{key: [items[(r * n + i) % len(items)] for i in range(n)]}, seed=r * n, **sampling,
+                            **decoding)
         times.append(time.perf_counter() - t0)
     return rounds * n / min(times)
 
@@ -75,37 +79,47 @@ def sample_quality(engine, images, evaluator=None):
                                       [im.class_id for im in images])
 
 
-def compare_decodings(engine, configs: list[tuple[str, dict]], in_flight: list[int], repeats: int,
-                      per_class: int) -> str:
+def decoding_table(configs: list[tuple[str, dict]], image_tokens: int, in_flight: list[int], quality_images,
+                   rate, quality_header: list[str]) -> str:
     """A markdown table, one row per (name, decoding kwargs) in configs, the first being the
     baseline: forwards per image (mean), tokens per forward, SJD acceptance where there is some,
-    images/s at each number of guided images in flight (see images_per_second) with the speed-up over
-    the baseline, and the evaluator's class agreement and Fréchet distance on
-    `per_class` images per class. One engine, the model's default sampling, same seeds."""
-    from vllm_visual_ar.evaluation import Evaluator
-
-    cfg = engine.config
-    sampling = default_sampling(cfg)
-    evaluator = Evaluator()
-    quality_classes = [c for c in range(10) for _ in range(per_class)]
+    images/s at each number of guided images in flight (`rate(n, decoding)`) with the speed-up over
+    the baseline, then the quality columns (`quality_images(decoding)` -> (images, [column values]))."""
     rows, baseline = [], {}
     for name, decoding in configs:
-        images = engine.generate(quality_classes, seed=0, **sampling, **decoding)
+        images, quality = quality_images(decoding)
         forwards = sum(im.stats.forward_passes for im in images) / len(images)
         drafts = sum(im.stats.draft_tokens for im in images)
         accepted = sum(im.stats.accepted_drafts for im in images)
-        q = sample_quality(engine, images, evaluator)
-        row = [name, f"{forwards:.1f}", f"{100 * (forwards / cfg.num_image_tokens - 1):+.1f}%",
-               f"{cfg.num_image_tokens / forwards:.2f}", f"{accepted / drafts:.3f}" if drafts else "-"]
+        row = [name, f"{forwards:.1f}", f"{100 * (forwards / image_tokens - 1):+.1f}%",
+               f"{image_tokens / forwards:.2f}", f"{accepted / drafts:.3f}" if drafts else "-"]
         for n in in_flight:
-            rate = images_per_second(engine, n, sampling, decoding, repeats)
-            baseline.setdefault(n, rate)
-            row += [f"{rate:.2f}", f"{rate / baseline[n]:.2f}x"]
-        row += [f"{q.class_agreement:.3f}", f"{q.frechet:.2f}"]
-        rows.append(row)
-        print(row, flush=True)
+            r = rate(n, decoding)
+            baseline.setdefault(n, r)
+            row += [f"{r:.2f}", f"{r / baseline[n]:.2f}x"]
+        rows.append(row + quality)
+        print(rows[-1], flush=True)
     header = ["decoding", "forwards/image", "vs raster", "tokens/forward", "draft acceptance"]
     for n in in_flight:
         header += [f"images/s, {n} in flight", "speed-up"]
-    header += [f"class agreement ({len(quality_classes)} images)", "Fréchet distance"]
-    return markdown_table(header, rows)
+    return markdown_table(header + quality_header, rows)
+
+
+def compare_decodings(engine, configs: list[tuple[str, dict]], in_flight: list[int], repeats: int,
+                      per_class: int) -> str:
+    """`decoding_table` for a class-conditional model: the model's default sampling, same seeds,
+    and the evaluator's class agreement and Fréchet distance on `per_class` images per class."""
+    from vllm_visual_ar.evaluation import Evaluator
+
+    sampling = default_sampling(engine.config)
+    evaluator = Evaluator()
+    quality_classes = [c for c in range(10) for _ in range(per_class)]
+
+    def quality_images(decoding):
+        images = engine.generate(quality_classes, seed=0, **sampling, **decoding)
+        q = sample_quality(engine, images, evaluator)
+        return images, [f"{q.class_agreement:.3f}", f"{q.frechet:.2f}"]
+
+    return decoding_table(configs, engine.config.num_image_tokens, in_flight, quality_images,
+                          lambda n, decoding: images_per_second(engine, n, sampling, decoding, repeats),
+                          [f"class agreement ({len(quality_classes)} images)", "Fréchet distance"])
