@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
-from vllm_visual_ar.samplers.sampling import cfg_mix, sample
+from vllm_visual_ar.samplers.coupling import PositionNoise, coupled_draw
+from vllm_visual_ar.samplers.sampling import cfg_mix, sample, target_probs
 
 
 def rope_2d_table(cfg: LlamaGenConfig) -> torch.Tensor:
@@ -168,10 +169,11 @@ class ReferenceResult:
 @torch.no_grad()
 def generate(model: LlamaGenReference, classes: list[int], guidance_scale: float = 4.0,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None) -> ReferenceResult:
+             generator: torch.Generator | None = None, coupled_seeds: list[int] | None = None) -> ReferenceResult:
     """LlamaGen's c2i generate loop: batch [cond; uncond], prefill the class token, then one token
     per forward, guidance `uncond + s(cond - uncond)` at every step, one sample shared by both halves.
-    guidance_scale == 1 runs a single (cond) stream, as the engine does."""
+    guidance_scale == 1 runs a single (cond) stream, as the engine does. `coupled_seeds` (one per
+    image): draw by coupled noise (`samplers/coupling.py`) instead of from `generator`."""
     cfg = model.config
     device = next(model.parameters()).device
     t0 = time.perf_counter()
@@ -182,19 +184,24 @@ def generate(model: LlamaGenReference, classes: list[int], guidance_scale: float
         labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
     model.setup_cache(labels.shape[0], device=device)
 
-    def next_token(logits):
+    noise = PositionNoise(device) if coupled_seeds is not None else None
+
+    def next_token(logits, position):
         if guided:
             logits = cfg_mix(logits[:n], logits[n:], guidance_scale)
-        return sample(logits, temperature, top_k, top_p, generator)
+        if noise is None:
+            return sample(logits, temperature, top_k, top_p, generator)
+        race = torch.cat([noise.race(seed, [position], logits.shape[1]) for seed in coupled_seeds])
+        return coupled_draw(target_probs(logits, temperature, top_k, top_p), race)
 
     pos = torch.arange(cfg.cls_token_num, device=device)
     h = model.cls_embedding.embedding_table(labels)[:, None]
-    token = next_token(model.step(h, pos))
+    token = next_token(model.step(h, pos), 0)
     codes = [token]
     for i in range(cfg.num_image_tokens - 1):
         pos = torch.tensor([cfg.cls_token_num + i], device=device)
         x = torch.cat([token, token]) if guided else token
-        token = next_token(model.step(model.tok_embeddings(x)[:, None], pos))
+        token = next_token(model.step(model.tok_embeddings(x)[:, None], pos), i + 1)
         codes.append(token)
     return ReferenceResult(torch.stack(codes, 1), cfg.num_image_tokens, time.perf_counter() - t0)
 

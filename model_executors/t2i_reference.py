@@ -15,9 +15,14 @@ import torch
 @torch.no_grad()
 def generate_image_tokens(next_logits: Callable[[list[int]], torch.Tensor], cond_ids: list[int],
                           uncond_ids: list[int] | None, layout, guidance_mix=None, guidance_scale: float = 1.0,
-                          top_k: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None) -> list[int]:
+                          top_k: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None,
+                          coupled_seed: int | None = None) -> list[int]:
     """next_logits(ids) -> the LM's logits [V] for the token after `ids`. uncond_ids None: unguided.
-    top_k 1 or temperature 0 is greedy. -> the generated tokens (layout.num_tokens of them)."""
+    top_k 1 or temperature 0 is greedy. `coupled_seed`: draw by coupled noise (`samplers/coupling.py`)
+    instead of from `generator`. -> the generated tokens (layout.num_tokens of them)."""
+    from vllm_visual_ar.samplers.coupling import PositionNoise, coupled_draw
+    from vllm_visual_ar.samplers.sampling import target_probs
+
     tokens: list[int] = []
     codes = slice(layout.code_ids.start, layout.code_ids.stop)
     for index in range(layout.num_tokens):
@@ -30,6 +35,11 @@ def generate_image_tokens(next_logits: Callable[[list[int]], torch.Tensor], cond
             uncond = next_logits(uncond_ids + tokens).float()
             logits[codes] = guidance_mix(logits[codes], uncond[codes], guidance_scale)
         x = logits[codes]
+        if coupled_seed is not None:
+            p = target_probs(x[None], 0.0 if top_k == 1 else temperature, top_k, 1.0)
+            race = PositionNoise(x.device).race(coupled_seed, [index], x.numel())
+            tokens.append(codes.start + int(coupled_draw(p, race)[0]))
+            continue
         if top_k == 1 or temperature == 0:
             tokens.append(codes.start + int(x.argmax()))
             continue

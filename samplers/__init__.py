@@ -16,7 +16,7 @@ entry point (it runs in every process) or from the module this package's plugin 
 # strategy name -> its class ("module:Class", loaded on first use). Insertion order is the order
 # names are listed in messages.
 STRATEGIES: dict = {
-    "raster": "vllm_visual_ar.samplers.strategy:Raster",
+    "raster": "vllm_visual_ar.samplers.raster:Raster",
     "zipar": "vllm_visual_ar.samplers.zipar:ZipAR",
     "sjd": "vllm_visual_ar.samplers.sjd:SJD",
     "code": "vllm_visual_ar.samplers.next_scale:NextScale",

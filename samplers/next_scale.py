@@ -288,6 +288,8 @@ class NextScale(Strategy):
                 return f"draft_steps must be in [1, {config.num_scales - 1}], got {decoding.draft_steps}"
         elif decoding.strategy != "raster":
             return f"strategy {decoding.strategy!r} does not apply: this model decodes scale by scale"
+        if decoding.coupled:
+            return "coupled draws apply to token-by-token models: this model decodes scale by scale"
         return None
 
     def __init__(self, config, decoding, size=None):

@@ -44,6 +44,14 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def target_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [K, V] -> the distributions raster sampling draws from [K, V]; temperature 0 is one-hot."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(-1)
+
+
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                 generators: list[tuple[slice, torch.Generator]] = ()) -> torch.Tensor:
     """logits [R, V] with per-row temperature [R] (0 = greedy), top_k [R] (0 = off), top_p [R]

@@ -41,6 +41,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from vllm_visual_ar.families import image_layout
+from vllm_visual_ar.samplers.coupling import CoupledTokens, check_coupled, coupled_draw
+from vllm_visual_ar.samplers.sampling import target_probs
 from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 
 INITS = ("random", "horizontal")
@@ -68,16 +70,6 @@ def forward_drafts(window: int, image_tokens: int, done: int, committed: int) ->
     """An SJD forward's (drafts verified, drafts accepted), from the tokens the image had before it
     and the tokens it committed: all but the last committed token are accepted drafts."""
     return draft_slots(window, image_tokens - done), committed - 1
-
-
-def target_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """logits [K, V] -> the distributions raster sampling draws from [K, V]; temperature 0 is one-hot."""
-    from vllm_visual_ar.samplers.sampling import filter_top_k_top_p
-
-    logits = logits.float()
-    if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(-1)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -180,6 +172,28 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
     return drafts.tokens[: j - 1] + [resampled], Drafts(samples[j:].tolist(), p[j:])
 
 
+def verify_coupled(p: torch.Tensor, drafts: Drafts, noise: torch.Tensor) -> tuple[list[int], Drafts]:
+    """SJD with coupled draws (`coupling.py`). noise [K, V]: the fixed noise of the K positions the
+    forward predicts. The token committed at a position is always the coupled draw from its target,
+    so the image is the one raster decoding draws with the same seed (exact by construction). A draft
+    is accepted when it equals that draw; the first that does not is replaced by it. The coupled
+    draws at the later positions (their context held the rejected draft) are the next window's
+    drafts: with the same noise they change only where their distribution moved, so they settle
+    once their context does. SCD's code (`jacobi_iteration_lumina_mgpt_GS.py`) couples the drafts
+    the same way but keeps SJD's probabilistic test; matching the draw instead is what makes SJD's
+    image equal raster's, at the cost of accepting a draft whose context is still moving a little
+    less often (P[draw(p) = draw(q)] instead of 1 - TV(p, q))."""
+    k = p.shape[0]
+    assert len(drafts.tokens) == k - 1
+    drawn = coupled_draw(p, noise)
+    tokens = torch.tensor(drafts.tokens, dtype=torch.long, device=p.device)
+    mismatch = (tokens != drawn[: k - 1]).nonzero()
+    if len(mismatch) == 0:
+        return drafts.tokens + [int(drawn[k - 1])], Drafts.empty(p.shape[1])
+    i = int(mismatch[0])
+    return drafts.tokens[:i] + [int(drawn[i])], Drafts(drawn[i + 1:].tolist(), p[i + 1:])
+
+
 # -- the strategy: what vLLM's scheduler and the plugin's runner ask of SJD ----------------------------
 # Layouts with tokens the engine places (an end of line after each row, the image end: Lumina-mGPT,
 # Emu3) verify over the codes plus one index, `codes` = K, that stands for "the token the layout
@@ -201,6 +215,8 @@ class SJDRunner(StrategyRunner):
         self.images: dict[str, _Jacobi] = {}
         self._leads: dict[int, str] = {}  # this forward's sampling rows -> image id
         self._neighbours: dict[int, torch.Tensor] = {}  # k -> [codebook, k] latent neighbours (relaxed)
+        self.coupled = CoupledTokens(self.device)
+        self._single: set[int] = set()  # this forward's coupled rows that draw one token
 
     @staticmethod
     def _space(layout) -> int:
@@ -214,11 +230,14 @@ class SJDRunner(StrategyRunner):
     def prepare(self, step, rows):
         """Each image's drafts (carried Jacobi tail, then initialised), written into both streams."""
         images: dict[str, list[int]] = {}
+        plans, self._leads, self._single = {}, {}, set()
         for row in rows:
             start, end = step.fed(row)
-            if end - start > 1:  # x0 and end - start - 1 drafts; a forward without drafts is vLLM's own
+            if not step.in_prompt(row) and end - start > 1:  # x0 and end - start - 1 drafts
                 images.setdefault(step.info(row).image_id, []).append(row)
-        plans, self._leads = {}, {}
+            elif step.info(row).decoding.coupled:  # one token, drawn coupled (else vLLM's own draw)
+                plans[row] = self.coupled.plan(step, row)
+                self._single.add(row)
         for image_id, streams in images.items():
             streams.sort(key=lambda r: step.info(r).role == "uncond")
             lead = streams[0]
@@ -243,8 +262,11 @@ class SJDRunner(StrategyRunner):
 
     def emit(self, step, rows, logits, at):
         """Verify each image's drafts against its (guided) targets; carry the Jacobi tail."""
-        out = {}
+        single = [row for row in rows if row in self._single]
+        out = self.coupled.tokens(step, single, logits, at, self.layout_of) if single else {}
         for row in rows:
+            if row in self._single:
+                continue
             params = step.state(row).sampling_params
             layout = self.layout_of(step.info(row))
             state = self.images[self._leads[row]]
@@ -258,13 +280,20 @@ class SJDRunner(StrategyRunner):
             decoding = step.info(row).decoding
             relaxed = None if decoding.relaxed_delta is None else (
                 self._latent_neighbours(decoding.relaxed_neighbours), decoding.relaxed_delta)
-            committed, state.carried = verify(p, state.current, step.generator(row), relaxed)
+            if decoding.coupled:
+                positions = range(state.first, state.first + p.shape[0])  # input k predicts first + k
+                noise = self.coupled.noise.race(self.coupled.seed(step, row), positions, layout.codebook_size,
+                                                p.shape[1])
+                committed, state.carried = verify_coupled(p, state.current, noise)
+            else:
+                committed, state.carried = verify(p, state.current, step.generator(row), relaxed)
             out[row] = [self._token(layout, d, state.first + i) for i, d in enumerate(committed)]
         return out
 
     def forget(self, req_id, info):
         if info is not None:
             self.images.pop(info.image_id, None)
+            self.coupled.seeds.forget(info.image_id)
 
     def _latent_neighbours(self, k: int | None) -> torch.Tensor:
         """Each image code's k nearest codes in the VQ's latent space (relaxed acceptance); k
@@ -286,16 +315,20 @@ class SJDRunner(StrategyRunner):
 
 
 class SJD(Strategy):
-    fields = ("window", "init", "relaxed_delta", "relaxed_neighbours")
+    fields = ("window", "init", "relaxed_delta", "relaxed_neighbours", "coupled")
     runner = SJDRunner
     uses_spec_slots = True
 
     @classmethod
     def checked(cls, decoding):
         delta, neighbours = check_relaxed(decoding.relaxed_delta, decoding.relaxed_neighbours)
+        coupled = check_coupled(decoding.coupled)
+        if coupled and delta is not None:
+            raise ValueError("coupled applies to exact SJD: relaxed acceptance (relaxed_delta) is a probabilistic "
+                             "test, coupled draws verify a draft by matching")
         return {"window": check_sjd_window(DEFAULT_WINDOW if decoding.window is None else decoding.window),
                 "init": check_init("random" if decoding.init is None else decoding.init),
-                "relaxed_delta": delta, "relaxed_neighbours": neighbours}
+                "relaxed_delta": delta, "relaxed_neighbours": neighbours, "coupled": coupled}
 
     @classmethod
     def fitted(cls, decoding, config, size=None):

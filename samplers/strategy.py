@@ -23,7 +23,7 @@ a model family's own decoding order (config.decoding) runs every request of that
 for the whole batch instead (`owns_batch`: `prepare_batch`, `sample_batch`), mixing guidance its own
 way.
 
-Raster order, the default, is the strategy with nothing to rewrite.
+Raster order, the default, rewrites nothing unless its draws are coupled (`raster.py`).
 """
 from __future__ import annotations
 
@@ -73,6 +73,10 @@ class Step:
         """The row's fed tokens in the flat batch: [start, end)."""
         return int(self.query_start[row]), int(self.query_start[row + 1])
 
+    def in_prompt(self, row: int) -> bool:
+        """The row's forward feeds (the end of) its prompt: it samples the image's first token."""
+        return bool(self.computed[row] < self.prompt_lens[row])
+
     def state(self, row: int):
         """vLLM's request state: prompt_token_ids, output_token_ids, sampling_params."""
         return self._states[self.req_ids[row]]
@@ -101,7 +105,8 @@ class StrategyRunner:
     # -- token by token: the rows of this strategy's requests in a mixed batch --------------------
     def prepare(self, step: Step, rows: list[int]) -> dict[int, RowPlan]:
         """Before the forward (vLLM has laid out the batch): a plan per row it rewrites; rows it
-        leaves out take vLLM's own path (one token, the last one's logits, vLLM's sample)."""
+        leaves out take vLLM's own path (one token, the last one's logits, vLLM's sample). `rows`
+        includes forwards that end a prompt (`step.in_prompt`), which sample the first token."""
         return {}
 
     def emit(self, step: Step, rows: list[int], logits: torch.Tensor, at: list[slice]) -> dict[int, list[int]]:
@@ -197,10 +202,6 @@ class Strategy:
     def frontend_tokens(self, request, new_token_ids: list[int]) -> list[int]:
         """What the frontend is shown of the tokens a step appended to the request."""
         return new_token_ids
-
-
-class Raster(Strategy):
-    """One token per forward in raster order: vLLM's own path, nothing to rewrite."""
 
 
 def whole_image_problem(layout, request, strategy: str) -> str | None:

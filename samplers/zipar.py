@@ -264,6 +264,8 @@ class ZipARRunner(StrategyRunner):
     def prepare(self, step, rows):
         plans, self._forwards = {}, {}
         for row in rows:
+            if step.in_prompt(row):  # the prompt's forward samples (0, 0): vLLM's own
+                continue
             info = step.info(row)
             layout = self.layout_of(info)
             key = schedule_key(layout, info.decoding.window)

@@ -137,3 +137,33 @@ def chi_square_p(samples: list[tuple], exact: dict[tuple, float]) -> float:
     observed = [counts.get(s, 0) for s in big] + [n - sum(counts.get(s, 0) for s in big)]
     expected = [exact[s] * n for s in big] + [n - sum(exact[s] * n for s in big)]
     return chisquare(observed, expected).pvalue
+
+
+@pytest.fixture(scope="session")
+def enumerable_model(tmp_path_factory, make_generator):
+    """A random model with a 3-code codebook and a 2x2 grid: 81 possible images."""
+    from tiny_models import TINY_VQ, tiny_config, write_tiny_model
+
+    from vllm_visual_ar.model_executors.vq import VQConfig
+
+    config = tiny_config(grid=2, vq=VQConfig(**{**TINY_VQ.to_dict(), "codebook_size": 3}))
+    folder = tmp_path_factory.mktemp("enumerable")
+    ref = write_tiny_model(folder, config, seed=4)
+    return make_generator(str(folder), max_images_in_flight=64), ref
+
+
+def enumerate_images(ref, class_id: int, guidance_scale: float, temperature: float, top_k: int) -> dict[tuple, float]:
+    """The exact probability of every image of the enumerable model under raster sampling."""
+    import itertools
+
+    from vllm_visual_ar.samplers.sampling import target_probs
+
+    cfg = ref.config
+    seqs = torch.tensor(list(itertools.product(range(cfg.codebook_size), repeat=cfg.num_image_tokens)))
+    with torch.no_grad():
+        cond = ref(torch.full((len(seqs),), class_id), seqs[:, :-1])
+        uncond = ref(torch.full((len(seqs),), cfg.num_classes), seqs[:, :-1])
+    logits = uncond + guidance_scale * (cond - uncond)
+    probs = torch.stack([target_probs(logits[:, i], temperature, top_k, 1.0) for i in range(seqs.shape[1])], 1)
+    joint = probs.gather(2, seqs[:, :, None]).squeeze(2).prod(1)
+    return {tuple(s.tolist()): float(p) for s, p in zip(seqs, joint)}

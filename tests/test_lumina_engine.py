@@ -118,6 +118,24 @@ def test_greedy_sjd_equals_greedy_raster(lumina_generator, tiny_lumina, window, 
     assert image.stats.tokens == layout.num_tokens and image.stats.forward_passes < layout.num_tokens
 
 
+def test_coupled_raster_and_sjd_equal_the_reference_loop_with_the_same_noise(lumina_generator, tiny_lumina):
+    """Sampled, not greedy: the engine's coupled draws at every code position (ends of line and the
+    image end placed) are the reference loop's, and SJD with coupled draws gives the same image."""
+    from vllm_visual_ar.model_executors.t2i_reference import generate_image_tokens, transformers_next_logits
+    from vllm_visual_ar.requests import prompt_pair
+
+    gen, text = lumina_generator, "a blue cat on a mat"
+    sampling = dict(guidance_scale=3.0, temperature=1.0, top_k=50)
+    raster = gen.generate(prompts=[text], seed=12, coupled=True, size=(128, 32), **sampling)[0]
+    sjd = gen.generate(prompts=[text], seed=12, coupled=True, size=(128, 32), strategy="sjd", window=7, **sampling)[0]
+    cond, uncond, size = prompt_pair(gen.config, text, None, (128, 32), gen.tokenizer)
+    layout = gen.family.image_layout(gen.config, size)
+    expected = generate_image_tokens(transformers_next_logits(tiny_lumina[1]), cond, uncond, layout, lumina_cfg, 3.0,
+                                     top_k=50, temperature=1.0, coupled_seed=12)
+    assert torch.equal(raster.codes.flatten(), layout.codes_of(torch.tensor(expected)))
+    assert torch.equal(sjd.codes, raster.codes) and sjd.stats.forward_passes < raster.stats.forward_passes
+
+
 def test_strategies_and_sizes_share_a_batch(lumina_generator, tiny_lumina):
     """Raster, ZipAR and SJD requests of two sizes, guided and not, in one engine batch: every image
     equals its reference and carries its placed tokens where its own layout has them."""
@@ -182,7 +200,7 @@ def enumerate_lumina_images(gen, hf, text: str, guidance_scale: float, size) -> 
 
 
 @pytest.mark.parametrize("decoding", [dict(strategy="sjd", window=3), dict(strategy="sjd", window=7, init="horizontal"),
-                                      dict()])
+                                      dict(), dict(strategy="sjd", window=7, coupled=True)])
 def test_sampled_sjd_follows_the_exact_distribution(enumerable_lumina, decoding):
     """SJD through the engine on a text model is exact: its drafts cross the ends of line and the
     image end (placed, always accepted), and 3,000 images follow the model's raster distribution."""

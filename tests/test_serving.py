@@ -108,6 +108,9 @@ BAD = [
     ({"prompt": "3", "window": 4}, "window"), ({"prompt": "3", "strategy": "sjd", "window": 0}, "window"),
     ({"prompt": "3", "strategy": "sjd", "init": "vertical"}, "init"), ({"prompt": "3", "init": "random"}, "init"),
     ({"prompt": "3", "strategy": "sjd", "relaxed_delta": 2}, "relaxed_delta"),
+    ({"prompt": "3", "coupled": "yes"}, "coupled"), ({"prompt": "3", "strategy": "zipar", "window": 2, "coupled": True},
+                                                     "coupled"),
+    ({"prompt": "3", "strategy": "sjd", "relaxed_delta": 0.1, "coupled": True}, "coupled"),
     ({"prompt": "3", "guidance_scale": -1}, "guidance_scale"),
     ({"prompt": "3", "guidance_scale": "high"}, "guidance_scale"), ({"prompt": "3", "seed": -1}, "seed"),
     ({"prompt": "3", "seed": "abc"}, "seed"), ({"prompt": "3", "temperature": -0.5}, "temperature"),
@@ -147,7 +150,7 @@ def test_openapi_shows_the_images_request(server):
     assert set(fields) == {
         "prompt", "model", "n", "size", "response_format", "output_format", "stream", "partial_images", "user",
         "extra_params", "seed", "guidance_scale", "temperature", "top_k", "top_p", "strategy", "window", "init",
-        "relaxed_delta", "relaxed_neighbours", "draft_steps", "negative_prompt", "timeout"}
+        "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled", "negative_prompt", "timeout"}
     assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
     assert {t["type"] for t in fields["prompt"]["anyOf"]} == {"string", "integer"}
     assert fields["n"]["type"] == "integer" and (fields["n"]["default"], fields["n"]["minimum"],
@@ -258,6 +261,14 @@ def test_distinct_seeds_give_distinct_images(server):
     pngs = [d["b64_json"] for group in images for d in group]
     assert len(set(pngs)) == len(pngs) == 5
     assert_openai_error(generate(server, prompt="5", seed=2**32 - 1, n=2), 400, "seed")  # seed + 1 is out of range
+
+
+def test_coupled_draws_give_one_image_in_raster_order_and_with_sjd(server):
+    bodies = [dict(coupled=True), dict(strategy="sjd", window=8, coupled=True),
+              dict(extra_params={"strategy": "sjd", "window": 16, "init": "horizontal", "coupled": True})]
+    images = [generate(server, prompt="4", seed=9, n=2, **b).json()["data"] for b in bodies]
+    assert [d["b64_json"] for d in images[0]] == [d["b64_json"] for d in images[1]] == [d["b64_json"] for d in images[2]]
+    assert images[0][0]["b64_json"] != images[0][1]["b64_json"]  # image i uses seed + i
 
 
 def test_an_unschedulable_request_is_refused_at_once_and_does_not_delay_others(server):

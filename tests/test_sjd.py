@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import chi_square_p, finish_reasons, scheduler_of, step_until_done
+from conftest import chi_square_p, enumerate_images, finish_reasons, scheduler_of, step_until_done
 
 from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
 from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar as reference_zipar
@@ -216,31 +216,6 @@ def test_bad_sjd_requests_finish_with_an_error(tiny_generator, case):
 
 
 # -- exactness in the engine, on a model small enough to enumerate ------------------------------------
-@pytest.fixture(scope="module")
-def enumerable_model(tmp_path_factory, make_generator):
-    """A random model with a 3-code codebook and a 2x2 grid: 81 possible images."""
-    from tiny_models import TINY_VQ, tiny_config, write_tiny_model
-
-    from vllm_visual_ar.model_executors.vq import VQConfig
-
-    config = tiny_config(grid=2, vq=VQConfig(**{**TINY_VQ.to_dict(), "codebook_size": 3}))
-    folder = tmp_path_factory.mktemp("enumerable")
-    ref = write_tiny_model(folder, config, seed=4)
-    return make_generator(str(folder), max_images_in_flight=64), ref
-
-
-def enumerate_images(ref, class_id: int, guidance_scale: float, temperature: float, top_k: int) -> dict[tuple, float]:
-    cfg = ref.config
-    seqs = torch.tensor(list(itertools.product(range(cfg.codebook_size), repeat=cfg.num_image_tokens)))
-    with torch.no_grad():
-        cond = ref(torch.full((len(seqs),), class_id), seqs[:, :-1])
-        uncond = ref(torch.full((len(seqs),), cfg.num_classes), seqs[:, :-1])
-    logits = uncond + guidance_scale * (cond - uncond)
-    probs = torch.stack([target_probs(logits[:, i], temperature, top_k, 1.0) for i in range(seqs.shape[1])], 1)
-    joint = probs.gather(2, seqs[:, :, None]).squeeze(2).prod(1)
-    return {tuple(s.tolist()): float(p) for s, p in zip(seqs, joint)}
-
-
 @pytest.mark.parametrize("decoding", [dict(strategy="sjd", window=3), dict(strategy="sjd", window=4, init="horizontal"),
                                       dict()])
 def test_engine_samples_follow_the_exact_distribution(enumerable_model, decoding):

@@ -70,13 +70,16 @@ class Decoding:
     acceptance over `relaxed_neighbours` latent neighbours. "code" (VAR models with a CoDe refiner,
     `samplers/next_scale.py`): the drafter decodes the first `draft_steps` scales, the refiner the
     rest; "raster" on a VAR model is its plain next-scale order. Each strategy validates the fields
-    it reads (`Strategy.checked`); a field no strategy of this name reads must be unset."""
+    it reads (`Strategy.checked`); a field no strategy of this name reads must be unset. `coupled`
+    (raster, SJD) draws every token from noise fixed per (seed, position) (`samplers/coupling.py`):
+    the same seed then gives the same image in raster order and with SJD."""
     strategy: str = "raster"
     window: int | None = None
     init: str | None = None
     relaxed_delta: float | None = None
     relaxed_neighbours: int | None = None
     draft_steps: int | None = None
+    coupled: bool | None = None
 
     def __post_init__(self):
         from vllm_visual_ar.samplers import strategy_class, strategy_names
@@ -107,7 +110,7 @@ class Decoding:
         return {k: v for k, v in args.items() if v is not None}
 
 
-DECODING_OPTIONS = ("window", "init", "relaxed_delta", "relaxed_neighbours", "draft_steps")
+DECODING_OPTIONS = ("window", "init", "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled")
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,7 @@ def image_request_info(sampling_params) -> ImageRequestInfo | None:
                                   check_number(info.get("guidance_scale", 1.0), "guidance_scale", 0, MAX_GUIDANCE_SCALE))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"malformed extra_args[{EXTRA_ARGS_KEY!r}]: {short(info)}") from e
-    decoding = Decoding(info.get("strategy", "raster"), info.get("window"), info.get("init"),
-                        info.get("relaxed_delta"), info.get("relaxed_neighbours"), info.get("draft_steps"))
+    decoding = Decoding(info.get("strategy", "raster"), **{name: info.get(name) for name in DECODING_OPTIONS})
     scale_sampling = info.get("scale_sampling") or {}
     if not isinstance(scale_sampling, dict) or set(scale_sampling) - set(PER_SCALE):
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['scale_sampling'] must map some of {sorted(PER_SCALE)} "

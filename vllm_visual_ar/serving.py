@@ -9,6 +9,7 @@ shown in the server's /docs and /openapi.json; unknown fields are a 400):
      # VAR models: top_k, top_p, temperature may each be a list, one value per scale (CoDe's way)
      "strategy": "raster" | "zipar" | "sjd", "window": 8, "init": "random" | "horizontal",  # init: SJD
      "relaxed_delta": 0.1, "relaxed_neighbours": 16,     # SJD: relaxed acceptance (not exact)
+     "coupled": true,                                    # raster, SJD: noise fixed per (seed, position)
      "strategy": "code", "draft_steps": 2,               # VAR models with a CoDe refiner
      "extra_params": {...any of the fields above...},   # vllm-omni style; wins over top level
      "stream": false, "partial_images": 0..3,
@@ -51,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from vllm_visual_ar.admission import image_cannot_fit
 from vllm_visual_ar.families import family_of, image_layout
-from vllm_visual_ar.requests import (Decoding, SamplingSettings, check_seed, check_text, image_requests, parse_size,
+from vllm_visual_ar.requests import (DECODING_OPTIONS, Decoding, SamplingSettings, check_seed, check_text, image_requests, parse_size,
                                      per_scale_problem, short)
 
 MAX_IMAGES_PER_REQUEST = 16
@@ -96,6 +97,9 @@ class DecodingFields(BaseModel):
     relaxed_neighbours: int | None = Field(None, description="sjd with relaxed_delta: the latent neighbours of a "
                                                              "code that count.")
     draft_steps: int | None = Field(None, description="code: the scales the drafter decodes, before the refiner.")
+    coupled: bool | None = Field(None, description="raster, sjd: draw each token from noise fixed per (seed, "
+                                                   "position), so that a seed gives the same image in raster "
+                                                   "order and with sjd (default false).")
     negative_prompt: str | None = Field(None, description="Text-to-image models only: the text the unconditional "
                                                           "guidance stream is given.")
     timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT, description="Seconds; images not done by then are "
@@ -291,10 +295,10 @@ def parse_images_request(body, config) -> ImagesJob:
         raise BadRequest(str(e), str(e).split(" ", 1)[0].split("[")[0]) from None
     if problem := per_scale_problem(settings.per_scale, getattr(config, "num_scales", None)):
         raise BadRequest(problem, next(iter(sorted(settings.per_scale))))
-    names = ("strategy", "init", "window", "relaxed_delta", "relaxed_neighbours", "draft_steps")
+    names = ("strategy", "init", "window", "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled")
     try:
-        decoding = Decoding(request.strategy, request.window, request.init, request.relaxed_delta,
-                            request.relaxed_neighbours, request.draft_steps).fitted(config, size)
+        decoding = Decoding(request.strategy, **{name: getattr(request, name)
+                                                 for name in DECODING_OPTIONS}).fitted(config, size)
     except ValueError as e:
         raise BadRequest(str(e), next((f for f in names if str(e).startswith(f)), "relaxed_delta")) from None
     if problem := decoding_problem(config, decoding):

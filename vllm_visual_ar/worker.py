@@ -165,9 +165,11 @@ class VisualARRunnerMixin:
         batch = self.input_batch
         computed, prompt_lens = batch.num_computed_tokens_cpu, batch.num_prompt_tokens
         by_half: dict[StrategyRunner, list[int]] = {}
+        qsl = self.query_start_loc.np
         for row, req_id in enumerate(batch.req_ids):
             half = self._request(req_id)[1]
-            if half is not None and computed[row] >= prompt_lens[row]:  # a prompt forward is vLLM's own
+            # A forward that does not reach the end of the prompt samples nothing: vLLM's own.
+            if half is not None and computed[row] + qsl[row + 1] - qsl[row] >= prompt_lens[row]:
                 by_half.setdefault(half, []).append(row)
         if not by_half:
             return logits_indices, spec_decode_metadata, max_sampled

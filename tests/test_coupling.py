@@ -1,0 +1,113 @@
+"""Coupled draws (SCD): noise fixed per (seed, position). On its own (the race picks each code with
+its probability, the noise repeats for a (seed, position) and only for it), then vLLM's engine: coupled
+raster equals the plain-PyTorch loop drawing with the same noise, coupled SJD equals coupled raster
+token for token (alone, in a batch, any window), and both follow the exact distribution."""
+import pytest
+import torch
+from conftest import chi_square_p, enumerate_images
+
+from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
+from vllm_visual_ar.samplers.coupling import PositionNoise, coupled_draw, position_key
+from vllm_visual_ar.samplers.sjd import Drafts, verify_coupled
+
+SAMPLED = dict(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9)
+
+
+# -- the noise on its own ------------------------------------------------------------------------------
+def test_noise_is_fixed_per_seed_and_position_and_differs_elsewhere():
+    noise = PositionNoise()
+    a = noise.race(7, [0, 1, 5], 64)
+    assert torch.equal(a, noise.race(7, [0, 1, 5], 64))
+    assert torch.equal(a[2], noise.race(7, [5], 64)[0])  # a position's noise is its own, wherever it is asked
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], noise.race(8, [0], 64)[0])
+    assert len({position_key(s, p) for s in range(50) for p in range(50)}) == 2500
+    wide = noise.race(7, [5], 64, width=65)
+    assert torch.equal(wide[0, :64], a[2]) and wide[0, 64] == 1  # an extra index (SJD's "placed") is neutral
+
+
+def test_coupled_draws_pick_each_code_with_its_probability():
+    """Over many (seed, position) pairs the race is a categorical draw from p (chi-square)."""
+    from scipy.stats import chisquare
+
+    p = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    noise = PositionNoise()
+    draws = torch.cat([coupled_draw(p.expand(200, -1), noise.race(seed, range(200), 5)) for seed in range(20)])
+    counts = torch.bincount(draws, minlength=5)
+    assert counts[4] == 0
+    assert chisquare(counts[:4].tolist(), (p[:4] * len(draws)).tolist()).pvalue > 1e-3
+
+
+def test_coupled_verification_commits_the_coupled_draws():
+    p = torch.tensor([[0.6, 0.4, 0.0], [0.0, 1.0, 0.0], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
+    noise = PositionNoise().race(3, range(4), 3)
+    drawn = coupled_draw(p, noise).tolist()
+    committed, carried = verify_coupled(p, Drafts(drawn[:3], torch.zeros(3, 3)), noise)
+    assert committed == drawn and carried.tokens == []  # every draft matches: all accepted and a bonus
+    wrong = (drawn[1] + 1) % 3
+    committed, carried = verify_coupled(p, Drafts([drawn[0], wrong, drawn[2]], torch.zeros(3, 3)), noise)
+    assert committed == drawn[:2] and carried.tokens == drawn[2:] and torch.equal(carried.q, p[2:])
+
+
+# -- the engine ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampling", [SAMPLED, dict(guidance_scale=1.0, temperature=0.8, top_k=0, top_p=1.0)])
+def test_coupled_raster_equals_the_reference_loop_with_the_same_noise(tiny_generator, tiny_model, sampling):
+    _, ref = tiny_model
+    images = tiny_generator.generate([1, 4, 4], seed=21, coupled=True, **sampling)
+    expected = reference_raster(ref, [1, 4, 4], coupled_seeds=[21, 22, 23], **sampling).codes
+    assert torch.equal(torch.stack([im.codes.flatten() for im in images]), expected)
+    assert not torch.equal(images[1].codes, images[2].codes)  # seeds 22 and 23
+
+
+@pytest.mark.parametrize("window,init", [(2, "random"), (6, "horizontal"), (64, "random")])
+def test_coupled_sjd_gives_the_image_coupled_raster_gives(tiny_generator, window, init):
+    raster = tiny_generator.generate([2, 5, 9], seed=40, coupled=True, **SAMPLED)
+    sjd = tiny_generator.generate([2, 5, 9], seed=40, coupled=True, strategy="sjd", window=window, init=init,
+                                  **SAMPLED)
+    for r, s in zip(raster, sjd):
+        assert torch.equal(r.codes, s.codes)
+        assert s.stats.forward_passes < r.stats.forward_passes == r.stats.tokens
+        assert s.stats.accepted_drafts == s.stats.tokens - s.stats.forward_passes
+    uncoupled = tiny_generator.generate([2, 5, 9], seed=40, **SAMPLED)
+    assert any(not torch.equal(r.codes, u.codes) for r, u in zip(raster, uncoupled))  # coupling changes the draw
+
+
+def test_coupled_images_are_the_same_alone_and_under_load(tiny_generator):
+    from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
+
+    alone = tiny_generator.generate([3], seed=77, coupled=True, **SAMPLED)[0].codes.flatten()
+    cfg = tiny_generator.config
+    settings = SamplingSettings(**{k: v for k, v in SAMPLED.items()})
+    reqs = image_requests(cfg, 3, settings, seed=77, decoding=Decoding("sjd", 5, coupled=True))
+    reqs += image_requests(cfg, 3, settings, seed=77, decoding=Decoding(coupled=True))
+    reqs += image_requests(cfg, 4, settings, seed=5) + image_requests(cfg, 6, settings, seed=6,
+                                                                      decoding=Decoding("zipar", 3))
+    reqs += image_requests(cfg, 1, settings, decoding=Decoding("sjd", 8, coupled=True))
+    outs = tiny_generator.llm.generate([p for p, _ in reqs], [sp for _, sp in reqs], use_tqdm=False)
+    assert torch.equal(torch.tensor(outs[0].outputs[0].token_ids), alone)  # SJD, in a mixed batch
+    assert torch.equal(torch.tensor(outs[2].outputs[0].token_ids), alone)  # raster, in a mixed batch
+
+
+def test_unseeded_coupled_images_differ(tiny_generator):
+    a, b = (tiny_generator.generate([3], coupled=True, strategy=s, **SAMPLED)[0].codes for s in ("raster", "sjd"))
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("decoding", [dict(coupled=True), dict(strategy="sjd", window=3, coupled=True),
+                                      dict(strategy="sjd", window=4, init="horizontal", coupled=True)])
+def test_coupled_samples_follow_the_exact_distribution(enumerable_model, decoding):
+    gen, ref = enumerable_model
+    sampling = dict(guidance_scale=2.0, temperature=1.0, top_k=0)
+    images = gen.generate([1], n=3000, seed=0, **sampling, **decoding)
+    samples = [tuple(im.codes.flatten().tolist()) for im in images]
+    assert chi_square_p(samples, enumerate_images(ref, 1, **sampling)) > 1e-3
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(coupled="yes"), "coupled must be true or false"), (dict(coupled=1), "coupled must be true or false"),
+    (dict(strategy="zipar", window=2, coupled=True), "coupled applies to strategies 'raster' and 'sjd'"),
+    (dict(strategy="sjd", relaxed_delta=0.1, coupled=True), "coupled applies to exact SJD"),
+])
+def test_bad_coupled_arguments_are_value_errors(tiny_generator, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_generator.generate([1], **kwargs)
+    assert tiny_generator.generate([1], top_k=1, coupled=True)[0].stats.tokens == tiny_generator.config.num_image_tokens
