@@ -80,11 +80,13 @@ def sample_quality(engine, images, evaluator=None):
 
 
 def decoding_table(configs: list[tuple[str, dict]], image_tokens: int, in_flight: list[int], quality_images,
-                   rate, quality_header: list[str]) -> str:
+                   rate, quality_header: list[str], efficiency_at: int | None = None) -> str:
     """A markdown table, one row per (name, decoding kwargs) in configs, the first being the
     baseline: forwards per image (mean), tokens per forward, SJD acceptance where there is some,
     images/s at each number of guided images in flight (`rate(n, decoding)`) with the speed-up over
-    the baseline, then the quality columns (`quality_images(decoding)` -> (images, [column values]))."""
+    the baseline, then the quality columns (`quality_images(decoding)` -> (images, [column values])).
+    With `efficiency_at` n: the speed-up at n in flight divided by the step compression (the share
+    of the forwards saved that shows in images/s)."""
     rows, baseline = [], {}
     for name, decoding in configs:
         images, quality = quality_images(decoding)
@@ -97,11 +99,15 @@ def decoding_table(configs: list[tuple[str, dict]], image_tokens: int, in_flight
             r = rate(n, decoding)
             baseline.setdefault(n, r)
             row += [f"{r:.2f}", f"{r / baseline[n]:.2f}x"]
+            if n == efficiency_at:
+                baseline.setdefault("forwards", forwards)
+                row.append(f"{r / baseline[n] / (baseline['forwards'] / forwards):.2f}")
         rows.append(row + quality)
         print(rows[-1], flush=True)
     header = ["decoding", "forwards/image", "vs raster", "tokens/forward", "draft acceptance"]
     for n in in_flight:
-        header += [f"images/s, {n} in flight", "speed-up"]
+        header += [f"images/s, {n} in flight", "speed-up"] + (["speed-up / step compression"] if n == efficiency_at
+                                                              else [])
     return markdown_table(header + quality_header, rows)
 
 

@@ -79,11 +79,15 @@ class ImageSeeds:
         self._seeds.pop(image_id, None)
 
 
+def check_flag(value, name: str) -> bool | None:
+    """A decoding switch: True, or None for off (False given is off)."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return True if value else None
+
+
 def check_coupled(coupled) -> bool | None:
-    """True, or None for off (False given is off)."""
-    if coupled is not None and not isinstance(coupled, bool):
-        raise ValueError(f"coupled must be true or false, got {coupled!r}")
-    return True if coupled else None
+    return check_flag(coupled, "coupled")
 
 
 class CoupledTokens:

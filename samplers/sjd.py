@@ -41,12 +41,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from vllm_visual_ar.families import image_layout
-from vllm_visual_ar.samplers.coupling import CoupledTokens, check_coupled, coupled_draw
+from vllm_visual_ar.samplers.coupling import CoupledTokens, check_coupled, check_flag, coupled_draw
 from vllm_visual_ar.samplers.sampling import target_probs
 from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 
 INITS = ("random", "horizontal")
 DEFAULT_WINDOW = 16
+EXPLORE_EVERY = 8  # load-aware: after this many steps without drafts, verify one (acceptance estimate)
 
 
 def check_sjd_window(window) -> int:
@@ -146,11 +147,27 @@ def relaxed_mass(p: torch.Tensor, tokens: torch.Tensor, neighbours: torch.Tensor
     return p.gather(1, tokens[:, None])[:, 0] + added
 
 
+def residual_draw(p: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from norm(max(0, p - q)); a row whose residual is all zero (only through
+    rounding, when rejection had probability ~0) draws from p."""
+    residual = torch.clamp(p - q, min=0)
+    total = residual.sum(-1, keepdim=True)
+    return draw(torch.where(total > 0, residual / total.clamp(min=1e-30), p), generator)
+
+
 def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
-           relaxed: tuple[torch.Tensor, float] | None = None) -> tuple[list[int], Drafts]:
+           relaxed: tuple[torch.Tensor, float] | None = None, continued: bool = False) -> tuple[list[int], Drafts]:
     """p [K, V]: targets at the K fed inputs (x0 and K-1 drafts). -> (committed tokens, 1..K; the
     drafts carried into the next window). All K-1 acceptance tests are drawn at once; only the
-    first rejection matters. relaxed = (latent neighbours [V, k], delta) for relaxed acceptance."""
+    first rejection matters. relaxed = (latent neighbours [V, k], delta) for relaxed acceptance.
+
+    continued: SJD-PAC's adaptive continuation (`scheduler/sjd_pac_iteration_lumina_mgpt.py`, the
+    chain without tree siblings). After the first rejection the later drafts are tested against
+    their targets from this forward (whose context held the rejected draft): a draft that passes
+    is carried as it is, one that fails is replaced by a draw from its residual. Either way the
+    carried token is an exact sample of that target, which is carried as its q, as plain SJD carries
+    a fresh sample; but a draft that still fits stays, so the window keeps what it had built. Only the
+    accepted prefix and the resampled token are committed, as in SJD."""
     k = p.shape[0]
     assert len(drafts.tokens) == k - 1
     u = torch.rand(k, generator=generator, device=p.device)
@@ -165,11 +182,15 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
     if len(rejected) == 0:
         return drafts.tokens + [int(samples[k - 1])], Drafts.empty(p.shape[1])
     j = int(rejected[0]) + 1  # the first rejected draft, d_j
-    residual = torch.clamp(p[j - 1] - q[j - 1], min=0)
-    total = residual.sum()
-    resampled = int(draw((residual / total if total > 0 else p[j - 1])[None], generator)[0])
+    resampled = int(residual_draw(p[j - 1: j], q[j - 1: j], generator)[0])
     # Jacobi: positions j+1 .. K were predicted from the rejected prefix; their samples carry over.
-    return drafts.tokens[: j - 1] + [resampled], Drafts(samples[j:].tolist(), p[j:])
+    carried = samples[j:]
+    if continued and j < k - 1:  # drafts d_{j+1} .. d_{K-1} exist: keep those that pass
+        later = rows[j:]
+        old = tokens[j:]
+        keep = u[j: k - 1] < torch.clamp(p[later, old] / q[later, old], max=1.0)
+        carried = torch.cat([torch.where(keep, old, residual_draw(p[later], q[later], generator)), samples[k - 1:]])
+    return drafts.tokens[: j - 1] + [resampled], Drafts(carried.tolist(), p[j:])
 
 
 def verify_coupled(p: torch.Tensor, drafts: Drafts, noise: torch.Tensor) -> tuple[list[int], Drafts]:
@@ -286,7 +307,8 @@ class SJDRunner(StrategyRunner):
                                                 p.shape[1])
                 committed, state.carried = verify_coupled(p, state.current, noise)
             else:
-                committed, state.carried = verify(p, state.current, step.generator(row), relaxed)
+                committed, state.carried = verify(p, state.current, step.generator(row), relaxed,
+                                                  continued=bool(decoding.continue_after_reject))
             out[row] = [self._token(layout, d, state.first + i) for i, d in enumerate(committed)]
         return out
 
@@ -315,7 +337,8 @@ class SJDRunner(StrategyRunner):
 
 
 class SJD(Strategy):
-    fields = ("window", "init", "relaxed_delta", "relaxed_neighbours", "coupled")
+    fields = ("window", "init", "relaxed_delta", "relaxed_neighbours", "coupled", "continue_after_reject",
+              "load_aware")
     runner = SJDRunner
     uses_spec_slots = True
 
@@ -326,9 +349,15 @@ class SJD(Strategy):
         if coupled and delta is not None:
             raise ValueError("coupled applies to exact SJD: relaxed acceptance (relaxed_delta) is a probabilistic "
                              "test, coupled draws verify a draft by matching")
-        return {"window": check_sjd_window(DEFAULT_WINDOW if decoding.window is None else decoding.window),
+        continued = check_flag(decoding.continue_after_reject, "continue_after_reject")
+        if continued and coupled:
+            raise ValueError("continue_after_reject and coupled are two ways of keeping the drafts after a "
+                             "rejection: choose one")
+        return {"load_aware": check_flag(decoding.load_aware, "load_aware"),
+                "window": check_sjd_window(DEFAULT_WINDOW if decoding.window is None else decoding.window),
                 "init": check_init("random" if decoding.init is None else decoding.init),
-                "relaxed_delta": delta, "relaxed_neighbours": neighbours, "coupled": coupled}
+                "relaxed_delta": delta, "relaxed_neighbours": neighbours, "coupled": coupled,
+                "continue_after_reject": continued}
 
     @classmethod
     def fitted(cls, decoding, config, size=None):
@@ -350,18 +379,53 @@ class SJD(Strategy):
         return None
 
     @classmethod
-    def draft_stats(cls, decoding, image_tokens, done, committed):
-        return forward_drafts(decoding.window, image_tokens, done, committed)
+    def draft_stats(cls, decoding, image_tokens, done, committed, width=None):
+        return forward_drafts(width or decoding.window, image_tokens, done, committed)
 
     def start(self, request):
+        self._width: int | None = None  # the window of the step being run, when the policy chose it
+        self._seen = (0, 0)  # (output tokens, drafts given) before the step being run
+        self._accepted, self._rejections = 0, 0  # drafts accepted, forwards that rejected one
+        self._narrow = 0  # steps in a row run at width 1 (no drafts: no acceptance observed)
         return whole_image_problem(self.layout, request, self.decoding.strategy)
+
+    def _observe(self, request) -> None:
+        """Count the last step's accepted drafts and whether it rejected one (acceptance estimate)."""
+        outputs, given = self._seen
+        if given and request.num_output_tokens > outputs:
+            accepted = request.num_output_tokens - outputs - 1
+            self._accepted += accepted
+            self._rejections += accepted < given
+        self._seen = (request.num_output_tokens, 0)
+
+    def width_choice(self, request):
+        """For a load-aware request: its window as the ceiling, and the acceptance rate
+        seen so far (accepted / (accepted + rejections): each forward accepts drafts until its first
+        rejection), from a prior of one accepted and one rejected draft."""
+        from vllm_visual_ar.samplers.load import WidthChoice
+
+        self._observe(request)
+        left = request.max_tokens - request.num_output_tokens
+        if not self.decoding.load_aware or request.num_computed_tokens < request.num_prompt_tokens or left <= 1:
+            return None
+        alpha = (self._accepted + 1) / (self._accepted + self._rejections + 2)
+        self._narrow = self._narrow + 1 if self._width == 1 else 0
+        return WidthChoice(min(self.decoding.window, left), alpha, minimum=2 if self._narrow >= EXPLORE_EVERY else 1)
 
     def footprint(self, output_tokens):
         window = min(self.decoding.window, output_tokens)  # a longer window verifies no more than the image
-        return Footprint(output_tokens, window, window)
+        # A load-aware image reserves width 2 of the step budget; the scheduler fits wider steps into
+        # what is spare (`load.cap_to_budget`). Its KV look-ahead is the whole window.
+        return Footprint(output_tokens, min(window, 2) if self.decoding.load_aware else window, window)
 
-    def before_step(self, request):
-        """Draft slots for the forward, once past the prompt: the runner half fills them."""
+    def before_step(self, request, width=None):
+        """Draft slots for the forward, once past the prompt: the runner half fills them; `width`
+        (the load-aware policy's) narrows the window for this step."""
+        self._width = width
         if request.num_computed_tokens >= request.num_prompt_tokens:
-            window = min(self.decoding.window, request.max_tokens)
+            window = min(width or self.decoding.window, request.max_tokens)
             request.spec_token_ids = [0] * draft_slots(window, request.max_tokens - request.num_output_tokens)
+            self._seen = (request.num_output_tokens, len(request.spec_token_ids))
+
+    def step_width(self, request):
+        return self._width

@@ -164,9 +164,11 @@ class Strategy:
         return None
 
     @classmethod
-    def draft_stats(cls, decoding, image_tokens: int, done: int, committed: int) -> tuple[int, int]:
+    def draft_stats(cls, decoding, image_tokens: int, done: int, committed: int,
+                    width: int | None = None) -> tuple[int, int]:
         """(drafts verified, drafts accepted) by a forward that committed `committed` tokens to an
-        image that had `done` (the frontend's per-image statistics)."""
+        image that had `done` (the frontend's per-image statistics); `width`: the window the forward
+        ran at, when the scheduler chose it (`step_width`), else the request's own."""
         return 0, 0
 
     # -- one request in vLLM's scheduler ------------------------------------------------------------
@@ -186,8 +188,14 @@ class Strategy:
         """One stream of an image that asks for `output_tokens` tokens."""
         return Footprint(output_tokens, 1, 0)
 
-    def before_step(self, request) -> None:
-        """Before a step that runs the request: its speculative-token slots, or a rewind."""
+    def width_choice(self, request):
+        """For a strategy that can run a step narrower than its window (SJD): what the scheduler's
+        load-aware policy needs (`load.WidthChoice`), or None to run as requested."""
+        return None
+
+    def before_step(self, request, width: int | None = None) -> None:
+        """Before a step that runs the request: its speculative-token slots, or a rewind. `width`:
+        the tokens per forward the load-aware policy chose (only for requests with a `width_choice`)."""
 
     def scale_sampling_problem(self, scale_sampling: dict) -> str | None:
         """Why the request's per-scale settings ({name: values}) do not fit, or None."""
@@ -197,6 +205,11 @@ class Strategy:
 
     def phase(self, request) -> Hashable:
         """Which model runs the request's next forward (a step runs one phase)."""
+        return None
+
+    def step_width(self, request) -> int | None:
+        """The width of the step that just ran, when the policy chose it (the frontends read it from
+        the step's output to count drafts and show the window used), else None."""
         return None
 
     def frontend_tokens(self, request, new_token_ids: list[int]) -> list[int]:

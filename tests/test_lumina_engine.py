@@ -200,7 +200,8 @@ def enumerate_lumina_images(gen, hf, text: str, guidance_scale: float, size) -> 
 
 
 @pytest.mark.parametrize("decoding", [dict(strategy="sjd", window=3), dict(strategy="sjd", window=7, init="horizontal"),
-                                      dict(), dict(strategy="sjd", window=7, coupled=True)])
+                                      dict(), dict(strategy="sjd", window=7, coupled=True),
+                                      dict(strategy="sjd", window=7, continue_after_reject=True)])
 def test_sampled_sjd_follows_the_exact_distribution(enumerable_lumina, decoding):
     """SJD through the engine on a text model is exact: its drafts cross the ends of line and the
     image end (placed, always accepted), and 3,000 images follow the model's raster distribution."""

@@ -74,6 +74,11 @@ def test_health_models_and_metrics(server):
     assert metric(server, "vllm_visual_ar:sjd_draft_tokens_total") > drafts
     assert 0 <= metric(server, "vllm_visual_ar:sjd_accepted_tokens_total") <= metric(
         server, "vllm_visual_ar:sjd_draft_tokens_total")
+    windows = metric(server, "vllm_visual_ar:sjd_step_window_count")
+    assert generate(server, prompt="2", n=4, strategy="sjd", window=16, load_aware=True).status_code == 200
+    assert metric(server, "vllm_visual_ar:sjd_step_window_count") > windows  # the windows the steps ran at
+    assert metric(server, "vllm_visual_ar:sjd_step_window_sum") <= 16 * metric(server,
+                                                                               "vllm_visual_ar:sjd_step_window_count")
     text = httpx.get(f"{server}/metrics").text
     assert "vllm:num_requests_running" in text  # vLLM's own metrics are still there
     assert re.search(r'vllm_visual_ar:image_forward_passes_bucket\{le="128.0",strategy="zipar"\} [1-9]', text)
@@ -111,6 +116,10 @@ BAD = [
     ({"prompt": "3", "coupled": "yes"}, "coupled"), ({"prompt": "3", "strategy": "zipar", "window": 2, "coupled": True},
                                                      "coupled"),
     ({"prompt": "3", "strategy": "sjd", "relaxed_delta": 0.1, "coupled": True}, "coupled"),
+    ({"prompt": "3", "continue_after_reject": True}, "continue_after_reject"),
+    ({"prompt": "3", "load_aware": True}, "load_aware"), ({"prompt": "3", "strategy": "sjd", "load_aware": 1},
+                                                          "load_aware"),
+    ({"prompt": "3", "strategy": "sjd", "continue_after_reject": True, "coupled": True}, "continue_after_reject"),
     ({"prompt": "3", "guidance_scale": -1}, "guidance_scale"),
     ({"prompt": "3", "guidance_scale": "high"}, "guidance_scale"), ({"prompt": "3", "seed": -1}, "seed"),
     ({"prompt": "3", "seed": "abc"}, "seed"), ({"prompt": "3", "temperature": -0.5}, "temperature"),
@@ -150,7 +159,8 @@ def test_openapi_shows_the_images_request(server):
     assert set(fields) == {
         "prompt", "model", "n", "size", "response_format", "output_format", "stream", "partial_images", "user",
         "extra_params", "seed", "guidance_scale", "temperature", "top_k", "top_p", "strategy", "window", "init",
-        "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled", "negative_prompt", "timeout"}
+        "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled", "continue_after_reject", "load_aware",
+        "negative_prompt", "timeout"}
     assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
     assert {t["type"] for t in fields["prompt"]["anyOf"]} == {"string", "integer"}
     assert fields["n"]["type"] == "integer" and (fields["n"]["default"], fields["n"]["minimum"],

@@ -22,7 +22,7 @@ def synthetic_probs(prefix: tuple, vocab: int, temperature: float, top_k: int) -
     return target_probs(logits[None], temperature, top_k, 1.0)[0]
 
 
-def sjd_sample(length, vocab, window, init, temperature, top_k, generator, carry=True):
+def sjd_sample(length, vocab, window, init, temperature, top_k, generator, carry=True, continued=False):
     """SJD over the synthetic model, the loop the runner runs."""
     tokens = [int(torch.multinomial(synthetic_probs((), vocab, temperature, top_k), 1, generator=generator))]
     carried = Drafts.empty(vocab)
@@ -31,7 +31,7 @@ def sjd_sample(length, vocab, window, init, temperature, top_k, generator, carry
         drafts = fill_drafts(carried, k - 1, init, vocab, tokens[-1], len(tokens), 2, generator)
         p = torch.stack([synthetic_probs(tuple(tokens + drafts.tokens[:j]), vocab, temperature, top_k)
                          for j in range(k)])
-        committed, carried = verify(p, drafts, generator)
+        committed, carried = verify(p, drafts, generator, continued=continued)
         assert 1 <= len(committed) <= k
         if not carry:
             carried = Drafts.empty(vocab)
@@ -49,16 +49,18 @@ def exact_distribution(length, vocab, temperature, top_k) -> dict[tuple, float]:
     return out
 
 
-@pytest.mark.parametrize("window,init,temperature,top_k", [(3, "random", 1.0, 0), (4, "horizontal", 0.8, 0),
-                                                             (5, "random", 1.3, 2)])
-def test_sjd_is_exact_in_distribution(window, init, temperature, top_k):
+@pytest.mark.parametrize("window,init,temperature,top_k,continued", [
+    (3, "random", 1.0, 0, False), (4, "horizontal", 0.8, 0, False), (5, "random", 1.3, 2, False),
+    (4, "random", 1.0, 0, True), (5, "horizontal", 1.3, 2, True)])
+def test_sjd_is_exact_in_distribution(window, init, temperature, top_k, continued):
+    """Plain SJD, and with adaptive continuation (the drafts after a rejection kept where they pass)."""
     length, vocab, n = 4, 3, 6000
     g = torch.Generator().manual_seed(0)
-    samples = [sjd_sample(length, vocab, window, init, temperature, top_k, g) for _ in range(n)]
+    samples = [sjd_sample(length, vocab, window, init, temperature, top_k, g, continued=continued) for _ in range(n)]
     assert chi_square_p(samples, exact_distribution(length, vocab, temperature, top_k)) > 1e-3
 
 
-def off_verify(p, drafts, generator):
+def off_verify(p, drafts, generator, continued=False):
     """`verify` with the authors' pitfall: a sampled draft's acceptance ratio uses q(x) = 1 while
     its residual uses the q it was really drawn from (an inconsistent pair: biased)."""
     from vllm_visual_ar.samplers.sjd import draw
@@ -90,6 +92,25 @@ def test_an_acceptance_rule_that_is_a_little_off_is_caught(monkeypatch):
     assert chi_square_p(samples, exact_distribution(length, vocab, 1.0, 0)) < 1e-3
 
 
+def test_a_continuation_that_keeps_drafts_without_testing_them_is_caught(monkeypatch):
+    """Continuation carries a draft only if it passes against its new target; carrying every old
+    draft (claiming the new target as its q) is biased, and the exactness test sees it."""
+    import test_sjd as this
+
+    real = this.verify
+
+    def keep_all(p, drafts, generator, continued=False):
+        committed, carried = real(p, drafts, generator)
+        old = drafts.tokens[len(committed):]
+        return committed, Drafts(old + carried.tokens[len(old):], carried.q)
+
+    monkeypatch.setattr(this, "verify", keep_all)
+    length, vocab, n = 4, 3, 6000
+    g = torch.Generator().manual_seed(0)
+    samples = [sjd_sample(length, vocab, 4, "random", 1.0, 0, g, continued=True) for _ in range(n)]
+    assert chi_square_p(samples, exact_distribution(length, vocab, 1.0, 0)) < 1e-3
+
+
 def test_greedy_targets_make_sjd_greedy_and_a_zero_residual_does_not_crash():
     p = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     # The draft is the argmax: accepted, then the bonus is the argmax.
@@ -116,6 +137,16 @@ def test_greedy_sjd_equals_greedy_raster(tiny_generator, tiny_model, window, ini
         assert s.tokens == n and -(-(n - 1) // window) + 1 <= s.forward_passes <= n
         assert s.accepted_drafts == n - s.forward_passes  # each forward commits its accepted drafts + 1
         assert 0 <= s.acceptance_rate <= 1
+
+
+@pytest.mark.parametrize("window,guidance_scale", [(4, 3.0), (16, 1.0)])
+def test_greedy_sjd_with_continuation_equals_greedy_raster(tiny_generator, tiny_model, window, guidance_scale):
+    _, ref = tiny_model
+    images = tiny_generator.generate([2, 8], guidance_scale=guidance_scale, strategy="sjd", window=window,
+                                     continue_after_reject=True, **GREEDY)
+    expected = reference_raster(ref, [2, 8], guidance_scale=guidance_scale, **GREEDY).codes
+    assert torch.equal(torch.stack([im.codes.flatten() for im in images]), expected)
+    assert all(im.stats.forward_passes <= im.stats.tokens for im in images)
 
 
 def test_every_forward_commits_between_one_and_window_tokens(tiny_generator):
@@ -189,9 +220,10 @@ def test_sampled_sjd_is_reproducible_by_seed_in_any_batch(tiny_generator):
 
 
 @pytest.mark.parametrize("kwargs", [dict(window=0), dict(window=-2), dict(window=1.5), dict(window="4"),
-                                    dict(init="vertical"), dict(window=4, init=3)])
+                                    dict(init="vertical"), dict(window=4, init=3), dict(continue_after_reject="yes"),
+                                    dict(continue_after_reject=True, coupled=True)])
 def test_bad_sjd_arguments_are_value_errors(tiny_generator, kwargs):
-    with pytest.raises(ValueError, match="window|init"):
+    with pytest.raises(ValueError, match="window|init|continue_after_reject"):
         tiny_generator.generate([1], strategy="sjd", **kwargs)
 
 
@@ -217,7 +249,7 @@ def test_bad_sjd_requests_finish_with_an_error(tiny_generator, case):
 
 # -- exactness in the engine, on a model small enough to enumerate ------------------------------------
 @pytest.mark.parametrize("decoding", [dict(strategy="sjd", window=3), dict(strategy="sjd", window=4, init="horizontal"),
-                                      dict()])
+                                      dict(strategy="sjd", window=4, continue_after_reject=True), dict()])
 def test_engine_samples_follow_the_exact_distribution(enumerable_model, decoding):
     gen, ref = enumerable_model
     sampling = dict(guidance_scale=2.0, temperature=1.0, top_k=0)

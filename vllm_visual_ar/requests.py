@@ -72,7 +72,8 @@ class Decoding:
     rest; "raster" on a VAR model is its plain next-scale order. Each strategy validates the fields
     it reads (`Strategy.checked`); a field no strategy of this name reads must be unset. `coupled`
     (raster, SJD) draws every token from noise fixed per (seed, position) (`samplers/coupling.py`):
-    the same seed then gives the same image in raster order and with SJD."""
+    the same seed then gives the same image in raster order and with SJD. `load_aware` (SJD): the
+    window is a ceiling that the scheduler narrows under load (`samplers/load.py`)."""
     strategy: str = "raster"
     window: int | None = None
     init: str | None = None
@@ -80,6 +81,8 @@ class Decoding:
     relaxed_neighbours: int | None = None
     draft_steps: int | None = None
     coupled: bool | None = None
+    continue_after_reject: bool | None = None
+    load_aware: bool | None = None
 
     def __post_init__(self):
         from vllm_visual_ar.samplers import strategy_class, strategy_names
@@ -110,7 +113,8 @@ class Decoding:
         return {k: v for k, v in args.items() if v is not None}
 
 
-DECODING_OPTIONS = ("window", "init", "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled")
+DECODING_OPTIONS = ("window", "init", "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled",
+                    "continue_after_reject", "load_aware")
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,16 @@ def image_request_info(sampling_params) -> ImageRequestInfo | None:
     if parsed.role not in ROLES:
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['role'] must be one of {ROLES}, got {short(parsed.role)}")
     return parsed
+
+
+def step_width(output) -> int | None:
+    """The window a step of an image request ran at, when the scheduler's load-aware policy chose it
+    (carried in the step's output: vLLM passes `kv_transfer_params` through to the frontend as is)."""
+    params = getattr(output, "kv_transfer_params", None)
+    return params.get(STEP_WIDTH_KEY) if isinstance(params, dict) else None
+
+
+STEP_WIDTH_KEY = "visual_ar_width"
 
 
 def check_top_k(value, name: str = "top_k") -> int:

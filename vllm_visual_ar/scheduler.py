@@ -22,11 +22,16 @@ preempts request by request, so this subclass wraps it rather than rewriting it:
   rewind), which phase (model) its next forward runs in, and what the frontend is shown of the
   tokens a step appended. A step runs one phase, alternating between the phases that have work;
   new requests enter in their entry phase. Both halves of a pair get the same answers.
+- Load-aware widths (`samplers/load.py`). A strategy that can run a step narrower than its window
+  (SJD) says so (`width_choice`); before each step the scheduler picks every such image's width
+  from a cost model of step time against tokens, fitted on the steps this engine has run, and
+  reports it in the step's output (`requests.step_width`).
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -36,8 +41,9 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_visual_ar import phase_kv
 from vllm_visual_ar.admission import Need, admit, cannot_fit, footprint_need
-from vllm_visual_ar.requests import Decoding, image_request_info
+from vllm_visual_ar.requests import STEP_WIDTH_KEY, Decoding, image_request_info
 from vllm_visual_ar.samplers import strategy_for
+from vllm_visual_ar.samplers.load import StepCost, cap_to_budget, choose_widths
 from vllm_visual_ar.samplers.strategy import Strategy
 
 logger = init_logger(__name__)
@@ -78,6 +84,9 @@ class VisualARScheduler(Scheduler):
         self._freed: dict[str, _Tracked] = {}  # freed this step; their last tokens still go out
         self._overtaken: dict[str, int] = {}  # waiting group key -> times a later group was admitted first
         self._last_phase = None  # the phase the previous step ran
+        self._cost = StepCost()  # step time against tokens, from the steps run (load-aware widths)
+        # id(scheduler output) -> (end of schedule, tokens, drafts, streams with drafts)
+        self._timing: dict[int, tuple] = {}
         seqs = min(self.max_num_running_reqs, self.max_num_active_reqs)
         # An idle engine's room (the block pool keeps one null block).
         self._room = Need(seqs, self.max_num_scheduled_tokens, self.kv_cache_manager.block_pool.num_gpu_blocks - 1)
@@ -199,11 +208,17 @@ class VisualARScheduler(Scheduler):
         return finished
 
     def update_from_output(self, scheduler_output, model_runner_output) -> dict[int, EngineCoreOutputs]:
+        if (timing := self._timing.pop(id(scheduler_output), None)) is not None:
+            self._cost.observe(*timing[1:], time.perf_counter() - timing[0])
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for eco in (o for group in outputs.values() for o in group.outputs):
             tracked = self._tracked.get(eco.request_id) or self._freed.get(eco.request_id)
-            if tracked is not None and tracked.rewrites_output:
+            if tracked is None:
+                continue
+            if tracked.rewrites_output:
                 eco.new_token_ids = tracked.strategy.frontend_tokens(tracked.request, eco.new_token_ids)
+            if eco.kv_transfer_params is None and (width := tracked.strategy.step_width(tracked.request)) is not None:
+                eco.kv_transfer_params = {STEP_WIDTH_KEY: width}
         self._freed.clear()
         for request in self._finished_here:
             eco = outputs.setdefault(request.client_index, EngineCoreOutputs())
@@ -256,13 +271,44 @@ class VisualARScheduler(Scheduler):
         for r in admitted:  # a resumed request (preempted) may be past its entry phase
             tracked = self._tracked[r.request_id]
             phase_kv.set_phase(r.request_id, tracked.strategy.phase(r), tracked.route)
-        held = []
+        held = [r for r in self.running if phase_of[r.request_id] != phase]
+        starting = [r for r in admitted if entry_of[r.request_id] == phase]
+        choices: dict[str, tuple] = {}  # image (pair key or request id) -> (width choice, its requests)
+        others: list[Request] = []
         for r in self.running:
-            if phase_of[r.request_id] == phase:
+            if phase_of[r.request_id] != phase:
+                continue
+            key = self._pair_key(r) or r.request_id
+            choice = self._tracked[r.request_id].strategy.width_choice(r)
+            if choice is None:
                 self._tracked[r.request_id].strategy.before_step(r)
+                others.append(r)
+            elif key in choices:
+                choices[key][1].append(r)
             else:
-                held.append(r)
-        return held, [r for r in admitted if entry_of[r.request_id] == phase]
+                choices[key] = (choice, [r])
+        if choices:
+            for r, width in self._widths(list(choices.values()), others, starting).items():
+                self._tracked[r.request_id].strategy.before_step(r, width)
+        return held, starting
+
+    def _widths(self, images: list[tuple], others: list[Request], starting: list[Request]) -> dict[Request, int]:
+        """The width of each load-aware image this step (both halves of a pair get their image's):
+        the policy's once the cost model has seen enough steps, else its window; then narrowed to
+        the step budget left by the other requests and the prompts starting."""
+        pending = sum(max(1, r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens)
+                      for r in others)
+        pending += sum(r.num_prompt_tokens for r in starting)
+        streams = [len(rs) for _, rs in images]
+        cost = self._cost.fit()
+        if cost is None:
+            chosen = [c.ceiling for c, _ in images]
+        else:
+            other_images = {self._pair_key(r) or r.request_id for r in others}
+            chosen = choose_widths([replace(c, streams=n) for (c, _), n in zip(images, streams)], pending,
+                                   len(other_images), cost)
+        chosen = cap_to_budget(chosen, streams, self.max_num_scheduled_tokens - pending - sum(streams))
+        return {r: w for (_, rs), w in zip(images, chosen) for r in rs}
 
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
         waiting = list(self.waiting)
@@ -283,6 +329,11 @@ class VisualARScheduler(Scheduler):
             self.waiting.prepend_requests(reversed(held))
             self.running += held_running
         self._check_pairs(output)
+        if len(self._timing) > 8:  # outputs never updated (e.g. a failed step): keep only the recent ones
+            self._timing.clear()
+        drafts = output.scheduled_spec_decode_tokens
+        self._timing[id(output)] = (time.perf_counter(), output.total_num_scheduled_tokens,
+                                    sum(len(d) for d in drafts.values()), len(drafts))
         return output
 
     def _check_pairs(self, output: SchedulerOutput) -> None:

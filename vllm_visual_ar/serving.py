@@ -10,6 +10,8 @@ shown in the server's /docs and /openapi.json; unknown fields are a 400):
      "strategy": "raster" | "zipar" | "sjd", "window": 8, "init": "random" | "horizontal",  # init: SJD
      "relaxed_delta": 0.1, "relaxed_neighbours": 16,     # SJD: relaxed acceptance (not exact)
      "coupled": true,                                    # raster, SJD: noise fixed per (seed, position)
+     "continue_after_reject": true,                      # SJD: SJD-PAC's adaptive continuation
+     "load_aware": true,                                 # SJD: no load-aware narrowing of the window
      "strategy": "code", "draft_steps": 2,               # VAR models with a CoDe refiner
      "extra_params": {...any of the fields above...},   # vllm-omni style; wins over top level
      "stream": false, "partial_images": 0..3,
@@ -52,8 +54,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from vllm_visual_ar.admission import image_cannot_fit
 from vllm_visual_ar.families import family_of, image_layout
-from vllm_visual_ar.requests import (DECODING_OPTIONS, Decoding, SamplingSettings, check_seed, check_text, image_requests, parse_size,
-                                     per_scale_problem, short)
+from vllm_visual_ar.requests import (DECODING_OPTIONS, Decoding, SamplingSettings, check_seed, check_text,
+                                     image_requests, parse_size, per_scale_problem, short, step_width)
 
 MAX_IMAGES_PER_REQUEST = 16
 MAX_PARTIAL_IMAGES = 3  # as OpenAI's API
@@ -100,6 +102,12 @@ class DecodingFields(BaseModel):
     coupled: bool | None = Field(None, description="raster, sjd: draw each token from noise fixed per (seed, "
                                                    "position), so that a seed gives the same image in raster "
                                                    "order and with sjd (default false).")
+    load_aware: bool | None = Field(None, description="sjd: the window is a ceiling that the scheduler narrows "
+                                                      "step by step when extra tokens per forward would cost "
+                                                      "throughput (default false: every forward at the window).")
+    continue_after_reject: bool | None = Field(None, description="sjd: keep verifying the drafts after a rejected "
+                                                                 "one (SJD-PAC's adaptive continuation; exact). "
+                                                                 "Default false.")
     negative_prompt: str | None = Field(None, description="Text-to-image models only: the text the unconditional "
                                                           "guidance stream is given.")
     timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT, description="Seconds; images not done by then are "
@@ -295,7 +303,8 @@ def parse_images_request(body, config) -> ImagesJob:
         raise BadRequest(str(e), str(e).split(" ", 1)[0].split("[")[0]) from None
     if problem := per_scale_problem(settings.per_scale, getattr(config, "num_scales", None)):
         raise BadRequest(problem, next(iter(sorted(settings.per_scale))))
-    names = ("strategy", "init", "window", "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled")
+    names = ("strategy", "init", "window", "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled",
+             "continue_after_reject", "load_aware")
     try:
         decoding = Decoding(request.strategy, **{name: getattr(request, name)
                                                  for name in DECODING_OPTIONS}).fitted(config, size)
@@ -357,6 +366,9 @@ class _Metrics:
                                  ["strategy"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
         self.sjd_drafts = Counter("vllm_visual_ar:sjd_draft_tokens", "SJD drafts verified")
         self.sjd_accepted = Counter("vllm_visual_ar:sjd_accepted_tokens", "SJD drafts accepted")
+        self.sjd_width = Histogram("vllm_visual_ar:sjd_step_window", "The window an SJD forward ran at, when the "
+                                   "load-aware policy chose it (narrower than the request's under load)",
+                                   buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
 
     def observe(self, strategy: str, stats: "ImageRun", seconds: float):
         self.images.labels(strategy).inc()
@@ -417,7 +429,9 @@ async def generate_codes(engine, config, prompt, settings: SamplingSettings, dec
             new = out.outputs[0].token_ids
             if new:
                 if codes:  # not the prompt forward
-                    verified, accepted = draft_stats(decoding, total, len(codes), len(new))
+                    verified, accepted = draft_stats(decoding, total, len(codes), len(new), step_width(out))
+                    if (width := step_width(out)) is not None:
+                        metrics().sjd_width.observe(width)
                     run.draft_tokens += verified
                     run.accepted_drafts += accepted
                 run.forwards += 1

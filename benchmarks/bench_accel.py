@@ -1,0 +1,80 @@
+"""Every acceleration beside raster, in vLLM's engine, on the embedded model (issue 13's table).
+
+    python benchmarks/bench_accel.py [--in-flight 1 16 64] [--repeats 2] [--per-class 20]
+
+Rows: raster (and raster with coupled draws), exact SJD at windows 16/32/64 with horizontal drafts,
+the same with coupled draws (SCD) and with adaptive continuation (SJD-PAC's chain), SJD and coupled
+SJD at 16 and 64 with load-aware windows, ZipAR, and the lossy knobs (relaxed acceptance; ZipAR is
+not exact either). Columns: forwards per image, tokens
+per forward (= step compression against raster's one), images/s at each number of guided images
+in flight with the speed-up over raster, the speed-up at 1 in flight divided by the step
+compression, class agreement and Fréchet distance on --per-class images per class. Raster's Fréchet
+distance is also measured on a second set of seeds: its seed-to-seed spread is the yardstick for
+"within noise". One process, one engine, one configuration after the other. Prints the table and
+writes benchmarks/results/accel.md.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see bench_raster.py
+
+from common import (decoding_table, default_sampling, images_per_second, sample_quality,  # noqa: E402
+                    write_results)
+
+
+def configs() -> list[tuple[str, dict]]:
+    rows = [("raster", {}), ("raster, coupled", dict(coupled=True))]
+    for w in (16, 32, 64):
+        sjd = dict(strategy="sjd", window=w, init="horizontal")
+        rows += [(f"SJD L={w}", sjd), (f"SJD L={w} + coupled (SCD)", dict(sjd, coupled=True)),
+                 (f"SJD L={w} + continuation (SJD-PAC chain)", dict(sjd, continue_after_reject=True))]
+    rows += [(f"{name}, load-aware", dict(decoding, load_aware=True)) for name, decoding in rows
+             if decoding.get("window") in (16, 64) and not decoding.get("continue_after_reject")]
+    rows += [("ZipAR w=8 (lossy)", dict(strategy="zipar", window=8)),
+             ("ZipAR w=4 (lossy)", dict(strategy="zipar", window=4)),
+             ("SJD L=32 relaxed delta=0.1 (lossy)", dict(strategy="sjd", window=32, init="horizontal",
+                                                         relaxed_delta=0.1))]
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--per-class", type=int, default=20, help="images per class for the quality columns")
+    args = ap.parse_args()
+
+    from vllm_visual_ar.evaluation import Evaluator
+    from vllm_visual_ar.generator import ImageGenerator
+
+    engine = ImageGenerator(max_images_in_flight=max(args.in_flight))
+    sampling = default_sampling(engine.config)
+    evaluator = Evaluator()
+    classes = [c for c in range(10) for _ in range(args.per_class)]
+
+    def quality_images(decoding, seed=0):
+        images = engine.generate(classes, seed=seed, **sampling, **decoding)
+        q = sample_quality(engine, images, evaluator)
+        return images, [f"{q.class_agreement:.3f}", f"{q.frechet:.2f}"]
+
+    spread = [float(quality_images({}, seed)[1][1]) for seed in (0, 100_000)]
+    table = decoding_table(configs(), engine.config.num_image_tokens, args.in_flight, quality_images,
+                           lambda n, decoding: images_per_second(engine, n, sampling, decoding, args.repeats),
+                           [f"class agreement ({len(classes)} images)", "Fréchet distance"], efficiency_at=1)
+    print(table)
+    notes = (f"Embedded model (16x16 tokens, 1.1 M parameters), guided at the model's defaults (scale 2.0, top-k 32), "
+             f"temperature 1, same seeds for every row; every configuration in vLLM's engine (in-process core). "
+             f"Raster's Fréchet distance on two seed sets: {spread[0]:.2f} and {spread[1]:.2f} (spread "
+             f"{abs(spread[0] - spread[1]):.2f}). Exact rows (raster, SJD, coupled, continuation) sample the model's "
+             f"own distribution, so their quality differences are sampling noise; coupled rows give the very images "
+             f"'raster, coupled' gives. Speed-up / step compression: the share of the forwards saved that shows in "
+             f"images/s with one image in flight. Rows without 'load-aware' run their window at every step; "
+             f"'load-aware' rows let the scheduler narrow it step by step from its cost model "
+             f"(samplers/load.py), learned on this engine's own steps as the run goes.")
+    print("wrote", write_results("accel", "Acceleration beside raster, in vLLM", table, notes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Load-aware SJD windows (`samplers/load.py`): the cost model and the choice on their own, then vLLM's
+engine: load-aware images stay exact (coupled ones give coupled raster's image whatever widths the
+load gave them; sampled ones follow the exact distribution), fit the step budget, and report the
+width each forward ran at."""
+import numpy as np
+import pytest
+import torch
+from conftest import chi_square_p, enumerate_images
+
+from vllm_visual_ar.samplers.load import StepCost, WidthChoice, cap_to_budget, choose_widths
+
+SAMPLED = dict(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9)
+
+
+def test_the_cost_model_recovers_a_linear_step_time():
+    cost = StepCost()
+    assert cost.fit() is None
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        n, drafts, wide = int(rng.integers(8, 400)), int(rng.integers(0, 200)), int(rng.integers(0, 16))
+        cost.observe(n, drafts, wide, 0.004 + 2e-5 * n + 1e-5 * drafts + 3e-4 * wide)
+    a, b, d, c = cost.fit()
+    assert a == pytest.approx(0.004, rel=1e-3) and b == pytest.approx(2e-5, rel=1e-3)
+    assert d == pytest.approx(1e-5, rel=1e-2) and c == pytest.approx(3e-4, rel=1e-3)
+    same = StepCost()
+    for _ in range(20):
+        same.observe(100, 0, 0, 0.01)
+    assert same.fit() is None  # steps of one size cannot tell a from b: no claim
+
+
+def test_free_tokens_give_wide_steps_and_costly_ones_narrow():
+    images = [WidthChoice(32, 0.7, streams=2) for _ in range(16)]
+    overhead_bound = (0.01, 0.0, 0.0, 0.0)  # a GPU-like step: extra tokens free
+    token_bound = (0.01, 1e-4, 1e-4, 1e-4)  # a small model on a CPU: every token and draft costs
+    assert set(choose_widths(images, 0, 0, overhead_bound)) == {32}
+    assert set(choose_widths(images, 0, 0, token_bound)) == {1}
+    alone = choose_widths([WidthChoice(32, 0.7, streams=2)], 0, 0, token_bound)[0]
+    assert alone > 1  # one image: the per-step cost dominates, drafts pay
+    explore = images[:15] + [WidthChoice(32, 0.7, streams=2, minimum=2)]
+    chosen = choose_widths(explore, 0, 0, token_bound)
+    assert chosen[:15] == [1] * 15 and chosen[15] >= 2  # an acceptance estimate to refresh
+    assert choose_widths([WidthChoice(4, 0.99)], 0, 0, overhead_bound) == [4]  # never past the ceiling
+
+
+def test_widths_are_cut_to_the_spare_budget():
+    assert cap_to_budget([16, 16, 4], [2, 2, 1], 10) == [3, 3, 3]
+    assert cap_to_budget([16, 16, 4], [2, 2, 1], 12) == [4, 3, 3]
+    assert cap_to_budget([16, 16], [2, 2], 0) == [1, 1]
+    assert cap_to_budget([5, 3], [2, 2], 100) == [5, 3]
+
+
+# -- the engine ----------------------------------------------------------------------------------------
+def test_load_aware_coupled_sjd_keeps_coupled_rasters_images_at_any_load(tiny_generator):
+    """Twelve guided images with window 64 in an engine of four in flight: widths vary step by step
+    with the load, the images do not; every forward fits the step budget (no pair is split)."""
+    classes = [i % 10 for i in range(12)]
+    raster = tiny_generator.generate(classes, seed=3, coupled=True, **SAMPLED)
+    loaded = tiny_generator.generate(classes, seed=3, coupled=True, strategy="sjd", window=64, load_aware=True,
+                                     **SAMPLED)
+    for r, s in zip(raster, loaded):
+        assert torch.equal(r.codes, s.codes)
+        assert s.stats.accepted_drafts == s.stats.tokens - s.stats.forward_passes
+        assert 0 <= s.stats.accepted_drafts <= s.stats.draft_tokens
+
+
+def test_wide_windows_fit_a_small_step_budget(tiny_model, make_generator):
+    """An engine whose step budget (64 tokens) is far below what eight guided images at window 64
+    would feed: load-aware images reserve width 2 and their steps are cut to the budget, never split."""
+    gen = make_generator(tiny_model[0], max_images_in_flight=8, max_num_batched_tokens=64)
+    classes = list(range(8))
+    raster = gen.generate(classes, seed=8, coupled=True, **SAMPLED)
+    loaded = gen.generate(classes, seed=8, coupled=True, strategy="sjd", window=64, load_aware=True, **SAMPLED)
+    assert all(torch.equal(r.codes, s.codes) for r, s in zip(raster, loaded))
+    assert sum(s.stats.forward_passes for s in loaded) < sum(r.stats.forward_passes for r in raster)
+
+
+def test_the_width_of_each_forward_is_reported_and_within_the_window(tiny_generator):
+    from vllm.sampling_params import RequestOutputKind
+
+    from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests, step_width
+
+    cfg, engine = tiny_generator.config, tiny_generator.llm.llm_engine
+    tiny_generator.generate([1, 2, 3, 4], strategy="sjd", window=8, load_aware=True, **SAMPLED)  # cost model
+    widths, committed = [], []
+    for i in range(3):
+        for j, (prompt, sp) in enumerate(image_requests(cfg, i, SamplingSettings(**SAMPLED), seed=i,
+                                                        image_id=f"lw{i}",
+                                                        decoding=Decoding("sjd", 8, load_aware=True))):
+            sp.output_kind = RequestOutputKind.DELTA
+            engine.add_request(f"lw{i}-{j}", prompt, sp)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id.endswith("-0") and out.outputs[0].token_ids and (w := step_width(out)) is not None:
+                widths.append(w)
+                committed.append(len(out.outputs[0].token_ids))
+    assert widths and all(1 <= w <= 8 for w in widths)
+    assert all(1 <= c <= w for c, w in zip(committed, widths))
+
+
+def test_greedy_load_aware_sjd_equals_greedy_raster(tiny_generator, tiny_model):
+    from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
+
+    _, ref = tiny_model
+    images = tiny_generator.generate([5, 6, 7, 8, 9], guidance_scale=2.0, top_k=1, strategy="sjd", window=16,
+                                     load_aware=True)
+    expected = reference_raster(ref, [5, 6, 7, 8, 9], guidance_scale=2.0, top_k=1).codes
+    assert torch.equal(torch.stack([im.codes.flatten() for im in images]), expected)
+
+
+def test_load_aware_samples_follow_the_exact_distribution(enumerable_model):
+    gen, ref = enumerable_model
+    sampling = dict(guidance_scale=2.0, temperature=1.0, top_k=0)
+    images = gen.generate([1], n=3000, seed=0, strategy="sjd", window=4, load_aware=True, **sampling)
+    samples = [tuple(im.codes.flatten().tolist()) for im in images]
+    assert chi_square_p(samples, enumerate_images(ref, 1, **sampling)) > 1e-3
+
+
+def test_bad_load_aware_arguments_are_value_errors(tiny_generator):
+    with pytest.raises(ValueError, match="load_aware must be true or false"):
+        tiny_generator.generate([1], strategy="sjd", load_aware="yes")
+    with pytest.raises(ValueError, match="load_aware applies to strategy 'sjd'"):
+        tiny_generator.generate([1], load_aware=True)
