@@ -35,6 +35,7 @@ guided, filtered, tempered targets and appends the committed tokens; vLLM rolls 
 rest (`num_computed_tokens -= rejected`). The image's Jacobi state (carried drafts and the
 distributions they were drawn from) lives in the runner half between forwards.
 """
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -47,7 +48,6 @@ from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, Strat
 
 INITS = ("random", "horizontal")
 DEFAULT_WINDOW = 16
-EXPLORE_EVERY = 8  # load-aware: after this many steps without drafts, verify one (acceptance estimate)
 
 
 def check_sjd_window(window) -> int:
@@ -384,33 +384,31 @@ class SJD(Strategy):
 
     def start(self, request):
         self._width: int | None = None  # the window of the step being run, when the policy chose it
-        self._seen = (0, 0)  # (output tokens, drafts given) before the step being run
-        self._accepted, self._rejections = 0, 0  # drafts accepted, forwards that rejected one
-        self._narrow = 0  # steps in a row run at width 1 (no drafts: no acceptance observed)
+        self._seen = (0, 0)  # (output tokens, width) of the step being run
+        self._accepted, self._log_widths = 0, 0.0  # drafts accepted, and the sum of ln(width) of their forwards
         return whole_image_problem(self.layout, request, self.decoding.strategy)
 
     def _observe(self, request) -> None:
-        """Count the last step's accepted drafts and whether it rejected one (acceptance estimate)."""
-        outputs, given = self._seen
-        if given and request.num_output_tokens > outputs:
-            accepted = request.num_output_tokens - outputs - 1
-            self._accepted += accepted
-            self._rejections += accepted < given
+        """Count the last step's accepted drafts against the log of its width (the yield estimate)."""
+        outputs, width = self._seen
+        if width > 1 and request.num_output_tokens > outputs:
+            self._accepted += request.num_output_tokens - outputs - 1
+            self._log_widths += math.log(width)
         self._seen = (request.num_output_tokens, 0)
 
     def width_choice(self, request):
-        """For a load-aware request: its window as the ceiling, and the acceptance rate
-        seen so far (accepted / (accepted + rejections): each forward accepts drafts until its first
-        rejection), from a prior of one accepted and one rejected draft."""
+        """For a load-aware request: its window as the ceiling, and its yield slope k (tokens per
+        forward 1 + k ln w, `load.py`) from its forwards so far, starting from a prior of one forward
+        at k = 0.7 (the embedded model's SJD at 16-32)."""
         from vllm_visual_ar.samplers.load import WidthChoice
 
         self._observe(request)
         left = request.max_tokens - request.num_output_tokens
         if not self.decoding.load_aware or request.num_computed_tokens < request.num_prompt_tokens or left <= 1:
             return None
-        alpha = (self._accepted + 1) / (self._accepted + self._rejections + 2)
-        self._narrow = self._narrow + 1 if self._width == 1 else 0
-        return WidthChoice(min(self.decoding.window, left), alpha, minimum=2 if self._narrow >= EXPLORE_EVERY else 1)
+        prior = math.log(16)
+        slope = (self._accepted + 0.7 * prior) / (self._log_widths + prior)
+        return WidthChoice(min(self.decoding.window, left), slope)
 
     def footprint(self, output_tokens):
         window = min(self.decoding.window, output_tokens)  # a longer window verifies no more than the image
@@ -425,7 +423,7 @@ class SJD(Strategy):
         if request.num_computed_tokens >= request.num_prompt_tokens:
             window = min(width or self.decoding.window, request.max_tokens)
             request.spec_token_ids = [0] * draft_slots(window, request.max_tokens - request.num_output_tokens)
-            self._seen = (request.num_output_tokens, len(request.spec_token_ids))
+            self._seen = (request.num_output_tokens, len(request.spec_token_ids) + 1)
 
     def step_width(self, request):
         return self._width

@@ -29,17 +29,14 @@ def test_the_cost_model_recovers_a_linear_step_time():
 
 
 def test_free_tokens_give_wide_steps_and_costly_ones_narrow():
-    images = [WidthChoice(32, 0.7, streams=2) for _ in range(16)]
+    images = [WidthChoice(32, 0.6, streams=2) for _ in range(16)]
     overhead_bound = (0.01, 0.0, 0.0, 0.0)  # a GPU-like step: extra tokens free
     token_bound = (0.01, 1e-4, 1e-4, 1e-4)  # a small model on a CPU: every token and draft costs
     assert set(choose_widths(images, 0, 0, overhead_bound)) == {32}
     assert set(choose_widths(images, 0, 0, token_bound)) == {1}
-    alone = choose_widths([WidthChoice(32, 0.7, streams=2)], 0, 0, token_bound)[0]
+    alone = choose_widths([WidthChoice(32, 0.6, streams=2)], 0, 0, token_bound)[0]
     assert alone > 1  # one image: the per-step cost dominates, drafts pay
-    explore = images[:15] + [WidthChoice(32, 0.7, streams=2, minimum=2)]
-    chosen = choose_widths(explore, 0, 0, token_bound)
-    assert chosen[:15] == [1] * 15 and chosen[15] >= 2  # an acceptance estimate to refresh
-    assert choose_widths([WidthChoice(4, 0.99)], 0, 0, overhead_bound) == [4]  # never past the ceiling
+    assert choose_widths([WidthChoice(4, 2.0)], 0, 0, overhead_bound) == [4]  # never past the ceiling
 
 
 def test_widths_are_cut_to_the_spare_budget():
