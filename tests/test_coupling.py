@@ -1,10 +1,10 @@
 """Coupled draws (SCD): noise fixed per (seed, position). On its own (the race picks each code with
 its probability, the noise repeats for a (seed, position) and only for it), then vLLM's engine: coupled
 raster equals the plain-PyTorch loop drawing with the same noise, coupled SJD equals coupled raster
-token for token (alone, in a batch, any window), and both follow the exact distribution."""
+token for token (alone, in a batch, any window). Their exactness (chi-square through the engine) is
+`test_sjd.py::test_engine_samples_follow_the_exact_distribution`."""
 import pytest
 import torch
-from conftest import chi_square_p, enumerate_images
 
 from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
 from vllm_visual_ar.samplers.coupling import PositionNoise, coupled_draw, position_key
@@ -90,16 +90,6 @@ def test_coupled_images_are_the_same_alone_and_under_load(tiny_generator):
 def test_unseeded_coupled_images_differ(tiny_generator):
     a, b = (tiny_generator.generate([3], coupled=True, strategy=s, **SAMPLED)[0].codes for s in ("raster", "sjd"))
     assert not torch.equal(a, b)
-
-
-@pytest.mark.parametrize("decoding", [dict(coupled=True), dict(strategy="sjd", window=3, coupled=True),
-                                      dict(strategy="sjd", window=4, init="horizontal", coupled=True)])
-def test_coupled_samples_follow_the_exact_distribution(enumerable_model, decoding):
-    gen, ref = enumerable_model
-    sampling = dict(guidance_scale=2.0, temperature=1.0, top_k=0)
-    images = gen.generate([1], n=3000, seed=0, **sampling, **decoding)
-    samples = [tuple(im.codes.flatten().tolist()) for im in images]
-    assert chi_square_p(samples, enumerate_images(ref, 1, **sampling)) > 1e-3
 
 
 @pytest.mark.parametrize("kwargs,match", [
