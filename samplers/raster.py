@@ -10,7 +10,8 @@ class RasterRunner(StrategyRunner):
         self.coupled = CoupledTokens(self.device)
 
     def prepare(self, step, rows):
-        return {row: self.coupled.plan(step, row) for row in rows if step.info(row).decoding.coupled}
+        return {row: self.coupled.plan(step, row) for row in rows
+                if (info := step.info(row)) is not None and info.decoding.coupled}  # info None: not an image
 
     def emit(self, step, rows, logits, at):
         return self.coupled.tokens(step, rows, logits, at, self.layout_of)

@@ -96,7 +96,12 @@ class StrategyRunner:
 
     def __init__(self, config, model, model_dir: str, device):
         self.config, self.model, self.model_dir, self.device = config, model, model_dir, device
-        self.layout = image_layout(config)  # the image's tokens at the model's default size
+
+    @cached_property
+    def layout(self) -> ImageLayout:
+        """The image's tokens at the model's default size (asked only when an image request needs it:
+        a runner half also exists on models that serve plain requests)."""
+        return image_layout(self.config)
 
     def layout_of(self, info) -> ImageLayout:
         """The layout of a request's image (its size's)."""
