@@ -135,9 +135,9 @@ class LlamaGenReference(nn.Module):
         return self.output(self.norm(h)).float()
 
     # -- KV-cached inference ---------------------------------------------------------------------
-    def setup_cache(self, batch: int, dtype=torch.float32, device="cpu"):
+    def setup_cache(self, batch: int, dtype=torch.float32, device="cpu", max_len: int | None = None):
         cfg = self.config
-        max_len = cfg.cls_token_num + cfg.num_image_tokens
+        max_len = max_len or cfg.cls_token_num + cfg.num_image_tokens
         for layer in self.layers:
             att = layer.attention
             shape = (batch, att.n_kv_head, max_len, att.head_dim)
@@ -149,10 +149,12 @@ class LlamaGenReference(nn.Module):
         """Embedded inputs h [B, S, D] at positions input_pos [S] -> logits of the last position [B, V]."""
         return self.step_masked(h, input_pos, self.causal_mask[None, None, input_pos])[:, -1]
 
-    def step_masked(self, h: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def step_masked(self, h: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
+                    rope_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Write the inputs' keys/values at cache slots input_pos, attend with mask [1, 1, S, max_len]
-        (True = visible) -> logits of every input [B, S, V]."""
-        rot = self.rope[input_pos]
+        (True = visible) -> logits of every input [B, S, V]. rope_pos: the inputs' positions when
+        they are not their cache slots."""
+        rot = self.rope[input_pos if rope_pos is None else rope_pos]
         for layer in self.layers:
             h = layer(h, rot, mask, input_pos)
         return self.output(self.norm(h)).float()
@@ -285,6 +287,118 @@ def generate_zipar(model: LlamaGenReference, classes: list[int], window: int, gu
         sample_rows(logits[:, predicting], [inputs[j][2] for j in predicting])
         written = visible
         forwards += 1
+    return ReferenceResult(codes, forwards, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def generate_zipar_sjd(model: LlamaGenReference, label: int, window: int, jacobi_window: int,
+                       guidance_scale: float = 4.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                       generator: torch.Generator | None = None, init: str = "horizontal",
+                       continued: bool = False) -> ReferenceResult:
+    """ZipAR x SJD for one image: the oracle for the engine's `samplers/zipar_sjd.py`, written from its
+    rules (module doc there) over a KV cache in feeding order with an explicit mask.
+
+    Each forward feeds what the previous one committed (and a stand-in when a row starts), then for
+    every started, unfinished row the drafts of its next columns, at most `jacobi_window` - 1, within
+    the row. A row's head is its latest code, else its stand-in, else (hand-over) the row above's last
+    code. Each row's targets up to the column the row above allows (its codes less `window`) are
+    verified as one SJD window, the samples past it carried (`sjd.verify_prefix`). Committed tokens
+    keep their cache slots; the drafts' slots are reused by the next forward."""
+    from vllm_visual_ar.samplers.sjd import Drafts, verify_prefix
+
+    cfg = model.config
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    height = width = cfg.image_grid
+    w, k, v = min(window, width), jacobi_window, cfg.codebook_size
+    prefix = cfg.cls_token_num
+    guided = guidance_scale != 1.0
+    labels = torch.tensor([label] + ([cfg.num_classes] if guided else []), device=device)
+    capacity = prefix + 2 * height * width + height
+    model.setup_cache(len(labels), device=device, max_len=capacity)
+
+    def targets(logits: torch.Tensor) -> torch.Tensor:  # [B, S, V] -> [S, V]
+        mixed = cfg_mix(logits[0], logits[1], guidance_scale) if guided else logits[0]
+        return target_probs(mixed, temperature, top_k, top_p)
+
+    h = model.cls_embedding.embedding_table(labels)[:, None]
+    logits = model.step(h, torch.arange(prefix, device=device))[:, None]
+    mixed = cfg_mix(logits[:1, 0], logits[1:, 0], guidance_scale) if guided else logits[:1, 0]
+    code = {0: int(sample(mixed, temperature, top_k, top_p, generator)[0])}  # raster index -> code
+    count, started = [1] + [0] * (height - 1), [True] + [False] * (height - 1)
+    slot_raster, slot_stand_in = [-1] * prefix, [False] * prefix  # per kept cache slot
+    pending = [(0, code[0], False)]  # (raster, token, stand-in) fed by the next forward
+    carried = {r: Drafts.empty(v) for r in range(height)}
+    forwards = 1
+    while count[-1] < width:
+        fed = list(pending)
+        draft_rows: list[int] = []
+        chains = []  # (row, index of the head in fed, first column, drafts)
+        for r in range(height):
+            if not started[r] or count[r] == width:
+                continue
+            c = count[r]
+            if c > 0:
+                head = next(i for i, (ras, _, si) in enumerate(pending) if ras == r * width + c - 1 and not si)
+            else:
+                head = next((i for i, (ras, _, si) in enumerate(pending) if si and ras == r * width - 1),
+                            None)
+                if head is None:
+                    head = next(i for i, (ras, _, si) in enumerate(pending) if ras == r * width - 1)
+            limit = width - 1 if r == 0 or count[r - 1] == width else count[r - 1] - w
+            assert c <= limit
+            n = min(k - 1, width - 1 - c)
+            tokens = list(carried[r].tokens[:n])
+            q = carried[r].q[:n]
+            while len(tokens) < n:
+                col = c + len(tokens)
+                if init == "random":
+                    tokens.append(int(torch.randint(v, (1,), generator=generator)))
+                else:
+                    tokens.append(tokens[-1] if tokens else code[r * width + col - 1] if col > 0
+                                  else code[(r - 1) * width])
+            fresh = torch.nn.functional.one_hot(torch.tensor(tokens[len(q):], dtype=torch.long), v).float()
+            drafts = Drafts(tokens, torch.cat([q, fresh]))
+            chains.append((r, head, c, drafts, len(fed), limit - c + 1))
+            fed += [(r * width + c + i, t, False) for i, t in enumerate(tokens)]
+            draft_rows += [r] * n
+        kept = len(slot_raster)
+        p = len(pending)
+        raster = torch.tensor(slot_raster + [ras for ras, _, _ in fed])
+        stand_in = torch.tensor(slot_stand_in + [si for _, _, si in fed])
+        row_of_draft = torch.tensor([-1] * (kept + p) + draft_rows)
+        slots = torch.arange(kept, kept + len(fed))
+        mask = torch.zeros(len(fed), capacity, dtype=torch.bool)
+        length = kept + len(fed)
+        seen = (raster[None, :] <= raster[slots][:, None]) & (~stand_in[None, :] | (
+            torch.arange(length)[None, :] == slots[:, None]))
+        seen &= (row_of_draft[None, :] < 0) | (row_of_draft[None, :] == row_of_draft[slots][:, None])
+        mask[:, :length] = seen
+        x = torch.tensor([t for _, t, _ in fed], device=device)[None].expand(len(labels), -1)
+        rope = torch.tensor([prefix + ras for ras, _, _ in fed], device=device)
+        logits = model.step_masked(model.tok_embeddings(x), slots.to(device), mask[None, None].to(device), rope)
+        forwards += 1
+        slot_raster += [ras for ras, _, _ in pending]
+        slot_stand_in += [si for _, _, si in pending]
+        pending = []
+        for r, head, c, drafts, first, room in chains:
+            at = [head] + list(range(first, first + len(drafts.tokens)))
+            committed, carried[r] = verify_prefix(targets(logits[:, at]), drafts, room, generator,
+                                                  continued=continued)
+            for i, t in enumerate(committed):
+                code[r * width + c + i] = t
+                pending.append((r * width + c + i, t, False))
+            count[r] += len(committed)
+        for r in range(height - 1):  # hand-over: row 1, and every row when rows do not overlap
+            if count[r] == width and not started[r + 1] and (r == 0 or w >= width):
+                started[r + 1] = True
+        if w < width:
+            bottom = max(r for r in range(height) if started[r])
+            if 1 <= bottom < height - 1 and count[bottom] >= w:
+                started[bottom + 1] = True
+                above = bottom - 1
+                pending.append((bottom * width + width - 1, code[above * width + count[above] - 1], True))
+    codes = torch.tensor([[code[i] for i in range(height * width)]], device=device)
     return ReferenceResult(codes, forwards, time.perf_counter() - t0)
 
 

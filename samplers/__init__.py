@@ -3,10 +3,10 @@ format) with an optional `strategy.StrategyRunner` (runner half); the engine, th
 admission and the frontends find them here and name none.
 
 Token-by-token models (LlamaGen) take a per-request strategy: "raster" (the default), "zipar"
-(`zipar.py`), "sjd" (`sjd.py`). A family whose model decodes in its own order names it in its config
-(`config.decoding`); every request to such a model runs under that order's strategy, which decides
-which requested names it serves (next-scale, `next_scale.py`: "raster", its plain scale order, and
-"code", CoDe's drafter/refiner hand-off).
+(`zipar.py`), "sjd" (`sjd.py`), "zipar_sjd" (`zipar_sjd.py`). A family whose model decodes in its
+own order names it in its config (`config.decoding`); every request to such a model runs under that
+order's strategy, which decides which requested names it serves (next-scale, `next_scale.py`:
+"raster", its plain scale order, and "code", CoDe's drafter/refiner hand-off).
 
 Adding a strategy: a module under `samplers/` and `register_strategy(name, "module:Class")`. The
 registry is per process: with vLLM's engine in its own process, register from a `vllm.general_plugins`
@@ -19,6 +19,7 @@ STRATEGIES: dict = {
     "raster": "vllm_visual_ar.samplers.raster:Raster",
     "zipar": "vllm_visual_ar.samplers.zipar:ZipAR",
     "sjd": "vllm_visual_ar.samplers.sjd:SJD",
+    "zipar_sjd": "vllm_visual_ar.samplers.zipar_sjd:ZipARSJD",
     "code": "vllm_visual_ar.samplers.next_scale:NextScale",
 }
 # config.decoding -> the strategy that runs every request of such a model.

@@ -193,6 +193,19 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
     return drafts.tokens[: j - 1] + [resampled], Drafts(carried.tolist(), p[j:])
 
 
+def verify_prefix(p: torch.Tensor, drafts: Drafts, upto: int, generator: torch.Generator | None,
+                  continued: bool = False) -> tuple[list[int], Drafts]:
+    """`verify` over the first `upto` targets only: nothing past them may be committed yet (ZipAR x
+    SJD: the row above has not reached them). Past them, the forward's samples are carried into the
+    next window with their targets as q, as SJD carries the positions after a rejection."""
+    if upto >= p.shape[0]:
+        return verify(p, drafts, generator, continued=continued)
+    committed, carried = verify(p[:upto], Drafts(drafts.tokens[: upto - 1], drafts.q[: upto - 1]), generator,
+                                continued=continued)
+    tail = p[upto:]
+    return committed, Drafts(carried.tokens + draw(tail, generator).tolist(), torch.cat([carried.q.to(p.device), tail]))
+
+
 def verify_coupled(p: torch.Tensor, drafts: Drafts, noise: torch.Tensor) -> tuple[list[int], Drafts]:
     """SJD with coupled draws (`coupling.py`). noise [K, V]: the fixed noise of the K positions the
     forward predicts. The token committed at a position is always the coupled draw from its target,

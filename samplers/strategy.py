@@ -21,7 +21,8 @@ reads, who sees whom, tokens written into speculative slots) and later turns the
 rows, guidance already mixed by the runner, into the tokens each request appends. A strategy that is
 a model family's own decoding order (config.decoding) runs every request of that model and answers
 for the whole batch instead (`owns_batch`: `prepare_batch`, `sample_batch`), mixing guidance its own
-way.
+way. A half whose scheduler half must learn more of a step than the tokens it appended reports it
+(`report`, carried on the runner's output to `Strategy.runner_report`; ZipAR x SJD's per-row commits).
 
 Raster order, the default, rewrites nothing unless its draws are coupled (`raster.py`).
 """
@@ -35,6 +36,11 @@ import numpy as np
 import torch
 
 from vllm_visual_ar.families import ImageLayout, image_layout
+
+
+# The attribute of vLLM's ModelRunnerOutput that carries the runner halves' reports of a step
+# (request id -> `StrategyRunner.report`) to the scheduler.
+RUNNER_REPORTS = "visual_ar_reports"
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ class RowPlan:
     positions: Sequence[int] | None = None   # each fed token's position, if not vLLM's contiguous ones
     # (query positions [n], key positions [length]) -> bool [n, length], True = seen; None: causal
     visible: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-    slot_tokens: Sequence[int] | None = None  # token ids written into the fed tokens after the first
+    slot_tokens: Sequence[int] | None = None  # token ids written into the last fed tokens (speculative slots)
 
 
 class Step:
@@ -129,6 +135,11 @@ class StrategyRunner:
         """Unmixed logits of the prepared rows -> token ids [rows, width] (int32, padding -1)."""
         raise NotImplementedError
 
+    def report(self, step: Step, row: int):
+        """After `emit`: what the scheduler half must learn of the tokens the row appended, beyond the
+        tokens themselves (picklable; it reaches `Strategy.runner_report`), or None."""
+        return None
+
     def forget(self, req_id: str, info) -> None:
         """A request has finished: drop what was kept for it."""
 
@@ -201,6 +212,10 @@ class Strategy:
     def before_step(self, request, width: int | None = None) -> None:
         """Before a step that runs the request: its speculative-token slots, or a rewind. `width`:
         the tokens per forward the load-aware policy chose (only for requests with a `width_choice`)."""
+
+    def runner_report(self, request, report) -> None:
+        """What the runner half reported of the step that just ran (`StrategyRunner.report`), before
+        vLLM appends its tokens to the request."""
 
     def scale_sampling_problem(self, scale_sampling: dict) -> str | None:
         """Why the request's per-scale settings ({name: values}) do not fit, or None."""

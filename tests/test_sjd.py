@@ -251,11 +251,12 @@ def test_bad_sjd_requests_finish_with_an_error(tiny_generator, case):
 @pytest.mark.parametrize("decoding", [
     dict(strategy="sjd", window=3), dict(strategy="sjd", window=4, init="horizontal"),
     dict(strategy="sjd", window=4, continue_after_reject=True), dict(strategy="sjd", window=4, load_aware=True),
-    dict(coupled=True), dict(strategy="sjd", window=3, coupled=True),
-    dict(strategy="sjd", window=4, init="horizontal", coupled=True), dict()])
+    dict(coupled=True), dict(strategy="zipar_sjd", window=1, jacobi_window=2, init="random"), dict()])
 def test_engine_samples_follow_the_exact_distribution(enumerable_model, decoding):
     """Every exact decoding through the engine (SJD, its continuation, load-aware windows, coupled
-    draws in raster order and with SJD), raster sampling as the control: 3,000 images each."""
+    draws), raster sampling as the control: 3,000 images each. Coupled SJD is coupled raster's image
+    token for token (`test_coupling.py`), so coupled raster's case covers it. ZipAR x SJD is exact on
+    a 2-row image: row 1 starts once row 0 is complete, so its rows are SJD windows in raster order."""
     gen, ref = enumerable_model
     sampling = dict(guidance_scale=2.0, temperature=1.0, top_k=0)
     images = gen.generate([1], n=3000, seed=0, **sampling, **decoding)

@@ -51,14 +51,16 @@ def cmd_generate(args) -> int:
     check_generate_args(config, classes, args.n, args.seed, args.guidance_scale, args.temperature,
                         args.top_k, args.top_p, args.strategy, args.window, args.init, args.relaxed_delta,
                         draft_steps=args.draft_steps, prompts=prompts, coupled=args.coupled or None,
-                        continue_after_reject=args.continue_after_reject or None)
+                        continue_after_reject=args.continue_after_reject or None,
+                        jacobi_window=args.jacobi_window)
     gen = ImageGenerator(args.model, max_images_in_flight=args.max_images_in_flight)
     results = gen.generate(classes, n=args.n, guidance_scale=args.guidance_scale,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, strategy=args.strategy, window=args.window, init=args.init,
                            relaxed_delta=args.relaxed_delta, draft_steps=args.draft_steps,
                            progress=True, prompts=prompts, negative_prompt=args.negative_prompt, size=args.size,
-                           coupled=args.coupled or None, continue_after_reject=args.continue_after_reject or None)
+                           coupled=args.coupled or None, continue_after_reject=args.continue_after_reject or None,
+                           jacobi_window=args.jacobi_window)
     os.makedirs(args.out, exist_ok=True)
     counts: dict = {}
     for r in results:
@@ -173,16 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoding strategy (raster: LlamaGen's raster order, VAR's scale order; code: CoDe)")
     g.add_argument("--window", type=int, default=None,
                    help="ZipAR: a row starts once the row above has this many tokens (>= grid width = raster); "
-                        "SJD: tokens verified per forward (default 16)")
+                        "SJD: tokens verified per forward (default 16); zipar_sjd: ZipAR's")
+    g.add_argument("--jacobi-window", type=int, default=None,
+                   help="zipar_sjd: tokens each active row verifies per forward (default 8; 1 = ZipAR)")
     g.add_argument("--init", choices=["random", "horizontal"], default=None,
-                   help="SJD: how fresh drafts are initialised (default random)")
+                   help="SJD, zipar_sjd: how fresh drafts are initialised (default: random, zipar_sjd horizontal)")
     g.add_argument("--relaxed-delta", type=float, default=None,
                    help="SJD: relaxed (LANTERN-style, not exact) acceptance with this neighbour mass")
     g.add_argument("--coupled", action="store_true",
                    help="raster, SJD: noise fixed per (seed, position): a seed gives one image in raster order and "
                         "with SJD")
     g.add_argument("--continue-after-reject", action="store_true",
-                   help="SJD: keep verifying the drafts after a rejection (SJD-PAC's adaptive continuation)")
+                   help="SJD, zipar_sjd: keep verifying the drafts after a rejection (SJD-PAC's adaptive "
+                        "continuation)")
     g.add_argument("--draft-steps", type=int, default=None,
                    help="CoDe (--strategy code): scales the drafter decodes before the refiner takes over")
     g.add_argument("--max-images-in-flight", type=int, default=16)

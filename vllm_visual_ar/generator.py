@@ -51,7 +51,7 @@ class GeneratedImage:
 def check_generate_args(config, classes, n, seed, guidance_scale, temperature, top_k, top_p,
                         strategy="raster", window=None, init=None, relaxed_delta=None, relaxed_neighbours=None,
                         draft_steps=None, prompts=None, size=None, coupled=None,
-                        continue_after_reject=None, load_aware=None):
+                        continue_after_reject=None, load_aware=None, jacobi_window=None):
     """Validate `generate` arguments against a model config (ValueError naming the problem);
     -> (the prompts as a list: class ids, or texts for a text-to-image model; SamplingSettings with
     the model's defaults filled in; Decoding)."""
@@ -79,7 +79,7 @@ def check_generate_args(config, classes, n, seed, guidance_scale, temperature, t
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     check_seed(seed, len(items) * n)
     decoding = Decoding(strategy, window, init, relaxed_delta, relaxed_neighbours, draft_steps, coupled,
-                        continue_after_reject, load_aware).fitted(config, size)
+                        continue_after_reject, load_aware, jacobi_window).fitted(config, size)
     if problem := decoding_problem(config, decoding):
         raise ValueError(problem)
     settings = SamplingSettings(family.default(config, "guidance_scale") if guidance_scale is None else guidance_scale,
@@ -114,7 +114,8 @@ class ImageGenerator:
                  draft_steps: int | None = None, progress: bool = False,
                  timeout: float | None = None, prompts: list[str] | str | None = None,
                  negative_prompt: str | None = None, size=None, coupled: bool | None = None,
-                 continue_after_reject: bool | None = None, load_aware: bool | None = None) -> list[GeneratedImage]:
+                 continue_after_reject: bool | None = None, load_aware: bool | None = None,
+                 jacobi_window: int | None = None) -> list[GeneratedImage]:
         """n images per class (class-conditional models) or per prompt (text-to-image models:
         `prompts`, an optional `negative_prompt` for the unconditional stream, `size` as "WxH" or
         (width, height) among the model's sizes), in order. Image i of the call uses seed + i, so a seed
@@ -130,6 +131,8 @@ class ImageGenerator:
         where they still fit (`samplers/sjd.py::verify`). `load_aware` (SJD, opt-in): the window is a
         ceiling that the scheduler narrows step by step when extra tokens would cost throughput
         (`samplers/load.py`); an uncoupled SJD image then depends on the load, a coupled one does not.
+        "zipar_sjd": ZipAR's rows (`window`), each verifying up to `jacobi_window` (default 8) tokens per
+        forward with SJD's rule (`samplers/zipar_sjd.py`; `init` default "horizontal").
         VAR models decode scale by scale; with a CoDe folder, strategy "code" with `draft_steps` N lets
         the drafter decode scales 0..N-1 and the refiner the rest (`samplers/next_scale.py`); guidance 0
         is unguided there (VAR's cfg).
@@ -139,7 +142,8 @@ class ImageGenerator:
         items, settings, decoding = check_generate_args(self.config, classes, n, seed, guidance_scale,
                                                         temperature, top_k, top_p, strategy, window, init,
                                                         relaxed_delta, relaxed_neighbours, draft_steps, prompts,
-                                                        size, coupled, continue_after_reject, load_aware)
+                                                        size, coupled, continue_after_reject, load_aware,
+                                                        jacobi_window)
         if timeout is not None:
             timeout = check_number(timeout, "timeout", 0, 1e9, low_open=True)
         layout = self.family.image_layout(self.config, size)

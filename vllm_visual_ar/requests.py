@@ -73,7 +73,9 @@ class Decoding:
     it reads (`Strategy.checked`); a field no strategy of this name reads must be unset. `coupled`
     (raster, SJD) draws every token from noise fixed per (seed, position) (`samplers/coupling.py`):
     the same seed then gives the same image in raster order and with SJD. `load_aware` (SJD): the
-    window is a ceiling that the scheduler narrows under load (`samplers/load.py`)."""
+    window is a ceiling that the scheduler narrows under load (`samplers/load.py`). "zipar_sjd"
+    (`samplers/zipar_sjd.py`): ZipAR's rows (`window`), each verifying up to `jacobi_window` tokens per
+    forward with SJD's rule (default 8, init "horizontal")."""
     strategy: str = "raster"
     window: int | None = None
     init: str | None = None
@@ -83,6 +85,7 @@ class Decoding:
     coupled: bool | None = None
     continue_after_reject: bool | None = None
     load_aware: bool | None = None
+    jacobi_window: int | None = None
 
     def __post_init__(self):
         from vllm_visual_ar.samplers import strategy_class, strategy_names
@@ -114,7 +117,7 @@ class Decoding:
 
 
 DECODING_OPTIONS = ("window", "init", "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled",
-                    "continue_after_reject", "load_aware")
+                    "continue_after_reject", "load_aware", "jacobi_window")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ preempts request by request, so this subclass wraps it rather than rewriting it:
   max_tokens, its widest step and look-ahead), what to do before a step that runs it (speculative-
   token slots the runner fills, which vLLM accounts as speculative decoding and rolls back; a
   rewind), which phase (model) its next forward runs in, and what the frontend is shown of the
-  tokens a step appended. A step runs one phase, alternating between the phases that have work;
+  tokens a step appended; a runner half's report of the step (`StrategyRunner.report`, on the
+  runner's output) reaches it before vLLM appends the tokens. A step runs one phase, alternating between the phases that have work;
   new requests enter in their entry phase. Both halves of a pair get the same answers.
 - Load-aware widths (`samplers/load.py`). A strategy that can run a step narrower than its window
   (SJD) says so (`width_choice`); before each step the scheduler picks every such image's width
@@ -44,7 +45,7 @@ from vllm_visual_ar.admission import Need, admit, cannot_fit, footprint_need
 from vllm_visual_ar.requests import STEP_WIDTH_KEY, Decoding, image_request_info
 from vllm_visual_ar.samplers import strategy_for
 from vllm_visual_ar.samplers.load import StepCost, cap_to_budget, choose_widths
-from vllm_visual_ar.samplers.strategy import Strategy
+from vllm_visual_ar.samplers.strategy import RUNNER_REPORTS, Strategy
 
 logger = init_logger(__name__)
 
@@ -210,6 +211,9 @@ class VisualARScheduler(Scheduler):
     def update_from_output(self, scheduler_output, model_runner_output) -> dict[int, EngineCoreOutputs]:
         if (timing := self._timing.pop(id(scheduler_output), None)) is not None:
             self._cost.observe(*timing[1:], time.perf_counter() - timing[0])
+        for req_id, report in (getattr(model_runner_output, RUNNER_REPORTS, None) or {}).items():
+            if (tracked := self._tracked.get(req_id)) is not None:
+                tracked.strategy.runner_report(tracked.request, report)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for eco in (o for group in outputs.values() for o in group.outputs):
             tracked = self._tracked.get(eco.request_id) or self._freed.get(eco.request_id)

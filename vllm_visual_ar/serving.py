@@ -7,7 +7,8 @@ shown in the server's /docs and /openapi.json; unknown fields are a 400):
      "model": "...", "n": 1, "size": "auto" | "32x32", "response_format": "b64_json",
      "seed": 0, "guidance_scale": 2.0, "temperature": 1.0, "top_k": 32, "top_p": 1.0,
      # VAR models: top_k, top_p, temperature may each be a list, one value per scale (CoDe's way)
-     "strategy": "raster" | "zipar" | "sjd", "window": 8, "init": "random" | "horizontal",  # init: SJD
+     "strategy": "raster" | "zipar" | "sjd" | "zipar_sjd", "window": 8, "init": "random" | "horizontal",
+     "jacobi_window": 8,                                 # zipar_sjd: tokens each row verifies per forward
      "relaxed_delta": 0.1, "relaxed_neighbours": 16,     # SJD: relaxed acceptance (not exact)
      "coupled": true,                                    # raster, SJD: noise fixed per (seed, position)
      "continue_after_reject": true,                      # SJD: SJD-PAC's adaptive continuation
@@ -89,11 +90,15 @@ class DecodingFields(BaseModel):
                                                                 "a list, one value per scale. Default: the model's.")
     strategy: str = Field("raster", description="The decoding order: 'raster' (VAR models: their next-scale "
                                                 "order), 'zipar' (with window), 'sjd' (speculative Jacobi "
-                                                "decoding) or 'code' (VAR models with a CoDe refiner).")
-    window: int | None = Field(None, description="zipar: the tokens of the row above a row starts after; sjd: "
-                                                 "the tokens verified per forward (default 16). Longer than "
-                                                 "useful: the longest useful one.")
-    init: str | None = Field(None, description="sjd: how drafts start, 'random' (default) or 'horizontal'.")
+                                                "decoding), 'zipar_sjd' (ZipAR's rows, each an SJD window) "
+                                                "or 'code' (VAR models with a CoDe refiner).")
+    window: int | None = Field(None, description="zipar, zipar_sjd: the tokens of the row above a row starts "
+                                                 "after; sjd: the tokens verified per forward (default 16). "
+                                                 "Longer than useful: the longest useful one.")
+    init: str | None = Field(None, description="sjd, zipar_sjd: how drafts start, 'random' (sjd's default) or "
+                                               "'horizontal' (zipar_sjd's default).")
+    jacobi_window: int | None = Field(None, description="zipar_sjd: the tokens each active row verifies per "
+                                                        "forward (default 8; 1 is zipar).")
     relaxed_delta: float | None = Field(None, description="sjd: relaxed (LANTERN-style, not exact) acceptance "
                                                           "with this delta.")
     relaxed_neighbours: int | None = Field(None, description="sjd with relaxed_delta: the latent neighbours of a "
@@ -105,7 +110,7 @@ class DecodingFields(BaseModel):
     load_aware: bool | None = Field(None, description="sjd: the window is a ceiling that the scheduler narrows "
                                                       "step by step when extra tokens per forward would cost "
                                                       "throughput (default false: every forward at the window).")
-    continue_after_reject: bool | None = Field(None, description="sjd: keep verifying the drafts after a rejected "
+    continue_after_reject: bool | None = Field(None, description="sjd, zipar_sjd: keep verifying the drafts after a rejected "
                                                                  "one (SJD-PAC's adaptive continuation; exact). "
                                                                  "Default false.")
     negative_prompt: str | None = Field(None, description="Text-to-image models only: the text the unconditional "
@@ -304,7 +309,7 @@ def parse_images_request(body, config) -> ImagesJob:
     if problem := per_scale_problem(settings.per_scale, getattr(config, "num_scales", None)):
         raise BadRequest(problem, next(iter(sorted(settings.per_scale))))
     names = ("strategy", "init", "window", "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled",
-             "continue_after_reject", "load_aware")
+             "continue_after_reject", "load_aware", "jacobi_window")
     try:
         decoding = Decoding(request.strategy, **{name: getattr(request, name)
                                                  for name in DECODING_OPTIONS}).fitted(config, size)

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from vllm.platforms import current_platform
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from vllm_visual_ar.families import family_of, image_layout, load_object
 from vllm_visual_ar.model_executors.masked_attention import masked_attention_for
 from vllm_visual_ar.requests import Decoding, ImageRequestInfo, image_request_info
 from vllm_visual_ar.samplers import strategy_for
-from vllm_visual_ar.samplers.strategy import RowPlan, Step, StrategyRunner
+from vllm_visual_ar.samplers.strategy import RUNNER_REPORTS, RowPlan, Step, StrategyRunner
 
 if current_platform.is_cpu():
     from vllm.v1.worker.cpu_worker import CPUWorker as _BaseWorker
@@ -54,6 +55,7 @@ class VisualARRunnerMixin:
     _owner = None  # the half that owns whole batches (a family's own order), False if none
     _guidance_mix = None  # the model family's guidance mix (cond, uncond, scale) -> logits
     _places_tokens = None  # whether the family's layout has tokens the engine places (or codes past id 0)
+    _reports = None  # this step's strategy reports: request id -> report
 
     def _mix(self, cond, uncond, scale):
         if self._guidance_mix is None:
@@ -209,7 +211,7 @@ class VisualARRunnerMixin:
                 if plan.visible is not None:
                     visible.append((row, plan.visible))
                 if plan.slot_tokens is not None:
-                    slots += range(start + 1, end)
+                    slots += range(end - len(plan.slot_tokens), end)
                     slot_tokens += plan.slot_tokens
             logits_rows.append(slice(first, len(indices)))
         if slots:
@@ -229,6 +231,17 @@ class VisualARRunnerMixin:
         return flat, None, max(r.stop - r.start for r in logits_rows)
 
     # -- sampling --------------------------------------------------------------------------------
+    def sample_tokens(self, grammar_output):
+        """vLLM's, with the strategies' reports of this step (`StrategyRunner.report`) attached to the
+        output for the scheduler (`RUNNER_REPORTS`)."""
+        self._reports = None
+        output = super().sample_tokens(grammar_output)
+        if self._reports:
+            if not isinstance(output, ModelRunnerOutput) or output is EMPTY_MODEL_RUNNER_OUTPUT:
+                raise RuntimeError(f"strategy reports cannot ride on a {type(output).__name__}")
+            setattr(output, RUNNER_REPORTS, self._reports)
+        return output
+
     def _sample(self, logits, spec_decode_metadata):
         if logits is not None and (owner := self._batch_owner()) is not None:
             from vllm.v1.outputs import SamplerOutput
@@ -261,10 +274,17 @@ class VisualARRunnerMixin:
         output = super()._sample(logits[first], None)
         uncond_rows = set(guided[1]) if guided is not None else set()
         emitted: dict[int, list[int]] = {}
+        reports: dict[int, object] = {}
         for half, planned in layout.planned:
             sampling = [r for r in planned if r not in uncond_rows]
             if sampling:
                 emitted.update(half.emit(layout.step, sampling, logits[:, codes], rows))
+                reports.update((r, report) for r in sampling if (report := half.report(layout.step, r)) is not None)
+        if reports:
+            partner = dict(zip(guided[0], guided[1])) if guided is not None else {}
+            req_ids = self.input_batch.req_ids
+            self._reports = {req_ids[r]: report for row, report in reports.items()
+                             for r in (row, partner.get(row)) if r is not None}
         width = max((len(t) for t in emitted.values()), default=1)
         ids = torch.full((len(rows), width), -1, dtype=torch.int32)
         ids[:, :1] = output.sampled_token_ids[:, :1].cpu()

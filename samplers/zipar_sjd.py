@@ -1,0 +1,414 @@
+"""ZipAR x SJD: ZipAR's row wavefront (`zipar.py`) where every active row carries its own Jacobi
+window, verified by SJD's rule (`sjd.py::verify`), so a row advances by 1 to `jacobi_window` tokens
+per forward instead of exactly one. No paper or code combines the two (`../shared/reference/
+anchors-2026.md`); the rules below are this project's, chosen so that `jacobi_window` = 1 is ZipAR
+token for token.
+
+Rows (H rows of W codes; no end-of-line tokens):
+- row 0 is decoded alone; row 1 starts once row 0 is complete, its first token predicted by row 0's
+  last one (raster hand-over); row r+1 (r >= 1) starts once row r has `window` codes, by a stand-in
+  fed at the slot of (r, W-1), a copy of row r-1's latest code (ZipAR's rule). A window >= W starts
+  every row by hand-over;
+- ZipAR samples (r+1, c) when row r has c + window codes; here row r+1 may commit column c only if
+  row r had at least c + window codes (or was complete) when its target was computed, so every
+  committed token saw at least what ZipAR would show it. A row whose predecessor commits at least
+  one token per forward therefore never stalls, which SJD guarantees;
+- each forward, a row's chain is its head (the token whose logits predict its next column: its
+  latest code, the stand-in, or the row above's last code at a hand-over) and up to
+  `jacobi_window - 1` drafts for its next columns, within the row. The targets up to the column the
+  row above allows are verified as one SJD window (`sjd.verify_prefix`): 1 to `jacobi_window` codes
+  are committed per row. Past that column the forward's samples are carried as the next drafts (a
+  Jacobi step), so a row that waits on the row above keeps refining its next codes: a row's window
+  is not cut to its room under the row above, where SJD's yield (which grows with the window) would
+  be lost.
+
+Attention: the tokens a forward commits are fed by the next forward (their keys/values are computed
+then, seeing every committed token whose raster index is <= theirs, as in ZipAR); drafts are queries
+only. A query sees the committed tokens whose raster index is <= its own and no stand-in but itself
+(ZipAR's rule); a draft also sees the earlier drafts of its own row's chain, never another row's
+(unverified) drafts. Positions are raster positions (2D RoPE).
+
+Drafts: the Jacobi tail carried from the row's last verification (SJD), then "horizontal" (the code
+to the left; at column 0, the code above: never random, so greedy decoding is deterministic) or
+"random" (uniform over the codes).
+
+In vLLM: the forward feeds the tokens the previous one committed (and the stand-in), then the drafts
+in speculative-token slots. The runner half verifies and appends every committed token; the
+scheduler half rewinds vLLM's computed count to before them (vLLM's accounting would keep drafts'
+keys/values as if they were the committed tokens) and sets the next forward's slots. Both halves
+run the same row bookkeeping (`Wavefront`): the runner half reports each forward's per-row commits
+(`StrategyRunner.report`), which the scheduler half needs for the slot count, the stand-ins and
+the frontend's raster-order release.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from vllm_visual_ar.families import image_layout
+from vllm_visual_ar.samplers.coupling import check_flag
+from vllm_visual_ar.samplers.sampling import target_probs
+from vllm_visual_ar.samplers.sjd import Drafts, check_init, verify_prefix
+from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
+from vllm_visual_ar.samplers.zipar import check_window
+
+DEFAULT_JACOBI_WINDOW = 8
+
+
+def check_jacobi_window(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"jacobi_window must be an integer >= 1 (ZipAR x SJD: tokens each active row verifies "
+                         f"per forward; 1 = ZipAR), got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A committed token or a stand-in, as appended to the request (the next forward feeds it)."""
+    raster: int                  # its slot: index in the image, raster order
+    copy_of: int | None = None   # a stand-in: raster index of the code it copies
+    heads: int | None = None     # the row whose next code its logits predict; None: key/value only
+
+    @property
+    def stand_in(self) -> bool:
+        return self.copy_of is not None
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One row's part of a forward: its head (index among the fed entries) and drafts."""
+    row: int
+    head: int          # index of the head in `Wavefront.pending`
+    first: int         # the column the head predicts
+    drafts: int        # drafts fed, for columns first .. first + drafts - 1
+    most: int          # the most codes it may commit: columns first .. up to the row above's limit
+
+
+@dataclass
+class Wavefront:
+    """One image's rows under ZipAR x SJD: codes committed per row, and the entries the next forward
+    feeds. Pure bookkeeping, run alike by the runner half and the scheduler half."""
+    height: int
+    width: int
+    window: int
+    jacobi: int
+    count: list[int] = field(default_factory=list)  # codes committed per row
+    pending: list[Entry] = field(default_factory=list)  # appended by the last forward, fed by the next
+    started: list[bool] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.window = min(self.window, self.width)
+        self.count = [0] * self.height
+        self.started = [True] + [False] * (self.height - 1)
+
+    @property
+    def done(self) -> bool:
+        return self.count[-1] == self.width
+
+    @property
+    def stand_ins(self) -> int:
+        """Stand-ins an image appends: one per row from row 2 on, when rows overlap."""
+        return max(0, self.height - 2) if self.window < self.width else 0
+
+    def limit(self, row: int) -> int:
+        """The last column `row` may predict now: the row above's codes less the window."""
+        if row == 0 or self.count[row - 1] == self.width:
+            return self.width - 1
+        return self.count[row - 1] - self.window
+
+    def chains(self) -> list[Chain]:
+        """The chains of the next forward, top row first."""
+        out = []
+        for i, e in enumerate(self.pending):
+            if e.heads is None:
+                continue
+            first = self.count[e.heads]
+            limit = self.limit(e.heads)
+            if first > limit:  # cannot happen: each row commits >= 1 code per forward (module doc)
+                raise RuntimeError(f"ZipAR x SJD: row {e.heads} stalled at column {first} (limit {limit})")
+            drafts = min(self.jacobi - 1, self.width - 1 - first)
+            out.append(Chain(e.heads, i, first, drafts, min(drafts + 1, limit - first + 1)))
+        return sorted(out, key=lambda c: c.row)
+
+    def draft_count(self) -> int:
+        return sum(c.drafts for c in self.chains())
+
+    def commit(self, committed: dict[int, int]) -> list[Entry]:
+        """Codes committed per row this forward -> the entries appended (each row's codes, top row
+        first, then a stand-in when a row starts), which the next forward feeds."""
+        entries = []
+        for row in sorted(committed):
+            n = committed[row]
+            start = self.count[row]
+            if n < 1 or start + n > self.width or start + n - 1 > self.limit(row):
+                raise RuntimeError(f"ZipAR x SJD: {n} codes committed to row {row} at column {start}")
+            self.count[row] += n
+            for col in range(start, start + n):
+                last = col == start + n - 1
+                heads = None
+                if last and col < self.width - 1:
+                    heads = row
+                elif last and row + 1 < self.height and not self.started[row + 1] and (
+                        row == 0 or self.window >= self.width):
+                    heads = row + 1  # raster hand-over
+                    self.started[row + 1] = True
+                entries.append(Entry(row * self.width + col, heads=heads))
+        if self.window < self.width:  # the bottom started row reached the window: a stand-in starts the next
+            bottom = max(r for r in range(self.height) if self.started[r])
+            if 1 <= bottom < self.height - 1 and self.count[bottom] >= self.window:
+                above = bottom - 1
+                self.started[bottom + 1] = True
+                entries.append(Entry(bottom * self.width + self.width - 1,
+                                     copy_of=above * self.width + self.count[above] - 1, heads=bottom + 1))
+        self.pending = entries
+        return entries
+
+    def start(self) -> list[Entry]:
+        """The prompt's forward sampled (0, 0)."""
+        return self.commit({0: 1})
+
+    def widest_step(self) -> int:
+        """A bound on the tokens of one forward: committed tokens fed plus drafts. Row r+1 lags row r
+        by at least window - 1 codes, so at most (W - 1) / (window - 1) + 1 rows are active (all of
+        them at window 1), plus one that just completed, each feeding up to `jacobi` codes and
+        `jacobi` - 1 drafts, and a stand-in."""
+        rows = self.height if self.window == 1 else min(self.height, (self.width - 1) // (self.window - 1) + 2)
+        return min(rows * (2 * self.jacobi - 1) + 1, self.height * self.width + self.stand_ins)
+
+    def widest_drafts(self) -> int:
+        rows = self.height if self.window == 1 else min(self.height, (self.width - 1) // (self.window - 1) + 2)
+        return rows * (self.jacobi - 1)
+
+
+def wavefront(layout, decoding) -> Wavefront:
+    return Wavefront(layout.rows, layout.cols, decoding.window, decoding.jacobi_window)
+
+
+def initial_drafts(carried: Drafts, n: int, init: str, codes: int, row: int, first: int, tokens: dict[int, int],
+                   width: int, generator, device) -> Drafts:
+    """n drafts for columns first .. of `row`: the carried Jacobi tail, then initialised ("horizontal":
+    the code to the left, at column 0 the code above; "random": uniform). `tokens`: raster index ->
+    committed code."""
+    kept, q = list(carried.tokens[:n]), carried.q[:n]
+    fresh = n - len(kept)
+    if fresh <= 0:
+        return Drafts(kept, q)
+    if init == "random":
+        new = torch.randint(codes, (fresh,), generator=generator, device=device).tolist()
+    else:
+        new = []
+        for i in range(fresh):
+            col = first + len(kept) + i
+            prior = kept + new
+            if prior:
+                new.append(prior[-1])
+            elif col > 0:
+                new.append(tokens[row * width + col - 1])
+            else:
+                new.append(tokens[(row - 1) * width])
+    one_hot = torch.nn.functional.one_hot(torch.tensor(new, dtype=torch.long, device=device), codes).float()
+    return Drafts(kept + new, torch.cat([q.to(one_hot.device), one_hot]))
+
+
+@dataclass
+class _Image:
+    """What the runner half keeps of one image between forwards (shared by its guidance streams)."""
+    front: Wavefront
+    codes: dict[int, int] = field(default_factory=dict)  # raster index -> committed code
+    raster: list[int] = field(default_factory=list)      # per appended token: its slot
+    stand_in: list[bool] = field(default_factory=list)   # per appended token: a stand-in?
+    carried: dict[int, Drafts] = field(default_factory=dict)  # row -> Jacobi tail
+    chains: list[Chain] = field(default_factory=list)    # this forward's
+    drafts: dict[int, Drafts] = field(default_factory=dict)  # this forward's, per row
+    report: tuple = ()                                    # this forward's commits, (row, codes) pairs
+
+    def append(self, entries: list[Entry]) -> None:
+        self.raster += [e.raster for e in entries]
+        self.stand_in += [e.stand_in for e in entries]
+
+
+def _visibility(raster: np.ndarray, stand_in: np.ndarray, draft_row: np.ndarray):
+    """The mask rule of the module doc over one stream's sequence (prompt: raster -1)."""
+    def visible(q, kv):
+        seen = raster[kv][None, :] <= raster[q][:, None]
+        seen &= ~stand_in[kv][None, :] | (kv[None, :] == q[:, None])
+        dk = draft_row[kv][None, :]
+        return seen & ((dk < 0) | (dk == draft_row[q][:, None]))
+    return visible
+
+
+class ZipARSJDRunner(StrategyRunner):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.images: dict[str, _Image] = {}
+        self._leads: dict[int, str] = {}  # this forward's sampling rows -> image id
+
+    def prepare(self, step, rows):
+        streams_of: dict[str, list[int]] = {}
+        for row in rows:
+            if not step.in_prompt(row):  # the prompt's forward samples (0, 0): vLLM's own
+                streams_of.setdefault(step.info(row).image_id, []).append(row)
+        plans, self._leads = {}, {}
+        for image_id, streams in streams_of.items():
+            streams.sort(key=lambda r: step.info(r).role == "uncond")
+            lead = streams[0]
+            info = step.info(lead)
+            layout = self.layout_of(info)
+            image = self.images.get(image_id)
+            if image is None:
+                image = self.images[image_id] = _Image(wavefront(layout, info.decoding))
+                image.append(image.front.start())
+                image.codes[0] = step.state(lead).output_token_ids[0] - layout.code_ids.start
+            front, width = image.front, layout.cols
+            image.chains = front.chains()
+            image.drafts = {}
+            draft_raster, draft_rows, slot_tokens = [], [], []
+            for chain in image.chains:
+                drafts = initial_drafts(image.carried.get(chain.row, Drafts.empty(layout.codebook_size)),
+                                        chain.drafts, info.decoding.init, layout.codebook_size, chain.row,
+                                        chain.first, image.codes, width, step.generator(lead), self.device)
+                image.drafts[chain.row] = drafts
+                draft_raster += [chain.row * width + chain.first + i for i in range(chain.drafts)]
+                draft_rows += [chain.row] * chain.drafts
+                slot_tokens += [layout.code_ids.start + d for d in drafts.tokens]
+            pending = len(front.pending)
+            # Logits rows: each chain's head, then its drafts (offsets among the fed tokens).
+            logits, at = [], pending
+            for chain in image.chains:
+                logits += [chain.head] + list(range(at, at + chain.drafts))
+                at += chain.drafts
+            for row in streams:
+                start, end = step.fed(row)
+                prefix = int(step.prompt_lens[row])
+                outputs = len(step.state(row).output_token_ids)
+                if outputs != len(image.raster) or int(step.computed[row]) != prefix + outputs - pending or \
+                        end - start != pending + len(slot_tokens):
+                    raise RuntimeError(f"ZipAR x SJD request {step.req_ids[row]}: scheduled {end - start} tokens "
+                                       f"at KV length {step.computed[row]}, which is not its next forward")
+                raster = np.array([-1] * prefix + image.raster + draft_raster)
+                stand_in = np.array([False] * prefix + image.stand_in + [False] * len(draft_raster))
+                draft_row = np.array([-1] * (prefix + outputs) + draft_rows)
+                fed = range(prefix + outputs - pending, prefix + outputs + len(draft_raster))
+                plans[row] = RowPlan(logits, [prefix + int(raster[s]) for s in fed],
+                                     _visibility(raster, stand_in, draft_row), slot_tokens or None)
+            self._leads[lead] = image_id
+        return plans
+
+    def emit(self, step, rows, logits, at):
+        """Verify each row's chain (SJD's rule), append the committed codes, top row first, then the
+        stand-in that starts a row."""
+        out = {}
+        for row in rows:
+            image = self.images[self._leads[row]]
+            info = step.info(row)
+            layout = self.layout_of(info)
+            params = step.state(row).sampling_params
+            p = target_probs(logits[at[row]], params.temperature, max(params.top_k or 0, 0), params.top_p)
+            committed, first = {}, 0
+            for chain in image.chains:
+                n = chain.drafts + 1
+                codes, image.carried[chain.row] = verify_prefix(
+                    p[first:first + n], image.drafts[chain.row], chain.most, step.generator(row),
+                    continued=bool(info.decoding.continue_after_reject))
+                first += n
+                committed[chain.row] = len(codes)
+                for i, code in enumerate(codes):
+                    image.codes[chain.row * layout.cols + chain.first + i] = code
+            entries = image.front.commit(committed)
+            image.append(entries)
+            image.report = tuple(committed.items())
+            offset = layout.code_ids.start
+            out[row] = [offset + image.codes[e.copy_of if e.stand_in else e.raster] for e in entries]
+        return out
+
+    def report(self, step, row):
+        return self.images[self._leads[row]].report
+
+    def forget(self, req_id, info):
+        if info is not None:
+            self.images.pop(info.image_id, None)
+
+
+class ZipARSJD(Strategy):
+    fields = ("window", "jacobi_window", "init", "continue_after_reject")
+    runner = ZipARSJDRunner
+    uses_spec_slots = True
+
+    @classmethod
+    def checked(cls, decoding):
+        return {"window": check_window(decoding.window),
+                "jacobi_window": check_jacobi_window(DEFAULT_JACOBI_WINDOW if decoding.jacobi_window is None
+                                                     else decoding.jacobi_window),
+                "init": check_init("horizontal" if decoding.init is None else decoding.init),
+                "continue_after_reject": check_flag(decoding.continue_after_reject, "continue_after_reject")}
+
+    @classmethod
+    def fitted(cls, decoding, config, size=None):
+        layout = image_layout(config, size)
+        return replace(decoding, window=min(decoding.window, layout.cols),
+                       jacobi_window=min(decoding.jacobi_window, layout.cols))
+
+    @classmethod
+    def problem(cls, config, decoding):
+        if problem := super().problem(config, decoding):
+            return problem
+        layout = image_layout(config)
+        if layout.row_end is not None or layout.image_end:
+            return ("strategy 'zipar_sjd' does not yet run on models whose images hold placed tokens (an end of "
+                    "line after each row, an image end); use 'zipar' or 'sjd'")
+        return None
+
+    def start(self, request):
+        if problem := whole_image_problem(self.layout, request, self.decoding.strategy):
+            return problem
+        self._raster: list[int] = []  # per appended token: its slot, -1 for a stand-in
+        self._codes: dict[int, int] = {}  # raster index -> token, not yet released
+        self._seen = 0      # output tokens looked at
+        self._released = 0  # raster prefix already shown to the frontend
+        return None
+
+    @cached_property
+    def front(self) -> Wavefront:
+        """The image's rows, kept in step with the runner half's by its reports."""
+        return wavefront(self.layout, self.decoding)
+
+    def footprint(self, output_tokens):
+        return Footprint(output_tokens + self.front.stand_ins, self.front.widest_step(), self.front.widest_drafts())
+
+    def _append(self, entries: list[Entry]) -> None:
+        self._raster += [-1 if e.stand_in else e.raster for e in entries]
+
+    def _started(self, request) -> None:
+        if not self._raster and request.num_output_tokens > 0:  # the prompt's forward sampled (0, 0)
+            self._append(self.front.start())
+
+    def runner_report(self, request, report):
+        self._started(request)
+        self._append(self.front.commit(dict(report)))
+
+    def before_step(self, request, width=None):
+        """Past the prompt: vLLM counted the last forward's first drafts as computed keys/values for
+        the tokens it appended; rewind to before them (the forward feeds them) and give the drafts
+        their slots."""
+        if request.num_computed_tokens < request.num_prompt_tokens:
+            return
+        self._started(request)
+        request.num_computed_tokens = request.num_tokens - len(self.front.pending)
+        request.spec_token_ids = [0] * self.front.draft_count()
+
+    def frontend_tokens(self, request, new_token_ids):
+        """Stand-ins dropped, codes released in raster order as the raster prefix grows."""
+        self._started(request)
+        outputs = request.output_token_ids
+        for i in range(self._seen, len(outputs)):
+            if self._raster[i] >= 0:
+                self._codes[self._raster[i]] = outputs[i]
+        self._seen = len(outputs)
+        out = []
+        while self._released in self._codes:
+            out.append(self._codes.pop(self._released))
+            self._released += 1
+        return out

@@ -1,0 +1,169 @@
+"""ZipAR x SJD: the row bookkeeping on its own, then vLLM's engine against the plain-PyTorch reference
+(`llamagen_reference.generate_zipar_sjd`: its own reading of the rules, a cache in feeding order and
+an explicit mask), token for token under greedy decoding, where the drafts are deterministic."""
+import random
+
+import pytest
+import torch
+from conftest import scheduler_of, step_until_done
+
+from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
+from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar as reference_zipar
+from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar_sjd as reference_zipar_sjd
+from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
+from vllm_visual_ar.samplers.zipar import zipar_schedule
+from vllm_visual_ar.samplers.zipar_sjd import Wavefront
+
+GREEDY = dict(top_k=1)
+
+
+# -- the rows as plain logic ---------------------------------------------------------------------
+def run_wavefront(height, width, window, jacobi, rng):
+    """Drive a Wavefront with random acceptance; -> (appended entries per forward, drafts per forward)."""
+    front = Wavefront(height, width, window, jacobi)
+    forwards = [front.start()]
+    drafts = []
+    while not front.done:
+        chains = front.chains()
+        drafts.append(sum(c.drafts for c in chains))
+        assert front.draft_count() == drafts[-1] <= front.widest_drafts()
+        assert len(front.pending) + drafts[-1] <= front.widest_step()
+        forwards.append(front.commit({c.row: rng.randint(1, c.most) for c in chains}))
+    return forwards, drafts
+
+
+@pytest.mark.parametrize("height,width", [(8, 8), (5, 7), (2, 3), (1, 4), (16, 16)])
+@pytest.mark.parametrize("window", [1, 2, 3, 8, 100])
+@pytest.mark.parametrize("jacobi", [1, 2, 5])
+def test_rows_fill_the_image_and_never_outrun_the_row_above(height, width, window, jacobi):
+    rng = random.Random(height * 100 + width * 10 + window + jacobi)
+    for _ in range(3):
+        forwards, _ = run_wavefront(height, width, window, jacobi, rng)
+        entries = [e for f in forwards for e in f]
+        codes = sorted(e.raster for e in entries if not e.stand_in)
+        assert codes == list(range(height * width))
+        stand_ins = [e for e in entries if e.stand_in]
+        assert len(stand_ins) == Wavefront(height, width, window, jacobi).stand_ins
+        # Each row's codes arrive left to right; a code (r, c) arrives no earlier than the forward
+        # after the one that committed (r-1, min(c + window, width) - 1): what ZipAR shows it.
+        arrived = {e.raster: t for t, f in enumerate(forwards) for e in f if not e.stand_in}
+        for r in range(1, height):
+            for c in range(width):
+                assert arrived[r * width + c] > arrived[(r - 1) * width + min(c + window, width) - 1]
+                if c:
+                    assert arrived[r * width + c] >= arrived[r * width + c - 1]
+
+
+@pytest.mark.parametrize("height,width", [(8, 8), (5, 7), (16, 16), (2, 3)])
+@pytest.mark.parametrize("window", [1, 2, 3, 8, 100])
+def test_a_jacobi_window_of_one_is_zipar_s_schedule(height, width, window):
+    forwards, drafts = run_wavefront(height, width, window, 1, random.Random(0))
+    schedule = zipar_schedule(height, width, window)
+    assert not any(drafts)
+    assert len(forwards) == schedule.num_forwards
+    ours = [(e.raster, e.copy_of) for f in forwards for e in f]
+    assert ours == [(e.raster, e.copy_of) for e in schedule.sequence]
+
+
+# -- the engine ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("window,jacobi", [(1, 3), (2, 2), (2, 8), (3, 4), (8, 5)])
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_engine_equals_reference(tiny_generator, tiny_model, window, jacobi, guidance_scale):
+    _, ref = tiny_model
+    classes = [1, 7, 4]
+    images = tiny_generator.generate(classes, guidance_scale=guidance_scale, strategy="zipar_sjd", window=window,
+                                     jacobi_window=jacobi, **GREEDY)
+    for c, im in zip(classes, images):
+        expected = reference_zipar_sjd(ref, c, window, jacobi, guidance_scale=guidance_scale, **GREEDY)
+        assert torch.equal(im.codes.flatten(), expected.codes[0]), c
+        assert im.stats.forward_passes == expected.forward_passes
+        assert im.stats.tokens == tiny_generator.config.image_grid ** 2
+
+
+def test_a_jacobi_window_of_one_is_zipar_and_wider_ones_take_fewer_forwards(tiny_generator, tiny_model):
+    _, ref = tiny_model
+    one = tiny_generator.generate([2, 5], guidance_scale=3.0, strategy="zipar_sjd", window=2, jacobi_window=1,
+                                  **GREEDY)
+    zipar = tiny_generator.generate([2, 5], guidance_scale=3.0, strategy="zipar", window=2, **GREEDY)
+    expected = reference_zipar(ref, [2, 5], 2, guidance_scale=3.0, **GREEDY)
+    assert torch.equal(torch.stack([im.codes.flatten() for im in one]), expected.codes)
+    assert [im.stats.forward_passes for im in one] == [im.stats.forward_passes for im in zipar]
+    wide = tiny_generator.generate([2, 5], guidance_scale=3.0, strategy="zipar_sjd", window=2, jacobi_window=8,
+                                   **GREEDY)
+    assert all(w.stats.forward_passes < o.stats.forward_passes for w, o in zip(wide, one))
+
+
+def test_every_strategy_shares_a_batch(tiny_generator, tiny_model):
+    """Continuous batching: zipar_sjd beside raster, zipar and sjd, guided and not, arriving at
+    different steps (one pair's halves 2 steps apart), more images than fit; every image equals its
+    reference run alone and the KV cache is back to idle afterwards."""
+    _, ref = tiny_model
+    cfg, engine, scheduler = tiny_generator.config, tiny_generator.llm.llm_engine, scheduler_of(tiny_generator)
+    idle_free = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    plan = [(0, 1, 3.0, Decoding("zipar_sjd", 2, jacobi_window=4)), (0, 2, 3.0, Decoding("sjd", 6)),
+            (0, 3, 1.0, Decoding("zipar_sjd", 3, jacobi_window=8)), (3, 4, 2.0, Decoding("zipar", 2)),
+            (3, 5, 1.0, Decoding()), (7, 6, 3.0, Decoding("zipar_sjd", 1, jacobi_window=2)),
+            (12, 8, 2.0, Decoding("zipar_sjd", 8, jacobi_window=3))]
+    submit_at: dict[int, list] = {}
+    for i, (step, c, s, decoding) in enumerate(plan):
+        reqs = image_requests(cfg, c, SamplingSettings(guidance_scale=s, **GREEDY), image_id=f"zs{i}",
+                              decoding=decoding.fitted(cfg))
+        for j, (prompt, sp) in enumerate(reqs):
+            submit_at.setdefault(step + (2 if (i == 0 and j == 1) else 0), []).append((f"zs{i}-{j}", prompt, sp))
+    widths = []
+    done = step_until_done(engine, submit_at, each_step=lambda: widths.append(len(scheduler.running)))
+    assert max(widths) == 2 * 4  # the engine was full: images waited for room
+    for i, (_, c, s, decoding) in enumerate(plan):
+        if decoding.strategy == "zipar_sjd":
+            expected = reference_zipar_sjd(ref, c, decoding.window, decoding.jacobi_window, guidance_scale=s,
+                                           **GREEDY).codes[0]
+        elif decoding.strategy == "zipar":
+            expected = reference_zipar(ref, [c], decoding.window, guidance_scale=s, **GREEDY).codes[0]
+        else:
+            expected = reference_raster(ref, [c], guidance_scale=s, **GREEDY).codes[0]
+        assert torch.equal(torch.tensor(done[f"zs{i}-0"].token_ids), expected), i
+        if s != 1.0:
+            assert done[f"zs{i}-1"].token_ids == done[f"zs{i}-0"].token_ids
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == idle_free
+
+
+def test_sampled_images_are_reproducible_by_seed_in_any_batch(tiny_generator):
+    sampling = dict(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9, strategy="zipar_sjd", window=2,
+                    jacobi_window=4)
+    alone = tiny_generator.generate([3], seed=21, **sampling)[0].codes
+    batch = tiny_generator.generate([1, 3, 5], seed=20, **sampling)  # class 3 is image 1 -> seed 21
+    other = tiny_generator.generate([3], seed=22, **sampling)[0].codes
+    assert torch.equal(alone, batch[1].codes) and not torch.equal(alone, other)
+    random_init = tiny_generator.generate([3], seed=21, init="random", continue_after_reject=True, **sampling)
+    assert ((random_init[0].codes >= 0) & (random_init[0].codes < tiny_generator.config.codebook_size)).all()
+
+
+def test_abort_mid_image_frees_the_pair(tiny_generator):
+    cfg, engine, scheduler = tiny_generator.config, tiny_generator.llm.llm_engine, scheduler_of(tiny_generator)
+    idle_free = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    reqs = image_requests(cfg, 5, SamplingSettings(guidance_scale=4.0), image_id="zsabort",
+                          decoding=Decoding("zipar_sjd", 2, jacobi_window=3))
+    for i, (prompt, sp) in enumerate(reqs):
+        engine.add_request(f"zsabort-{i}", prompt, sp)
+    for _ in range(8):  # past row 1, rows running in parallel
+        engine.step()
+    assert len(scheduler.running) == 2
+    engine.abort_request(["zsabort-0"])
+    step_until_done(engine, max_steps=20)
+    assert not scheduler.requests and not scheduler.running
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == idle_free
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(window=2, jacobi_window=0), "jacobi_window"), (dict(window=2, jacobi_window=1.5), "jacobi_window"),
+    (dict(window=2, jacobi_window=True), "jacobi_window"), (dict(window=2, jacobi_window="3"), "jacobi_window"),
+    (dict(jacobi_window=4), "window"), (dict(window=2, init="vertical"), "init"),
+    (dict(window=2, coupled=True), "coupled"), (dict(window=2, relaxed_delta=0.1), "relaxed_delta")])
+def test_bad_arguments_are_value_errors(tiny_generator, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_generator.generate([1], strategy="zipar_sjd", **kwargs)
+
+
+def test_jacobi_window_belongs_to_zipar_sjd():
+    with pytest.raises(ValueError, match="jacobi_window applies to strategy 'zipar_sjd' only"):
+        Decoding("sjd", 4, jacobi_window=2)
