@@ -223,6 +223,29 @@ def layout_schedule(layout, window: int) -> ZipARSchedule:
     return zipar_schedule(layout.rows, layout.cols, window, layout.row_end is not None, len(layout.image_end))
 
 
+class RasterRelease:
+    """The frontend's view of a request that appends its codes out of raster order: codes are released
+    as the raster prefix grows, stand-ins never. `raster_of[i]`: the slot of appended token i (-1: a
+    stand-in); the list may grow as the request runs."""
+
+    def __init__(self, raster_of: list[int]):
+        self.raster_of = raster_of
+        self._codes: dict[int, int] = {}  # raster index -> token, not yet released
+        self._seen = 0      # output tokens looked at
+        self._released = 0  # raster prefix already shown
+
+    def new_codes(self, outputs) -> list[int]:
+        for i in range(self._seen, len(outputs)):
+            if self.raster_of[i] >= 0:
+                self._codes[self.raster_of[i]] = outputs[i]
+        self._seen = len(outputs)
+        out = []
+        while self._released in self._codes:
+            out.append(self._codes.pop(self._released))
+            self._released += 1
+        return out
+
+
 # -- the strategy: what vLLM's scheduler and the plugin's runner ask of ZipAR ----------------------------
 # Keyed by the schedule's sizes, not the schedule: hashing a schedule hashes its whole sequence.
 ScheduleKey = tuple  # (height, width, window, row_end, image_end): zipar_schedule's arguments
@@ -348,10 +371,7 @@ class ZipAR(Strategy):
     def start(self, request):
         if problem := whole_image_problem(self.layout, request, self.decoding.strategy):
             return problem
-        self._raster_of = [-1 if e.stand_in else e.raster for e in self.schedule.sequence]
-        self._codes: dict[int, int] = {}  # raster index -> token, not yet released
-        self._seen = 0      # output tokens looked at
-        self._released = 0  # raster prefix already shown to the frontend
+        self._release = RasterRelease([-1 if e.stand_in else e.raster for e in self.schedule.sequence])
         return None
 
     def footprint(self, output_tokens):
@@ -363,13 +383,4 @@ class ZipAR(Strategy):
         """Stand-ins dropped, image tokens released in raster order as the raster prefix grows."""
         if self.schedule.raster:
             return new_token_ids
-        outputs = request.output_token_ids
-        for i in range(self._seen, len(outputs)):
-            if self._raster_of[i] >= 0:
-                self._codes[self._raster_of[i]] = outputs[i]
-        self._seen = len(outputs)
-        out = []
-        while self._released in self._codes:
-            out.append(self._codes.pop(self._released))
-            self._released += 1
-        return out
+        return self._release.new_codes(request.output_token_ids)

@@ -53,7 +53,7 @@ from vllm_visual_ar.samplers.coupling import check_flag
 from vllm_visual_ar.samplers.sampling import target_probs
 from vllm_visual_ar.samplers.sjd import Drafts, check_init, verify_prefix
 from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
-from vllm_visual_ar.samplers.zipar import check_window
+from vllm_visual_ar.samplers.zipar import RasterRelease, check_window
 
 DEFAULT_JACOBI_WINDOW = 8
 
@@ -364,10 +364,7 @@ class ZipARSJD(Strategy):
     def start(self, request):
         if problem := whole_image_problem(self.layout, request, self.decoding.strategy):
             return problem
-        self._raster: list[int] = []  # per appended token: its slot, -1 for a stand-in
-        self._codes: dict[int, int] = {}  # raster index -> token, not yet released
-        self._seen = 0      # output tokens looked at
-        self._released = 0  # raster prefix already shown to the frontend
+        self._release = RasterRelease([])  # its list grows with every step's report
         return None
 
     @cached_property
@@ -379,10 +376,10 @@ class ZipARSJD(Strategy):
         return Footprint(output_tokens + self.front.stand_ins, self.front.widest_step(), self.front.widest_drafts())
 
     def _append(self, entries: list[Entry]) -> None:
-        self._raster += [-1 if e.stand_in else e.raster for e in entries]
+        self._release.raster_of += [-1 if e.stand_in else e.raster for e in entries]
 
     def _started(self, request) -> None:
-        if not self._raster and request.num_output_tokens > 0:  # the prompt's forward sampled (0, 0)
+        if not self._release.raster_of and request.num_output_tokens > 0:  # the prompt's forward sampled (0, 0)
             self._append(self.front.start())
 
     def runner_report(self, request, report):
@@ -402,13 +399,4 @@ class ZipARSJD(Strategy):
     def frontend_tokens(self, request, new_token_ids):
         """Stand-ins dropped, codes released in raster order as the raster prefix grows."""
         self._started(request)
-        outputs = request.output_token_ids
-        for i in range(self._seen, len(outputs)):
-            if self._raster[i] >= 0:
-                self._codes[self._raster[i]] = outputs[i]
-        self._seen = len(outputs)
-        out = []
-        while self._released in self._codes:
-            out.append(self._codes.pop(self._released))
-            self._released += 1
-        return out
+        return self._release.new_codes(request.output_token_ids)
