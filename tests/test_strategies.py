@@ -37,14 +37,14 @@ def test_a_registered_strategy_is_a_valid_decoding_and_an_unregistered_one_is_no
     from vllm_visual_ar.samplers import strategy_names
 
     assert "greedy" in strategy_names() and Decoding("greedy").strategy == "greedy"
-    with pytest.raises(ValueError, match="window applies to strategies 'zipar' and 'sjd' only"):
+    with pytest.raises(ValueError, match="window applies to strategies 'zipar', 'sjd' and 'zipar_sjd' only"):
         Decoding("greedy", window=4)
 
 
 def test_strategies_registered_by_default_are_the_documented_ones():
     from vllm_visual_ar.samplers import strategy_names
 
-    assert strategy_names() == ("raster", "zipar", "sjd", "code")
+    assert strategy_names() == ("raster", "zipar", "sjd", "zipar_sjd", "code")
     with pytest.raises(ValueError, match="strategy must be one of"):
         Decoding("greedy")
 

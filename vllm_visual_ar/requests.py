@@ -99,8 +99,9 @@ class Decoding:
         for name in DECODING_OPTIONS:
             if getattr(self, name) is not None and name not in cls.fields:
                 readers = [repr(s) for s in names if name in strategy_class(s).fields]
+                listed = ' and '.join(filter(None, [', '.join(readers[:-1]), readers[-1]]))
                 raise ValueError(f"{name} applies to strateg{'ies' if len(readers) > 1 else 'y'} "
-                                 f"{' and '.join(readers)} only, got {name}={short(getattr(self, name))} "
+                                 f"{listed} only, got {name}={short(getattr(self, name))} "
                                  f"with strategy {self.strategy!r}")
 
     def fitted(self, config, size=None) -> "Decoding":
