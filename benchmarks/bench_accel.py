@@ -4,8 +4,8 @@
 
 Rows: raster (and raster with coupled draws), exact SJD at windows 16/32/64 with horizontal drafts,
 the same with coupled draws (SCD) and with adaptive continuation (SJD-PAC's chain), SJD and coupled
-SJD at 16 and 64 with load-aware windows, ZipAR, and the lossy knobs (relaxed acceptance; ZipAR is
-not exact either). Columns: forwards per image, tokens
+SJD at 16 and 64 with load-aware windows, ZipAR, ZipAR x SJD, and the lossy knobs (relaxed and group
+acceptance; ZipAR and ZipAR x SJD are not exact either). Columns: forwards per image, tokens
 per forward (= step compression against raster's one), images/s at each number of guided images
 in flight with the speed-up over raster, the speed-up at 1 in flight divided by the step
 compression, class agreement and Fréchet distance on --per-class images per class. Raster's Fréchet
@@ -34,8 +34,17 @@ def configs() -> list[tuple[str, dict]]:
              if decoding.get("window") in (16, 64) and not decoding.get("continue_after_reject")]
     rows += [("ZipAR w=8 (lossy)", dict(strategy="zipar", window=8)),
              ("ZipAR w=4 (lossy)", dict(strategy="zipar", window=4)),
+             ("ZipAR w=8 x SJD L=8 (lossy)", dict(strategy="zipar_sjd", window=8, sjd_window=8)),
+             ("ZipAR w=8 x SJD L=16 + continuation (lossy)", dict(strategy="zipar_sjd", window=8, sjd_window=16,
+                                                                  continue_after_reject=True)),
+             ("ZipAR w=6 x SJD L=16 + continuation (lossy)", dict(strategy="zipar_sjd", window=6, sjd_window=16,
+                                                                  continue_after_reject=True)),
+             ("ZipAR w=4 x SJD L=16 + continuation (lossy)", dict(strategy="zipar_sjd", window=4, sjd_window=16,
+                                                                  continue_after_reject=True)),
              ("SJD L=32 relaxed delta=0.1 (lossy)", dict(strategy="sjd", window=32, init="horizontal",
-                                                         relaxed_delta=0.1))]
+                                                         relaxed_delta=0.1)),
+             ("SJD L=32 group acceptance (GSD, lossy)", dict(strategy="sjd", window=32, init="horizontal",
+                                                             group_acceptance=True))]
     return rows
 
 

@@ -291,7 +291,7 @@ def generate_zipar(model: LlamaGenReference, classes: list[int], window: int, gu
 
 
 @torch.no_grad()
-def generate_zipar_sjd(model: LlamaGenReference, label: int, window: int, jacobi_window: int,
+def generate_zipar_sjd(model: LlamaGenReference, label: int, window: int, sjd_window: int,
                        guidance_scale: float = 4.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                        generator: torch.Generator | None = None, init: str = "horizontal",
                        continued: bool = False) -> ReferenceResult:
@@ -299,7 +299,7 @@ def generate_zipar_sjd(model: LlamaGenReference, label: int, window: int, jacobi
     rules (module doc there) over a KV cache in feeding order with an explicit mask.
 
     Each forward feeds what the previous one committed (and a stand-in when a row starts), then for
-    every started, unfinished row the drafts of its next columns, at most `jacobi_window` - 1, within
+    every started, unfinished row the drafts of its next columns, at most `sjd_window` - 1, within
     the row. A row's head is its latest code, else its stand-in, else (hand-over) the row above's last
     code. Each row's targets up to the column the row above allows (its codes less `window`) are
     verified as one SJD window, the samples past it carried (`sjd.verify_prefix`). Committed tokens
@@ -310,7 +310,7 @@ def generate_zipar_sjd(model: LlamaGenReference, label: int, window: int, jacobi
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     height = width = cfg.image_grid
-    w, k, v = min(window, width), jacobi_window, cfg.codebook_size
+    w, k, v = min(window, width), sjd_window, cfg.codebook_size
     prefix = cfg.cls_token_num
     guided = guidance_scale != 1.0
     labels = torch.tensor([label] + ([cfg.num_classes] if guided else []), device=device)
@@ -329,7 +329,7 @@ def generate_zipar_sjd(model: LlamaGenReference, label: int, window: int, jacobi
     slot_raster, slot_stand_in = [-1] * prefix, [False] * prefix  # per kept cache slot
     pending = [(0, code[0], False)]  # (raster, token, stand-in) fed by the next forward
     carried = {r: Drafts.empty(v) for r in range(height)}
-    forwards = 1
+    forwards, verified, accepted = 1, 0, 0
     while count[-1] < width:
         fed = list(pending)
         draft_rows: list[int] = []
@@ -385,6 +385,8 @@ def generate_zipar_sjd(model: LlamaGenReference, label: int, window: int, jacobi
             at = [head] + list(range(first, first + len(drafts.tokens)))
             committed, carried[r] = verify_prefix(targets(logits[:, at]), drafts, room, generator,
                                                   continued=continued)
+            verified += min(len(drafts.tokens), room - 1)  # the drafts it could commit
+            accepted += len(committed) - 1
             for i, t in enumerate(committed):
                 code[r * width + c + i] = t
                 pending.append((r * width + c + i, t, False))
@@ -399,7 +401,7 @@ def generate_zipar_sjd(model: LlamaGenReference, label: int, window: int, jacobi
                 above = bottom - 1
                 pending.append((bottom * width + width - 1, code[above * width + count[above] - 1], True))
     codes = torch.tensor([[code[i] for i in range(height * width)]], device=device)
-    return ReferenceResult(codes, forwards, time.perf_counter() - t0)
+    return ReferenceResult(codes, forwards, time.perf_counter() - t0, {"drafts": (verified, accepted)})
 
 
 def load_reference(model_dir: str, device: str = "cpu") -> LlamaGenReference:

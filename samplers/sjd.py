@@ -23,6 +23,17 @@ draft also counts the target mass of its nearest codebook neighbours in the VQ l
 nearest first while the added mass stays <= delta: accept if u < p'(d) / q(d) with
 p'(d) = p(d) + that mass. Rejections still draw from norm(max(0, p - q)). delta = 0 is exact SJD.
 
+Group acceptance (opt-in, not exact; GSD, arXiv 2508.07747, `scheduler/jacobi_iteration_lumina_mgpt.py::
+GroupSpeculativeSampler`): a draft d is tested as a group G of tokens the target finds about as
+likely and the model embeds close by: accept if u < p(G) / q(G). G holds the tokens within
+GROUP_RADIUS ranks of d in the target's order (GSD: [rank - 7, rank + 7) of the ascending sort),
+whose target probability is within GROUP_PROB_GAP (0.15) of p(d) and whose input embedding is
+within a squared distance of d's. GSD's distance bound, 0.5, is in Lumina-mGPT-7B's embedding units;
+here it is the median squared distance between two image codes' embeddings of the model served (a
+group keeps the nearer half), since an absolute bound means nothing across models. Rejections draw
+from norm(max(0, p - q)), as in SJD and GSD. Where GSD's window would start below rank 0 it is cut
+at 0 (GSD's slice then comes back empty and the draft is rejected).
+
 Pitfalls of the authors' code avoided here: q is always the exact distribution a draft was drawn
 from, under the same guidance and filters as verification; a residual that is all zero (possible only
 through rounding, when rejection had probability ~0) falls back to p instead of dividing by zero.
@@ -147,6 +158,37 @@ def relaxed_mass(p: torch.Tensor, tokens: torch.Tensor, neighbours: torch.Tensor
     return p.gather(1, tokens[:, None])[:, 0] + added
 
 
+GROUP_RADIUS = 7
+GROUP_PROB_GAP = 0.15
+
+
+def group_ratio(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor, embeddings: torch.Tensor,
+                bound: float) -> torch.Tensor:
+    """GSD's acceptance ratio p(G) / q(G) for drafts `tokens` [n] with targets p and draft
+    distributions q [n, V]; embeddings [V, D] (a NaN row: an index no code is near, the layout's
+    placed token), bound: the squared embedding distance a group member stays within."""
+    order = p.argsort(dim=1)  # ascending, as GSD sorts the target logits
+    rank = order.argsort(dim=1).gather(1, tokens[:, None])  # [n, 1]
+    offsets = torch.arange(-GROUP_RADIUS, GROUP_RADIUS, device=p.device)
+    ranks = rank + offsets  # [n, 2 * GROUP_RADIUS]
+    members = order.gather(1, ranks.clamp(0, p.shape[1] - 1))
+    pm, qm = p.gather(1, members), q.gather(1, members)
+    near = (embeddings[members] - embeddings[tokens][:, None]).pow(2).sum(-1) < bound
+    alike = (pm - p.gather(1, tokens[:, None])).abs() < GROUP_PROB_GAP
+    keep = (ranks >= 0) & (ranks < p.shape[1]) & near & alike | (offsets == 0)  # d itself always counts
+    return (pm * keep).sum(1) / (qm * keep).sum(1)
+
+
+def group_bound(embeddings: torch.Tensor, sample: int = 2048) -> float:
+    """The median squared distance between two codes' embeddings [codes, D] (over a fixed sample
+    of at most `sample` codes): group acceptance's distance bound."""
+    rows = embeddings.float()
+    if len(rows) > sample:
+        rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:sample].to(rows.device)]
+    d = torch.cdist(rows, rows).pow(2)
+    return float(d[~torch.eye(len(rows), dtype=torch.bool, device=d.device)].median())
+
+
 def residual_draw(p: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row from norm(max(0, p - q)); a row whose residual is all zero (only through
     rounding, when rejection had probability ~0) draws from p."""
@@ -156,10 +198,12 @@ def residual_draw(p: torch.Tensor, q: torch.Tensor, generator: torch.Generator |
 
 
 def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
-           relaxed: tuple[torch.Tensor, float] | None = None, continued: bool = False) -> tuple[list[int], Drafts]:
+           relaxed: tuple[torch.Tensor, float] | None = None, continued: bool = False,
+           group: tuple[torch.Tensor, float] | None = None) -> tuple[list[int], Drafts]:
     """p [K, V]: targets at the K fed inputs (x0 and K-1 drafts). -> (committed tokens, 1..K; the
     drafts carried into the next window). All K-1 acceptance tests are drawn at once; only the
-    first rejection matters. relaxed = (latent neighbours [V, k], delta) for relaxed acceptance.
+    first rejection matters. relaxed = (latent neighbours [V, k], delta) for relaxed acceptance;
+    group = (embeddings [V, D], distance bound) for group acceptance (`group_ratio`).
 
     continued: SJD-PAC's adaptive continuation (`scheduler/sjd_pac_iteration_lumina_mgpt.py`, the
     chain without tree siblings). After the first rejection the later drafts are tested against
@@ -175,9 +219,13 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
     tokens = torch.tensor(drafts.tokens, dtype=torch.long, device=p.device)
     q = drafts.q.to(p.device)
     rows = torch.arange(k - 1, device=p.device)
-    target = p[rows, tokens] if relaxed is None else relaxed_mass(p[: k - 1], tokens, relaxed[0].to(p.device),
-                                                                  relaxed[1])
-    accepted = u[: k - 1] < torch.clamp(target / q[rows, tokens], max=1.0)
+    if group is not None:
+        ratio = group_ratio(p[: k - 1], q, tokens, group[0].to(p.device), group[1])
+    else:
+        target = p[rows, tokens] if relaxed is None else relaxed_mass(p[: k - 1], tokens, relaxed[0].to(p.device),
+                                                                      relaxed[1])
+        ratio = target / q[rows, tokens]
+    accepted = u[: k - 1] < torch.clamp(ratio, max=1.0)
     rejected = (~accepted).nonzero()
     if len(rejected) == 0:
         return drafts.tokens + [int(samples[k - 1])], Drafts.empty(p.shape[1])
@@ -249,6 +297,7 @@ class SJDRunner(StrategyRunner):
         self.images: dict[str, _Jacobi] = {}
         self._leads: dict[int, str] = {}  # this forward's sampling rows -> image id
         self._neighbours: dict[int, torch.Tensor] = {}  # k -> [codebook, k] latent neighbours (relaxed)
+        self._groups: dict[tuple, tuple[torch.Tensor, float]] = {}  # code ids, space -> `_group`
         self.coupled = CoupledTokens(self.device)
         self._single: set[int] = set()  # this forward's coupled rows that draw one token
 
@@ -305,7 +354,8 @@ class SJDRunner(StrategyRunner):
             layout = self.layout_of(step.info(row))
             state = self.images[self._leads[row]]
             p = target_probs(logits[at[row]], params.temperature, max(params.top_k or 0, 0), params.top_p)
-            if (space := self._space(layout)) > p.shape[1]:
+            space = self._space(layout)
+            if space > p.shape[1]:
                 # Targets at placed positions: all mass on K (position first + k is predicted by input k).
                 p = torch.nn.functional.pad(p, (0, space - p.shape[1]))
                 for k in range(p.shape[0]):
@@ -314,6 +364,7 @@ class SJDRunner(StrategyRunner):
             decoding = step.info(row).decoding
             relaxed = None if decoding.relaxed_delta is None else (
                 self._latent_neighbours(decoding.relaxed_neighbours), decoding.relaxed_delta)
+            group = self._group(layout, space) if decoding.group_acceptance else None
             if decoding.coupled:
                 positions = range(state.first, state.first + p.shape[0])  # input k predicts first + k
                 noise = self.coupled.noise.race(self.coupled.seed(step, row), positions, layout.codebook_size,
@@ -321,7 +372,7 @@ class SJDRunner(StrategyRunner):
                 committed, state.carried = verify_coupled(p, state.current, noise)
             else:
                 committed, state.carried = verify(p, state.current, step.generator(row), relaxed,
-                                                  continued=bool(decoding.continue_after_reject))
+                                                  continued=bool(decoding.continue_after_reject), group=group)
             out[row] = [self._token(layout, d, state.first + i) for i, d in enumerate(committed)]
         return out
 
@@ -329,6 +380,20 @@ class SJDRunner(StrategyRunner):
         if info is not None:
             self.images.pop(info.image_id, None)
             self.coupled.seeds.forget(info.image_id)
+
+    def _group(self, layout, space: int) -> tuple[torch.Tensor, float]:
+        """Group acceptance's (embeddings [space, D], distance bound): the model's input embeddings of
+        the image codes, a NaN row for the placed-token index (near nothing)."""
+        key = (layout.code_ids.start, space)
+        if key not in self._groups:
+            codes = torch.arange(layout.code_ids.start, layout.code_ids.start + layout.codebook_size, device=self.device)
+            with torch.no_grad():
+                embeddings = self.model.embed_input_ids(codes).float()
+            bound = group_bound(embeddings)
+            if space > layout.codebook_size:
+                embeddings = torch.cat([embeddings, embeddings.new_full((1, embeddings.shape[1]), math.nan)])
+            self._groups[key] = (embeddings, bound)
+        return self._groups[key]
 
     def _latent_neighbours(self, k: int | None) -> torch.Tensor:
         """Each image code's k nearest codes in the VQ's latent space (relaxed acceptance); k
@@ -351,7 +416,7 @@ class SJDRunner(StrategyRunner):
 
 class SJD(Strategy):
     fields = ("window", "init", "relaxed_delta", "relaxed_neighbours", "coupled", "continue_after_reject",
-              "load_aware")
+              "load_aware", "group_acceptance")
     runner = SJDRunner
     uses_spec_slots = True
 
@@ -362,6 +427,10 @@ class SJD(Strategy):
         if coupled and delta is not None:
             raise ValueError("coupled applies to exact SJD: relaxed acceptance (relaxed_delta) is a probabilistic "
                              "test, coupled draws verify a draft by matching")
+        grouped = check_flag(decoding.group_acceptance, "group_acceptance")
+        if grouped and (coupled or delta is not None):
+            raise ValueError("group_acceptance is a probabilistic test of its own: it applies to plain SJD, "
+                             "not with coupled or relaxed_delta")
         continued = check_flag(decoding.continue_after_reject, "continue_after_reject")
         if continued and coupled:
             raise ValueError("continue_after_reject and coupled are two ways of keeping the drafts after a "
@@ -370,7 +439,7 @@ class SJD(Strategy):
                 "window": check_sjd_window(DEFAULT_WINDOW if decoding.window is None else decoding.window),
                 "init": check_init("random" if decoding.init is None else decoding.init),
                 "relaxed_delta": delta, "relaxed_neighbours": neighbours, "coupled": coupled,
-                "continue_after_reject": continued}
+                "continue_after_reject": continued, "group_acceptance": grouped}
 
     @classmethod
     def fitted(cls, decoding, config, size=None):

@@ -232,6 +232,11 @@ class Strategy:
         the step's output to count drafts and show the window used), else None."""
         return None
 
+    def step_drafts(self, request) -> tuple[int, int] | None:
+        """(drafts verified, drafts accepted) by the step that just ran, when only the scheduler half
+        can tell (from the runner's report); the frontends then count these instead of `draft_stats`."""
+        return None
+
     def frontend_tokens(self, request, new_token_ids: list[int]) -> list[int]:
         """What the frontend is shown of the tokens a step appended to the request."""
         return new_token_ids

@@ -1,7 +1,7 @@
 """ZipAR x SJD: ZipAR's row wavefront (`zipar.py`) where every active row carries its own Jacobi
-window, verified by SJD's rule (`sjd.py::verify`), so a row advances by 1 to `jacobi_window` tokens
+window, verified by SJD's rule (`sjd.py::verify`), so a row advances by 1 to `sjd_window` tokens
 per forward instead of exactly one. No paper or code combines the two (`../shared/reference/
-anchors-2026.md`); the rules below are this project's, chosen so that `jacobi_window` = 1 is ZipAR
+anchors-2026.md`); the rules below are this project's, chosen so that `sjd_window` = 1 is ZipAR
 token for token.
 
 Rows (H rows of W codes; no end-of-line tokens):
@@ -15,8 +15,8 @@ Rows (H rows of W codes; no end-of-line tokens):
   one token per forward therefore never stalls, which SJD guarantees;
 - each forward, a row's chain is its head (the token whose logits predict its next column: its
   latest code, the stand-in, or the row above's last code at a hand-over) and up to
-  `jacobi_window - 1` drafts for its next columns, within the row. The targets up to the column the
-  row above allows are verified as one SJD window (`sjd.verify_prefix`): 1 to `jacobi_window` codes
+  `sjd_window - 1` drafts for its next columns, within the row. The targets up to the column the
+  row above allows are verified as one SJD window (`sjd.verify_prefix`): 1 to `sjd_window` codes
   are committed per row. Past that column the forward's samples are carried as the next drafts (a
   Jacobi step), so a row that waits on the row above keeps refining its next codes: a row's window
   is not cut to its room under the row above, where SJD's yield (which grows with the window) would
@@ -55,12 +55,12 @@ from vllm_visual_ar.samplers.sjd import Drafts, check_init, verify_prefix
 from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 from vllm_visual_ar.samplers.zipar import RasterRelease, check_window
 
-DEFAULT_JACOBI_WINDOW = 8
+DEFAULT_SJD_WINDOW = 8
 
 
-def check_jacobi_window(value) -> int:
+def check_row_window(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"jacobi_window must be an integer >= 1 (ZipAR x SJD: tokens each active row verifies "
+        raise ValueError(f"sjd_window must be an integer >= 1 (ZipAR x SJD: tokens each active row verifies "
                          f"per forward; 1 = ZipAR), got {value!r}")
     return value
 
@@ -136,6 +136,13 @@ class Wavefront:
     def draft_count(self) -> int:
         return sum(c.drafts for c in self.chains())
 
+    def drafts_of(self, committed: dict[int, int]) -> tuple[int, int]:
+        """(drafts verified, drafts accepted) by the forward that committed `committed` (before
+        `commit`): each row verified the drafts it could commit, and all it committed but the last
+        code (a fresh sample) were accepted drafts."""
+        chains = self.chains()
+        return sum(c.most - 1 for c in chains), sum(committed.get(c.row, 1) - 1 for c in chains)
+
     def commit(self, committed: dict[int, int]) -> list[Entry]:
         """Codes committed per row this forward -> the entries appended (each row's codes, top row
         first, then a stand-in when a row starts), which the next forward feeds."""
@@ -184,7 +191,7 @@ class Wavefront:
 
 
 def wavefront(layout, decoding) -> Wavefront:
-    return Wavefront(layout.rows, layout.cols, decoding.window, decoding.jacobi_window)
+    return Wavefront(layout.rows, layout.cols, decoding.window, decoding.sjd_window)
 
 
 def initial_drafts(carried: Drafts, n: int, init: str, codes: int, row: int, first: int, tokens: dict[int, int],
@@ -333,15 +340,15 @@ class ZipARSJDRunner(StrategyRunner):
 
 
 class ZipARSJD(Strategy):
-    fields = ("window", "jacobi_window", "init", "continue_after_reject")
+    fields = ("window", "sjd_window", "init", "continue_after_reject")
     runner = ZipARSJDRunner
     uses_spec_slots = True
 
     @classmethod
     def checked(cls, decoding):
         return {"window": check_window(decoding.window),
-                "jacobi_window": check_jacobi_window(DEFAULT_JACOBI_WINDOW if decoding.jacobi_window is None
-                                                     else decoding.jacobi_window),
+                "sjd_window": check_row_window(DEFAULT_SJD_WINDOW if decoding.sjd_window is None
+                                                     else decoding.sjd_window),
                 "init": check_init("horizontal" if decoding.init is None else decoding.init),
                 "continue_after_reject": check_flag(decoding.continue_after_reject, "continue_after_reject")}
 
@@ -349,7 +356,7 @@ class ZipARSJD(Strategy):
     def fitted(cls, decoding, config, size=None):
         layout = image_layout(config, size)
         return replace(decoding, window=min(decoding.window, layout.cols),
-                       jacobi_window=min(decoding.jacobi_window, layout.cols))
+                       sjd_window=min(decoding.sjd_window, layout.cols))
 
     @classmethod
     def problem(cls, config, decoding):
@@ -365,6 +372,7 @@ class ZipARSJD(Strategy):
         if problem := whole_image_problem(self.layout, request, self.decoding.strategy):
             return problem
         self._release = RasterRelease([])  # its list grows with every step's report
+        self._drafts: tuple[int, int] | None = None  # (verified, accepted) by the step that just ran
         return None
 
     @cached_property
@@ -384,12 +392,17 @@ class ZipARSJD(Strategy):
 
     def runner_report(self, request, report):
         self._started(request)
+        self._drafts = self.front.drafts_of(dict(report))
         self._append(self.front.commit(dict(report)))
+
+    def step_drafts(self, request):
+        return self._drafts
 
     def before_step(self, request, width=None):
         """Past the prompt: vLLM counted the last forward's first drafts as computed keys/values for
         the tokens it appended; rewind to before them (the forward feeds them) and give the drafts
         their slots."""
+        self._drafts = None
         if request.num_computed_tokens < request.num_prompt_tokens:
             return
         self._started(request)

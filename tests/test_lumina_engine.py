@@ -105,14 +105,15 @@ def test_zipar_window_of_a_whole_row_is_raster(lumina_generator, tiny_lumina):
     assert image.stats.forward_passes == layout.num_tokens  # raster: one forward per token, placed ones too
 
 
-@pytest.mark.parametrize("window,init,guidance_scale", [(3, "random", 3.0), (16, "horizontal", 3.0),
-                                                        (6, "random", 1.0)])
-def test_greedy_sjd_equals_greedy_raster(lumina_generator, tiny_lumina, window, init, guidance_scale):
+@pytest.mark.parametrize("window,init,guidance_scale,grouped", [(3, "random", 3.0, None), (16, "horizontal", 3.0, None),
+                                                                (6, "random", 1.0, None), (6, "random", 3.0, True)])
+def test_greedy_sjd_equals_greedy_raster(lumina_generator, tiny_lumina, window, init, guidance_scale, grouped):
     """Greedy targets make SJD greedy raster decoding: its drafts over ends of line are always
-    accepted (placed), so it equals the raster reference whatever the window."""
+    accepted (placed), so it equals the raster reference whatever the window (and with group
+    acceptance: under one-hot targets no other code is alike)."""
     text = "a red cat at dusk"
     image = lumina_generator.generate(prompts=[text], guidance_scale=guidance_scale, strategy="sjd", window=window,
-                                      init=init, **GREEDY)[0]
+                                      init=init, group_acceptance=grouped, **GREEDY)[0]
     layout, expected = t2i_reference(lumina_generator, tiny_lumina[1], lumina_cfg, text, guidance_scale)
     assert torch.equal(image.codes.flatten(), layout.codes_of(expected))
     assert image.stats.tokens == layout.num_tokens and image.stats.forward_passes < layout.num_tokens

@@ -66,13 +66,15 @@ def test_health_models_and_metrics(server):
     assert httpx.get(f"{server}/health").status_code == 200
     models = httpx.get(f"{server}/v1/models").json()
     assert models["data"][0]["id"].endswith("llamagen_mnist")
-    for decoding in (dict(strategy="zipar", window=8), dict(strategy="zipar_sjd", window=8, jacobi_window=8)):
+    for decoding in (dict(strategy="zipar", window=8), dict(strategy="zipar_sjd", window=8, sjd_window=8)):
         before = metric(server, "vllm_visual_ar:image_forward_passes_count", strategy=decoding["strategy"])
         assert generate(server, prompt="1", **decoding).status_code == 200
         assert metric(server, "vllm_visual_ar:image_forward_passes_count", strategy=decoding["strategy"]) == before + 1
-    drafts = metric(server, "vllm_visual_ar:sjd_draft_tokens_total")
-    assert generate(server, prompt="1", strategy="sjd", window=8).status_code == 200
-    assert metric(server, "vllm_visual_ar:sjd_draft_tokens_total") > drafts
+    for decoding in (dict(strategy="sjd", window=8), dict(strategy="zipar_sjd", window=4, sjd_window=8),
+                     dict(strategy="sjd", window=8, group_acceptance=True)):
+        drafts = metric(server, "vllm_visual_ar:sjd_draft_tokens_total")
+        assert generate(server, prompt="1", **decoding).status_code == 200
+        assert metric(server, "vllm_visual_ar:sjd_draft_tokens_total") > drafts, decoding
     assert 0 <= metric(server, "vllm_visual_ar:sjd_accepted_tokens_total") <= metric(
         server, "vllm_visual_ar:sjd_draft_tokens_total")
     windows = metric(server, "vllm_visual_ar:sjd_step_window_count")
@@ -121,8 +123,10 @@ BAD = [
     ({"prompt": "3", "load_aware": True}, "load_aware"), ({"prompt": "3", "strategy": "sjd", "load_aware": 1},
                                                           "load_aware"),
     ({"prompt": "3", "strategy": "sjd", "continue_after_reject": True, "coupled": True}, "continue_after_reject"),
-    ({"prompt": "3", "strategy": "zipar_sjd", "window": 4, "jacobi_window": 0}, "jacobi_window"),
-    ({"prompt": "3", "jacobi_window": 4}, "jacobi_window"),
+    ({"prompt": "3", "strategy": "zipar_sjd", "window": 4, "sjd_window": 0}, "sjd_window"),
+    ({"prompt": "3", "sjd_window": 4}, "sjd_window"),
+    ({"prompt": "3", "group_acceptance": True}, "group_acceptance"),
+    ({"prompt": "3", "strategy": "sjd", "group_acceptance": True, "relaxed_delta": 0.1}, "group_acceptance"),
     ({"prompt": "3", "guidance_scale": -1}, "guidance_scale"),
     ({"prompt": "3", "guidance_scale": "high"}, "guidance_scale"), ({"prompt": "3", "seed": -1}, "seed"),
     ({"prompt": "3", "seed": "abc"}, "seed"), ({"prompt": "3", "temperature": -0.5}, "temperature"),
@@ -163,7 +167,7 @@ def test_openapi_shows_the_images_request(server):
         "prompt", "model", "n", "size", "response_format", "output_format", "stream", "partial_images", "user",
         "extra_params", "seed", "guidance_scale", "temperature", "top_k", "top_p", "strategy", "window", "init",
         "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled", "continue_after_reject", "load_aware",
-        "jacobi_window", "negative_prompt", "timeout"}
+        "sjd_window", "group_acceptance", "negative_prompt", "timeout"}
     assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
     assert {t["type"] for t in fields["prompt"]["anyOf"]} == {"string", "integer"}
     assert fields["n"]["type"] == "integer" and (fields["n"]["default"], fields["n"]["minimum"],

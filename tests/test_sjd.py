@@ -2,6 +2,7 @@
 engine: greedy SJD equals greedy raster token for token, and sampled SJD images follow the exact
 distribution of a tiny model whose outputs can be enumerated."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -251,7 +252,7 @@ def test_bad_sjd_requests_finish_with_an_error(tiny_generator, case):
 @pytest.mark.parametrize("decoding", [
     dict(strategy="sjd", window=3), dict(strategy="sjd", window=4, init="horizontal"),
     dict(strategy="sjd", window=4, continue_after_reject=True), dict(strategy="sjd", window=4, load_aware=True),
-    dict(coupled=True), dict(strategy="zipar_sjd", window=1, jacobi_window=2, init="random"), dict()])
+    dict(coupled=True), dict(strategy="zipar_sjd", window=1, sjd_window=2, init="random"), dict()])
 def test_engine_samples_follow_the_exact_distribution(enumerable_model, decoding):
     """Every exact decoding through the engine (SJD, its continuation, load-aware windows, coupled
     draws), raster sampling as the control: 3,000 images each. Coupled SJD is coupled raster's image
@@ -293,3 +294,56 @@ def test_relaxed_acceptance_at_delta_zero_is_exact_sjd_and_more_delta_accepts_mo
 def test_bad_relaxed_arguments_are_value_errors(tiny_generator, kwargs):
     with pytest.raises(ValueError, match="relaxed"):
         tiny_generator.generate([1], strategy="sjd", **kwargs)
+
+
+# -- group acceptance (GSD; opt-in, not exact) ------------------------------------------------------
+def test_group_ratio_counts_the_codes_ranked_weighted_and_embedded_near_the_draft():
+    from vllm_visual_ar.samplers.sjd import GROUP_RADIUS, group_ratio
+
+    p = torch.tensor([[0.05, 0.1, 0.2, 0.3, 0.25, 0.1]])
+    embeddings = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0], [3.5]])
+    one_hot = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
+    # Draft 3 (p 0.3): 2 is alike (0.2) and near (1); 4 is alike but far (49); 5 is near but not
+    # alike (0.1 is 0.2 away); the rest are neither. G = {3, 2}.
+    assert torch.allclose(group_ratio(p, one_hot, torch.tensor([3]), embeddings, 2.0), torch.tensor([0.5]))
+    assert torch.allclose(group_ratio(p, torch.full((1, 6), 1 / 6), torch.tensor([3]), embeddings, 2.0),
+                          torch.tensor([0.5 * 3]))
+    # Nothing near: the draft alone, SJD's p(d) / q(d).
+    assert torch.allclose(group_ratio(p, one_hot, torch.tensor([3]), embeddings, 0.0), torch.tensor([0.3]))
+    # Only GROUP_RADIUS ranks below and GROUP_RADIUS - 1 above the draft count, cut at the ends.
+    assert GROUP_RADIUS == 7
+    p = (torch.arange(20.0) + 1)[None] / 210  # ascending: rank = code; all within 0.15 of each other
+    flat = torch.zeros(20, 1)
+    for d, members in ((0, range(0, 7)), (10, range(3, 17)), (19, range(12, 20))):
+        q = torch.nn.functional.one_hot(torch.tensor([d]), 20).float()
+        expected = sum(i + 1 for i in members) / 210
+        assert torch.allclose(group_ratio(p, q, torch.tensor([d]), flat, 1.0), torch.tensor([expected]))
+    # A NaN embedding (a placed token's index) is near nothing, not even itself, but the draft counts.
+    embeddings = torch.tensor([[0.0], [0.0], [math.nan]])
+    p = torch.tensor([[0.0, 0.0, 1.0]])
+    assert torch.allclose(group_ratio(p, torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([2]), embeddings, 1.0),
+                          torch.tensor([1.0]))
+
+
+def test_group_acceptance_accepts_more_and_is_greedy_raster_under_greedy_targets(tiny_generator, tiny_model):
+    _, ref = tiny_model
+    images = tiny_generator.generate([1, 7], guidance_scale=3.0, strategy="sjd", window=8, init="horizontal",
+                                     group_acceptance=True, **GREEDY)
+    expected = reference_raster(ref, [1, 7], guidance_scale=3.0, **GREEDY).codes
+    assert torch.equal(torch.stack([im.codes.flatten() for im in images]), expected)
+    sampling = dict(guidance_scale=2.0, temperature=1.0, top_k=0, strategy="sjd", window=8, seed=40)
+    exact = tiny_generator.generate(list(range(8)), **sampling)
+    grouped = tiny_generator.generate(list(range(8)), group_acceptance=True, **sampling)
+    assert sum(i.stats.accepted_drafts for i in grouped) > sum(i.stats.accepted_drafts for i in exact)
+    assert sum(i.stats.forward_passes for i in grouped) < sum(i.stats.forward_passes for i in exact)
+    again = tiny_generator.generate(list(range(8)), group_acceptance=True, **sampling)
+    assert all(torch.equal(a.codes, b.codes) for a, b in zip(grouped, again))
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(group_acceptance="yes"), "group_acceptance must be"),
+                                          (dict(group_acceptance=True, coupled=True), "group_acceptance"),
+                                          (dict(group_acceptance=True, relaxed_delta=0.1), "group_acceptance"),
+                                          (dict(strategy="zipar", window=2, group_acceptance=True), "sjd")])
+def test_bad_group_acceptance_arguments_are_value_errors(tiny_generator, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_generator.generate([1], **{"strategy": "sjd", **kwargs})

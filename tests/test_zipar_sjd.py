@@ -56,7 +56,7 @@ def test_rows_fill_the_image_and_never_outrun_the_row_above(height, width, windo
 
 @pytest.mark.parametrize("height,width", [(8, 8), (5, 7), (16, 16), (2, 3)])
 @pytest.mark.parametrize("window", [1, 2, 3, 8, 100])
-def test_a_jacobi_window_of_one_is_zipar_s_schedule(height, width, window):
+def test_a_sjd_window_of_one_is_zipar_s_schedule(height, width, window):
     forwards, drafts = run_wavefront(height, width, window, 1, random.Random(0))
     schedule = zipar_schedule(height, width, window)
     assert not any(drafts)
@@ -72,23 +72,24 @@ def test_engine_equals_reference(tiny_generator, tiny_model, window, jacobi, gui
     _, ref = tiny_model
     classes = [1, 7, 4]
     images = tiny_generator.generate(classes, guidance_scale=guidance_scale, strategy="zipar_sjd", window=window,
-                                     jacobi_window=jacobi, **GREEDY)
+                                     sjd_window=jacobi, **GREEDY)
     for c, im in zip(classes, images):
         expected = reference_zipar_sjd(ref, c, window, jacobi, guidance_scale=guidance_scale, **GREEDY)
         assert torch.equal(im.codes.flatten(), expected.codes[0]), c
         assert im.stats.forward_passes == expected.forward_passes
+        assert (im.stats.draft_tokens, im.stats.accepted_drafts) == expected.extra["drafts"]
         assert im.stats.tokens == tiny_generator.config.image_grid ** 2
 
 
-def test_a_jacobi_window_of_one_is_zipar_and_wider_ones_take_fewer_forwards(tiny_generator, tiny_model):
+def test_a_sjd_window_of_one_is_zipar_and_wider_ones_take_fewer_forwards(tiny_generator, tiny_model):
     _, ref = tiny_model
-    one = tiny_generator.generate([2, 5], guidance_scale=3.0, strategy="zipar_sjd", window=2, jacobi_window=1,
+    one = tiny_generator.generate([2, 5], guidance_scale=3.0, strategy="zipar_sjd", window=2, sjd_window=1,
                                   **GREEDY)
     zipar = tiny_generator.generate([2, 5], guidance_scale=3.0, strategy="zipar", window=2, **GREEDY)
     expected = reference_zipar(ref, [2, 5], 2, guidance_scale=3.0, **GREEDY)
     assert torch.equal(torch.stack([im.codes.flatten() for im in one]), expected.codes)
     assert [im.stats.forward_passes for im in one] == [im.stats.forward_passes for im in zipar]
-    wide = tiny_generator.generate([2, 5], guidance_scale=3.0, strategy="zipar_sjd", window=2, jacobi_window=8,
+    wide = tiny_generator.generate([2, 5], guidance_scale=3.0, strategy="zipar_sjd", window=2, sjd_window=8,
                                    **GREEDY)
     assert all(w.stats.forward_passes < o.stats.forward_passes for w, o in zip(wide, one))
 
@@ -100,10 +101,10 @@ def test_every_strategy_shares_a_batch(tiny_generator, tiny_model):
     _, ref = tiny_model
     cfg, engine, scheduler = tiny_generator.config, tiny_generator.llm.llm_engine, scheduler_of(tiny_generator)
     idle_free = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
-    plan = [(0, 1, 3.0, Decoding("zipar_sjd", 2, jacobi_window=4)), (0, 2, 3.0, Decoding("sjd", 6)),
-            (0, 3, 1.0, Decoding("zipar_sjd", 3, jacobi_window=8)), (3, 4, 2.0, Decoding("zipar", 2)),
-            (3, 5, 1.0, Decoding()), (7, 6, 3.0, Decoding("zipar_sjd", 1, jacobi_window=2)),
-            (12, 8, 2.0, Decoding("zipar_sjd", 8, jacobi_window=3))]
+    plan = [(0, 1, 3.0, Decoding("zipar_sjd", 2, sjd_window=4)), (0, 2, 3.0, Decoding("sjd", 6)),
+            (0, 3, 1.0, Decoding("zipar_sjd", 3, sjd_window=8)), (3, 4, 2.0, Decoding("zipar", 2)),
+            (3, 5, 1.0, Decoding()), (7, 6, 3.0, Decoding("zipar_sjd", 1, sjd_window=2)),
+            (12, 8, 2.0, Decoding("zipar_sjd", 8, sjd_window=3))]
     submit_at: dict[int, list] = {}
     for i, (step, c, s, decoding) in enumerate(plan):
         reqs = image_requests(cfg, c, SamplingSettings(guidance_scale=s, **GREEDY), image_id=f"zs{i}",
@@ -115,7 +116,7 @@ def test_every_strategy_shares_a_batch(tiny_generator, tiny_model):
     assert max(widths) == 2 * 4  # the engine was full: images waited for room
     for i, (_, c, s, decoding) in enumerate(plan):
         if decoding.strategy == "zipar_sjd":
-            expected = reference_zipar_sjd(ref, c, decoding.window, decoding.jacobi_window, guidance_scale=s,
+            expected = reference_zipar_sjd(ref, c, decoding.window, decoding.sjd_window, guidance_scale=s,
                                            **GREEDY).codes[0]
         elif decoding.strategy == "zipar":
             expected = reference_zipar(ref, [c], decoding.window, guidance_scale=s, **GREEDY).codes[0]
@@ -129,7 +130,7 @@ def test_every_strategy_shares_a_batch(tiny_generator, tiny_model):
 
 def test_sampled_images_are_reproducible_by_seed_in_any_batch(tiny_generator):
     sampling = dict(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9, strategy="zipar_sjd", window=2,
-                    jacobi_window=4)
+                    sjd_window=4)
     alone = tiny_generator.generate([3], seed=21, **sampling)[0].codes
     batch = tiny_generator.generate([1, 3, 5], seed=20, **sampling)  # class 3 is image 1 -> seed 21
     other = tiny_generator.generate([3], seed=22, **sampling)[0].codes
@@ -142,7 +143,7 @@ def test_abort_mid_image_frees_the_pair(tiny_generator):
     cfg, engine, scheduler = tiny_generator.config, tiny_generator.llm.llm_engine, scheduler_of(tiny_generator)
     idle_free = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
     reqs = image_requests(cfg, 5, SamplingSettings(guidance_scale=4.0), image_id="zsabort",
-                          decoding=Decoding("zipar_sjd", 2, jacobi_window=3))
+                          decoding=Decoding("zipar_sjd", 2, sjd_window=3))
     for i, (prompt, sp) in enumerate(reqs):
         engine.add_request(f"zsabort-{i}", prompt, sp)
     for _ in range(8):  # past row 1, rows running in parallel
@@ -155,15 +156,15 @@ def test_abort_mid_image_frees_the_pair(tiny_generator):
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(window=2, jacobi_window=0), "jacobi_window"), (dict(window=2, jacobi_window=1.5), "jacobi_window"),
-    (dict(window=2, jacobi_window=True), "jacobi_window"), (dict(window=2, jacobi_window="3"), "jacobi_window"),
-    (dict(jacobi_window=4), "window"), (dict(window=2, init="vertical"), "init"),
+    (dict(window=2, sjd_window=0), "sjd_window"), (dict(window=2, sjd_window=1.5), "sjd_window"),
+    (dict(window=2, sjd_window=True), "sjd_window"), (dict(window=2, sjd_window="3"), "sjd_window"),
+    (dict(sjd_window=4), "window"), (dict(window=2, init="vertical"), "init"),
     (dict(window=2, coupled=True), "coupled"), (dict(window=2, relaxed_delta=0.1), "relaxed_delta")])
 def test_bad_arguments_are_value_errors(tiny_generator, kwargs, field):
     with pytest.raises(ValueError, match=field):
         tiny_generator.generate([1], strategy="zipar_sjd", **kwargs)
 
 
-def test_jacobi_window_belongs_to_zipar_sjd():
-    with pytest.raises(ValueError, match="jacobi_window applies to strategy 'zipar_sjd' only"):
-        Decoding("sjd", 4, jacobi_window=2)
+def test_sjd_window_belongs_to_zipar_sjd():
+    with pytest.raises(ValueError, match="sjd_window applies to strategy 'zipar_sjd' only"):
+        Decoding("sjd", 4, sjd_window=2)

@@ -52,7 +52,7 @@ def cmd_generate(args) -> int:
                         args.top_k, args.top_p, args.strategy, args.window, args.init, args.relaxed_delta,
                         draft_steps=args.draft_steps, prompts=prompts, coupled=args.coupled or None,
                         continue_after_reject=args.continue_after_reject or None,
-                        jacobi_window=args.jacobi_window)
+                        sjd_window=args.sjd_window, group_acceptance=args.group_acceptance or None)
     gen = ImageGenerator(args.model, max_images_in_flight=args.max_images_in_flight)
     results = gen.generate(classes, n=args.n, guidance_scale=args.guidance_scale,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -60,7 +60,7 @@ def cmd_generate(args) -> int:
                            relaxed_delta=args.relaxed_delta, draft_steps=args.draft_steps,
                            progress=True, prompts=prompts, negative_prompt=args.negative_prompt, size=args.size,
                            coupled=args.coupled or None, continue_after_reject=args.continue_after_reject or None,
-                           jacobi_window=args.jacobi_window)
+                           sjd_window=args.sjd_window, group_acceptance=args.group_acceptance or None)
     os.makedirs(args.out, exist_ok=True)
     counts: dict = {}
     for r in results:
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--window", type=int, default=None,
                    help="ZipAR: a row starts once the row above has this many tokens (>= grid width = raster); "
                         "SJD: tokens verified per forward (default 16); zipar_sjd: ZipAR's")
-    g.add_argument("--jacobi-window", type=int, default=None,
+    g.add_argument("--sjd-window", type=int, default=None,
                    help="zipar_sjd: tokens each active row verifies per forward (default 8; 1 = ZipAR)")
     g.add_argument("--init", choices=["random", "horizontal"], default=None,
                    help="SJD, zipar_sjd: how fresh drafts are initialised (default: random, zipar_sjd horizontal)")
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--continue-after-reject", action="store_true",
                    help="SJD, zipar_sjd: keep verifying the drafts after a rejection (SJD-PAC's adaptive "
                         "continuation)")
+    g.add_argument("--group-acceptance", action="store_true",
+                   help="SJD: GSD's group acceptance (not exact: a draft counts the target mass of similar codes)")
     g.add_argument("--draft-steps", type=int, default=None,
                    help="CoDe (--strategy code): scales the drafter decodes before the refiner takes over")
     g.add_argument("--max-images-in-flight", type=int, default=16)

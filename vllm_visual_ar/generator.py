@@ -17,7 +17,8 @@ import torch
 from vllm_visual_ar.engine import engine_kwargs, set_engine_env
 from vllm_visual_ar.admission import image_cannot_fit
 from vllm_visual_ar.requests import (Decoding, SamplingSettings, check_number, check_seed, check_text, image_requests,
-                                     parse_size, prompt_pair, step_width, validate_class_id)
+                                     parse_size, prompt_pair, step_drafts, step_width,
+                                     validate_class_id)
 
 
 @dataclass
@@ -51,7 +52,7 @@ class GeneratedImage:
 def check_generate_args(config, classes, n, seed, guidance_scale, temperature, top_k, top_p,
                         strategy="raster", window=None, init=None, relaxed_delta=None, relaxed_neighbours=None,
                         draft_steps=None, prompts=None, size=None, coupled=None,
-                        continue_after_reject=None, load_aware=None, jacobi_window=None):
+                        continue_after_reject=None, load_aware=None, sjd_window=None, group_acceptance=None):
     """Validate `generate` arguments against a model config (ValueError naming the problem);
     -> (the prompts as a list: class ids, or texts for a text-to-image model; SamplingSettings with
     the model's defaults filled in; Decoding)."""
@@ -79,7 +80,7 @@ def check_generate_args(config, classes, n, seed, guidance_scale, temperature, t
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     check_seed(seed, len(items) * n)
     decoding = Decoding(strategy, window, init, relaxed_delta, relaxed_neighbours, draft_steps, coupled,
-                        continue_after_reject, load_aware, jacobi_window).fitted(config, size)
+                        continue_after_reject, load_aware, sjd_window, group_acceptance).fitted(config, size)
     if problem := decoding_problem(config, decoding):
         raise ValueError(problem)
     settings = SamplingSettings(family.default(config, "guidance_scale") if guidance_scale is None else guidance_scale,
@@ -115,7 +116,7 @@ class ImageGenerator:
                  timeout: float | None = None, prompts: list[str] | str | None = None,
                  negative_prompt: str | None = None, size=None, coupled: bool | None = None,
                  continue_after_reject: bool | None = None, load_aware: bool | None = None,
-                 jacobi_window: int | None = None) -> list[GeneratedImage]:
+                 sjd_window: int | None = None, group_acceptance: bool | None = None) -> list[GeneratedImage]:
         """n images per class (class-conditional models) or per prompt (text-to-image models:
         `prompts`, an optional `negative_prompt` for the unconditional stream, `size` as "WxH" or
         (width, height) among the model's sizes), in order. Image i of the call uses seed + i, so a seed
@@ -124,14 +125,15 @@ class ImageGenerator:
         guidance 1 is unguided (VAR: 0), top_k 0 is off.
         strategy "zipar" with `window` w decodes rows in parallel (`samplers/zipar.py`); "sjd" verifies
         `window` (default 16) drafts per forward, initialised by `init` ("random" or "horizontal";
-        `samplers/sjd.py`), with relaxed (LANTERN-style, not exact) acceptance if `relaxed_delta` is set.
+        `samplers/sjd.py`), with relaxed (LANTERN-style, not exact) acceptance if `relaxed_delta` is set,
+        GSD's group acceptance (not exact either) if `group_acceptance`.
         `coupled` (raster, "sjd") draws each token from noise fixed per (seed, position)
         (`samplers/coupling.py`): a seed then gives the same image in raster order and with SJD.
         `continue_after_reject` (SJD): SJD-PAC's adaptive continuation, the drafts after a rejection kept
         where they still fit (`samplers/sjd.py::verify`). `load_aware` (SJD, opt-in): the window is a
         ceiling that the scheduler narrows step by step when extra tokens would cost throughput
         (`samplers/load.py`); an uncoupled SJD image then depends on the load, a coupled one does not.
-        "zipar_sjd": ZipAR's rows (`window`), each verifying up to `jacobi_window` (default 8) tokens per
+        "zipar_sjd": ZipAR's rows (`window`), each verifying up to `sjd_window` (default 8) tokens per
         forward with SJD's rule (`samplers/zipar_sjd.py`; `init` default "horizontal").
         VAR models decode scale by scale; with a CoDe folder, strategy "code" with `draft_steps` N lets
         the drafter decode scales 0..N-1 and the refiner the rest (`samplers/next_scale.py`); guidance 0
@@ -143,7 +145,7 @@ class ImageGenerator:
                                                         temperature, top_k, top_p, strategy, window, init,
                                                         relaxed_delta, relaxed_neighbours, draft_steps, prompts,
                                                         size, coupled, continue_after_reject, load_aware,
-                                                        jacobi_window)
+                                                        sjd_window, group_acceptance)
         if timeout is not None:
             timeout = check_number(timeout, "timeout", 0, 1e9, low_open=True)
         layout = self.family.image_layout(self.config, size)
@@ -211,8 +213,8 @@ class ImageGenerator:
                     new = out.outputs[0].token_ids
                     if new:
                         if tokens[index]:  # not the prompt forward
-                            verified, accepted = draft_stats(decoding, layout.num_tokens,
-                                                             len(tokens[index]), len(new), step_width(out))
+                            verified, accepted = step_drafts(out) or draft_stats(
+                                decoding, layout.num_tokens, len(tokens[index]), len(new), step_width(out))
                             drafts[index][0] += verified
                             drafts[index][1] += accepted
                         forwards[index] += 1

@@ -74,8 +74,9 @@ class Decoding:
     (raster, SJD) draws every token from noise fixed per (seed, position) (`samplers/coupling.py`):
     the same seed then gives the same image in raster order and with SJD. `load_aware` (SJD): the
     window is a ceiling that the scheduler narrows under load (`samplers/load.py`). "zipar_sjd"
-    (`samplers/zipar_sjd.py`): ZipAR's rows (`window`), each verifying up to `jacobi_window` tokens per
-    forward with SJD's rule (default 8, init "horizontal")."""
+    (`samplers/zipar_sjd.py`): ZipAR's rows (`window`), each verifying up to `sjd_window` tokens per
+    forward with SJD's rule (default 8, init "horizontal"). `group_acceptance` (SJD; not exact): GSD's
+    grouped test of each draft (`samplers/sjd.py::group_ratio`)."""
     strategy: str = "raster"
     window: int | None = None
     init: str | None = None
@@ -85,7 +86,8 @@ class Decoding:
     coupled: bool | None = None
     continue_after_reject: bool | None = None
     load_aware: bool | None = None
-    jacobi_window: int | None = None
+    sjd_window: int | None = None
+    group_acceptance: bool | None = None
 
     def __post_init__(self):
         from vllm_visual_ar.samplers import strategy_class, strategy_names
@@ -118,7 +120,7 @@ class Decoding:
 
 
 DECODING_OPTIONS = ("window", "init", "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled",
-                    "continue_after_reject", "load_aware", "jacobi_window")
+                    "continue_after_reject", "load_aware", "sjd_window", "group_acceptance")
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,16 @@ def step_width(output) -> int | None:
     return params.get(STEP_WIDTH_KEY) if isinstance(params, dict) else None
 
 
+def step_drafts(output) -> tuple[int, int] | None:
+    """(drafts verified, drafts accepted) by a step, when the scheduler half reported them
+    (`Strategy.step_drafts`, carried like the width)."""
+    params = getattr(output, "kv_transfer_params", None)
+    drafts = params.get(STEP_DRAFTS_KEY) if isinstance(params, dict) else None
+    return tuple(drafts) if drafts is not None else None
+
+
 STEP_WIDTH_KEY = "visual_ar_width"
+STEP_DRAFTS_KEY = "visual_ar_drafts"
 
 
 def check_top_k(value, name: str = "top_k") -> int:

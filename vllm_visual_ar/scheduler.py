@@ -42,7 +42,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_visual_ar import phase_kv
 from vllm_visual_ar.admission import Need, admit, cannot_fit, footprint_need
-from vllm_visual_ar.requests import STEP_WIDTH_KEY, Decoding, image_request_info
+from vllm_visual_ar.requests import STEP_DRAFTS_KEY, STEP_WIDTH_KEY, Decoding, image_request_info
 from vllm_visual_ar.samplers import strategy_for
 from vllm_visual_ar.samplers.load import StepCost, cap_to_budget, choose_widths
 from vllm_visual_ar.samplers.strategy import RUNNER_REPORTS, Strategy
@@ -221,8 +221,10 @@ class VisualARScheduler(Scheduler):
                 continue
             if tracked.rewrites_output:
                 eco.new_token_ids = tracked.strategy.frontend_tokens(tracked.request, eco.new_token_ids)
-            if eco.kv_transfer_params is None and (width := tracked.strategy.step_width(tracked.request)) is not None:
-                eco.kv_transfer_params = {STEP_WIDTH_KEY: width}
+            step = {STEP_WIDTH_KEY: tracked.strategy.step_width(tracked.request),
+                    STEP_DRAFTS_KEY: tracked.strategy.step_drafts(tracked.request)}
+            if eco.kv_transfer_params is None and any(v is not None for v in step.values()):
+                eco.kv_transfer_params = {k: v for k, v in step.items() if v is not None}
         self._freed.clear()
         for request in self._finished_here:
             eco = outputs.setdefault(request.client_index, EngineCoreOutputs())

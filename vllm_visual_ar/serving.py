@@ -8,11 +8,12 @@ shown in the server's /docs and /openapi.json; unknown fields are a 400):
      "seed": 0, "guidance_scale": 2.0, "temperature": 1.0, "top_k": 32, "top_p": 1.0,
      # VAR models: top_k, top_p, temperature may each be a list, one value per scale (CoDe's way)
      "strategy": "raster" | "zipar" | "sjd" | "zipar_sjd", "window": 8, "init": "random" | "horizontal",
-     "jacobi_window": 8,                                 # zipar_sjd: tokens each row verifies per forward
+     "sjd_window": 8,                                    # zipar_sjd: tokens each row verifies per forward
      "relaxed_delta": 0.1, "relaxed_neighbours": 16,     # SJD: relaxed acceptance (not exact)
+     "group_acceptance": true,                           # SJD: GSD's group acceptance (not exact)
      "coupled": true,                                    # raster, SJD: noise fixed per (seed, position)
      "continue_after_reject": true,                      # SJD: SJD-PAC's adaptive continuation
-     "load_aware": true,                                 # SJD: no load-aware narrowing of the window
+     "load_aware": true,                                 # SJD: the scheduler narrows the window under load
      "strategy": "code", "draft_steps": 2,               # VAR models with a CoDe refiner
      "extra_params": {...any of the fields above...},   # vllm-omni style; wins over top level
      "stream": false, "partial_images": 0..3,
@@ -56,7 +57,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from vllm_visual_ar.admission import image_cannot_fit
 from vllm_visual_ar.families import family_of, image_layout
 from vllm_visual_ar.requests import (DECODING_OPTIONS, Decoding, SamplingSettings, check_seed, check_text,
-                                     image_requests, parse_size, per_scale_problem, short, step_width)
+                                     image_requests, parse_size, per_scale_problem, short, step_drafts,
+                                     step_width)
 
 MAX_IMAGES_PER_REQUEST = 16
 MAX_PARTIAL_IMAGES = 3  # as OpenAI's API
@@ -97,12 +99,15 @@ class DecodingFields(BaseModel):
                                                  "Longer than useful: the longest useful one.")
     init: str | None = Field(None, description="sjd, zipar_sjd: how drafts start, 'random' (sjd's default) or "
                                                "'horizontal' (zipar_sjd's default).")
-    jacobi_window: int | None = Field(None, description="zipar_sjd: the tokens each active row verifies per "
-                                                        "forward (default 8; 1 is zipar).")
+    sjd_window: int | None = Field(None, description="zipar_sjd: the tokens each active row verifies per "
+                                                     "forward (default 8; 1 is zipar).")
     relaxed_delta: float | None = Field(None, description="sjd: relaxed (LANTERN-style, not exact) acceptance "
                                                           "with this delta.")
     relaxed_neighbours: int | None = Field(None, description="sjd with relaxed_delta: the latent neighbours of a "
                                                              "code that count.")
+    group_acceptance: bool | None = Field(None, description="sjd: GSD's group acceptance (not exact): a draft "
+                                                            "is tested with the target mass of the codes ranked, "
+                                                            "weighted and embedded near it (default false).")
     draft_steps: int | None = Field(None, description="code: the scales the drafter decodes, before the refiner.")
     coupled: bool | None = Field(None, description="raster, sjd: draw each token from noise fixed per (seed, "
                                                    "position), so that a seed gives the same image in raster "
@@ -309,7 +314,7 @@ def parse_images_request(body, config) -> ImagesJob:
     if problem := per_scale_problem(settings.per_scale, getattr(config, "num_scales", None)):
         raise BadRequest(problem, next(iter(sorted(settings.per_scale))))
     names = ("strategy", "init", "window", "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled",
-             "continue_after_reject", "load_aware", "jacobi_window")
+             "continue_after_reject", "load_aware", "sjd_window", "group_acceptance")
     try:
         decoding = Decoding(request.strategy, **{name: getattr(request, name)
                                                  for name in DECODING_OPTIONS}).fitted(config, size)
@@ -434,7 +439,8 @@ async def generate_codes(engine, config, prompt, settings: SamplingSettings, dec
             new = out.outputs[0].token_ids
             if new:
                 if codes:  # not the prompt forward
-                    verified, accepted = draft_stats(decoding, total, len(codes), len(new), step_width(out))
+                    verified, accepted = step_drafts(out) or draft_stats(decoding, total, len(codes), len(new),
+                                                                         step_width(out))
                     if (width := step_width(out)) is not None:
                         metrics().sjd_width.observe(width)
                     run.draft_tokens += verified
