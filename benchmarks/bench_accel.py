@@ -34,13 +34,16 @@ def configs() -> list[tuple[str, dict]]:
              if decoding.get("window") in (16, 64) and not decoding.get("continue_after_reject")]
     rows += [("ZipAR w=8 (lossy)", dict(strategy="zipar", window=8)),
              ("ZipAR w=4 (lossy)", dict(strategy="zipar", window=4)),
-             ("ZipAR w=8 x SJD L=8 (lossy)", dict(strategy="zipar_sjd", window=8, sjd_window=8)),
              ("ZipAR w=8 x SJD L=16 + continuation (lossy)", dict(strategy="zipar_sjd", window=8, sjd_window=16,
                                                                   continue_after_reject=True)),
              ("ZipAR w=6 x SJD L=16 + continuation (lossy)", dict(strategy="zipar_sjd", window=6, sjd_window=16,
                                                                   continue_after_reject=True)),
              ("ZipAR w=4 x SJD L=16 + continuation (lossy)", dict(strategy="zipar_sjd", window=4, sjd_window=16,
                                                                   continue_after_reject=True)),
+             ("ZipAR w=8 x SJD L=16 + continuation + group (lossy)", dict(
+                 strategy="zipar_sjd", window=8, sjd_window=16, continue_after_reject=True, group_acceptance=True)),
+             ("ZipAR w=6 x SJD L=16 + continuation + group (lossy)", dict(
+                 strategy="zipar_sjd", window=6, sjd_window=16, continue_after_reject=True, group_acceptance=True)),
              ("SJD L=32 relaxed delta=0.1 (lossy)", dict(strategy="sjd", window=32, init="horizontal",
                                                          relaxed_delta=0.1)),
              ("SJD L=32 group acceptance (GSD, lossy)", dict(strategy="sjd", window=32, init="horizontal",

@@ -189,6 +189,29 @@ def group_bound(embeddings: torch.Tensor, sample: int = 2048) -> float:
     return float(d[~torch.eye(len(rows), dtype=torch.bool, device=d.device)].median())
 
 
+class GroupTables:
+    """Group acceptance's (embeddings [space, D], distance bound) per layout, for a runner's model: the
+    model's input embeddings of the image codes, and a NaN row for the placed-token index (near
+    nothing) when the verified space has one."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+        self._tables: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}
+
+    def __call__(self, layout, space: int) -> tuple[torch.Tensor, float]:
+        key = (layout.code_ids.start, space)
+        if key not in self._tables:
+            start = layout.code_ids.start
+            with torch.no_grad():
+                embeddings = self.model.embed_input_ids(
+                    torch.arange(start, start + layout.codebook_size, device=self.device)).float()
+            bound = group_bound(embeddings)
+            if space > layout.codebook_size:
+                embeddings = torch.cat([embeddings, embeddings.new_full((1, embeddings.shape[1]), math.nan)])
+            self._tables[key] = (embeddings, bound)
+        return self._tables[key]
+
+
 def residual_draw(p: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row from norm(max(0, p - q)); a row whose residual is all zero (only through
     rounding, when rejection had probability ~0) draws from p."""
@@ -242,14 +265,15 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
 
 
 def verify_prefix(p: torch.Tensor, drafts: Drafts, upto: int, generator: torch.Generator | None,
-                  continued: bool = False) -> tuple[list[int], Drafts]:
+                  continued: bool = False, group: tuple[torch.Tensor, float] | None = None
+                  ) -> tuple[list[int], Drafts]:
     """`verify` over the first `upto` targets only: nothing past them may be committed yet (ZipAR x
     SJD: the row above has not reached them). Past them, the forward's samples are carried into the
     next window with their targets as q, as SJD carries the positions after a rejection."""
     if upto >= p.shape[0]:
-        return verify(p, drafts, generator, continued=continued)
+        return verify(p, drafts, generator, continued=continued, group=group)
     committed, carried = verify(p[:upto], Drafts(drafts.tokens[: upto - 1], drafts.q[: upto - 1]), generator,
-                                continued=continued)
+                                continued=continued, group=group)
     tail = p[upto:]
     return committed, Drafts(carried.tokens + draw(tail, generator).tolist(), torch.cat([carried.q.to(p.device), tail]))
 
@@ -297,7 +321,7 @@ class SJDRunner(StrategyRunner):
         self.images: dict[str, _Jacobi] = {}
         self._leads: dict[int, str] = {}  # this forward's sampling rows -> image id
         self._neighbours: dict[int, torch.Tensor] = {}  # k -> [codebook, k] latent neighbours (relaxed)
-        self._groups: dict[tuple, tuple[torch.Tensor, float]] = {}  # code ids, space -> `_group`
+        self.groups = GroupTables(self.model, self.device)
         self.coupled = CoupledTokens(self.device)
         self._single: set[int] = set()  # this forward's coupled rows that draw one token
 
@@ -364,7 +388,7 @@ class SJDRunner(StrategyRunner):
             decoding = step.info(row).decoding
             relaxed = None if decoding.relaxed_delta is None else (
                 self._latent_neighbours(decoding.relaxed_neighbours), decoding.relaxed_delta)
-            group = self._group(layout, space) if decoding.group_acceptance else None
+            group = self.groups(layout, space) if decoding.group_acceptance else None
             if decoding.coupled:
                 positions = range(state.first, state.first + p.shape[0])  # input k predicts first + k
                 noise = self.coupled.noise.race(self.coupled.seed(step, row), positions, layout.codebook_size,
@@ -380,20 +404,6 @@ class SJDRunner(StrategyRunner):
         if info is not None:
             self.images.pop(info.image_id, None)
             self.coupled.seeds.forget(info.image_id)
-
-    def _group(self, layout, space: int) -> tuple[torch.Tensor, float]:
-        """Group acceptance's (embeddings [space, D], distance bound): the model's input embeddings of
-        the image codes, a NaN row for the placed-token index (near nothing)."""
-        key = (layout.code_ids.start, space)
-        if key not in self._groups:
-            codes = torch.arange(layout.code_ids.start, layout.code_ids.start + layout.codebook_size, device=self.device)
-            with torch.no_grad():
-                embeddings = self.model.embed_input_ids(codes).float()
-            bound = group_bound(embeddings)
-            if space > layout.codebook_size:
-                embeddings = torch.cat([embeddings, embeddings.new_full((1, embeddings.shape[1]), math.nan)])
-            self._groups[key] = (embeddings, bound)
-        return self._groups[key]
 
     def _latent_neighbours(self, k: int | None) -> torch.Tensor:
         """Each image code's k nearest codes in the VQ's latent space (relaxed acceptance); k

@@ -30,7 +30,8 @@ only. A query sees the committed tokens whose raster index is <= its own and no 
 
 Drafts: the Jacobi tail carried from the row's last verification (SJD), then "horizontal" (the code
 to the left; at column 0, the code above: never random, so greedy decoding is deterministic) or
-"random" (uniform over the codes).
+"random" (uniform over the codes). `group_acceptance` tests each row's drafts with GSD's grouped
+rule instead of SJD's (`sjd.py::group_ratio`; not exact, nor is ZipAR).
 
 In vLLM: the forward feeds the tokens the previous one committed (and the stand-in), then the drafts
 in speculative-token slots. The runner half verifies and appends every committed token; the
@@ -51,7 +52,7 @@ import torch
 from vllm_visual_ar.families import image_layout
 from vllm_visual_ar.samplers.coupling import check_flag
 from vllm_visual_ar.samplers.sampling import target_probs
-from vllm_visual_ar.samplers.sjd import Drafts, check_init, verify_prefix
+from vllm_visual_ar.samplers.sjd import Drafts, GroupTables, check_init, verify_prefix
 from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 from vllm_visual_ar.samplers.zipar import RasterRelease, check_window
 
@@ -252,6 +253,7 @@ class ZipARSJDRunner(StrategyRunner):
         super().__init__(*args)
         self.images: dict[str, _Image] = {}
         self._leads: dict[int, str] = {}  # this forward's sampling rows -> image id
+        self.groups = GroupTables(self.model, self.device)
 
     def prepare(self, step, rows):
         streams_of: dict[str, list[int]] = {}
@@ -314,12 +316,13 @@ class ZipARSJDRunner(StrategyRunner):
             layout = self.layout_of(info)
             params = step.state(row).sampling_params
             p = target_probs(logits[at[row]], params.temperature, max(params.top_k or 0, 0), params.top_p)
+            group = self.groups(layout, layout.codebook_size) if info.decoding.group_acceptance else None
             committed, first = {}, 0
             for chain in image.chains:
                 n = chain.drafts + 1
                 codes, image.carried[chain.row] = verify_prefix(
                     p[first:first + n], image.drafts[chain.row], chain.most, step.generator(row),
-                    continued=bool(info.decoding.continue_after_reject))
+                    continued=bool(info.decoding.continue_after_reject), group=group)
                 first += n
                 committed[chain.row] = len(codes)
                 for i, code in enumerate(codes):
@@ -340,7 +343,7 @@ class ZipARSJDRunner(StrategyRunner):
 
 
 class ZipARSJD(Strategy):
-    fields = ("window", "sjd_window", "init", "continue_after_reject")
+    fields = ("window", "sjd_window", "init", "continue_after_reject", "group_acceptance")
     runner = ZipARSJDRunner
     uses_spec_slots = True
 
@@ -348,9 +351,10 @@ class ZipARSJD(Strategy):
     def checked(cls, decoding):
         return {"window": check_window(decoding.window),
                 "sjd_window": check_row_window(DEFAULT_SJD_WINDOW if decoding.sjd_window is None
-                                                     else decoding.sjd_window),
+                                               else decoding.sjd_window),
                 "init": check_init("horizontal" if decoding.init is None else decoding.init),
-                "continue_after_reject": check_flag(decoding.continue_after_reject, "continue_after_reject")}
+                "continue_after_reject": check_flag(decoding.continue_after_reject, "continue_after_reject"),
+                "group_acceptance": check_flag(decoding.group_acceptance, "group_acceptance")}
 
     @classmethod
     def fitted(cls, decoding, config, size=None):

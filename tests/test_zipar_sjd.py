@@ -94,6 +94,19 @@ def test_a_sjd_window_of_one_is_zipar_and_wider_ones_take_fewer_forwards(tiny_ge
     assert all(w.stats.forward_passes < o.stats.forward_passes for w, o in zip(wide, one))
 
 
+def test_group_acceptance_accepts_more_and_is_exact_zipar_sjd_under_greedy_targets(tiny_generator, tiny_model):
+    _, ref = tiny_model
+    image = tiny_generator.generate([3], guidance_scale=3.0, strategy="zipar_sjd", window=2, sjd_window=8,
+                                    group_acceptance=True, **GREEDY)[0]
+    assert torch.equal(image.codes.flatten(), reference_zipar_sjd(ref, 3, 2, 8, guidance_scale=3.0, **GREEDY).codes[0])
+    sampling = dict(guidance_scale=2.0, temperature=1.0, top_k=0, strategy="zipar_sjd", window=2, sjd_window=8,
+                    seed=7)
+    exact = tiny_generator.generate(list(range(8)), **sampling)
+    grouped = tiny_generator.generate(list(range(8)), group_acceptance=True, **sampling)
+    assert sum(i.stats.accepted_drafts for i in grouped) > sum(i.stats.accepted_drafts for i in exact)
+    assert sum(i.stats.forward_passes for i in grouped) < sum(i.stats.forward_passes for i in exact)
+
+
 def test_every_strategy_shares_a_batch(tiny_generator, tiny_model):
     """Continuous batching: zipar_sjd beside raster, zipar and sjd, guided and not, arriving at
     different steps (one pair's halves 2 steps apart), more images than fit; every image equals its
