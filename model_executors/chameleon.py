@@ -44,7 +44,7 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-from vllm_visual_ar.model_executors.decoder_blocks import DecoderLM, DecoderStack, attend
+from vllm_visual_ar.model_executors.decoder_blocks import DecoderLM, DecoderStack, attend, heads_per_rank
 
 QK_NORM_EPS = 1e-5  # hard-coded in both transformers' and Lumina-mGPT's ChameleonLayerNorm
 
@@ -90,10 +90,7 @@ class ChameleonAttention(nn.Module):
         super().__init__()
         tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         self.total_heads, self.total_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        if self.total_heads % tp or (self.total_kv_heads % tp and tp % self.total_kv_heads):
-            raise ValueError(f"{self.total_heads} heads / {self.total_kv_heads} kv heads do not split over {tp} ranks")
-        self.num_heads = self.total_heads // tp
-        self.num_kv_heads = max(1, self.total_kv_heads // tp)
+        self.num_heads, self.num_kv_heads = heads_per_rank(self.total_heads, self.total_kv_heads)
         # As transformers' ChameleonAttention: head_dim = hidden_size // heads.
         self.head_dim = cfg.hidden_size // self.total_heads
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim

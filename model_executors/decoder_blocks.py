@@ -1,6 +1,7 @@
 """The Llama-shaped pieces the text-to-image families share (Lumina-mGPT's Chameleon, Emu3): a
 SiLU-gated MLP, a decoder layer around a family's own attention, the layer stack, and the weight
-loading step for checkpoints whose q/k/v and gate/up matrices vLLM keeps fused. Parameter names
+loading step for checkpoints whose q/k/v and gate/up matrices vLLM keeps fused, and the attention
+heads a tensor-parallel rank holds (LlamaGen uses it too). Parameter names
 are transformers' (`self_attn`, `mlp.gate_up_proj`, `input_layernorm`, ...), so checkpoints load by
 name."""
 from __future__ import annotations
@@ -22,6 +23,17 @@ FUSED_WEIGHTS = [(".self_attn.q_proj.", ".self_attn.qkv_proj.", "q"),
                  (".self_attn.v_proj.", ".self_attn.qkv_proj.", "v"),
                  (".mlp.gate_proj.", ".mlp.gate_up_proj.", 0),
                  (".mlp.up_proj.", ".mlp.gate_up_proj.", 1)]
+
+
+def heads_per_rank(total_heads: int, total_kv_heads: int) -> tuple[int, int]:
+    """(query heads, KV heads) on this tensor-parallel rank, as QKVParallelLinear splits them: KV
+    heads fewer than the ranks are replicated. ValueError when the heads do not split."""
+    from vllm.distributed import get_tensor_model_parallel_world_size
+
+    tp = get_tensor_model_parallel_world_size()
+    if total_heads % tp or (total_kv_heads % tp if total_kv_heads >= tp else tp % total_kv_heads):
+        raise ValueError(f"{total_heads} heads / {total_kv_heads} KV heads do not split over {tp} ranks")
+    return total_heads // tp, max(1, total_kv_heads // tp)
 
 
 class SiluGatedMLP(nn.Module):

@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from vllm.config import VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import (
     QKVParallelLinear,
@@ -48,7 +47,7 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-from vllm_visual_ar.model_executors.decoder_blocks import DecoderLM, DecoderStack, attend
+from vllm_visual_ar.model_executors.decoder_blocks import DecoderLM, DecoderStack, attend, heads_per_rank
 
 
 def emu3_rope_parameters(cfg, max_model_len: int) -> dict:
@@ -94,11 +93,8 @@ def our_weight_name(name: str) -> str | None:
 class Emu3Attention(nn.Module):
     def __init__(self, cfg, vllm_config: VllmConfig, prefix: str):
         super().__init__()
-        tp = get_tensor_model_parallel_world_size()
         total_heads, total_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        if total_heads % tp or (total_kv % tp if total_kv >= tp else tp % total_kv):
-            raise ValueError(f"{total_heads} heads / {total_kv} KV heads do not split over {tp} ranks")
-        self.num_heads, self.num_kv_heads = total_heads // tp, max(1, total_kv // tp)
+        self.num_heads, self.num_kv_heads = heads_per_rank(total_heads, total_kv)
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // total_heads
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = bool(getattr(cfg, "attention_bias", False))

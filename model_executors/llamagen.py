@@ -30,6 +30,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
+from vllm_visual_ar.model_executors.decoder_blocks import heads_per_rank
 from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
 from vllm_visual_ar.model_executors.masked_attention import MaskedAttention
 
@@ -62,13 +63,15 @@ def kernel_head_dim(head_dim: int) -> int:
 class LlamaGenAttention(nn.Module):
     def __init__(self, cfg: LlamaGenConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        self.head_dim = cfg.head_dim
+        # This tensor-parallel rank's heads; the layers below split the weights the same way.
+        self.num_heads, self.num_kv_heads = heads_per_rank(cfg.num_attention_heads, cfg.num_key_value_heads)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.wqkv = QKVParallelLinear(cfg.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
-                                      bias=False, prefix=f"{prefix}.wqkv")
-        self.wo = RowParallelLinear(self.q_size, cfg.hidden_size, bias=False, prefix=f"{prefix}.wo")
+        self.wqkv = QKVParallelLinear(cfg.hidden_size, self.head_dim, cfg.num_attention_heads,
+                                      cfg.num_key_value_heads, bias=False, prefix=f"{prefix}.wqkv")
+        self.wo = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias=False,
+                                    prefix=f"{prefix}.wo")
         self.padded_head_dim = kernel_head_dim(self.head_dim)
         self.attn = Attention(self.num_heads, self.padded_head_dim, self.head_dim ** -0.5,
                               num_kv_heads=self.num_kv_heads, cache_config=vllm_config.cache_config,

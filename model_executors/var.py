@@ -194,6 +194,9 @@ class VARForClassToImage(VARTransformer):
         cfg: VARConfig = vllm_config.model_config.hf_config
         if cfg.patch_nums[0] != 1:
             raise ValueError(f"VAR serving needs a 1x1 first scale (the class token), got patch_nums {cfg.patch_nums}")
+        if vllm_config.parallel_config.tensor_parallel_size > 1:
+            # Its layers are plain torch ones (VAR's own fused shapes), not split over ranks.
+            raise ValueError("VAR models do not run with tensor parallelism yet: use --tensor-parallel-size 1")
         # With a refiner, each model's layers keep their KV in their own phase's groups (`phase_kv.py`).
         phases = cfg.kv_phases
         super().__init__(cfg, vllm_config, prefix, DRAFTER if phases else None)
