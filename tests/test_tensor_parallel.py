@@ -10,12 +10,14 @@ import sys
 import pytest
 from tiny_models import tiny_config, write_official_checkpoints, write_tiny_emu3_folder, write_tiny_lumina_folder
 
+# Greedy requests get no generator of their own, so greedy SJD cases draft "horizontal": random
+# drafts would come from each engine's global RNG (same tokens, other forward counts).
 GREEDY = dict(top_k=1)
 SAMPLED = dict(temperature=1.0, top_k=0, seed=11)
 LLAMAGEN = [dict(classes=[1, 7], guidance_scale=3.0, **sampling, **decoding) for decoding, sampling in [
     (dict(), SAMPLED), (dict(strategy="zipar", window=3), GREEDY), (dict(strategy="zipar", window=3), SAMPLED),
     (dict(strategy="sjd", window=4, init="horizontal"), SAMPLED),
-    (dict(strategy="sjd", window=4, continue_after_reject=True), GREEDY),
+    (dict(strategy="sjd", window=4, init="horizontal", continue_after_reject=True), GREEDY),
     (dict(strategy="sjd", window=6, coupled=True), SAMPLED),
     (dict(strategy="zipar_sjd", window=2, sjd_window=4), GREEDY),
     (dict(strategy="zipar_sjd", window=2, sjd_window=4), SAMPLED)]]
@@ -24,7 +26,7 @@ LUMINA = [dict(prompts=["a red cat"], guidance_scale=3.0, **sampling, **decoding
     (dict(), GREEDY), (dict(), SAMPLED), (dict(strategy="zipar", window=3), GREEDY),
     (dict(strategy="sjd", window=5), SAMPLED)]]
 EMU3 = [dict(prompts=["a red cat"], guidance_scale=3.0, **sampling, **decoding) for decoding, sampling in [
-    (dict(), SAMPLED), (dict(strategy="sjd", window=5), GREEDY)]]
+    (dict(), SAMPLED), (dict(strategy="sjd", window=5, init="horizontal"), GREEDY)]]
 
 CHILD = r"""
 import json, sys
