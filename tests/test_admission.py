@@ -148,10 +148,16 @@ def test_a_timeout_aborts_the_images_and_frees_their_kv(tiny_generator):
     assert len(tiny_generator.generate([2], timeout=60)) == 1
 
 
-@pytest.mark.parametrize("argv", [["--seed", str(2**70)], ["--seed", str(2**32)], ["--guidance-scale", "nan"],
-                                  ["--guidance-scale", "inf"], ["--temperature", "1e999"], ["--top-p", "nan"]])
-def test_cli_rejects_the_same_inputs_with_exit_code_2(argv, capsys):
+@pytest.mark.parametrize("argv,named", [
+    (["--seed", str(2**70)], "seed"), (["--seed", str(2**32)], "seed"), (["--guidance-scale", "nan"], "guidance"),
+    (["--guidance-scale", "inf"], "guidance"), (["--temperature", "1e999"], "temperature"),
+    (["--top-p", "nan"], "top_p"), (["--sjd-window", "4"], "sjd_window"),
+    (["--strategy", "zipar_sjd", "--window", "4", "--sjd-window", "0"], "sjd_window"),
+    (["--strategy", "sjd", "--coupled", "--group-acceptance"], "group_acceptance"),
+    (["--group-acceptance"], "group_acceptance")])
+def test_cli_rejects_the_same_inputs_with_exit_code_2(argv, named, capsys):
     from vllm_visual_ar.cli import main
 
     assert main(["generate", "--classes", "3", "--n", "1", *argv]) == 2
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error:" in err and named in err

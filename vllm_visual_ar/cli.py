@@ -36,6 +36,7 @@ def cmd_generate(args) -> int:
     from vllm_visual_ar.families import family_of
     from vllm_visual_ar.generator import ImageGenerator, check_generate_args
     from vllm_visual_ar.models import resolve_model_dir
+    from vllm_visual_ar.requests import DECODING_OPTIONS
 
     # Check the arguments before the engine takes its seconds to start.
     model_dir = resolve_model_dir(args.model)
@@ -48,19 +49,16 @@ def cmd_generate(args) -> int:
                          "use --classes")
     classes = None if text else (args.classes or parse_classes("0-9"))
     prompts = args.prompt if text else None
+    # The decoding options the command line has (a switch not given is unset, not false).
+    options = {name: None if getattr(args, name) is False else getattr(args, name)
+               for name in DECODING_OPTIONS if hasattr(args, name)}
     check_generate_args(config, classes, args.n, args.seed, args.guidance_scale, args.temperature,
-                        args.top_k, args.top_p, args.strategy, args.window, args.init, args.relaxed_delta,
-                        draft_steps=args.draft_steps, prompts=prompts, coupled=args.coupled or None,
-                        continue_after_reject=args.continue_after_reject or None,
-                        sjd_window=args.sjd_window, group_acceptance=args.group_acceptance or None)
+                        args.top_k, args.top_p, args.strategy, prompts, **options)
     gen = ImageGenerator(args.model, max_images_in_flight=args.max_images_in_flight)
     results = gen.generate(classes, n=args.n, guidance_scale=args.guidance_scale,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           seed=args.seed, strategy=args.strategy, window=args.window, init=args.init,
-                           relaxed_delta=args.relaxed_delta, draft_steps=args.draft_steps,
-                           progress=True, prompts=prompts, negative_prompt=args.negative_prompt, size=args.size,
-                           coupled=args.coupled or None, continue_after_reject=args.continue_after_reject or None,
-                           sjd_window=args.sjd_window, group_acceptance=args.group_acceptance or None)
+                           seed=args.seed, strategy=args.strategy, progress=True, prompts=prompts,
+                           negative_prompt=args.negative_prompt, size=args.size, **options)
     os.makedirs(args.out, exist_ok=True)
     counts: dict = {}
     for r in results:

@@ -50,10 +50,9 @@ class GeneratedImage:
 
 
 def check_generate_args(config, classes, n, seed, guidance_scale, temperature, top_k, top_p,
-                        strategy="raster", window=None, init=None, relaxed_delta=None, relaxed_neighbours=None,
-                        draft_steps=None, prompts=None, size=None, coupled=None,
-                        continue_after_reject=None, load_aware=None, sjd_window=None, group_acceptance=None):
+                        strategy="raster", prompts=None, size=None, **options):
     """Validate `generate` arguments against a model config (ValueError naming the problem);
+    `options`: the decoding options (`requests.DECODING_OPTIONS`), unset ones None;
     -> (the prompts as a list: class ids, or texts for a text-to-image model; SamplingSettings with
     the model's defaults filled in; Decoding)."""
     from vllm_visual_ar.families import family_of
@@ -79,8 +78,7 @@ def check_generate_args(config, classes, n, seed, guidance_scale, temperature, t
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     check_seed(seed, len(items) * n)
-    decoding = Decoding(strategy, window, init, relaxed_delta, relaxed_neighbours, draft_steps, coupled,
-                        continue_after_reject, load_aware, sjd_window, group_acceptance).fitted(config, size)
+    decoding = Decoding(strategy, **options).fitted(config, size)
     if problem := decoding_problem(config, decoding):
         raise ValueError(problem)
     settings = SamplingSettings(family.default(config, "guidance_scale") if guidance_scale is None else guidance_scale,
@@ -141,11 +139,11 @@ class ImageGenerator:
         An image this engine could never schedule is a ValueError before anything is submitted; with
         `timeout` (seconds), the call aborts its images and raises TimeoutError when time is up."""
         size = self.family.size(self.config, parse_size(size))
-        items, settings, decoding = check_generate_args(self.config, classes, n, seed, guidance_scale,
-                                                        temperature, top_k, top_p, strategy, window, init,
-                                                        relaxed_delta, relaxed_neighbours, draft_steps, prompts,
-                                                        size, coupled, continue_after_reject, load_aware,
-                                                        sjd_window, group_acceptance)
+        options = dict(window=window, init=init, relaxed_delta=relaxed_delta, relaxed_neighbours=relaxed_neighbours,
+                       draft_steps=draft_steps, coupled=coupled, continue_after_reject=continue_after_reject,
+                       load_aware=load_aware, sjd_window=sjd_window, group_acceptance=group_acceptance)
+        items, settings, decoding = check_generate_args(self.config, classes, n, seed, guidance_scale, temperature,
+                                                        top_k, top_p, strategy, prompts, size, **options)
         if timeout is not None:
             timeout = check_number(timeout, "timeout", 0, 1e9, low_open=True)
         layout = self.family.image_layout(self.config, size)
