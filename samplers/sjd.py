@@ -168,7 +168,8 @@ def group_ratio(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor, embeddin
     distributions q [n, V]; embeddings [V, D] (a NaN row: an index no code is near, the layout's
     placed token), bound: the squared embedding distance a group member stays within."""
     order = p.argsort(dim=1)  # ascending, as GSD sorts the target logits
-    rank = order.argsort(dim=1).gather(1, tokens[:, None])  # [n, 1]
+    ranks_of = torch.empty_like(order).scatter_(1, order, torch.arange(p.shape[1], device=p.device).expand_as(order))
+    rank = ranks_of.gather(1, tokens[:, None])  # [n, 1]: the inverse permutation, not a second sort
     offsets = torch.arange(-GROUP_RADIUS, GROUP_RADIUS, device=p.device)
     ranks = rank + offsets  # [n, 2 * GROUP_RADIUS]
     members = order.gather(1, ranks.clamp(0, p.shape[1] - 1))
