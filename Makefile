@@ -30,6 +30,8 @@ test: venv
 
 bench: venv
 	$(BIN)/python benchmarks/bench_raster.py
+	$(BIN)/python benchmarks/bench_raster.py --gpt-size GPT-B --in-flight 1 8 --repeats 1
+	$(BIN)/python benchmarks/bench_step.py
 	$(BIN)/python benchmarks/bench_zipar.py
 	$(BIN)/python benchmarks/bench_sjd.py
 	$(BIN)/python benchmarks/bench_var.py

