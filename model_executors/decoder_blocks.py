@@ -37,14 +37,17 @@ def heads_per_rank(total_heads: int, total_kv_heads: int) -> tuple[int, int]:
 
 
 class RMSNorm(VllmRMSNorm):
-    """vLLM's RMSNorm (same weight, same loading) that runs as one ATen call on CPU. vLLM registers
-    its fused C kernel for GPUs only; on CPU its module runs a chain of native ops through its op
-    dispatch (measured here on a decode step's [2, 64]: 20 us a call, against 8)."""
+    """vLLM's RMSNorm (same weight, same loading) that runs vLLM's fused CPU kernel on CPU. vLLM's
+    op dispatch picks that kernel on GPUs only and runs a chain of native ops on CPU, which in a
+    small model's decode step costs as much as the matmuls (measured in the engine here: 33 us a
+    call for 31 tokens of width 128, and the step's forward 15% faster with the kernel)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if x.device.type != "cpu" or x.dtype != self.weight.dtype or not hasattr(torch.ops._C, "rms_norm"):
             return super().forward(x)
-        return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.variance_epsilon)
+        out = torch.empty_like(x)
+        torch.ops._C.rms_norm(out, x.contiguous(), self.weight.data, self.variance_epsilon)
+        return out
 
 
 class SiluGatedMLP(nn.Module):

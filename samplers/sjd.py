@@ -518,4 +518,6 @@ class SJD(Strategy):
             self._seen = (request.num_output_tokens, len(request.spec_token_ids) + 1)
 
     def step_width(self, request):
-        return self._width
+        """The tokens per stream the step just run fed: the window (the policy's, when load-aware),
+        cut at the image's end; None for the prompt's forward."""
+        return self._seen[1] or None

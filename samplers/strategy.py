@@ -184,7 +184,7 @@ class Strategy:
                     width: int | None = None) -> tuple[int, int]:
         """(drafts verified, drafts accepted) by a forward that committed `committed` tokens to an
         image that had `done` (the frontend's per-image statistics); `width`: the window the forward
-        ran at, when the scheduler chose it (`step_width`), else the request's own."""
+        ran at (`step_width`), when the strategy reports it, else the request's own."""
         return 0, 0
 
     # -- one request in vLLM's scheduler ------------------------------------------------------------
@@ -228,8 +228,9 @@ class Strategy:
         return None
 
     def step_width(self, request) -> int | None:
-        """The width of the step that just ran, when the policy chose it (the frontends read it from
-        the step's output to count drafts and show the window used), else None."""
+        """The width (tokens per stream) of the step that just ran, for a strategy with a window
+        (SJD: the frontends read it from the step's output to count drafts and show the window
+        used), else None."""
         return None
 
     def step_drafts(self, request) -> tuple[int, int] | None:

@@ -78,6 +78,11 @@ def test_health_models_and_metrics(server):
     assert 0 <= metric(server, "vllm_visual_ar:sjd_accepted_tokens_total") <= metric(
         server, "vllm_visual_ar:sjd_draft_tokens_total")
     windows = metric(server, "vllm_visual_ar:sjd_step_window_count")
+    pinned = metric(server, "vllm_visual_ar:sjd_step_window_sum")
+    assert generate(server, prompt="2", strategy="sjd", window=8, init="horizontal").status_code == 200
+    steps = metric(server, "vllm_visual_ar:sjd_step_window_count") - windows  # a pinned window counts too
+    assert 0 < steps < metric(server, "vllm_visual_ar:sjd_step_window_sum") - pinned <= 8 * steps
+    windows += steps
     assert generate(server, prompt="2", n=4, strategy="sjd", window=16, load_aware=True).status_code == 200
     assert metric(server, "vllm_visual_ar:sjd_step_window_count") > windows  # the windows the steps ran at
     assert metric(server, "vllm_visual_ar:sjd_step_window_sum") <= 16 * metric(server,

@@ -376,8 +376,9 @@ class _Metrics:
                                  ["strategy"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
         self.sjd_drafts = Counter("vllm_visual_ar:sjd_draft_tokens", "SJD drafts verified")
         self.sjd_accepted = Counter("vllm_visual_ar:sjd_accepted_tokens", "SJD drafts accepted")
-        self.sjd_width = Histogram("vllm_visual_ar:sjd_step_window", "The window an SJD forward ran at, when the "
-                                   "load-aware policy chose it (narrower than the request's under load)",
+        self.sjd_width = Histogram("vllm_visual_ar:sjd_step_window", "The window (tokens per stream) an SJD "
+                                   "forward ran at: the request's, or the load-aware policy's narrower one, "
+                                   "cut at the image's end",
                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
 
     def observe(self, strategy: str, stats: "ImageRun", seconds: float):
