@@ -19,10 +19,11 @@ def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale) -> torch.T
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set logits outside the top-k set and outside the top-p nucleus to -inf. k=0 / p=1 disable."""
-    logits = logits.clone()
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits[logits < kth] = float("-inf")
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    else:
+        logits = logits.clone()
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
@@ -73,7 +74,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     vocab = x.shape[-1]
     if bool((top_k > 0).any()):
         k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-        kth = x.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None].to(torch.long))
+        kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None].to(torch.long))
         x = x.masked_fill(x < kth, float("-inf"))
     if bool((top_p < 1).any()):
         sorted_x, order = x.sort(dim=-1, descending=True)

@@ -238,7 +238,6 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
     k = p.shape[0]
     assert len(drafts.tokens) == k - 1
     u = torch.rand(k, generator=generator, device=p.device)
-    samples = draw(p, generator)  # a fresh sample at every position: bonus or next drafts
     tokens = torch.tensor(drafts.tokens, dtype=torch.long, device=p.device)
     q = drafts.q.to(p.device)
     rows = torch.arange(k - 1, device=p.device)
@@ -250,17 +249,20 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
         ratio = target / q[rows, tokens]
     accepted = u[: k - 1] < torch.clamp(ratio, max=1.0)
     rejected = (~accepted).nonzero()
-    if len(rejected) == 0:
-        return drafts.tokens + [int(samples[k - 1])], Drafts.empty(p.shape[1])
+    if len(rejected) == 0:  # a bonus token from the last target
+        return drafts.tokens + [int(draw(p[k - 1:], generator)[0])], Drafts.empty(p.shape[1])
     j = int(rejected[0]) + 1  # the first rejected draft, d_j
     resampled = int(residual_draw(p[j - 1: j], q[j - 1: j], generator)[0])
-    # Jacobi: positions j+1 .. K were predicted from the rejected prefix; their samples carry over.
-    carried = samples[j:]
+    # Jacobi: positions j+1 .. K were predicted from the rejected prefix; fresh samples of their
+    # targets carry over (drawn only where they are used: the noise is most of verification's cost).
     if continued and j < k - 1:  # drafts d_{j+1} .. d_{K-1} exist: keep those that pass
         later = rows[j:]
         old = tokens[j:]
         keep = u[j: k - 1] < torch.clamp(p[later, old] / q[later, old], max=1.0)
-        carried = torch.cat([torch.where(keep, old, residual_draw(p[later], q[later], generator)), samples[k - 1:]])
+        carried = torch.cat([torch.where(keep, old, residual_draw(p[later], q[later], generator)),
+                             draw(p[k - 1:], generator)])
+    else:
+        carried = draw(p[j:], generator)
     return drafts.tokens[: j - 1] + [resampled], Drafts(carried.tolist(), p[j:])
 
 
