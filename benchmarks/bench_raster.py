@@ -35,8 +35,6 @@ def main():
                                                       "instead of the embedded model; speed only")
     args = ap.parse_args()
 
-    import tempfile
-
     import torch
 
     from vllm_visual_ar.generator import ImageGenerator
@@ -47,8 +45,7 @@ def main():
     if args.gpt_size:
         from common import random_llamagen_folder
 
-        folder = tempfile.TemporaryDirectory(prefix="bench-raster-")  # removed when the script ends
-        model_dir = random_llamagen_folder(folder.name, args.gpt_size)
+        model_dir = random_llamagen_folder(args.gpt_size)
     reference = load_reference(model_dir)
     if args.guidance_scale is None:
         args.guidance_scale = reference.config.default_guidance_scale

@@ -17,7 +17,6 @@ import collections
 import functools
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -99,7 +98,8 @@ def main():
     ap.add_argument("--model", default=None, help="a LlamaGen model folder (default: the embedded model)")
     ap.add_argument("--gpt-size", default=None, help="an official LlamaGen size with random weights (GPT-B, ...)")
     ap.add_argument("--repeats", type=int, default=3, help="images per setting, after one warm-up image")
-    ap.add_argument("--only", nargs="+", default=None, help="only the settings whose label starts with one of these")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="only the settings whose label starts with one of these (the results file then holds only them)")
     args = ap.parse_args()
 
     from vllm_visual_ar.models import resolve_model_dir
@@ -108,8 +108,7 @@ def main():
     if args.gpt_size:
         from common import random_llamagen_folder
 
-        folder = tempfile.TemporaryDirectory(prefix="bench-step-")  # removed when the script ends
-        model_dir = random_llamagen_folder(folder.name, args.gpt_size)
+        model_dir = random_llamagen_folder(args.gpt_size)
     instrument(model_dir)
     from vllm_visual_ar.generator import ImageGenerator
 

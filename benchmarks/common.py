@@ -131,10 +131,16 @@ def compare_decodings(engine, configs: list[tuple[str, dict]], in_flight: list[i
                           [f"class agreement ({len(quality_classes)} images)", "Fréchet distance"])
 
 
-def random_llamagen_folder(out_dir: str, gpt_size: str, seed: int = 0) -> str:
+_temporary_folders: list = []  # kept alive until the script ends, then removed
+
+
+def random_llamagen_folder(gpt_size: str, seed: int = 0) -> str:
     """A LlamaGen class-to-image folder of an official size (`GPT_SIZES`: 16x16 tokens, 16384 codes,
-    1000 classes) with random weights and a small VQ decoder: its forwards cost what the real
-    model's do, its images mean nothing. For speed tables only."""
+    1000 classes) with random weights and a small VQ decoder, in a temporary folder removed when
+    the script ends: its forwards cost what the real model's do, its images mean nothing. For speed
+    tables only."""
+    import tempfile
+
     import torch
 
     from vllm_visual_ar.model_executors.convert import write_model_folder
@@ -154,4 +160,5 @@ def random_llamagen_folder(out_dir: str, gpt_size: str, seed: int = 0) -> str:
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.02)
-    return write_model_folder(out_dir, config, model.state_dict(), VQModel(vq).state_dict())
+    _temporary_folders.append(tempfile.TemporaryDirectory(prefix=f"{gpt_size.lower()}-"))
+    return write_model_folder(_temporary_folders[-1].name, config, model.state_dict(), VQModel(vq).state_dict())

@@ -217,6 +217,11 @@ class Strategy:
         """What the runner half reported of the step that just ran (`StrategyRunner.report`), before
         vLLM appends its tokens to the request."""
 
+    def settings_problem(self, info) -> str | None:
+        """Why the request's own settings (its `ImageRequestInfo`) do not fit this strategy, or None:
+        here, its per-scale settings, when it has any."""
+        return self.scale_sampling_problem(dict(info.scale_sampling)) if info.scale_sampling else None
+
     def scale_sampling_problem(self, scale_sampling: dict) -> str | None:
         """Why the request's per-scale settings ({name: values}) do not fit, or None."""
         from vllm_visual_ar.requests import per_scale_problem

@@ -24,7 +24,7 @@ preempts request by request, so this subclass wraps it rather than rewriting it:
   runner's output) reaches it before vLLM appends the tokens. A step runs one phase, alternating between the phases that have work;
   new requests enter in their entry phase. Both halves of a pair get the same answers.
 - Load-aware widths (`samplers/load.py`). A strategy that can run a step narrower than its window
-  (SJD) says so (`width_choice`); before each step the scheduler picks every such image's width
+  says so (`width_choice`); before each step the scheduler picks every such image's width
   from a cost model of step time against tokens, fitted on the steps this engine has run, and
   reports it in the step's output (`requests.step_width`).
 """
@@ -148,8 +148,7 @@ class VisualARScheduler(Scheduler):
                 return problem
         except ValueError as e:  # e.g. a hand-made request's size that the model does not make
             return str(e)
-        if info is not None and info.scale_sampling and (
-                problem := strategy.scale_sampling_problem(dict(info.scale_sampling))):
+        if info is not None and (problem := strategy.settings_problem(info)):
             return problem
         if cls.uses_spec_slots and self.vllm_config.speculative_config is not None:
             return (f"strategy {decoding.strategy!r} cannot run in an engine configured with another "
