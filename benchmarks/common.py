@@ -13,17 +13,23 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
-def machine() -> str:
+def machine(accelerator: str | None = None, dtype: str = "float32") -> str:
+    """The CPU (and the accelerator a script ran on, if any), torch, vLLM where installed, dtype."""
     try:
         model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor() or "unknown CPU"
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
-    import vllm
 
-    return (f"{model}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM; torch {torch.__version__}, "
-            f"vllm {vllm.__version__}, float32")
+    try:
+        import vllm
+
+        software = f"torch {torch.__version__}, vllm {vllm.__version__}"
+    except ImportError:
+        software = f"torch {torch.__version__}, no vLLM"
+    host = f"{model}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM"
+    return f"{accelerator + '; ' if accelerator else ''}{host}; {software}, {dtype}"
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -32,12 +38,15 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, title: str, table: str, notes: str = "") -> str:
+def write_results(name: str, title: str, table: str, notes: str = "", machine_line: str | None = None) -> str:
+    """benchmarks/results/<name>.md: title, machine, date and commit (BENCH_COMMIT where the tree has no
+    git, as on a lent accelerator machine), the table, the notes."""
     path = os.path.join(os.path.dirname(__file__), "results", f"{name}.md")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    text = (f"# {title}\n\nMachine: {machine()}\nDate: {time.strftime('%Y-%m-%d %H:%M')}, commit {commit}\n\n"
-            f"{table}\n\n{notes}\n")
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    text = (f"# {title}\n\nMachine: {machine_line or machine()}\nDate: {time.strftime('%Y-%m-%d %H:%M')}, "
+            f"commit {commit}\n\n{table}\n\n{notes}\n")
     with open(path, "w") as f:
         f.write(text)
     return path
@@ -141,24 +150,41 @@ def random_llamagen_folder(gpt_size: str, seed: int = 0) -> str:
     tables only."""
     import tempfile
 
+    from vllm_visual_ar.model_executors.convert import write_model_folder
+    from vllm_visual_ar.model_executors.vq import VQModel
+
+    model = random_llamagen_reference(gpt_size, seed)
+    _temporary_folders.append(tempfile.TemporaryDirectory(prefix=f"{gpt_size.lower()}-"))
+    return write_model_folder(_temporary_folders[-1].name, model.config, model.state_dict(),
+                              VQModel(_small_vq()).state_dict())
+
+
+def _small_vq():
+    from vllm_visual_ar.model_executors.vq import VQConfig
+
+    return VQConfig(codebook_size=16384, codebook_embed_dim=8, ch=32, ch_mult=[1, 2], num_res_blocks=1,
+                    z_channels=32, image_channels=3)
+
+
+def random_llamagen_reference(gpt_size: str, seed: int = 0, device="cpu", dtype=None, image_grid: int = 16):
+    """The plain-PyTorch LlamaGen model of an official size (`GPT_SIZES`: 16384 codes, 1000 classes)
+    with random weights N(0, 0.02), built on `device`: what `random_llamagen_folder` writes."""
     import torch
 
-    from vllm_visual_ar.model_executors.convert import write_model_folder
     from vllm_visual_ar.model_executors.llamagen_config import GPT_SIZES, LlamaGenConfig
     from vllm_visual_ar.model_executors.llamagen_reference import LlamaGenReference
-    from vllm_visual_ar.model_executors.vq import VQConfig, VQModel
 
-    size = GPT_SIZES[gpt_size]
-    vq = VQConfig(codebook_size=16384, codebook_embed_dim=8, ch=32, ch_mult=[1, 2], num_res_blocks=1,
-                  z_channels=32, image_channels=3)
+    size, vq = GPT_SIZES[gpt_size], _small_vq()
     config = LlamaGenConfig(hidden_size=size["dim"], num_hidden_layers=size["n_layer"],
                             num_attention_heads=size["n_head"], codebook_size=vq.codebook_size, num_classes=1000,
-                            image_grid=16, image_size=16 * vq.downsample, vq=vq.to_dict())
+                            image_grid=image_grid, image_size=image_grid * vq.downsample, vq=vq.to_dict())
     torch.manual_seed(seed)
-    model = LlamaGenReference(config)
+    with torch.device(device):
+        model = LlamaGenReference(config)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.02)
-    _temporary_folders.append(tempfile.TemporaryDirectory(prefix=f"{gpt_size.lower()}-"))
-    return write_model_folder(_temporary_folders[-1].name, config, model.state_dict(), VQModel(vq).state_dict())
+            if dtype is not None:  # the parameters only: Module.to(dtype) would make the complex RoPE table real
+                p.data = p.data.to(dtype)
+    return model.eval()

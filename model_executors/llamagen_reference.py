@@ -135,8 +135,9 @@ class LlamaGenReference(nn.Module):
         return self.output(self.norm(h)).float()
 
     # -- KV-cached inference ---------------------------------------------------------------------
-    def setup_cache(self, batch: int, dtype=torch.float32, device="cpu", max_len: int | None = None):
+    def setup_cache(self, batch: int, dtype=None, device="cpu", max_len: int | None = None):
         cfg = self.config
+        dtype = dtype or self.output.weight.dtype  # the weights' (a bfloat16 model keeps a bfloat16 cache)
         max_len = max_len or cfg.cls_token_num + cfg.num_image_tokens
         for layer in self.layers:
             att = layer.attention
@@ -206,6 +207,49 @@ def generate(model: LlamaGenReference, classes: list[int], guidance_scale: float
         token = next_token(model.step(model.tok_embeddings(x)[:, None], pos), i + 1)
         codes.append(token)
     return ReferenceResult(torch.stack(codes, 1), cfg.num_image_tokens, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def generate_sjd(model: LlamaGenReference, label: int, window: int, guidance_scale: float = 4.0,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None, init: str = "horizontal",
+                 continued: bool = False) -> ReferenceResult:
+    """Speculative Jacobi Decoding for one image over the static cache, the plain loop the engine's
+    SJD runs (`samplers/sjd.py`; the authors' LlamaGen solver, `llamagen/llamagen_solver.py` in
+    tyshiwo1/Accelerating-T2I-AR-with-SJD): each forward feeds the last committed token and up to
+    window - 1 drafts at the next positions under the causal mask, verifies them (`sjd.verify`) and
+    carries the samples past a rejection as the next drafts. The last committed token is always a
+    fresh sample, so the next forward starts there: every cache slot before it holds a token fed
+    with its true context, and the slots after it are overwritten."""
+    from vllm_visual_ar.samplers.sjd import Drafts, fill_drafts, verify
+
+    cfg = model.config
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    prefix, total, v = cfg.cls_token_num, cfg.num_image_tokens, cfg.codebook_size
+    guided = guidance_scale != 1.0
+    labels = torch.tensor([label] + ([cfg.num_classes] if guided else []), device=device)
+    model.setup_cache(len(labels), device=device)
+
+    def targets(logits: torch.Tensor) -> torch.Tensor:  # [B, S, V] -> [S, V]
+        mixed = cfg_mix(logits[0], logits[1], guidance_scale) if guided else logits[0]
+        return target_probs(mixed, temperature, top_k, top_p)
+
+    logits = model.step(model.cls_embedding.embedding_table(labels)[:, None], torch.arange(prefix, device=device))
+    mixed = cfg_mix(logits[:1], logits[1:], guidance_scale) if guided else logits
+    codes = [int(sample(mixed, temperature, top_k, top_p, generator)[0])]
+    carried, forwards, verified, accepted = Drafts.empty(v), 1, 0, 0
+    while len(codes) < total:
+        k = min(window, total - len(codes))
+        drafts = fill_drafts(carried, k - 1, init, v, codes[-1], len(codes), cfg.image_grid, generator, device)
+        fed = torch.tensor([codes[-1]] + drafts.tokens, device=device)[None].expand(len(labels), -1)
+        pos = torch.arange(prefix + len(codes) - 1, prefix + len(codes) - 1 + k, device=device)
+        logits = model.step_masked(model.tok_embeddings(fed), pos, model.causal_mask[None, None, pos])
+        committed, carried = verify(targets(logits), drafts, generator, continued=continued)
+        forwards, verified, accepted = forwards + 1, verified + k - 1, accepted + len(committed) - 1
+        codes += committed
+    return ReferenceResult(torch.tensor([codes], device=device), forwards, time.perf_counter() - t0,
+                           {"drafts": (verified, accepted)})
 
 
 @torch.no_grad()
@@ -279,7 +323,7 @@ def generate_zipar(model: LlamaGenReference, classes: list[int], window: int, gu
         for s, _, _, real in inputs:
             visible[s] |= real
         mask = visible[None, :] & (torch.arange(slots, device=device)[None, :] <= pos[:, None])
-        mask[torch.arange(len(inputs)), pos] = True  # a stand-in sees itself
+        mask[torch.arange(len(inputs), device=device), pos] = True  # a stand-in sees itself
         tokens = torch.stack([t for _, t, _, _ in inputs], 1)
         tokens = torch.cat([tokens, tokens]) if guided else tokens
         logits = model.step_masked(model.tok_embeddings(tokens), pos, mask[None, None])
@@ -353,12 +397,12 @@ def generate_zipar_sjd(model: LlamaGenReference, label: int, window: int, sjd_wi
             while len(tokens) < n:
                 col = c + len(tokens)
                 if init == "random":
-                    tokens.append(int(torch.randint(v, (1,), generator=generator)))
+                    tokens.append(int(torch.randint(v, (1,), generator=generator, device=device)))
                 else:
                     tokens.append(tokens[-1] if tokens else code[r * width + col - 1] if col > 0
                                   else code[(r - 1) * width])
-            fresh = torch.nn.functional.one_hot(torch.tensor(tokens[len(q):], dtype=torch.long), v).float()
-            drafts = Drafts(tokens, torch.cat([q, fresh]))
+            fresh = torch.nn.functional.one_hot(torch.tensor(tokens[len(q):], dtype=torch.long, device=device), v)
+            drafts = Drafts(tokens, torch.cat([q.to(device), fresh.float()]))
             chains.append((r, head, c, drafts, len(fed), limit - c + 1))
             fed += [(r * width + c + i, t, False) for i, t in enumerate(tokens)]
             draft_rows += [r] * n

@@ -9,6 +9,7 @@ import torch
 from conftest import chi_square_p, enumerate_images, finish_reasons, scheduler_of, step_until_done
 
 from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
+from vllm_visual_ar.model_executors.llamagen_reference import generate_sjd as reference_sjd
 from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar as reference_zipar
 from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
 from vllm_visual_ar.samplers.sjd import Drafts, fill_drafts, target_probs, verify
@@ -121,6 +122,27 @@ def test_greedy_targets_make_sjd_greedy_and_a_zero_residual_does_not_crash():
     # Rejected: the residual is the argmax.
     committed, carried = verify(p, Drafts([0], torch.tensor([[1.0, 0.0, 0.0]])), None)
     assert committed == [1] and carried.tokens == [2] and torch.equal(carried.q, p[1:])
+
+
+# -- the plain-PyTorch SJD loop (benchmarks/bench_device.py times it where vLLM cannot run) -------
+@pytest.mark.parametrize("window,guidance_scale,continued", [(4, 3.0, False), (16, 1.0, True), (64, 3.0, True)])
+def test_reference_sjd_under_greedy_targets_is_reference_raster(tiny_model, window, guidance_scale, continued):
+    _, ref = tiny_model
+    for label in (1, 7):
+        result = reference_sjd(ref, label, window, guidance_scale=guidance_scale, continued=continued, **GREEDY)
+        expected = reference_raster(ref, [label], guidance_scale=guidance_scale, **GREEDY)
+        assert torch.equal(result.codes, expected.codes)
+        assert -(-(ref.config.num_image_tokens - 1) // window) + 1 <= result.forward_passes < 64
+
+
+@pytest.mark.parametrize("window,continued", [(3, False), (4, True)])
+def test_reference_sjd_samples_follow_the_exact_distribution(enumerable_model, window, continued):
+    _, ref = enumerable_model
+    sampling = dict(guidance_scale=2.0, temperature=1.0, top_k=0)
+    g = torch.Generator().manual_seed(0)
+    samples = [tuple(reference_sjd(ref, 1, window, generator=g, continued=continued, **sampling).codes[0].tolist())
+               for _ in range(2000)]
+    assert chi_square_p(samples, enumerate_images(ref, 1, **sampling)) > 1e-3
 
 
 # -- the engine ----------------------------------------------------------------------------------

@@ -1,0 +1,280 @@
+"""What a forward costs on an accelerator, and how fast each strategy's plain-PyTorch loop runs there:
+no vLLM needed, so it runs on a lent GPU machine (where vLLM cannot) as well as on this CPU.
+
+    python benchmarks/bench_device.py            # CUDA when there is one, else the CPU
+    python benchmarks/bench_device.py --quick    # a small smoke run (CPU-sized)
+
+Step cost: LlamaGen models of the official sizes (random weights, bfloat16 on a GPU) run one
+KV-cached forward of `tokens` query tokens per stream for 1, 16 and 64 guided images in flight (2
+streams each) over 128 cached positions, the shape of an SJD or ZipAR step; eager, and replayed as
+a CUDA graph (what vLLM's decode steps run on a GPU). This is the curve the load-aware windows
+(`samplers/load.py`) learn on the running engine.
+
+Reference loops: raster, ZipAR, SJD (+ continuation) and ZipAR x SJD from
+`model_executors/llamagen_reference.py` on the embedded model (trained: real acceptance), one image in
+flight and ZipAR/raster also with 16; and at the official sizes (random weights: only the time per
+forward means something there, and the time per image is projected from the embedded model's
+forwards per image). Times are wall-clock with the device synchronised.
+
+Prints the tables and writes benchmarks/results/device-<device>.md (`--copy-to DIR` writes a copy).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import machine, markdown_table, random_llamagen_reference, write_results  # noqa: E402
+
+STRATEGIES = [  # (name, function name in llamagen_reference, kwargs), raster first
+    ("raster", "generate", {}),
+    ("ZipAR w=8", "generate_zipar", dict(window=8)),
+    ("SJD L=16", "generate_sjd", dict(window=16)),
+    ("SJD L=16 + continuation", "generate_sjd", dict(window=16, continued=True)),
+    ("ZipAR w=8 x SJD L=16 + continuation", "generate_zipar_sjd", dict(window=8, sjd_window=16, continued=True)),
+]
+BATCHED = ("generate", "generate_zipar")  # loops that take several images at once
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def forward_ms(fn, device, repeats: int) -> float:
+    """Mean milliseconds of fn() over `repeats` calls after two warm-ups, device synchronised."""
+    for _ in range(2):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return 1000 * (time.perf_counter() - t0) / repeats
+
+
+def graph_ms(fn, device, repeats: int) -> float | None:
+    """fn() captured once as a CUDA graph, mean milliseconds per replay; None off CUDA or when the
+    capture fails."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return forward_ms(graph.replay, device, repeats)
+    except Exception as e:  # noqa: BLE001 - a table cell, not a crash
+        print(f"  CUDA graph capture failed: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
+def step_cost(sizes, in_flight, tokens, context, device, dtype, repeats) -> tuple[str, list[str]]:
+    """Per size, a table of ms per forward (eager / CUDA graph) against images in flight and tokens
+    per stream, and a line with the fitted t = a + b n (n: tokens in the step)."""
+    import numpy as np
+    import torch
+
+    out, fits = [], []
+    for size in sizes:
+        model = random_llamagen_reference(size, device=device, dtype=dtype)
+        cfg = model.config
+        rows, points = [], []
+        for n_images in in_flight:
+            streams = 2 * n_images
+            model.setup_cache(streams, device=device, max_len=cfg.cls_token_num + context + max(tokens))
+            row = [n_images]
+            for t in tokens:
+                pos = torch.arange(cfg.cls_token_num + context, cfg.cls_token_num + context + t, device=device)
+                h = torch.randn(streams, t, cfg.hidden_size, device=device, dtype=dtype)
+                mask = model.causal_mask[None, None, pos]
+
+                def step():
+                    with torch.no_grad():
+                        return model.step_masked(h, pos, mask)
+
+                eager = forward_ms(step, device, repeats)
+                graph = graph_ms(step, device, repeats)
+                best = graph if graph is not None else eager
+                points.append((n_images, t, best))
+                row.append(f"{eager:.2f}" + (f" / {graph:.2f}" if graph is not None else ""))
+                print(f"{size} {n_images} in flight, {t} tokens/stream: eager {eager:.2f} ms"
+                      + (f", graph {graph:.2f} ms" if graph is not None else ""), flush=True)
+            rows.append(row)
+        ms_at = {(i, t): ms for i, t, ms in points}
+        n = np.array([2 * i * t for i, t, _ in points], dtype=float)
+        b, a = np.polyfit(n, np.array([ms for *_, ms in points]), 1)
+        line = (f"{size}: t = {a:.3f} ms + {1000 * b:.2f} us x tokens in the step (least squares over the "
+                f"{'CUDA graph' if device.type == 'cuda' else 'eager'} times above)")
+        one = ms_at[(1, 1)]
+        if (1, 16) in ms_at:
+            line += f"; one image at 16 tokens per stream: {ms_at[(1, 16)] / one:.2f}x its 1-token step"
+        if (max(in_flight), 1) in ms_at:
+            line += f"; {max(in_flight)} images at 1 token: {ms_at[(max(in_flight), 1)] / one:.2f}x"
+        if (max(in_flight), 16) in ms_at:
+            line += f"; {max(in_flight)} images at 16 tokens: {ms_at[(max(in_flight), 16)] / one:.2f}x"
+        fits.append(line)
+        header = ["images in flight (2 streams each)"] + [f"{t} tokens/stream, ms" for t in tokens]
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        out.append(f"### {size} ({params:.0f} M parameters)\n\n" + markdown_table(header, rows))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return "\n\n".join(out), fits
+
+
+def run_loop(model, name, kwargs, classes, sampling, device, seed) -> tuple[float, int, float]:
+    """(seconds, forwards per image, accepted drafts per verified draft or nan) of one call per
+    image (or one call for all `classes`, for the loops that batch)."""
+    import torch
+
+    from vllm_visual_ar.model_executors import llamagen_reference as ref
+
+    fn = getattr(ref, name)
+    generator = torch.Generator(device).manual_seed(seed)
+    sync(device)
+    t0 = time.perf_counter()
+    if name in BATCHED:
+        results = [fn(model, classes, generator=generator, **sampling, **kwargs)]
+    else:
+        results = [fn(model, c, generator=generator, **sampling, **kwargs) for c in classes]
+    sync(device)
+    seconds = time.perf_counter() - t0
+    forwards = sum(r.forward_passes for r in results) / len(results)
+    drafts = [r.extra["drafts"] for r in results if "drafts" in r.extra]
+    verified = sum(d[0] for d in drafts)
+    acceptance = sum(d[1] for d in drafts) / verified if verified else float("nan")
+    return seconds, forwards, acceptance
+
+
+def strategy_table(model, sampling, device, images: int, batch: int, projected: dict | None = None,
+                   strategies=STRATEGIES) -> tuple[str, dict]:
+    """One row per strategy: forwards/image, step compression, ms/image and ms/forward at one image
+    in flight, latency gain over raster and that gain over the step compression, images/s with
+    `batch` in flight (loops that batch). `projected`: forwards per image measured on a trained
+    model, for a projected ms/image at this model's ms/forward (random weights)."""
+    classes = [c % model.config.num_classes for c in range(images)]
+    rows, forwards_of, base = [], {}, {}
+    for label, name, kwargs in strategies:
+        run_loop(model, name, kwargs, classes[:1], sampling, device, seed=123)  # warm-up
+        seconds, forwards, acceptance = run_loop(model, name, kwargs, classes, sampling, device, seed=0)
+        per_image = 1000 * seconds / images
+        per_forward = per_image / forwards
+        forwards_of[label] = forwards
+        if projected is not None:
+            per_image = per_forward * projected[label]
+            forwards = projected[label]
+        base.setdefault("forwards", forwards)
+        base.setdefault("ms", per_image)
+        compression = base["forwards"] / forwards
+        gain = base["ms"] / per_image
+        rate = "-"
+        if name in BATCHED and batch > 1:
+            batch_classes = [c % model.config.num_classes for c in range(batch)]
+            run_loop(model, name, kwargs, batch_classes, sampling, device, seed=123)
+            s, _, _ = run_loop(model, name, kwargs, batch_classes, sampling, device, seed=1)
+            rate = batch / s
+            base.setdefault("rate", rate)
+            rate = f"{rate:.1f} ({rate / base['rate']:.2f}x)"
+        shown = acceptance == acceptance and projected is None  # a random model's acceptance means nothing
+        rows.append([label, f"{forwards:.1f}", f"{compression:.2f}", f"{acceptance:.3f}" if shown else "-", f"{per_forward:.2f}", f"{per_image:.0f}", f"{gain:.2f}x", f"{gain / compression:.2f}",
+                     rate])
+        print(rows[-1], flush=True)
+    header = ["decoding", "forwards/image" + (" (embedded, projected)" if projected else ""), "step compression",
+              "draft acceptance", "ms/forward", "ms/image, 1 in flight" + (" (projected)" if projected else ""),
+              "latency gain", "gain / step compression", f"images/s, {batch} in flight"]
+    return markdown_table(header, rows), forwards_of
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--quick", action="store_true", help="GPT-B only, fewer shapes and images (a CPU smoke run)")
+    ap.add_argument("--sizes", nargs="+", default=None, help="official sizes for the step-cost tables")
+    ap.add_argument("--loop-sizes", nargs="+", default=None, help="official sizes for the reference-loop tables")
+    ap.add_argument("--copy-to", default=None, help="also write the results file into this folder")
+    args = ap.parse_args()
+
+    import torch
+
+    from vllm_visual_ar.model_executors.llamagen_reference import load_reference
+    from vllm_visual_ar.models import EMBEDDED_MODEL_DIR
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    if args.quick:
+        sizes, loop_sizes, in_flight, tokens, repeats, images, batch = ["GPT-B"], [], [1, 16], [1, 4, 16], 3, 2, 4
+    else:
+        sizes = ["GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-3B"] if gpu else ["GPT-B"]
+        loop_sizes = ["GPT-B", "GPT-XL"] if gpu else []
+        in_flight, tokens, repeats, images, batch = [1, 16, 64], [1, 2, 4, 8, 16, 32], 20, 8, 16
+    sizes, loop_sizes = args.sizes or sizes, args.loop_sizes if args.loop_sizes is not None else loop_sizes
+    accelerator = (f"{torch.cuda.get_device_name(device)} "
+                   f"({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB), "
+                   f"CUDA {torch.version.cuda}") if gpu else None
+    print(machine(accelerator, str(dtype).removeprefix("torch.")), flush=True)
+
+    sections = []
+    t0 = time.perf_counter()
+    cost, fits = step_cost(sizes, in_flight, tokens, 128, device, dtype, repeats)
+    sections.append("## Forward cost against tokens per step\n\nms per forward, eager" + (" / CUDA graph" if gpu else "")
+                    + f" ({dtype}, 128 cached positions, logits for every token):\n\n" + cost + "\n\n"
+                    + "\n".join(f"- {f}" for f in fits))
+    print(f"step cost: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    embedded = load_reference(EMBEDDED_MODEL_DIR, device=str(device))
+    cfg = embedded.config
+    sampling = dict(guidance_scale=cfg.default_guidance_scale, temperature=1.0, top_k=cfg.default_top_k, top_p=1.0)
+    table, forwards_of = strategy_table(embedded, sampling, device, images, batch)
+    sections.append(f"## Reference loops, embedded model (float32; {images} images, one at a time)\n\n" + table)
+    for size in loop_sizes:
+        model = random_llamagen_reference(size, device=device, dtype=dtype)
+        sampling = dict(guidance_scale=4.0, temperature=1.0, top_k=2000, top_p=1.0)
+        try:
+            table, _ = strategy_table(model, sampling, device, 2, batch, projected=forwards_of)
+        except Exception as e:  # noqa: BLE001 - keep what was measured (a lent machine's minutes are few)
+            print(f"{size} reference loops failed: {type(e).__name__}: {e}", flush=True)
+            continue
+        sections.append(f"## Reference loops, {size} ({dtype}, random weights; 2 images, one at a time)\n\n"
+                        "forwards/image and ms/image are projected: the embedded model's forwards per image times "
+                        "this model's ms per forward (a random model's drafts are not accepted as a trained "
+                        f"model's are). images/s with {batch} in flight is measured.\n\n" + table)
+        del model
+    print(f"total: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    kind = (torch.cuda.get_device_name(device).lower().replace("nvidia ", "").replace(" ", "-") if gpu else "cpu")
+    notes = ("Step cost: random-weight LlamaGen models (16x16 tokens, 16384 codes), one forward of the given "
+             "tokens per stream at positions 128.. of the image, logits for every token (SJD and ZipAR need "
+             "them), mean of the repeats after two warm-ups. Reference loops: the plain-PyTorch loops the "
+             "engine is tested against (`model_executors/llamagen_reference.py`), each image's loop timed "
+             "from start to its last token with the device synchronised; the model's default sampling "
+             f"(embedded: guidance {cfg.default_guidance_scale}, top-k {cfg.default_top_k}; official sizes: "
+             "guidance 4, top-k 2000), temperature 1. 'gain / step compression' is the share of the forwards "
+             "saved that shows in latency. vLLM itself does not run here (no vLLM on the accelerator "
+             "machine): the engine's own tables are accel.md, step.md, raster.md.")
+    path = write_results(f"device-{kind}" + ("-quick" if args.quick else ""),
+                         "Forward cost and reference-loop speed on " + (accelerator or "this CPU"),
+                         "\n\n".join(sections), notes, machine(accelerator, str(dtype).removeprefix("torch.")))
+    print(open(path).read())
+    if args.copy_to:
+        os.makedirs(args.copy_to, exist_ok=True)
+        shutil.copy(path, args.copy_to)
+
+
+if __name__ == "__main__":
+    main()
