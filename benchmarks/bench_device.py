@@ -10,7 +10,8 @@ streams each) over 128 cached positions, the shape of an SJD or ZipAR step; eage
 a CUDA graph (what vLLM's decode steps run on a GPU). This is the curve the load-aware windows
 (`samplers/load.py`) learn on the running engine.
 
-Reference loops: raster, ZipAR, SJD (+ continuation) and ZipAR x SJD from
+Reference loops: raster, ZipAR, SJD (+ continuation, + sibling candidates at the first draft: a
+two-level draft tree, SJD-PAC's proactive drafting cut to its first level) and ZipAR x SJD from
 `model_executors/llamagen_reference.py` on the embedded model (trained: real acceptance), one image in
 flight and ZipAR/raster also with 16; and at the official sizes (random weights: only the time per
 forward means something there, and the time per image is projected from the embedded model's
@@ -34,7 +35,10 @@ STRATEGIES = [  # (name, function name in llamagen_reference, kwargs), raster fi
     ("raster", "generate", {}),
     ("ZipAR w=8", "generate_zipar", dict(window=8)),
     ("SJD L=16", "generate_sjd", dict(window=16)),
+    ("SJD L=16 + 3 candidates at the first draft", "generate_sjd", dict(window=16, candidates=3)),
     ("SJD L=16 + continuation", "generate_sjd", dict(window=16, continued=True)),
+    ("SJD L=16 + continuation + 3 candidates", "generate_sjd", dict(window=16, continued=True, candidates=3)),
+    ("SJD L=32 + continuation", "generate_sjd", dict(window=32, continued=True)),
     ("ZipAR w=8 x SJD L=16 + continuation", "generate_zipar_sjd", dict(window=8, sjd_window=16, continued=True)),
 ]
 BATCHED = ("generate", "generate_zipar")  # loops that take several images at once
@@ -221,7 +225,7 @@ def main():
         sizes, loop_sizes, in_flight, tokens, repeats, images, batch = ["GPT-B"], [], [1, 16], [1, 4, 16], 3, 2, 4
     elif gpu:
         sizes, loop_sizes = ["GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-3B"], ["GPT-B", "GPT-XL"]
-        in_flight, tokens, repeats, images, batch = [1, 16, 64], [1, 2, 4, 8, 16, 32], 20, 8, 16
+        in_flight, tokens, repeats, images, batch = [1, 16, 64], [1, 2, 4, 8, 16, 32], 20, 16, 16
     else:  # a GPT-B forward of 64 guided images x 32 tokens takes seconds on a few CPU cores
         sizes, loop_sizes, in_flight, tokens, repeats, images, batch = ["GPT-B"], [], [1, 16], [1, 4, 16], 5, 8, 16
     sizes, loop_sizes = args.sizes or sizes, args.loop_sizes if args.loop_sizes is not None else loop_sizes

@@ -146,6 +146,14 @@ class LlamaGenReference(nn.Module):
             att.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.causal_mask = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
 
+    def copy_cache(self, source: int, target: int) -> None:
+        """Every layer's cached key/value at slot `source` copied to slot `target` (an accepted tree
+        node's entry moved onto the chain's slot for its position)."""
+        for layer in self.layers:
+            att = layer.attention
+            att.k_cache[:, :, target] = att.k_cache[:, :, source]
+            att.v_cache[:, :, target] = att.v_cache[:, :, source]
+
     def step(self, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Embedded inputs h [B, S, D] at positions input_pos [S] -> logits of the last position [B, V]."""
         return self.step_masked(h, input_pos, self.causal_mask[None, None, input_pos])[:, -1]
@@ -213,15 +221,25 @@ def generate(model: LlamaGenReference, classes: list[int], guidance_scale: float
 def generate_sjd(model: LlamaGenReference, label: int, window: int, guidance_scale: float = 4.0,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  generator: torch.Generator | None = None, init: str = "horizontal",
-                 continued: bool = False) -> ReferenceResult:
+                 continued: bool = False, candidates: int = 1) -> ReferenceResult:
     """Speculative Jacobi Decoding for one image over the static cache, the plain loop the engine's
     SJD runs (`samplers/sjd.py`; the authors' LlamaGen solver, `llamagen/llamagen_solver.py` in
     tyshiwo1/Accelerating-T2I-AR-with-SJD): each forward feeds the last committed token and up to
     window - 1 drafts at the next positions under the causal mask, verifies them (`sjd.verify`) and
     carries the samples past a rejection as the next drafts. The last committed token is always a
     fresh sample, so the next forward starts there: every cache slot before it holds a token fed
-    with its true context, and the slots after it are overwritten."""
-    from vllm_visual_ar.samplers.sjd import Drafts, fill_drafts, verify
+    with its true context, and the slots after it are overwritten.
+
+    candidates > 1: a two-level draft tree, SJD-PAC's proactive drafting cut to its first level
+    (a measurement, not an engine strategy). The first draft, when it was sampled (carried with a
+    real q), gets up to candidates - 1 siblings drawn from the same q without replacement
+    (`sjd.draw_candidates`), fed at its position in cache slots past the image, each seeing the
+    committed tokens and itself; the chain continues after the first draft only. The position is
+    verified by the multi-candidate rule (`sjd.verify_candidates`); an accepted sibling commits
+    itself and a sample of the target its own output gives, and its cache entry is copied onto its
+    position's slot (SJD-PAC compacts the winning path's KV the same way); the chain's later
+    samples are carried as plain SJD carries them."""
+    from vllm_visual_ar.samplers.sjd import Drafts, draw, draw_candidates, fill_drafts, verify, verify_candidates
 
     cfg = model.config
     device = next(model.parameters()).device
@@ -229,7 +247,8 @@ def generate_sjd(model: LlamaGenReference, label: int, window: int, guidance_sca
     prefix, total, v = cfg.cls_token_num, cfg.num_image_tokens, cfg.codebook_size
     guided = guidance_scale != 1.0
     labels = torch.tensor([label] + ([cfg.num_classes] if guided else []), device=device)
-    model.setup_cache(len(labels), device=device)
+    sibling_slots = torch.arange(prefix + total, prefix + total + candidates - 1, device=device)
+    model.setup_cache(len(labels), device=device, max_len=prefix + total + candidates - 1)
 
     def targets(logits: torch.Tensor) -> torch.Tensor:  # [B, S, V] -> [S, V]
         mixed = cfg_mix(logits[0], logits[1], guidance_scale) if guided else logits[0]
@@ -242,10 +261,32 @@ def generate_sjd(model: LlamaGenReference, label: int, window: int, guidance_sca
     while len(codes) < total:
         k = min(window, total - len(codes))
         drafts = fill_drafts(carried, k - 1, init, v, codes[-1], len(codes), cfg.image_grid, generator, device)
-        fed = torch.tensor([codes[-1]] + drafts.tokens, device=device)[None].expand(len(labels), -1)
+        siblings = draw_candidates(drafts.q[0], drafts.tokens[0], candidates, generator) if k > 1 else []
+        fed = torch.tensor([codes[-1]] + drafts.tokens + siblings, device=device)[None].expand(len(labels), -1)
         pos = torch.arange(prefix + len(codes) - 1, prefix + len(codes) - 1 + k, device=device)
-        logits = model.step_masked(model.tok_embeddings(fed), pos, model.causal_mask[None, None, pos])
-        committed, carried = verify(targets(logits), drafts, generator, continued=continued)
+        mask = model.causal_mask[pos]
+        if siblings:  # at the first draft's position, in their own slots: see the committed tokens and x0
+            own = sibling_slots[: len(siblings)]
+            seen = model.causal_mask[pos[:1]].expand(len(siblings), -1).clone()
+            seen[torch.arange(len(siblings), device=device), own] = True
+            mask, pos = torch.cat([mask, seen]), torch.cat([pos, own])
+        rope = torch.cat([pos[:k], pos[1:2].expand(len(siblings))])
+        p = targets(model.step_masked(model.tok_embeddings(fed), pos, mask[None, None], rope))
+        if not siblings:
+            committed, carried = verify(p, drafts, generator, continued=continued)
+        else:
+            token, chosen = verify_candidates(p[0], drafts.tokens[:1] + siblings, drafts.q[0], generator)
+            if chosen == 0:  # the chain's own draft: verify the chain on from it
+                rest, carried = verify(p[1:k], Drafts(drafts.tokens[1:], drafts.q[1:]), generator,
+                                       continued=continued)
+                committed = [token] + rest
+            elif chosen is not None:  # a sibling: the target its own output gives follows it
+                committed = [token, int(draw(p[k + chosen - 1][None], generator)[0])]
+                model.copy_cache(int(sibling_slots[chosen - 1]), int(pos[1]))  # its entry, at its position
+                carried = Drafts(draw(p[2:k], generator).tolist(), p[2:k])
+            else:
+                committed = [token]
+                carried = Drafts(draw(p[1:k], generator).tolist(), p[1:k])
         forwards, verified, accepted = forwards + 1, verified + k - 1, accepted + len(committed) - 1
         codes += committed
     return ReferenceResult(torch.tensor([codes], device=device), forwards, time.perf_counter() - t0,

@@ -266,6 +266,43 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
     return drafts.tokens[: j - 1] + [resampled], Drafts(carried.tolist(), p[j:])
 
 
+def draw_candidates(q: torch.Tensor, first: int, count: int, generator: torch.Generator | None) -> list[int]:
+    """Up to `count` - 1 more candidates for a position whose draft `first` was drawn from q [V]:
+    drawn from q without replacement, `first` excluded (fewer where q has fewer other tokens; none
+    where q is one-hot, as for a draft initialised rather than sampled)."""
+    rest = q.clone()
+    rest[first] = 0
+    n = min(count - 1, int((rest > 0).sum()))
+    if n <= 0:
+        return []
+    return torch.multinomial(rest, n, replacement=False, generator=generator).tolist()
+
+
+def verify_candidates(p: torch.Tensor, candidates: list[int], q: torch.Tensor,
+                      generator: torch.Generator | None) -> tuple[int, int | None]:
+    """Several candidates for one position, drawn from q [V] without replacement, against the target
+    p [V]: SpecInfer's / multi-candidate speculative sampling's recursive rule (Yang et al. 2024,
+    the without-replacement variant), which SJD-PAC's proactive drafting applies to its siblings
+    (`scheduler/sjd_pac_iteration_lumina_mgpt.py`, `SJDPACSpeculativeSampler.__call__`). Candidate i
+    is accepted with probability min(1, p_i(x_i) / q_i(x_i)); on rejection p_{i+1} = norm(max(p_i -
+    q_i, 0)) and q_{i+1} is q_i without x_i, renormalised. If every candidate is rejected the token
+    is drawn from the last residual. -> (the token, the index of the accepted candidate or None);
+    the token is an exact sample of p."""
+    p, q = p.clone(), q.to(p.device).clone()
+    u = torch.rand(len(candidates), generator=generator, device=p.device)
+    for i, x in enumerate(candidates):
+        if u[i] * q[x] < p[x]:
+            return x, i
+        residual = torch.clamp(p - q, min=0)
+        total = residual.sum()
+        p = residual / total if total > 0 else p  # all-zero only through rounding: p is then ~q
+        q[x] = 0
+        if q.sum() <= 0:
+            break
+        q = q / q.sum()
+    return int(draw(p[None], generator)[0]), None
+
+
 def verify_prefix(p: torch.Tensor, drafts: Drafts, upto: int, generator: torch.Generator | None,
                   continued: bool = False, group: tuple[torch.Tensor, float] | None = None
                   ) -> tuple[list[int], Drafts]:

@@ -135,14 +135,58 @@ def test_reference_sjd_under_greedy_targets_is_reference_raster(tiny_model, wind
         assert -(-(ref.config.num_image_tokens - 1) // window) + 1 <= result.forward_passes < 64
 
 
-@pytest.mark.parametrize("window,continued", [(3, False), (4, True)])
-def test_reference_sjd_samples_follow_the_exact_distribution(enumerable_model, window, continued):
+@pytest.mark.parametrize("window,continued,candidates", [(3, False, 1), (4, True, 1), (2, False, 3), (4, True, 2)])
+def test_reference_sjd_samples_follow_the_exact_distribution(enumerable_model, window, continued, candidates):
+    """Plain, with continuation, and with sibling candidates at the first draft (a two-level tree)."""
     _, ref = enumerable_model
     sampling = dict(guidance_scale=2.0, temperature=1.0, top_k=0)
     g = torch.Generator().manual_seed(0)
-    samples = [tuple(reference_sjd(ref, 1, window, generator=g, continued=continued, **sampling).codes[0].tolist())
-               for _ in range(2000)]
+    samples = [tuple(reference_sjd(ref, 1, window, generator=g, continued=continued, candidates=candidates,
+                                   **sampling).codes[0].tolist()) for _ in range(2000)]
     assert chi_square_p(samples, enumerate_images(ref, 1, **sampling)) > 1e-3
+
+
+def test_reference_sjd_continues_from_an_accepted_sibling_in_its_own_context(tiny_model, monkeypatch):
+    """Siblings forced at every forward (each forward then commits a sibling and the token after it):
+    the token after a sibling must be the target its own query gives, at its position, seeing the
+    committed tokens and itself: under greedy targets, the teacher-forced argmax after it."""
+    import vllm_visual_ar.samplers.sjd as sjd
+
+    _, ref = tiny_model
+    cfg, label, scale = ref.config, 3, 3.0
+    monkeypatch.setattr(sjd, "draw_candidates", lambda q, first, count, g: [(first + 1) % cfg.codebook_size])
+    monkeypatch.setattr(sjd, "verify_candidates", lambda p, candidates, q, g: (candidates[1], 1))
+    result = reference_sjd(ref, label, 4, guidance_scale=scale, candidates=2, **GREEDY)
+    codes = result.codes
+    assert result.forward_passes == 1 + (cfg.num_image_tokens - 1 + 1) // 2
+    with torch.no_grad():
+        cond = ref(torch.tensor([label]), codes[:, :-1])
+        uncond = ref(torch.tensor([cfg.num_classes]), codes[:, :-1])
+    greedy = (uncond + scale * (cond - uncond)).argmax(-1)[0]
+    after_sibling = list(range(0, cfg.num_image_tokens, 2))  # the first code, then each sibling's successor
+    assert torch.equal(codes[0, after_sibling], greedy[after_sibling])
+
+
+def test_several_candidates_for_one_position_are_an_exact_sample_of_its_target():
+    """The multi-candidate rule on its own (candidates drawn from q without replacement): exact, and
+    it accepts a candidate more often than one draft does."""
+    from vllm_visual_ar.samplers.sjd import draw_candidates, verify_candidates
+
+    p = torch.tensor([0.5, 0.1, 0.3, 0.1, 0.0])
+    q = torch.tensor([0.1, 0.4, 0.1, 0.2, 0.2])
+    g = torch.Generator().manual_seed(0)
+    accepted = {}
+    for count in (1, 3):
+        tokens, hits = [], 0
+        for _ in range(6000):
+            first = int(torch.multinomial(q, 1, generator=g))
+            token, chosen = verify_candidates(p, [first] + draw_candidates(q, first, count, g), q, g)
+            tokens.append((token,))
+            hits += chosen is not None
+        assert chi_square_p(tokens, {(i,): float(v) for i, v in enumerate(p) if v > 0}) > 1e-3
+        accepted[count] = hits / 6000
+    assert accepted[3] > accepted[1] + 0.2  # 1 - TV(p, q) = 0.4 for one draft; about 0.78 with three
+    assert draw_candidates(torch.tensor([0.0, 1.0, 0.0]), 1, 3, g) == []  # a one-hot q has no siblings
 
 
 # -- the engine ----------------------------------------------------------------------------------
