@@ -238,8 +238,10 @@ def generate_sjd(model: LlamaGenReference, label: int, window: int, guidance_sca
     verified by the multi-candidate rule (`sjd.verify_candidates`); an accepted sibling commits
     itself and a sample of the target its own output gives, and its cache entry is copied onto its
     position's slot (SJD-PAC compacts the winning path's KV the same way); the chain's later
-    samples are carried as plain SJD carries them."""
-    from vllm_visual_ar.samplers.sjd import Drafts, draw, draw_candidates, fill_drafts, verify, verify_candidates
+    samples are carried as plain SJD carries them (with `continued`, SJD-PAC's rule: the chain's
+    drafts kept where they pass against this forward's targets, `sjd.continued_carry`)."""
+    from vllm_visual_ar.samplers.sjd import (Drafts, continued_carry, draw, draw_candidates, fill_drafts, verify,
+                                             verify_candidates)
 
     cfg = model.config
     device = next(model.parameters()).device
@@ -280,13 +282,20 @@ def generate_sjd(model: LlamaGenReference, label: int, window: int, guidance_sca
                 rest, carried = verify(p[1:k], Drafts(drafts.tokens[1:], drafts.q[1:]), generator,
                                        continued=continued)
                 committed = [token] + rest
-            elif chosen is not None:  # a sibling: the target its own output gives follows it
-                committed = [token, int(draw(p[k + chosen - 1][None], generator)[0])]
-                model.copy_cache(int(sibling_slots[chosen - 1]), int(pos[1]))  # its entry, at its position
-                carried = Drafts(draw(p[2:k], generator).tolist(), p[2:k])
-            else:
+            else:  # position 1 holds a sibling or a residual draw: the chain past it is carried
+                sibling = chosen is not None
                 committed = [token]
-                carried = Drafts(draw(p[1:k], generator).tolist(), p[1:k])
+                if sibling:  # the target its own output gives follows it
+                    committed.append(int(draw(p[k + chosen - 1][None], generator)[0]))
+                    model.copy_cache(int(sibling_slots[chosen - 1]), int(pos[1]))  # its entry, at its position
+                first = len(committed)  # positions first + 1 .. k are carried (targets p[first:k])
+                if continued and first < k - 1:  # as SJD-PAC: the chain's drafts kept where they pass
+                    later = torch.tensor(drafts.tokens[first:], device=device)
+                    u = torch.rand(len(later), generator=generator, device=device)
+                    tokens = continued_carry(p[first:k], later, drafts.q[first:].to(device), u, generator)
+                else:
+                    tokens = draw(p[first:k], generator)
+                carried = Drafts(tokens.tolist(), p[first:k])
         forwards, verified, accepted = forwards + 1, verified + k - 1, accepted + len(committed) - 1
         codes += committed
     return ReferenceResult(torch.tensor([codes], device=device), forwards, time.perf_counter() - t0,

@@ -256,14 +256,21 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
     # Jacobi: positions j+1 .. K were predicted from the rejected prefix; fresh samples of their
     # targets carry over (drawn only where they are used: the noise is most of verification's cost).
     if continued and j < k - 1:  # drafts d_{j+1} .. d_{K-1} exist: keep those that pass
-        later = rows[j:]
-        old = tokens[j:]
-        keep = u[j: k - 1] < torch.clamp(p[later, old] / q[later, old], max=1.0)
-        carried = torch.cat([torch.where(keep, old, residual_draw(p[later], q[later], generator)),
-                             draw(p[k - 1:], generator)])
+        carried = continued_carry(p[j:], tokens[j:], q[j:], u[j: k - 1], generator)
     else:
         carried = draw(p[j:], generator)
     return drafts.tokens[: j - 1] + [resampled], Drafts(carried.tolist(), p[j:])
+
+
+def continued_carry(p: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor, u: torch.Tensor,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """Adaptive continuation's carry (`verify`): the n drafts past a rejection, tokens [n] drawn from
+    q [n, V], each kept where it passes its test against this forward's target (u [n] uniforms), else
+    replaced by a draw from its residual; then a draw from the last target. p: [n + 1, V]. Every
+    carried token is an exact sample of its target."""
+    rows = torch.arange(len(tokens), device=p.device)
+    keep = u < torch.clamp(p[rows, tokens] / q[rows, tokens], max=1.0)
+    return torch.cat([torch.where(keep, tokens, residual_draw(p[:-1], q, generator)), draw(p[-1:], generator)])
 
 
 def draw_candidates(q: torch.Tensor, first: int, count: int, generator: torch.Generator | None) -> list[int]:
