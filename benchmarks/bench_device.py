@@ -18,6 +18,11 @@ forward means something there, and the time per image is projected from the embe
 forwards per image). Times are wall-clock with the device synchronised.
 
 Prints the tables and writes benchmarks/results/device-<device>.md (`--copy-to DIR` writes a copy).
+It needs torch, transformers, safetensors and numpy, not vLLM. Where the package is not installed
+(a lent GPU machine), lay it out as pip would and set BENCH_COMMIT (there is no git there):
+
+    mkdir -p /tmp/pkg && cp -r vllm_visual_ar /tmp/pkg/ && cp -r model_executors samplers /tmp/pkg/vllm_visual_ar/
+    PYTHONPATH=/tmp/pkg BENCH_COMMIT=<commit> python3 benchmarks/bench_device.py
 """
 from __future__ import annotations
 
