@@ -263,7 +263,7 @@ def generate_sjd(model: LlamaGenReference, label: int, window: int, guidance_sca
     while len(codes) < total:
         k = min(window, total - len(codes))
         drafts = fill_drafts(carried, k - 1, init, v, codes[-1], len(codes), cfg.image_grid, generator, device)
-        siblings = draw_candidates(drafts.q[0], drafts.tokens[0], candidates, generator) if k > 1 else []
+        siblings = draw_candidates(drafts.q[0], drafts.tokens[0], candidates, generator) if k > 1 < candidates else []
         fed = torch.tensor([codes[-1]] + drafts.tokens + siblings, device=device)[None].expand(len(labels), -1)
         pos = torch.arange(prefix + len(codes) - 1, prefix + len(codes) - 1 + k, device=device)
         mask = model.causal_mask[pos]
