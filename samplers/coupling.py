@@ -49,8 +49,12 @@ class PositionNoise:
     def race(self, seed: int, positions, codes: int, width: int | None = None) -> torch.Tensor:
         """-> [len(positions), width or codes] noise; columns past `codes` (an index space with extra
         entries, such as SJD's "placed token") are 1."""
-        out = torch.ones(len(positions), width or codes, device=self.device)
-        for i, position in enumerate(positions):
+        return self.races([(seed, position) for position in positions], codes, width)
+
+    def races(self, keys, codes: int, width: int | None = None) -> torch.Tensor:
+        """`race` for rows of different images: keys are (seed, position) pairs."""
+        out = torch.ones(len(keys), width or codes, device=self.device)
+        for i, (seed, position) in enumerate(keys):
             self._generator.manual_seed(position_key(seed, int(position)))
             out[i, :codes] = exponential_noise((codes,), self._generator, self.device)
         return out
@@ -113,10 +117,11 @@ class CoupledTokens:
 
     def tokens(self, step, rows, logits, at, layout_of) -> dict[int, list[int]]:
         """The next token of each row: the one its layout places there, else the coupled draw from
-        its (guided) target over the codes."""
+        its (guided) target over the codes; rows with the same sampling settings are drawn together."""
         from vllm_visual_ar.samplers.sampling import target_probs
 
         out = {}
+        groups: dict[tuple, list[tuple[int, int]]] = {}  # settings and layout -> (row, position)
         for row in rows:
             layout = layout_of(step.info(row))
             position = len(step.state(row).output_token_ids)
@@ -125,7 +130,13 @@ class CoupledTokens:
                 out[row] = [forced]
                 continue
             params = step.state(row).sampling_params
-            p = target_probs(logits[at[row]][-1:], params.temperature, max(params.top_k or 0, 0), params.top_p)
-            race = self.noise.race(self.seed(step, row), [position], layout.codebook_size)
-            out[row] = [layout.code_ids.start + int(coupled_draw(p, race)[0])]
+            key = (params.temperature, max(params.top_k or 0, 0), params.top_p, layout.codebook_size,
+                   layout.code_ids.start)
+            groups.setdefault(key, []).append((row, position))
+        for (temperature, top_k, top_p, codes, first_id), members in groups.items():
+            last = torch.tensor([at[row].stop - 1 for row, _ in members], device=logits.device)
+            p = target_probs(logits[last], temperature, top_k, top_p)
+            race = self.noise.races([(self.seed(step, row), position) for row, position in members], codes)
+            drawn = coupled_draw(p, race).tolist()
+            out.update((row, [first_id + d]) for (row, _), d in zip(members, drawn))
         return out

@@ -1,14 +1,22 @@
 """Load-aware windows: before each step the scheduler sizes the window of every request whose
-strategy can choose how many tokens a forward verifies (SJD), from a cost model of the forward's
-time against the tokens in the step, so that acceleration never costs throughput under load.
+strategy can choose how many tokens a forward verifies (SJD), from a cost model of the step's time
+against what it runs, so that acceleration never costs throughput under load.
 
-Cost model (`StepCost`): t = a + b n + d k + c m for a step of n tokens, k of them drafts, in m
-streams that verify drafts (the strategy's own work per draft and per image), fitted by least squares with
-exponential forgetting on the steps the engine actually runs (the time from the end of `schedule` to
-`update_from_output`, the forward and the sampling). It is learned on the running device, so the same
-code chooses long windows where extra tokens are nearly free (a GPU, a large model) and short ones
-where each token costs (a small model on CPU under load). Until it has seen steps of different
-sizes it claims nothing, and every request runs its own window.
+Cost model (`StepCost`): a step that runs s sequences, k drafts in m streams that verify drafts,
+and r other extra tokens (the rest of a prompt, rows of other strategies) takes
+t = fixed + e s + g k + c m + p r. The marginal costs (e, g, c, p) are what the choice needs; they
+are fitted by least squares on the *differences* between consecutive steps, so whatever else the
+step costs (vLLM's own work, the attention over a context that grows) cancels as long as it moves
+slowly, and the load a cost was seen at does not leak into another load's estimate. Steps that
+differ in nothing teach nothing and are skipped, so the estimates keep what the last informative
+steps said (a policy that holds every image at width 1 under load does not forget what a draft
+costs). The time of the next step at width 1 is the recent steps' mean time moved by the marginal
+costs to the next step's sequences, drafts and extra tokens. Until it has seen drafts vary, the
+widths cycle through the windows, 1 and a quarter of the windows (`exploring_widths`); while it holds
+every image at width 1 it probes wider now and then (`WidthPolicy`). It is learned on the running device (the
+time from the end of `schedule` to `update_from_output`), so the same code chooses long windows
+where extra tokens are nearly free (a GPU, a large model) and short ones where each costs (a small
+model on CPU under load).
 
 Choice (`choose_widths`): each image i with window ceiling L_i and s_i streams is expected to
 commit c_i(w) = 1 + k_i ln w tokens per forward at width w. SJD's yield grows like the log of its
@@ -35,38 +43,114 @@ class WidthChoice:
     streams: int = 1  # guidance streams that feed the same tokens (the scheduler fills it in)
 
 
-class StepCost:
-    """Step time against what the step runs: t = a + b n + d k + c m for n tokens fed, k of them
-    drafts, in m streams that verify drafts (a draft costs the strategy's own work besides its share
-    of the forward: drafting, verification), least squares with forgetting and a light ridge (a
-    term the steps seen cannot tell apart stays ~0)."""
+@dataclass(frozen=True)
+class StepShape:
+    """What a step runs, as the cost model sees it."""
+    sequences: int
+    drafts: int = 0        # speculative tokens fed
+    wide_streams: int = 0  # streams that feed drafts
+    extra: int = 0         # other tokens beyond one per sequence (prompts, other strategies' rows)
 
-    def __init__(self, forget: float = 0.97):
-        self.forget = forget
+    def vector(self) -> np.ndarray:
+        return np.array([self.sequences, self.drafts, self.wide_streams, self.extra], dtype=float)
+
+
+@dataclass(frozen=True)
+class Marginal:
+    """Seconds a step costs per sequence, per draft, per stream that verifies drafts, per extra token."""
+    sequence: float
+    draft: float
+    wide_stream: float
+    extra: float
+
+
+class StepCost:
+    """The step-time model of the module doc: marginal costs by least squares with forgetting on the
+    differences of consecutive steps, and the recent steps' mean time and shape (`follow`: the weight
+    of the newest step)."""
+
+    def __init__(self, forget: float = 0.98, follow: float = 0.2, prior_weight: float = 2.0):
+        self.forget, self.follow, self.prior_weight = forget, follow, prior_weight
         self._xx = np.zeros((4, 4))
         self._xy = np.zeros(4)
-        self._w = 0.0
+        self._weight = 0.0  # forgetting-weighted count of the differences seen
+        self._fitted: Marginal | None = None  # the last fit, until a difference changes it
+        self._draft_diffs = 0  # differences in which drafts or wide streams moved
+        self.steps = 0  # steps observed
+        self._last: tuple[np.ndarray, float] | None = None
+        self._mean: tuple[np.ndarray, float] | None = None  # recent shape and time
 
-    def observe(self, tokens: int, drafts: int, wide_streams: int, seconds: float) -> None:
-        if tokens <= 0 or not seconds > 0:
+    def observe(self, shape: StepShape, seconds: float) -> None:
+        if not seconds > 0 or shape.sequences <= 0:
             return
-        x = np.array([1.0, float(tokens), float(drafts), float(wide_streams)])
-        self._xx = self.forget * self._xx + np.outer(x, x)
-        self._xy = self.forget * self._xy + seconds * x
-        self._w = self.forget * self._w + 1.0
+        x = shape.vector()
+        if self._last is not None and (dx := x - self._last[0]).any():
+            self._xx = self.forget * self._xx + np.outer(dx, dx)
+            self._xy = self.forget * self._xy + (seconds - self._last[1]) * dx
+            self._weight = self.forget * self._weight + 1.0
+            self._fitted = None
+            self._draft_diffs += bool(dx[1] != 0 or dx[2] != 0)
+        self.steps += 1
+        self._last = (x, seconds)
+        f = self.follow
+        self._mean = (x, seconds) if self._mean is None else (
+            (1 - f) * self._mean[0] + f * x, (1 - f) * self._mean[1] + f * seconds)
 
-    def fit(self) -> tuple[float, float, float, float] | None:
-        """(a, b, d, c) once the steps seen differ in size (tokens spread at least half their mean),
-        else None."""
-        if self._w < 4:
+    def marginal(self) -> Marginal | None:
+        """The marginal costs, once drafts have varied between consecutive steps 8 times, else None.
+        The estimates are pulled towards 0 by a prior worth `prior_weight` differences: while the
+        evidence is thin (a few noisy steps) it errs towards drafts being cheap, which the wider
+        steps it leads to then correct; an error the other way would hold every image at width 1,
+        where nothing more is learnt of drafts."""
+        if self._draft_diffs < 8:
             return None
-        mean = self._xx[0, 1] / self._w
-        var = self._xx[1, 1] / self._w - mean * mean
-        if var <= 0 or 2 * np.sqrt(var) < mean * 0.5:
-            return None
-        ridge = 1e-6 * np.diag([0.0, self._xx[1, 1], self._xx[2, 2] + self._w, self._xx[3, 3] + self._w])
-        beta = np.linalg.solve(self._xx + ridge + 1e-12 * np.eye(4), self._xy)
-        return tuple(float(max(v, 0.0)) for v in beta)
+        if self._fitted is not None:
+            return self._fitted
+        typical = np.diag(self._xx) / self._weight  # a difference's mean square, per cost
+        ridge = np.diag(self.prior_weight * typical) + 1e-9 * (typical.sum() + 1e-12) * np.eye(4)
+        beta = np.linalg.solve(self._xx + ridge, self._xy)
+        self._fitted = Marginal(*(float(max(v, 0.0)) for v in beta))
+        return self._fitted
+
+    def predict(self, shape: StepShape, marginal: Marginal) -> float:
+        """Seconds of a step of this shape: the recent mean moved by the marginal costs."""
+        x, t = self._mean
+        beta = np.array([marginal.sequence, marginal.draft, marginal.wide_stream, marginal.extra])
+        return max(t + float(beta @ (shape.vector() - x)), 1e-9)
+
+
+class WidthPolicy:
+    """The scheduler's side of load-aware widths: the cost model, the choice, and probes. While the
+    model knows nothing of drafts the widths explore (`exploring_widths`); when it holds every image
+    at width 1, a quarter of the windows is tried once every `probe_every` steps, so that an estimate
+    made at another load, or from a few noisy steps, is checked against this one."""
+
+    probe_every = 64
+
+    def __init__(self):
+        self.cost = StepCost()
+
+    def observe(self, shape: StepShape, seconds: float) -> None:
+        self.cost.observe(shape, seconds)
+
+    def widths(self, choices: list[WidthChoice], narrow: StepShape, other_commits: float) -> list[int]:
+        """Each image's width this step; `narrow`: the step with every one of them at width 1."""
+        ceilings = [c.ceiling for c in choices]
+        marginal = self.cost.marginal()
+        if marginal is None:
+            return exploring_widths(ceilings, self.cost.steps)
+        chosen = choose_widths(choices, self.cost.predict(narrow, marginal), other_commits, marginal)
+        if max(chosen) == 1 and self.cost.steps % self.probe_every == 0:
+            return [max(2, c // 4) for c in ceilings]
+        return chosen
+
+
+def exploring_widths(ceilings: list[int], step: int) -> list[int]:
+    """Widths while the cost model knows nothing of drafts: the windows, width 1, a quarter of the
+    windows, width 1, in turn, so that consecutive steps differ in drafts and in streams that verify
+    them (their costs can then be told apart) and the first steps keep most of the windows' gain."""
+    phase = step % 4
+    return [c if phase == 0 else max(2, c // 4) if phase == 2 else 1 for c in ceilings]
 
 
 def expected_tokens(slope, width: np.ndarray) -> np.ndarray:
@@ -74,26 +158,25 @@ def expected_tokens(slope, width: np.ndarray) -> np.ndarray:
     return 1.0 + slope * np.log(width)
 
 
-def choose_widths(choices: list[WidthChoice], other_tokens: int, other_commits: float,
-                  cost: tuple[float, float, float, float]) -> list[int]:
-    """Each image's width for this step (1: a plain forward, no drafts). other_tokens: tokens fed
-    this step by requests whose width is fixed; other_commits: the tokens they commit. Every image
-    answers the step the others make (all at width 1 first, then at the first answers): two
-    vectorised best-response rounds."""
-    a, b, d, c_wide = cost
+def choose_widths(choices: list[WidthChoice], base_seconds: float, other_commits: float,
+                  marginal: Marginal) -> list[int]:
+    """Each image's width for this step (1: a plain forward, no drafts). base_seconds: the step's
+    time with every image here at width 1; other_commits: the tokens the other requests commit.
+    Every image answers the step the others make (all at width 1 first, then at the first answers):
+    two vectorised best-response rounds."""
     ceiling = np.array([c.ceiling for c in choices])
     streams = np.array([c.streams for c in choices], dtype=float)
     slope = np.array([max(c.slope, 0.0) for c in choices])
     options = np.arange(1, ceiling.max() + 1)[None, :]
     gain = expected_tokens(slope[:, None], options)  # [images, widths]
     allowed = options <= ceiling[:, None]
-    # a width's extra time for an image: its tokens, its drafts, its per-stream verification
-    extra = streams[:, None] * ((b + d) * (options - 1) + c_wide * (options > 1))
+    # a width's extra time for an image: its drafts (their forward and verification), its streams' own work
+    extra = streams[:, None] * (marginal.draft * (options - 1) + marginal.wide_stream * (options > 1))
     widths = np.ones(len(choices), dtype=int)
     for _ in range(2):
         rows = np.arange(len(choices))
         extra_now = extra[rows, widths - 1]
-        total_time = a + b * (other_tokens + streams.sum()) + extra_now.sum()
+        total_time = base_seconds + extra_now.sum()
         total_commits = other_commits + gain[rows, widths - 1].sum()
         rate = (total_commits - gain[rows, widths - 1][:, None] + gain) / (total_time - extra_now[:, None] + extra)
         widths = np.where(allowed, rate, -np.inf).argmax(1) + 1

@@ -25,7 +25,7 @@ preempts request by request, so this subclass wraps it rather than rewriting it:
   new requests enter in their entry phase. Both halves of a pair get the same answers.
 - Load-aware widths (`samplers/load.py`). A strategy that can run a step narrower than its window
   says so (`width_choice`); before each step the scheduler picks every such image's width
-  from a cost model of step time against tokens, fitted on the steps this engine has run, and
+  from a cost model of step time against what the step runs, fitted on the steps this engine has run, and
   reports it in the step's output (`requests.step_width`).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from vllm_visual_ar import phase_kv
 from vllm_visual_ar.admission import Need, admit, cannot_fit, footprint_need
 from vllm_visual_ar.requests import STEP_DRAFTS_KEY, STEP_WIDTH_KEY, Decoding, image_request_info
 from vllm_visual_ar.samplers import strategy_for
-from vllm_visual_ar.samplers.load import StepCost, cap_to_budget, choose_widths
+from vllm_visual_ar.samplers.load import StepShape, WidthPolicy, cap_to_budget
 from vllm_visual_ar.samplers.strategy import RUNNER_REPORTS, Strategy
 
 logger = init_logger(__name__)
@@ -85,8 +85,8 @@ class VisualARScheduler(Scheduler):
         self._freed: dict[str, _Tracked] = {}  # freed this step; their last tokens still go out
         self._overtaken: dict[str, int] = {}  # waiting group key -> times a later group was admitted first
         self._last_phase = None  # the phase the previous step ran
-        self._cost = StepCost()  # step time against tokens, from the steps run (load-aware widths)
-        # id(scheduler output) -> (end of schedule, tokens, drafts, streams with drafts)
+        self._width_policy = WidthPolicy()  # step time against what it runs, from the steps run (load-aware widths)
+        # id(scheduler output) -> (end of schedule, its StepShape)
         self._timing: dict[int, tuple] = {}
         seqs = min(self.max_num_running_reqs, self.max_num_active_reqs)
         # An idle engine's room (the block pool keeps one null block).
@@ -209,7 +209,7 @@ class VisualARScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output) -> dict[int, EngineCoreOutputs]:
         if (timing := self._timing.pop(id(scheduler_output), None)) is not None:
-            self._cost.observe(*timing[1:], time.perf_counter() - timing[0])
+            self._width_policy.observe(timing[1], time.perf_counter() - timing[0])
         for req_id, report in (getattr(model_runner_output, RUNNER_REPORTS, None) or {}).items():
             if (tracked := self._tracked.get(req_id)) is not None:
                 tracked.strategy.runner_report(tracked.request, report)
@@ -299,19 +299,19 @@ class VisualARScheduler(Scheduler):
 
     def _widths(self, images: list[tuple], others: list[Request], starting: list[Request]) -> dict[Request, int]:
         """The width of each load-aware image this step (both halves of a pair get their image's):
-        the policy's once the cost model has seen enough steps, else its window; then narrowed to
-        the step budget left by the other requests and the prompts starting."""
+        the policy's (`load.WidthPolicy`), then narrowed to the step budget left by the other requests
+        and the prompts starting."""
         pending = sum(max(1, r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens)
                       for r in others)
         pending += sum(r.num_prompt_tokens for r in starting)
         streams = [len(rs) for _, rs in images]
-        cost = self._cost.fit()
-        if cost is None:
-            chosen = [c.ceiling for c, _ in images]
-        else:
-            other_images = {self._pair_key(r) or r.request_id for r in others}
-            chosen = choose_widths([replace(c, streams=n) for (c, _), n in zip(images, streams)], pending,
-                                   len(other_images), cost)
+        drafts = [len(r.spec_token_ids) for r in others]
+        sequences = len(others) + len(starting) + sum(streams)
+        narrow = StepShape(sequences, sum(drafts), sum(d > 0 for d in drafts),
+                           pending + sum(streams) - sequences - sum(drafts))
+        other_images = {self._pair_key(r) or r.request_id for r in others}
+        chosen = self._width_policy.widths([replace(c, streams=n) for (c, _), n in zip(images, streams)], narrow,
+                                            len(other_images))
         chosen = cap_to_budget(chosen, streams, self.max_num_scheduled_tokens - pending - sum(streams))
         return {r: w for (_, rs), w in zip(images, chosen) for r in rs}
 
@@ -337,8 +337,9 @@ class VisualARScheduler(Scheduler):
         if len(self._timing) > 8:  # outputs never updated (e.g. a failed step): keep only the recent ones
             self._timing.clear()
         drafts = output.scheduled_spec_decode_tokens
-        self._timing[id(output)] = (time.perf_counter(), output.total_num_scheduled_tokens,
-                                    sum(len(d) for d in drafts.values()), len(drafts))
+        sequences, fed = len(output.num_scheduled_tokens), sum(len(d) for d in drafts.values())
+        self._timing[id(output)] = (time.perf_counter(), StepShape(
+            sequences, fed, sum(1 for d in drafts.values() if d), output.total_num_scheduled_tokens - sequences - fed))
         return output
 
     def _check_pairs(self, output: SchedulerOutput) -> None:

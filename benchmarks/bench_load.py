@@ -1,0 +1,92 @@
+"""Load-aware SJD windows against raster, side by side, at 1, 16 and 64 guided images in flight.
+
+    python benchmarks/bench_load.py [--in-flight 1 16 64 1] [--rounds 3]
+
+One engine on the embedded model. For each number of images in flight, in the order given (the
+default ends with 1 again: the policy must widen alone after a loaded run), every row runs once per
+round, the rows interleaved, so that a shared machine's drift lands on all of them; a cell is the
+median of the rounds' images/s, with the speed-up over raster's median beside it. The load-aware
+policy keeps learning across the whole run, as it does in a serving engine. Forwards per image show
+what the policy chose at each load (256: width 1 throughout). Prints the table and writes
+benchmarks/results/load.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see bench_raster.py
+
+from common import default_sampling, markdown_table, write_results  # noqa: E402
+
+
+def configs() -> list[tuple[str, dict]]:
+    sjd = dict(strategy="sjd", init="horizontal")
+    return [("raster", {}), ("raster, coupled", dict(coupled=True)),
+            ("SJD L=16 (pinned)", dict(sjd, window=16)),
+            ("SJD L=16, load-aware", dict(sjd, window=16, load_aware=True)),
+            ("SJD L=16 + continuation, load-aware", dict(sjd, window=16, load_aware=True,
+                                                         continue_after_reject=True)),
+            ("SJD L=16 + coupled, load-aware", dict(sjd, window=16, load_aware=True, coupled=True)),
+            ("SJD L=64, load-aware", dict(sjd, window=64, load_aware=True)),
+            ("SJD L=64 + coupled, load-aware", dict(sjd, window=64, load_aware=True, coupled=True))]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 16, 64, 1])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--single-images", type=int, default=3, help="images per round at 1 in flight (one at a time)")
+    args = ap.parse_args()
+
+    from vllm_visual_ar.generator import ImageGenerator
+
+    engine = ImageGenerator(max_images_in_flight=max(args.in_flight))
+    sampling = default_sampling(engine.config)
+    rows = configs()
+    for _, decoding in rows:  # warm-up: every path once
+        engine.generate([0, 1], seed=0, **sampling, **decoding)
+
+    def run(n: int, decoding: dict, seed: int) -> tuple[float, float]:
+        """-> (images/s, forwards per image) of one round."""
+        t0 = time.perf_counter()
+        if n == 1:
+            images = [engine.generate([c], seed=seed + c, **sampling, **decoding)[0] for c in range(args.single_images)]
+        else:
+            images = engine.generate([i % 10 for i in range(n)], seed=seed, **sampling, **decoding)
+        seconds = time.perf_counter() - t0
+        return len(images) / seconds, sum(im.stats.forward_passes for im in images) / len(images)
+
+    columns, header = [], ["decoding"]
+    for step, n in enumerate(args.in_flight):
+        rates: dict[str, list[float]] = {name: [] for name, _ in rows}
+        forwards: dict[str, list[float]] = {name: [] for name, _ in rows}
+        for r in range(args.rounds):
+            for name, decoding in rows:
+                rate, fw = run(n, decoding, seed=1000 * r + 10 * step)
+                rates[name].append(rate)
+                forwards[name].append(fw)
+        medians = {name: statistics.median(v) for name, v in rates.items()}
+        column = {name: [f"{statistics.mean(forwards[name]):.1f}", f"{medians[name]:.2f}",
+                         f"{medians[name] / medians['raster']:.2f}x"] for name in medians}
+        columns.append(column)
+        label = f"{n} in flight" + (" (after the loaded runs)" if n in args.in_flight[:step] else "")
+        header += [f"forwards/image, {label}", f"images/s, {label}", "vs raster"]
+        print(label, {name: c for name, c in column.items()}, flush=True)
+    table = markdown_table(header, [[name] + sum((c[name] for c in columns), []) for name, _ in rows])
+    print(table)
+    notes = (f"Embedded model (16x16 tokens, 1.1 M parameters), guided at the model's defaults, temperature 1; "
+             f"vLLM's engine, in-process core, one engine for the whole run. Each cell: the median of {args.rounds} "
+             f"rounds, the rows interleaved within a round; at 1 in flight a round is {args.single_images} images one "
+             f"after the other, else one generate call of n images. 'pinned' runs its window at every step; "
+             f"'load-aware' lets the scheduler choose each step's width (samplers/load.py), learning its cost model "
+             f"on this engine's steps as the run goes (its state carries over from one column to the next).")
+    print("wrote", write_results("load", "Load-aware SJD windows against raster, side by side", table, notes))
+
+
+if __name__ == "__main__":
+    main()
