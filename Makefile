@@ -34,6 +34,8 @@ bench: venv
 	$(BIN)/python benchmarks/bench_step.py
 	$(BIN)/python benchmarks/bench_zipar.py
 	$(BIN)/python benchmarks/bench_sjd.py
+	$(BIN)/python benchmarks/bench_accel.py
+	$(BIN)/python benchmarks/bench_load.py
 	$(BIN)/python benchmarks/bench_var.py
 	$(BIN)/python benchmarks/bench_t2i.py
 	$(BIN)/python benchmarks/bench_serving.py
