@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -218,6 +219,14 @@ def generate(model: LlamaGenReference, classes: list[int], guidance_scale: float
 
 
 @torch.no_grad()
+def guided_targets(logits: torch.Tensor, guided: bool, guidance_scale: float, temperature: float, top_k: int,
+                   top_p: float) -> torch.Tensor:
+    """A [cond; uncond] batch's logits [B, S, V] -> the target distributions [S, V]: guidance mixed,
+    then the sampling filters (what the verifying loops test their drafts against)."""
+    mixed = cfg_mix(logits[0], logits[1], guidance_scale) if guided else logits[0]
+    return target_probs(mixed, temperature, top_k, top_p)
+
+
 def generate_sjd(model: LlamaGenReference, label: int, window: int, guidance_scale: float = 4.0,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  generator: torch.Generator | None = None, init: str = "horizontal",
@@ -252,9 +261,8 @@ def generate_sjd(model: LlamaGenReference, label: int, window: int, guidance_sca
     sibling_slots = torch.arange(prefix + total, prefix + total + candidates - 1, device=device)
     model.setup_cache(len(labels), device=device, max_len=prefix + total + candidates - 1)
 
-    def targets(logits: torch.Tensor) -> torch.Tensor:  # [B, S, V] -> [S, V]
-        mixed = cfg_mix(logits[0], logits[1], guidance_scale) if guided else logits[0]
-        return target_probs(mixed, temperature, top_k, top_p)
+    targets = partial(guided_targets, guided=guided, guidance_scale=guidance_scale, temperature=temperature,
+                      top_k=top_k, top_p=top_p)
 
     logits = model.step(model.cls_embedding.embedding_table(labels)[:, None], torch.arange(prefix, device=device))
     mixed = cfg_mix(logits[:1], logits[1:], guidance_scale) if guided else logits
@@ -411,9 +419,8 @@ def generate_zipar_sjd(model: LlamaGenReference, label: int, window: int, sjd_wi
     capacity = prefix + 2 * height * width + height
     model.setup_cache(len(labels), device=device, max_len=capacity)
 
-    def targets(logits: torch.Tensor) -> torch.Tensor:  # [B, S, V] -> [S, V]
-        mixed = cfg_mix(logits[0], logits[1], guidance_scale) if guided else logits[0]
-        return target_probs(mixed, temperature, top_k, top_p)
+    targets = partial(guided_targets, guided=guided, guidance_scale=guidance_scale, temperature=temperature,
+                      top_k=top_k, top_p=top_p)
 
     h = model.cls_embedding.embedding_table(labels)[:, None]
     logits = model.step(h, torch.arange(prefix, device=device))[:, None]
