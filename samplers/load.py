@@ -141,7 +141,9 @@ class WidthPolicy:
             return exploring_widths(ceilings, self.cost.steps)
         chosen = choose_widths(choices, self.cost.predict(narrow, marginal), other_commits, marginal)
         if max(chosen) == 1 and self.cost.steps % self.probe_every == 0:
-            return [max(2, c // 4) for c in ceilings]
+            # a quarter of the windows and the whole windows in turn: drafts per stream vary, so
+            # what a draft costs and what a verifying stream costs stay apart
+            return exploring_widths(ceilings, 2 * (self.cost.steps // self.probe_every))
         return chosen
 
 
