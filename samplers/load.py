@@ -122,8 +122,8 @@ class StepCost:
 class WidthPolicy:
     """The scheduler's side of load-aware widths: the cost model, the choice, and probes. While the
     model knows nothing of drafts the widths explore (`exploring_widths`); when it holds every image
-    at width 1, a quarter of the windows is tried once every `probe_every` steps, so that an estimate
-    made at another load, or from a few noisy steps, is checked against this one."""
+    at width 1, wider steps are tried once every `probe_every` steps, so that an estimate made from
+    a few noisy steps, or on a machine that has since changed, is checked against this one."""
 
     probe_every = 64
 
