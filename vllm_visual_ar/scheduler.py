@@ -85,7 +85,7 @@ class VisualARScheduler(Scheduler):
         self._freed: dict[str, _Tracked] = {}  # freed this step; their last tokens still go out
         self._overtaken: dict[str, int] = {}  # waiting group key -> times a later group was admitted first
         self._last_phase = None  # the phase the previous step ran
-        self._width_policy = WidthPolicy()  # step time against what it runs, from the steps run (load-aware widths)
+        self._width_policy = WidthPolicy()  # load-aware widths: a cost model of the steps run, and the choice
         # id(scheduler output) -> (end of schedule, its StepShape)
         self._timing: dict[int, tuple] = {}
         seqs = min(self.max_num_running_reqs, self.max_num_active_reqs)
