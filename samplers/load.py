@@ -161,11 +161,15 @@ def expected_tokens(slope, width: np.ndarray) -> np.ndarray:
 
 
 def choose_widths(choices: list[WidthChoice], base_seconds: float, other_commits: float,
-                  marginal: Marginal) -> list[int]:
+                  marginal: Marginal, tolerance: float = 0.05) -> list[int]:
     """Each image's width for this step (1: a plain forward, no drafts). base_seconds: the step's
     time with every image here at width 1; other_commits: the tokens the other requests commit.
     Every image answers the step the others make (all at width 1 first, then at the first answers):
-    two vectorised best-response rounds."""
+    two vectorised best-response rounds. Of the widths that bring the step at least 1 - `tolerance`
+    of what the best width brings over width 1, it takes the widest (an image best at width 1 stays
+    there). Alone, the rate is nearly flat around its best, so noise in the estimates would move the
+    width from step to step, and a step narrower than the last drops the Jacobi drafts carried past
+    it (`sjd.fill_drafts`)."""
     ceiling = np.array([c.ceiling for c in choices])
     streams = np.array([c.streams for c in choices], dtype=float)
     slope = np.array([max(c.slope, 0.0) for c in choices])
@@ -181,7 +185,10 @@ def choose_widths(choices: list[WidthChoice], base_seconds: float, other_commits
         total_time = base_seconds + extra_now.sum()
         total_commits = other_commits + gain[rows, widths - 1].sum()
         rate = (total_commits - gain[rows, widths - 1][:, None] + gain) / (total_time - extra_now[:, None] + extra)
-        widths = np.where(allowed, rate, -np.inf).argmax(1) + 1
+        rate = np.where(allowed, rate, -np.inf)
+        narrow = rate[:, :1]  # the rate with the image at width 1
+        near = rate - narrow >= (rate.max(1, keepdims=True) - narrow) * (1 - tolerance)
+        widths = options.shape[1] - near[:, ::-1].argmax(1)  # the widest of the near-best widths
     return widths.tolist()
 
 

@@ -43,6 +43,10 @@ def test_free_tokens_give_wide_steps_and_costly_ones_narrow():
     alone = choose_widths([WidthChoice(32, 0.6, streams=2)], 0.01, 0, token_bound)[0]
     assert alone > 1  # one image: the per-step cost dominates, drafts pay
     assert choose_widths([WidthChoice(4, 2.0)], base, 0, overhead_bound) == [4]  # never past the ceiling
+    # a flat optimum (one image: best at width 12, width 16 within 1% of it): the widest of it
+    flat = Marginal(1e-4, 5.5e-5, 1.4e-4, 0.0)
+    assert choose_widths([WidthChoice(16, 0.7, streams=2)], 3.6e-3, 0, flat, tolerance=0.0) == [12]
+    assert choose_widths([WidthChoice(16, 0.7, streams=2)], 3.6e-3, 0, flat) == [16]
 
 
 def simulated_policy(policy, images, steps, rng, window=16, draft=2e-5, wide_stream=2e-4):
