@@ -145,6 +145,84 @@ def step_cost(sizes, in_flight, tokens, context, device, dtype, repeats) -> tupl
     return "\n\n".join(out), fits
 
 
+def policy_table(sizes, in_flight, device, dtype, window: int = 16, slope: float = 0.7, steps: int = 240) -> str:
+    """The scheduler's load-aware policy (`samplers/load.WidthPolicy`, the engine's own code) learning
+    on this device: each step's widths are the policy's, the step is a forward of that many tokens
+    per stream (a CUDA graph replay per width, on CUDA), and its measured time is what the policy
+    observes. Tokens committed per forward follow the embedded model's SJD yield, 1 + 0.7 ln w."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from vllm_visual_ar.samplers.load import StepShape, WidthChoice, WidthPolicy
+
+    rows = []
+    for size in sizes:
+        model = random_llamagen_reference(size, device=device, dtype=dtype)
+        cfg = model.config
+        for n_images in in_flight:
+            streams, context = 2 * n_images, 128
+            model.setup_cache(streams, device=device, max_len=cfg.cls_token_num + context + window)
+            runs: dict[int, object] = {}
+
+            def run(width):
+                if width not in runs:
+                    pos = torch.arange(cfg.cls_token_num + context, cfg.cls_token_num + context + width, device=device)
+                    h = torch.randn(streams, width, cfg.hidden_size, device=device, dtype=dtype)
+                    mask = model.causal_mask[None, None, pos]
+
+                    def step():
+                        with torch.no_grad():
+                            return model.step_masked(h, pos, mask)
+
+                    runs[width] = step
+                    if device.type == "cuda":  # replayed as a CUDA graph, as vLLM's decode steps are
+                        stream = torch.cuda.Stream(device)
+                        stream.wait_stream(torch.cuda.current_stream(device))
+                        with torch.cuda.stream(stream):
+                            step()
+                        torch.cuda.current_stream(device).wait_stream(stream)
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            step()
+                        runs[width] = graph.replay
+                sync(device)
+                t0 = time.perf_counter()
+                runs[width]()
+                sync(device)
+                return time.perf_counter() - t0
+
+            policy, chosen, seconds = WidthPolicy(), [], 0.0
+            for i in range(steps):
+                widths = policy.widths([WidthChoice(window, slope, streams=2)] * n_images, StepShape(streams), 0)
+                shape = StepShape(streams, sum(2 * (w - 1) for w in widths), sum(2 for w in widths if w > 1))
+                t = run(max(widths))  # every image gets the same width here (same window and yield)
+                policy.observe(shape, t)
+                if i >= steps // 2:
+                    chosen.append(max(widths))
+                    seconds += t
+            committed = sum(n_images * (1 + slope * math.log(w)) for w in chosen)
+            rate = {w: n_images * (1 + slope * math.log(w)) / forward_ms(lambda w=w: run(w), device, 5) * 1000
+                    for w in (1, 2, 4, 8, 12, 16)}
+            best = max(rate, key=rate.get)
+            m = policy.cost.marginal()
+            widths_seen = sorted(set(chosen))
+            rows.append([size, n_images, f"{np.median(chosen):.0f} ({widths_seen[0]}-{widths_seen[-1]})",
+                         f"{committed / seconds / rate[1]:.2f}x", f"{rate[window] / rate[1]:.2f}x",
+                         f"{best} ({rate[best] / rate[1]:.2f}x)",
+                         f"{1e6 * m.draft:.1f} / {1e6 * m.wide_stream:.1f}" if m else "-"])
+            print(rows[-1], flush=True)
+            del runs
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    header = ["model", "images in flight (2 streams each)", "width chosen, median (range)",
+              "tokens/s vs width 1, policy", f"pinned {window}", "best fixed width (its tokens/s)",
+              "learned us per draft / per verifying stream"]
+    return markdown_table(header, rows)
+
+
 def run_loop(model, name, kwargs, classes, sampling, device, seed) -> tuple[float, int, float]:
     """(seconds, forwards per image, accepted drafts per verified draft or nan) of one call per
     image (or one call for all `classes`, for the loops that batch)."""
@@ -215,6 +293,8 @@ def main():
     ap.add_argument("--sizes", nargs="+", default=None, help="official sizes for the step-cost tables")
     ap.add_argument("--loop-sizes", nargs="+", default=None, help="official sizes for the reference-loop tables")
     ap.add_argument("--copy-to", default=None, help="also write the results file into this folder")
+    ap.add_argument("--load-policy", action="store_true",
+                    help="only the load-aware policy learning on this device (device-<kind>-load.md)")
     args = ap.parse_args()
 
     import torch
@@ -238,6 +318,31 @@ def main():
                    f"({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB), "
                    f"CUDA {torch.version.cuda}") if gpu else None
     print(machine(accelerator, str(dtype).removeprefix("torch.")), flush=True)
+
+    kind = (torch.cuda.get_device_name(device).lower().replace("nvidia ", "").replace(" ", "-") if gpu else "cpu")
+    if args.load_policy:
+        sizes = args.sizes or (["GPT-B"] if args.quick or not gpu else ["GPT-B", "GPT-XL", "GPT-3B"])
+        in_flight = [1, 16] if args.quick or not gpu else [1, 16, 64]
+        t0 = time.perf_counter()
+        table = policy_table(sizes, in_flight, device, dtype, steps=80 if args.quick else 240)
+        print(f"total: {time.perf_counter() - t0:.0f} s", flush=True)
+        notes = ("The load-aware policy (`samplers/load.WidthPolicy`, the code vLLM's scheduler runs) chooses every "
+                 "step's SJD width for the images in flight (window 16); the step is one forward of that many "
+                 "tokens per stream over 128 cached positions (random-weight LlamaGen of the given size, "
+                 + ("replayed as a CUDA graph" if gpu else "eager") + "), and its measured time is what the policy "
+                 "learns from, as the engine learns from its own steps. Tokens committed per forward are the "
+                 "embedded model's measured SJD yield, 1 + 0.7 ln w (a random model accepts nothing). "
+                 "'policy': its tokens per second over the second half of the steps, against width 1's; "
+                 "'pinned' and 'best fixed width': widths 1, 2, 4, 8, 12, 16 timed after. The forward only: "
+                 "no sampling, verification or vLLM scheduling, which the engine's steps add (accel.md, load.md).")
+        path = write_results(f"device-{kind}-load" + ("-quick" if args.quick else ""),
+                             "Load-aware SJD widths learned on " + (accelerator or "this CPU"), table, notes,
+                             machine(accelerator, str(dtype).removeprefix("torch.")))
+        print(open(path).read())
+        if args.copy_to:
+            os.makedirs(args.copy_to, exist_ok=True)
+            shutil.copy(path, args.copy_to)
+        return
 
     sections = []
     t0 = time.perf_counter()
@@ -267,7 +372,6 @@ def main():
         del model
     print(f"total: {time.perf_counter() - t0:.0f} s", flush=True)
 
-    kind = (torch.cuda.get_device_name(device).lower().replace("nvidia ", "").replace(" ", "-") if gpu else "cpu")
     notes = ("Step cost: random-weight LlamaGen models (16x16 tokens, 16384 codes), one forward of the given "
              "tokens per stream at positions 128.. of the image, logits for every token (SJD and ZipAR need "
              "them), mean of the repeats after two warm-ups. Reference loops: the plain-PyTorch loops the "
