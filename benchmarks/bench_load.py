@@ -1,4 +1,4 @@
-"""Load-aware SJD windows against raster, side by side, at 1, 16 and 64 guided images in flight.
+"""Load-aware SJD and ZipAR windows against raster, side by side, at 1, 16 and 64 guided images in flight.
 
     python benchmarks/bench_load.py [--in-flight 1 16 64 1] [--rounds 3]
 
@@ -33,7 +33,11 @@ def configs() -> list[tuple[str, dict]]:
                                                          continue_after_reject=True)),
             ("SJD L=16 + coupled, load-aware", dict(sjd, window=16, load_aware=True, coupled=True)),
             ("SJD L=64, load-aware", dict(sjd, window=64, load_aware=True)),
-            ("SJD L=64 + coupled, load-aware", dict(sjd, window=64, load_aware=True, coupled=True))]
+            ("SJD L=64 + coupled, load-aware", dict(sjd, window=64, load_aware=True, coupled=True)),
+            ("ZipAR w=4 (pinned)", dict(strategy="zipar", window=4)),
+            ("ZipAR w=4, load-aware", dict(strategy="zipar", window=4, load_aware=True)),
+            ("ZipAR w=8 (pinned)", dict(strategy="zipar", window=8)),
+            ("ZipAR w=8, load-aware", dict(strategy="zipar", window=8, load_aware=True))]
 
 
 def main():
@@ -41,13 +45,16 @@ def main():
     ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 16, 64, 1])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--single-images", type=int, default=3, help="images per round at 1 in flight (one at a time)")
+    ap.add_argument("--rows", nargs="+", default=None,
+                    help="only the rows whose name contains one of these (raster always runs; prints, writes no file)")
     args = ap.parse_args()
 
     from vllm_visual_ar.generator import ImageGenerator
 
     engine = ImageGenerator(max_images_in_flight=max(args.in_flight))
     sampling = default_sampling(engine.config)
-    rows = configs()
+    rows = [(name, d) for name, d in configs()
+            if args.rows is None or name == "raster" or any(k in name for k in args.rows)]
     for _, decoding in rows:  # warm-up: every path once
         engine.generate([0, 1], seed=0, **sampling, **decoding)
 
@@ -85,6 +92,8 @@ def main():
              f"after the other, else one generate call of n images. 'pinned' runs its window at every step; "
              f"'load-aware' lets the scheduler choose each step's width (samplers/load.py), learning its cost model "
              f"on this engine's steps as the run goes (its state carries over from one column to the next).")
+    if args.rows is not None:
+        return
     print("wrote", write_results("load", "Load-aware SJD windows against raster, side by side", table, notes))
 
 

@@ -1,9 +1,12 @@
 """Load-aware windows: before each step the scheduler sizes the window of every request whose
 strategy can choose how many tokens a forward verifies (SJD), from a cost model of the step's time
-against what it runs, so that acceleration never costs throughput under load.
+against what it runs, so that acceleration never costs throughput under load. A strategy whose
+schedule is fixed for the whole image (ZipAR's rows) has its window chosen once, when the image is
+admitted, against the load it meets then (`WindowOption`, `RowCost`).
 
-Cost model (`StepCost`): a step that runs s sequences, k drafts in m streams that verify drafts,
-and r other extra tokens (the rest of a prompt, rows of other strategies) takes
+Cost model (`StepCost`): a step that runs s sequences, k drafts, m streams that feed more than one
+token past their prompt (drafts or ZipAR rows: masked attention, verification or rows to plan), and
+r other extra tokens (the rest of a prompt, ZipAR's rows) takes
 t = fixed + e s + g k + c m + p r. The marginal costs (e, g, c, p) are what the choice needs; they
 are fitted by least squares on the *differences* between consecutive steps, so whatever else the
 step costs (vLLM's own work, the attention over a context that grows) cancels as long as it moves
@@ -48,8 +51,9 @@ class StepShape:
     """What a step runs, as the cost model sees it."""
     sequences: int
     drafts: int = 0        # speculative tokens fed
-    wide_streams: int = 0  # streams that feed drafts
-    extra: int = 0         # other tokens beyond one per sequence (prompts, other strategies' rows)
+    wide_streams: int = 0  # streams that feed more than one token past their prompt (drafts, ZipAR rows)
+    extra: int = 0         # other tokens beyond one per sequence (prompts, ZipAR's rows)
+    wide_context: int = 0  # tokens the wide streams attend to, summed (`RowCost`)
 
     def vector(self) -> np.ndarray:
         return np.array([self.sequences, self.drafts, self.wide_streams, self.extra], dtype=float)
@@ -57,7 +61,7 @@ class StepShape:
 
 @dataclass(frozen=True)
 class Marginal:
-    """Seconds a step costs per sequence, per draft, per stream that verifies drafts, per extra token."""
+    """Seconds a step costs per sequence, per draft, per wide stream (drafts or rows), per extra token."""
     sequence: float
     draft: float
     wide_stream: float
@@ -129,9 +133,14 @@ class WidthPolicy:
 
     def __init__(self):
         self.cost = StepCost()
+        self.rows = RowCost()
+        self._since_rows = self._since_plain = 0  # steps since the last with / without wide streams
 
     def observe(self, shape: StepShape, seconds: float) -> None:
         self.cost.observe(shape, seconds)
+        self.rows.observe(shape, seconds)
+        self._since_rows = 0 if shape.wide_streams else self._since_rows + 1
+        self._since_plain = self._since_plain + 1 if shape.wide_streams else 0
 
     def widths(self, choices: list[WidthChoice], narrow: StepShape, other_commits: float) -> list[int]:
         """Each image's width this step; `narrow`: the step with every one of them at width 1."""
@@ -145,6 +154,99 @@ class WidthPolicy:
             # what a draft costs and what a verifying stream costs stay apart
             return exploring_widths(ceilings, 2 * (self.cost.steps // self.probe_every))
         return chosen
+
+    stale_after = 128
+
+    def options(self, options: list[WindowOption], streams: int, count: int, sequences: int, images: int) -> list[int]:
+        """The option (index) each of `count` images admitted together with these options runs with
+        (`RowCost.choose`): `sequences` and `images` in the step they join, themselves included. Where
+        the model would keep rows out and no step has had any for `stale_after` steps, one of them
+        gets its own window anyway; where it would give rows to images joining others and no step has
+        been without them as long, one of them gets raster order: steps with and without rows, at
+        the load of the moment, are what tell their costs apart (the model forgets, so its evidence
+        must be renewed). Alone, each ZipAR image's first row is such a step, so a single image is
+        never made to probe."""
+        index = self.rows.choose(options, streams, count, sequences, images)
+        chosen = [index] * count
+        if index == 0 and self._since_rows >= self.stale_after:
+            self._since_rows, chosen[0] = 0, len(options) - 1
+        elif index > 0 and images > 1 and self._since_plain >= self.stale_after:
+            self._since_plain, chosen[0] = 0, 0
+        return chosen
+
+
+@dataclass(frozen=True)
+class WindowOption:
+    """One way to decode a whole image whose schedule is fixed at admission (ZipAR: a window), as
+    averages over its forwards."""
+    window: int
+    commits: float  # image tokens per forward
+    extra: float    # tokens fed per forward beyond one, per stream
+    wide: bool      # its forwards feed more than one token (masked attention, rows to plan)
+    context: float  # mean tokens each of its forwards attends to (the masked path reads them all)
+
+
+class RowCost:
+    """The cost model for choices that hold for a whole image (ZipAR's window at admission). What
+    such an image adds to a step grows with its context: the masked attention of each of its rows
+    reads every token before it, so its forwards cost several times more at the end of the image
+    than at the start (measured here: 10.8 ms at the start of a 16-image ZipAR w=4 batch, 19.3 ms at
+    its end, 5.8 ms raster). That drift is what `StepCost`'s differences cancel, so this model fits
+    absolute step times over the recent steps instead: t = a + b s + c m + p r + q C + f [m > 0], C
+    the summed context of the m wide streams, f what the first wide stream costs the whole step
+    (the masked attention's set-up). Least squares with forgetting; coefficients with no evidence
+    (no wide steps of late) are pulled to 0, so an image then gets its own window and its steps
+    teach the model again."""
+
+    def __init__(self, forget: float = 0.995, prior_weight: float = 2.0):
+        self.forget, self.prior_weight = forget, prior_weight
+        self._xx = np.zeros((6, 6))
+        self._xy = np.zeros(6)
+        self._weight = 0.0
+        self._fitted: np.ndarray | None = None
+        self._last: np.ndarray | None = None  # the last step's features
+
+    @staticmethod
+    def features(sequences, wide_streams, extra, wide_context) -> np.ndarray:
+        return np.array([1.0, sequences, wide_streams, extra, wide_context / 1000, float(wide_streams > 0)])
+
+    def observe(self, shape: StepShape, seconds: float) -> None:
+        if not seconds > 0 or shape.sequences <= 0:
+            return
+        x = self.features(shape.sequences, shape.wide_streams, shape.extra, shape.wide_context)
+        self._xx = self.forget * self._xx + np.outer(x, x)
+        self._xy = self.forget * self._xy + seconds * x
+        self._weight = self.forget * self._weight + 1.0
+        self._fitted, self._last = None, x
+
+    def coefficients(self) -> np.ndarray | None:
+        if self._weight < 8:
+            return None
+        if self._fitted is None:
+            typical = np.diag(self._xx) / self._weight
+            ridge = np.diag(np.r_[0.0, self.prior_weight * typical[1:]]) + 1e-9 * np.eye(6)
+            self._fitted = np.maximum(np.linalg.solve(self._xx + ridge, self._xy), 0.0)
+        return self._fitted
+
+    def choose(self, options: list[WindowOption], streams: int, count: int, sequences: int, images: int,
+               tolerance: float = 0.05) -> int:
+        """The option for `count` images starting together (`streams` each) that gives the step the
+        most image tokens per second (the step as it was last, with `sequences` and `images`, these
+        included). They choose as one: what the first wide stream costs the step is paid once, and
+        a lone image would refuse it where a group gains. `options` run from the plainest (raster)
+        to the most parallel; of those within `tolerance` of the best gain over the first, the most
+        parallel is taken (an image best in raster order stays there). Before 8 steps: the last."""
+        beta = self.coefficients()
+        if beta is None:
+            return len(options) - 1
+        now = self._last.copy()
+        now[1] = sequences
+        base = max(float(beta @ now) - count * streams * beta[1], 1e-6)  # the step without these images
+        rate = np.array([(images - count + count * o.commits) / (
+            base + count * streams * (beta[1] + o.wide * (beta[2] + beta[3] * o.extra + beta[4] * o.context / 1000))
+            + beta[5] * o.wide * (now[5] == 0)) for o in options])
+        near = rate - rate[0] >= (rate.max() - rate[0]) * (1 - tolerance)
+        return int(len(options) - 1 - near[::-1].argmax())
 
 
 def exploring_widths(ceilings: list[int], step: int) -> list[int]:

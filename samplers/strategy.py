@@ -209,6 +209,12 @@ class Strategy:
         load-aware policy needs (`load.WidthChoice`), or None to run as requested."""
         return None
 
+    def window_options(self, request):
+        """For a load-aware strategy whose schedule is fixed for the whole image (ZipAR's rows): the
+        windows it may run at (`load.WindowOption`, the plainest first, its own last), asked when the
+        image is admitted (the scheduler then restarts it with the chosen one); None: as requested."""
+        return None
+
     def before_step(self, request, width: int | None = None) -> None:
         """Before a step that runs the request: its speculative-token slots, or a rewind. `width`:
         the tokens per forward the load-aware policy chose (only for requests with a `width_choice`)."""

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from vllm_visual_ar.families import image_layout
+from vllm_visual_ar.samplers.coupling import check_flag
 from vllm_visual_ar.samplers.sampling import sample_rows
 from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 
@@ -343,12 +344,12 @@ class ZipARRunner(StrategyRunner):
 
 
 class ZipAR(Strategy):
-    fields = ("window",)
+    fields = ("window", "load_aware")
     runner = ZipARRunner
 
     @classmethod
     def checked(cls, decoding):
-        return {"window": check_window(decoding.window)}
+        return {"window": check_window(decoding.window), "load_aware": check_flag(decoding.load_aware, "load_aware")}
 
     @classmethod
     def fitted(cls, decoding, config, size=None):
@@ -378,6 +379,29 @@ class ZipAR(Strategy):
         if self.schedule.raster:
             return Footprint(output_tokens, 1, 0)
         return Footprint(len(self.schedule.sequence), self.schedule.max_fed_per_forward, 0)
+
+    def window_options(self, request):
+        """A load-aware image's schedule is fixed once it starts, so its window is chosen when it is
+        admitted: raster order, then windows halving down to its own (`load.choose_option`)."""
+        from vllm_visual_ar.samplers.load import WindowOption
+
+        if not self.decoding.load_aware or request.num_computed_tokens or request.num_output_tokens:
+            return None
+        stride, windows = self.layout.row_stride, [self.decoding.window]
+        while windows[-1] * 2 < stride:
+            windows.append(windows[-1] * 2)
+        options = []
+        for window in [stride] + windows[::-1]:
+            schedule = zipar_schedule(*schedule_key(self.layout, window))
+            forwards = schedule.num_forwards
+            options.append(WindowOption(window, self.layout.num_tokens / forwards,
+                                        len(schedule.sequence) / forwards - 1, not schedule.raster,
+                                        request.num_prompt_tokens + len(schedule.sequence) / 2))
+        return options if len(options) > 1 else None
+
+    def step_width(self, request):
+        """A load-aware image's window (the one chosen at admission), for the frontends' metrics."""
+        return self.decoding.window if self.decoding.load_aware else None
 
     def frontend_tokens(self, request, new_token_ids):
         """Stand-ins dropped, image tokens released in raster order as the raster prefix grows."""

@@ -75,3 +75,42 @@ def test_a_model_whose_heads_do_not_split_is_refused(tmp_path):
                               num_heads=3)
     run = two_ranks(folder, LLAMAGEN[:1], timeout=600)
     assert run.returncode != 0 and "attention heads (3) must be divisible by tensor parallel size (2)" in run.stderr
+
+
+LOAD_AWARE_CHILD = r"""
+import json, sys
+import numpy as np
+from vllm_visual_ar.generator import ImageGenerator
+from vllm_visual_ar.samplers.load import RowCost, StepShape
+from test_load import simulated_rows
+
+if __name__ == "__main__":  # vLLM's workers are spawned: they import this file
+    gen = ImageGenerator(sys.argv[1], max_images_in_flight=4, tensor_parallel_size=2, distributed_executor_backend="mp")
+    costly = RowCost()  # a model that has learnt that rows cost more than they give beside other images
+    simulated_rows(costly, np.random.default_rng(0))
+    costly.observe(StepShape(8), 3e-3)
+    gen.llm.llm_engine.engine_core.engine_core.scheduler._width_policy.rows = costly
+    images = gen.generate([1, 2, 3], guidance_scale=2.0, top_k=1, strategy="zipar", window=4, load_aware=True)
+    print("RESULT " + json.dumps([[im.codes.flatten().tolist(), im.stats.forward_passes] for im in images]), flush=True)
+"""
+
+
+def test_a_window_chosen_at_admission_reaches_every_rank(tiny_model, tmp_path):
+    """Load-aware ZipAR's window is rewritten in the request's args at admission, before vLLM sends
+    the request to its workers: both ranks run the chosen one (raster order here; a rank still on
+    the request's w=4 would fail its schedule check) and the images are raster's."""
+    from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
+
+    folder, ref = tiny_model
+    script = tmp_path / "child.py"
+    script.write_text(LOAD_AWARE_CHILD)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="nobind",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, str(script), folder], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    assert "Worker_TP1" in run.stdout + run.stderr
+    expected = reference_raster(ref, [1, 2, 3], guidance_scale=2.0, top_k=1)
+    got = json.loads(lines[-1][len("RESULT "):])
+    assert [fw for _, fw in got] == [expected.forward_passes] * 3
+    assert [codes for codes, _ in got] == expected.codes.tolist()

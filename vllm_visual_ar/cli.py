@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--continue-after-reject", action="store_true",
                    help="SJD, zipar_sjd: keep verifying the drafts after a rejection (SJD-PAC's adaptive "
                         "continuation)")
+    g.add_argument("--load-aware", action="store_true",
+                   help="SJD: the scheduler narrows each step's window under load; ZipAR: it picks the window "
+                        "(up to raster order) when it admits the image")
     g.add_argument("--group-acceptance", action="store_true",
                    help="SJD: GSD's group acceptance (not exact: a draft counts the target mass of similar codes)")
     g.add_argument("--draft-steps", type=int, default=None,

@@ -131,6 +131,8 @@ class ImageGenerator:
         where they still fit (`samplers/sjd.py::verify`). `load_aware` (SJD, opt-in): the window is a
         ceiling that the scheduler narrows step by step when extra tokens would cost throughput
         (`samplers/load.py`); an uncoupled SJD image then depends on the load, a coupled one does not.
+        With ZipAR the window is the most parallel one the scheduler may pick when it admits the image
+        (rows fixed for the image's life: raster order under load where rows would cost throughput).
         "zipar_sjd": ZipAR's rows (`window`), each verifying up to `sjd_window` (default 8) tokens per
         forward with SJD's rule (`samplers/zipar_sjd.py`; `init` default "horizontal").
         VAR models decode scale by scale; with a CoDe folder, strategy "code" with `draft_steps` N lets

@@ -72,8 +72,9 @@ class Decoding:
     rest; "raster" on a VAR model is its plain next-scale order. Each strategy validates the fields
     it reads (`Strategy.checked`); a field no strategy of this name reads must be unset. `coupled`
     (raster, SJD) draws every token from noise fixed per (seed, position) (`samplers/coupling.py`):
-    the same seed then gives the same image in raster order and with SJD. `load_aware` (SJD): the
-    window is a ceiling that the scheduler narrows under load (`samplers/load.py`). "zipar_sjd"
+    the same seed then gives the same image in raster order and with SJD. `load_aware` (SJD, ZipAR):
+    the window is a ceiling that the scheduler narrows under load (`samplers/load.py`; ZipAR's once,
+    when the image is admitted). "zipar_sjd"
     (`samplers/zipar_sjd.py`): ZipAR's rows (`window`), each verifying up to `sjd_window` tokens per
     forward with SJD's rule (default 8, init "horizontal"). `group_acceptance` (SJD; not exact): GSD's
     grouped test of each draft (`samplers/sjd.py::group_ratio`)."""
@@ -171,6 +172,14 @@ def image_request_info(sampling_params) -> ImageRequestInfo | None:
     if parsed.role not in ROLES:
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['role'] must be one of {ROLES}, got {short(parsed.role)}")
     return parsed
+
+
+def set_window(sampling_params, window: int) -> None:
+    """Rewrite a request's window in its `visual_ar` args (the scheduler's load-aware choice at
+    admission, before the request's first forward: the model runner reads it from there)."""
+    extra = dict(sampling_params.extra_args)
+    extra[EXTRA_ARGS_KEY] = {**extra[EXTRA_ARGS_KEY], "window": window}
+    sampling_params.extra_args = extra
 
 
 def step_width(output) -> int | None:

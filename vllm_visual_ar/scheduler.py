@@ -42,7 +42,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_visual_ar import phase_kv
 from vllm_visual_ar.admission import Need, admit, cannot_fit, footprint_need
-from vllm_visual_ar.requests import STEP_DRAFTS_KEY, STEP_WIDTH_KEY, Decoding, image_request_info
+from vllm_visual_ar.requests import STEP_DRAFTS_KEY, STEP_WIDTH_KEY, Decoding, image_request_info, set_window
 from vllm_visual_ar.samplers import strategy_for
 from vllm_visual_ar.samplers.load import StepShape, WidthPolicy, cap_to_budget
 from vllm_visual_ar.samplers.strategy import RUNNER_REPORTS, Strategy
@@ -259,7 +259,35 @@ class VisualARScheduler(Scheduler):
         for r in self.running:
             room = room - self._held_by(r)
         needs = [(key, sum((self._need(r) for r in g), Need())) for key, g in whole.items()]
-        return [r for key in admit(needs, room, self._overtaken, self.max_num_running_reqs) for r in whole[key]]
+        chosen = [whole[key] for key in admit(needs, room, self._overtaken, self.max_num_running_reqs)]
+        self._choose_windows(chosen)
+        return [r for g in chosen for r in g]
+
+    def _choose_windows(self, groups: list[list[Request]]) -> None:
+        """Images admitted now whose strategy fixes its schedule for the whole image and is load-aware
+        (`Strategy.window_options`) get the window the policy picks against the step they join (those
+        with the same options together); one that gets another than its own restarts with it (a
+        narrower reservation than admitted)."""
+        asking: dict[tuple, list[list[Request]]] = {}
+        for g in groups:
+            if options := self._tracked[g[0].request_id].strategy.window_options(g[0]):
+                asking.setdefault((tuple(options), len(g)), []).append(g)
+        sequences = len(self.running) + sum(len(g) for g in groups)
+        images = len({self._pair_key(r) or r.request_id for r in self.running}) + len(groups)
+        for (options, streams), same in asking.items():
+            for g, index in zip(same, self._width_policy.options(list(options), streams, len(same), sequences, images)):
+                if index < len(options) - 1:
+                    self._restart(g, options[index].window)
+
+    def _restart(self, group: list[Request], window: int) -> None:
+        """Start an admitted image's requests again (before their first forward) with another window."""
+        for r in group:
+            info = image_request_info(r.sampling_params)
+            set_window(r.sampling_params, window)  # what the model runner reads
+            r.max_tokens = r.sampling_params.max_tokens  # the image's tokens; the new footprint sets it again
+            del self._tracked[r.request_id]
+            if problem := self._start(r, replace(info, decoding=replace(info.decoding, window=window))):
+                raise RuntimeError(f"load-aware window {window} for {r.request_id}: {problem}")
 
     def _phase_step(self, admitted: list[Request]) -> tuple[list[Request], list[Request]]:
         """One phase per step (a phase is the model a forward runs), alternating between the phases
@@ -301,14 +329,13 @@ class VisualARScheduler(Scheduler):
         """The width of each load-aware image this step (both halves of a pair get their image's):
         the policy's (`load.WidthPolicy`), then narrowed to the step budget left by the other requests
         and the prompts starting."""
-        pending = sum(max(1, r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens)
-                      for r in others)
-        pending += sum(r.num_prompt_tokens for r in starting)
+        fed = [max(1, r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens) for r in others]
+        pending = sum(fed) + sum(r.num_prompt_tokens for r in starting)
         streams = [len(rs) for _, rs in images]
         drafts = [len(r.spec_token_ids) for r in others]
         sequences = len(others) + len(starting) + sum(streams)
-        narrow = StepShape(sequences, sum(drafts), sum(d > 0 for d in drafts),
-                           pending + sum(streams) - sequences - sum(drafts))
+        wide = sum(n > 1 and r.num_output_tokens > 0 for n, r in zip(fed, others))
+        narrow = StepShape(sequences, sum(drafts), wide, pending + sum(streams) - sequences - sum(drafts))
         other_images = {self._pair_key(r) or r.request_id for r in others}
         chosen = self._width_policy.widths([replace(c, streams=n) for (c, _), n in zip(images, streams)], narrow,
                                             len(other_images))
@@ -338,8 +365,10 @@ class VisualARScheduler(Scheduler):
             self._timing.clear()
         drafts = output.scheduled_spec_decode_tokens
         sequences, fed = len(output.num_scheduled_tokens), sum(len(d) for d in drafts.values())
+        wide = [self.requests[rid].num_computed_tokens for rid, n in output.num_scheduled_tokens.items()
+                if n > 1 and self.requests[rid].num_output_tokens > 0]  # streams past their prompt feeding several
         self._timing[id(output)] = (time.perf_counter(), StepShape(
-            sequences, fed, sum(1 for d in drafts.values() if d), output.total_num_scheduled_tokens - sequences - fed))
+            sequences, fed, len(wide), output.total_num_scheduled_tokens - sequences - fed, sum(wide)))
         return output
 
     def _check_pairs(self, output: SchedulerOutput) -> None:

@@ -13,7 +13,7 @@ shown in the server's /docs and /openapi.json; unknown fields are a 400):
      "group_acceptance": true,                           # SJD: GSD's group acceptance (not exact)
      "coupled": true,                                    # raster, SJD: noise fixed per (seed, position)
      "continue_after_reject": true,                      # SJD: SJD-PAC's adaptive continuation
-     "load_aware": true,                                 # SJD: the scheduler narrows the window under load
+     "load_aware": true,                                 # SJD, ZipAR: the scheduler narrows the window under load
      "strategy": "code", "draft_steps": 2,               # VAR models with a CoDe refiner
      "extra_params": {...any of the fields above...},   # vllm-omni style; wins over top level
      "stream": false, "partial_images": 0..3,
@@ -114,7 +114,9 @@ class DecodingFields(BaseModel):
                                                    "order and with sjd (default false).")
     load_aware: bool | None = Field(None, description="sjd: the window is a ceiling that the scheduler narrows "
                                                       "step by step when extra tokens per forward would cost "
-                                                      "throughput (default false: every forward at the window).")
+                                                      "throughput; zipar: the window is the most parallel the "
+                                                      "scheduler may choose when it admits the image (up to "
+                                                      "raster order) (default false: the window as given).")
     continue_after_reject: bool | None = Field(None, description="sjd, zipar_sjd: keep verifying the drafts after a rejected "
                                                                  "one (SJD-PAC's adaptive continuation; exact). "
                                                                  "Default false.")
@@ -380,12 +382,17 @@ class _Metrics:
                                    "forward ran at: the request's, or the load-aware policy's narrower one, "
                                    "cut at the image's end",
                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
+        self.zipar_window = Histogram("vllm_visual_ar:zipar_window", "The window a ZipAR image ran at: the "
+                                      "request's, or the one the load-aware policy chose when it was admitted",
+                                      buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
 
     def observe(self, strategy: str, stats: "ImageRun", seconds: float):
         self.images.labels(strategy).inc()
         self.forwards.labels(strategy).observe(stats.forwards)
         self.tokens_per_forward.labels(strategy).observe(len(stats.codes) / max(stats.forwards, 1))
         self.latency.labels(strategy).observe(seconds)
+        if stats.window is not None:
+            self.zipar_window.observe(stats.window)
         if stats.draft_tokens:  # strategies that verify drafts (`Strategy.draft_stats`)
             self.sjd_drafts.inc(stats.draft_tokens)
             self.sjd_accepted.inc(stats.accepted_drafts)
@@ -408,6 +415,7 @@ class ImageRun:
     forwards: int = 0
     draft_tokens: int = 0     # drafts verified (SJD)
     accepted_drafts: int = 0  # drafts accepted (SJD)
+    window: int | None = None  # the window a schedule fixed per image ran at (load-aware ZipAR), when reported
 
 
 async def generate_codes(engine, config, prompt, settings: SamplingSettings, decoding: Decoding,
@@ -428,7 +436,8 @@ async def generate_codes(engine, config, prompt, settings: SamplingSettings, dec
         streams.append((role, engine.generate(ids, params, f"img-{image_id}-{role}")))
     run = ImageRun([])
     codes = run.codes
-    draft_stats = strategy_for(config, decoding).draft_stats
+    cls = strategy_for(config, decoding)
+    draft_stats = cls.draft_stats
     total = image_layout(config, size).num_tokens
     finish = None
 
@@ -442,8 +451,10 @@ async def generate_codes(engine, config, prompt, settings: SamplingSettings, dec
                 if codes:  # not the prompt forward
                     verified, accepted = step_drafts(out) or draft_stats(decoding, total, len(codes), len(new),
                                                                          step_width(out))
-                    if (width := step_width(out)) is not None:
-                        metrics().sjd_width.observe(width)
+                    if (width := step_width(out)) is not None and cls.uses_spec_slots:
+                        metrics().sjd_width.observe(width)  # a window per forward
+                    elif width is not None:
+                        run.window = width  # a window per image
                     run.draft_tokens += verified
                     run.accepted_drafts += accepted
                 run.forwards += 1
