@@ -4,7 +4,7 @@
 
 Rows: raster (and raster with coupled draws), exact SJD at windows 16/32/64 with horizontal drafts,
 the same with coupled draws (SCD) and with adaptive continuation (SJD-PAC's chain), SJD and coupled
-SJD at 16 and 64 with load-aware windows, ZipAR, ZipAR x SJD, and the lossy knobs (relaxed and group
+SJD at 16 and 64 with load-aware windows, ZipAR (pinned and load-aware), ZipAR x SJD, and the lossy knobs (relaxed and group
 acceptance; ZipAR and ZipAR x SJD are not exact either). Columns: forwards per image, tokens
 per forward (= step compression against raster's one), images/s at each number of guided images
 in flight with the speed-up over raster, the speed-up at 1 in flight divided by the step
@@ -34,6 +34,8 @@ def configs() -> list[tuple[str, dict]]:
              if decoding.get("window") in (16, 64) and not decoding.get("continue_after_reject")]
     rows += [("ZipAR w=8 (lossy)", dict(strategy="zipar", window=8)),
              ("ZipAR w=4 (lossy)", dict(strategy="zipar", window=4)),
+             ("ZipAR w=8 (lossy), load-aware", dict(strategy="zipar", window=8, load_aware=True)),
+             ("ZipAR w=4 (lossy), load-aware", dict(strategy="zipar", window=4, load_aware=True)),
              ("ZipAR w=8 x SJD L=16 + continuation (lossy)", dict(strategy="zipar_sjd", window=8, sjd_window=16,
                                                                   continue_after_reject=True)),
              ("ZipAR w=6 x SJD L=16 + continuation (lossy)", dict(strategy="zipar_sjd", window=6, sjd_window=16,
