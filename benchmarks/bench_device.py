@@ -76,19 +76,43 @@ def graph_ms(fn, device, repeats: int) -> float | None:
     import torch
 
     try:
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return forward_ms(graph.replay, device, repeats)
+        return forward_ms(captured(fn, device), device, repeats)
     except Exception as e:  # noqa: BLE001 - a table cell, not a crash
         print(f"  CUDA graph capture failed: {type(e).__name__}: {e}", flush=True)
         return None
+
+
+def forward_of(model, streams: int, tokens: int, context: int, device, dtype):
+    """A function running one forward of `tokens` new tokens per stream after `context` cached
+    positions (the cache set up for `streams`), logits for every token."""
+    import torch
+
+    cfg = model.config
+    pos = torch.arange(cfg.cls_token_num + context, cfg.cls_token_num + context + tokens, device=device)
+    h = torch.randn(streams, tokens, cfg.hidden_size, device=device, dtype=dtype)
+    mask = model.causal_mask[None, None, pos]
+
+    def step():
+        with torch.no_grad():
+            return model.step_masked(h, pos, mask)
+
+    return step
+
+
+def captured(fn, device):
+    """fn() captured once as a CUDA graph -> its replay (raises where the capture fails)."""
+    import torch
+
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def step_cost(sizes, in_flight, tokens, context, device, dtype, repeats) -> tuple[str, list[str]]:
@@ -107,14 +131,7 @@ def step_cost(sizes, in_flight, tokens, context, device, dtype, repeats) -> tupl
             model.setup_cache(streams, device=device, max_len=cfg.cls_token_num + context + max(tokens))
             row = [n_images]
             for t in tokens:
-                pos = torch.arange(cfg.cls_token_num + context, cfg.cls_token_num + context + t, device=device)
-                h = torch.randn(streams, t, cfg.hidden_size, device=device, dtype=dtype)
-                mask = model.causal_mask[None, None, pos]
-
-                def step():
-                    with torch.no_grad():
-                        return model.step_masked(h, pos, mask)
-
+                step = forward_of(model, streams, t, context, device, dtype)
                 eager = forward_ms(step, device, repeats)
                 graph = graph_ms(step, device, repeats)
                 best = graph if graph is not None else eager
@@ -168,25 +185,9 @@ def policy_table(sizes, in_flight, device, dtype, window: int = 16, slope: float
 
             def run(width):
                 if width not in runs:
-                    pos = torch.arange(cfg.cls_token_num + context, cfg.cls_token_num + context + width, device=device)
-                    h = torch.randn(streams, width, cfg.hidden_size, device=device, dtype=dtype)
-                    mask = model.causal_mask[None, None, pos]
-
-                    def step():
-                        with torch.no_grad():
-                            return model.step_masked(h, pos, mask)
-
-                    runs[width] = step
-                    if device.type == "cuda":  # replayed as a CUDA graph, as vLLM's decode steps are
-                        stream = torch.cuda.Stream(device)
-                        stream.wait_stream(torch.cuda.current_stream(device))
-                        with torch.cuda.stream(stream):
-                            step()
-                        torch.cuda.current_stream(device).wait_stream(stream)
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph):
-                            step()
-                        runs[width] = graph.replay
+                    step = forward_of(model, streams, width, context, device, dtype)
+                    # replayed as a CUDA graph, as vLLM's decode steps are
+                    runs[width] = captured(step, device) if device.type == "cuda" else step
                 sync(device)
                 t0 = time.perf_counter()
                 runs[width]()

@@ -33,6 +33,7 @@ lets it widen again.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,7 +156,7 @@ class WidthPolicy:
             return exploring_widths(ceilings, 2 * (self.cost.steps // self.probe_every))
         return chosen
 
-    stale_after = 128
+    stale_after = 2048
 
     def options(self, options: list[WindowOption], streams: int, count: int, sequences: int, images: int) -> list[int]:
         """The option (index) each of `count` images admitted together with these options runs with
@@ -163,8 +164,8 @@ class WidthPolicy:
         the model would keep rows out and no step has had any for `stale_after` steps, one of them
         gets its own window anyway; where it would give rows to images joining others and no step has
         been without them as long, one of them gets raster order: steps with and without rows, at
-        the load of the moment, are what tell their costs apart (the model forgets, so its evidence
-        must be renewed). Alone, each ZipAR image's first row is such a step, so a single image is
+        the load of the moment, are what tell their costs apart, and the machine may have changed
+        since the model's evidence of one side was taken. Alone, each ZipAR image's first row is such a step, so a single image is
         never made to probe."""
         index = self.rows.choose(options, streams, count, sequences, images)
         chosen = [index] * count
@@ -192,17 +193,18 @@ class RowCost:
     reads every token before it, so its forwards cost several times more at the end of the image
     than at the start (measured here: 10.8 ms at the start of a 16-image ZipAR w=4 batch, 19.3 ms at
     its end, 5.8 ms raster). That drift is what `StepCost`'s differences cancel, so this model fits
-    absolute step times over the recent steps instead: t = a + b s + c m + p r + q C + f [m > 0], C
-    the summed context of the m wide streams, f what the first wide stream costs the whole step
-    (the masked attention's set-up). Least squares with forgetting; coefficients with no evidence
-    (no wide steps of late) are pulled to 0, so an image then gets its own window and its steps
-    teach the model again."""
+    absolute step times instead: t = a + b s + c m + p r + q C + f [m > 0], C the summed context of
+    the m wide streams, f what the first wide stream costs the whole step (the masked attention's
+    set-up), by least squares over the last `keep` steps with wide streams and the last `keep`
+    without. Kept apart, neither kind pushes the other out: under load, where every image runs in
+    raster order, what rows cost is still known (forgetting by time would have pulled it to zero
+    and handed rows to the next images, whose set-up alone costs a raster step). Coefficients with
+    no evidence at all are pulled to 0 by a small prior, so the first images get their own window
+    and their steps teach the model."""
 
-    def __init__(self, forget: float = 0.995, prior_weight: float = 2.0):
-        self.forget, self.prior_weight = forget, prior_weight
-        self._xx = np.zeros((6, 6))
-        self._xy = np.zeros(6)
-        self._weight = 0.0
+    def __init__(self, keep: int = 256, prior_weight: float = 2.0):
+        self.prior_weight = prior_weight
+        self._steps = (deque(maxlen=keep), deque(maxlen=keep))  # (features, seconds): without, with wide streams
         self._fitted: np.ndarray | None = None
         self._last: np.ndarray | None = None  # the last step's features
 
@@ -214,18 +216,19 @@ class RowCost:
         if not seconds > 0 or shape.sequences <= 0:
             return
         x = self.features(shape.sequences, shape.wide_streams, shape.extra, shape.wide_context)
-        self._xx = self.forget * self._xx + np.outer(x, x)
-        self._xy = self.forget * self._xy + seconds * x
-        self._weight = self.forget * self._weight + 1.0
+        self._steps[shape.wide_streams > 0].append((x, seconds))
         self._fitted, self._last = None, x
 
     def coefficients(self) -> np.ndarray | None:
-        if self._weight < 8:
+        steps = [*self._steps[0], *self._steps[1]]
+        if len(steps) < 8:
             return None
         if self._fitted is None:
-            typical = np.diag(self._xx) / self._weight
+            x = np.array([f for f, _ in steps])
+            xx, xy = x.T @ x, x.T @ np.array([t for _, t in steps])
+            typical = np.diag(xx) / len(steps)
             ridge = np.diag(np.r_[0.0, self.prior_weight * typical[1:]]) + 1e-9 * np.eye(6)
-            self._fitted = np.maximum(np.linalg.solve(self._xx + ridge, self._xy), 0.0)
+            self._fitted = np.maximum(np.linalg.solve(xx + ridge, xy), 0.0)
         return self._fitted
 
     def choose(self, options: list[WindowOption], streams: int, count: int, sequences: int, images: int,

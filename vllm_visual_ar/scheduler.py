@@ -280,14 +280,17 @@ class VisualARScheduler(Scheduler):
                     self._restart(g, options[index].window)
 
     def _restart(self, group: list[Request], window: int) -> None:
-        """Start an admitted image's requests again (before their first forward) with another window."""
+        """Start an admitted image's requests again (before their first forward) with another window;
+        where the strategy refuses it, they keep the one they have."""
         for r in group:
             info = image_request_info(r.sampling_params)
-            set_window(r.sampling_params, window)  # what the model runner reads
+            tracked, max_tokens = self._tracked.pop(r.request_id), r.max_tokens
             r.max_tokens = r.sampling_params.max_tokens  # the image's tokens; the new footprint sets it again
-            del self._tracked[r.request_id]
             if problem := self._start(r, replace(info, decoding=replace(info.decoding, window=window))):
-                raise RuntimeError(f"load-aware window {window} for {r.request_id}: {problem}")
+                logger.warning("visual_ar: load-aware window %d refused for %s: %s", window, r.request_id, problem)
+                self._tracked[r.request_id], r.max_tokens = tracked, max_tokens
+                continue
+            set_window(r.sampling_params, window)  # what the model runner reads
 
     def _phase_step(self, admitted: list[Request]) -> tuple[list[Request], list[Request]]:
         """One phase per step (a phase is the model a forward runs), alternating between the phases
