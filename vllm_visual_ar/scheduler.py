@@ -26,7 +26,9 @@ preempts request by request, so this subclass wraps it rather than rewriting it:
 - Load-aware widths (`samplers/load.py`). A strategy that can run a step narrower than its window
   says so (`width_choice`); before each step the scheduler picks every such image's width
   from a cost model of step time against what the step runs, fitted on the steps this engine has run, and
-  reports it in the step's output (`requests.step_width`).
+  reports it in the step's output (`requests.step_width`). A strategy whose schedule is fixed for the
+  whole image says which windows it could run at (`window_options`); the scheduler picks one when it
+  admits the image and restarts the image's requests with it, before their first forward.
 """
 from __future__ import annotations
 
