@@ -66,7 +66,7 @@ def test_health_models_and_metrics(server):
     assert httpx.get(f"{server}/health").status_code == 200
     models = httpx.get(f"{server}/v1/models").json()
     assert models["data"][0]["id"].endswith("llamagen_mnist")
-    for decoding in (dict(strategy="zipar", window=8), dict(strategy="zipar_sjd", window=8, sjd_window=8)):
+    for decoding in (dict(strategy="zipar", window=4), dict(strategy="zipar_sjd", window=8, sjd_window=8)):
         before = metric(server, "vllm_visual_ar:image_forward_passes_count", strategy=decoding["strategy"])
         assert generate(server, prompt="1", **decoding).status_code == 200
         assert metric(server, "vllm_visual_ar:image_forward_passes_count", strategy=decoding["strategy"]) == before + 1
