@@ -382,7 +382,7 @@ class ZipAR(Strategy):
 
     def window_options(self, request):
         """A load-aware image's schedule is fixed once it starts, so its window is chosen when it is
-        admitted: raster order, then windows halving down to its own (`load.choose_option`)."""
+        admitted: raster order, then windows halving down to its own (`load.RowCost.choose`)."""
         from vllm_visual_ar.samplers.load import WindowOption
 
         if not self.decoding.load_aware or request.num_computed_tokens or request.num_output_tokens:
