@@ -1,8 +1,9 @@
 """Text-to-image decoding in vLLM's engine on the embedded text-to-image model (t2i-mnist, Lumina-mGPT's
-layout): raster order, ZipAR and SJD, side by side in one run.
+layout): raster order, ZipAR, SJD and ZipAR x SJD (`--zipar-sjd window:sjd_window`), side by side in
+one run.
 
-    python benchmarks/bench_t2i.py [--zipar-windows 8 4] [--sjd-windows 16] [--in-flight 1 16] [--repeats 2]
-                                   [--per-prompt 2]
+    python benchmarks/bench_t2i.py [--zipar-windows 8 4] [--sjd-windows 16] [--zipar-sjd 8:8 4:8]
+                                   [--in-flight 1 16] [--repeats 2] [--per-prompt 2]
 
 For each decoding: forward passes per image, step compression (tokens per forward: the image's
 tokens, ends of line and image end included, over its forwards), SJD's draft acceptance, images/s
@@ -86,6 +87,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zipar-windows", type=int, nargs="+", default=[8, 4])
     ap.add_argument("--sjd-windows", type=int, nargs="+", default=[16])
+    ap.add_argument("--zipar-sjd", nargs="+", default=["8:8", "4:8"], help="ZipAR x SJD rows, window:sjd_window")
     ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--per-prompt", type=int, default=2, help="images per caption for the quality columns")
@@ -96,6 +98,9 @@ def main():
     engine = ImageGenerator("t2i-mnist", max_images_in_flight=max(args.in_flight))
     configs = ([("raster", {})] + [(f"ZipAR w={w}", dict(strategy="zipar", window=w)) for w in args.zipar_windows]
                + [(f"SJD L={w}", dict(strategy="sjd", window=w)) for w in args.sjd_windows])
+    for pair in args.zipar_sjd:
+        w, j = (int(v) for v in pair.split(":"))
+        configs.append((f"ZipAR w={w} x SJD L={j}", dict(strategy="zipar_sjd", window=w, sjd_window=j)))
     table = compare(engine, configs, args.in_flight, args.repeats, args.per_prompt)
     grid = lumina_grid_table([16, 8])
     print(table + "\n\n" + grid)
@@ -105,12 +110,13 @@ def main():
              "every configuration in vLLM's engine (in-process core), same seeds. Forwards are counted per image "
              "from the engine's per-step outputs (the prompt's forward included); raster spends a forward on each "
              "placed token too, as the original loops do. ZipAR follows the authors' Lumina-mGPT schedule (the window "
-             "counts the row's leading token). Speed-up: images/s against raster at the same number of images in "
+             "counts the row's leading token); ZipAR x SJD runs the same rows, each verifying an SJD window "
+             "(`samplers/zipar_sjd.py`). Speed-up: images/s against raster at the same number of images in "
              "flight, in this run. Class agreement: the evaluator's classifier on the decoded 32x32 images (centre "
              "28x28); attribute agreement: the share whose measured bin (per-digit terciles of stroke width or "
              "slant) is the one the caption asks for.\n\nSecond table: the forward counts of a 768x768 Lumina-mGPT "
              "image follow from the schedule alone (`samplers/zipar.py::forward_passes`).")
-    print("wrote", write_results("t2i", "Text-to-image: raster, ZipAR and SJD in vLLM (t2i-mnist)",
+    print("wrote", write_results("t2i", "Text-to-image: raster, ZipAR, SJD and ZipAR x SJD in vLLM (t2i-mnist)",
                                  table + "\n\n" + grid, notes))
 
 

@@ -150,3 +150,105 @@ def generate_zipar_image_tokens(model, cond_ids: list[int], uncond_ids: list[int
         fed = emitted + place()
         forwards += 1
     return [image[s] for s in range(layout.num_tokens)], forwards
+
+
+@torch.no_grad()
+def generate_zipar_sjd_image_tokens(model, cond_ids: list[int], uncond_ids: list[int] | None, layout, window: int,
+                                    sjd_window: int, guidance_mix=None, guidance_scale: float = 1.0
+                                    ) -> tuple[list[int], int]:
+    """Greedy ZipAR x SJD (`samplers/zipar_sjd.py`, module doc) on a transformers text-to-image LM whose
+    rows end with an end-of-line token, read from the rules, with horizontal drafts: rows start as in
+    `generate_zipar_image_tokens` (row r's end of line, placed once row r has `window - 1` codes,
+    predicts (r+1, 0)); each forward feeds what the last one committed and placed, then per started,
+    unfinished row up to `sjd_window - 1` drafts of its next columns (the carried Jacobi tail, then
+    the code to the left, at column 0 the code above). Greedy verification: a draft stands where it
+    equals the argmax of the guided target before it; a row commits its accepted drafts and the
+    target after them, never past column (codes of the row above) - (window - 1) unless that row is
+    complete; the targets after the first miss (or past that column) are the row's next drafts.
+    Drafts see the committed tokens whose slot is <= theirs and their own row's earlier drafts; their
+    keys/values are dropped after the forward (the cache is cropped). -> (tokens, forwards)."""
+    from transformers import DynamicCache
+
+    body = getattr(model.model, "text_model", model.model)
+    height, width, stride = layout.rows, layout.cols, layout.cols + 1
+    assert layout.row_end is not None, "this loop is for layouts with an end of line per row"
+    lag = min(window, stride) - 1
+    streams = [list(cond_ids)] + ([list(uncond_ids)] if uncond_ids is not None else [])
+    caches = [DynamicCache() for _ in streams]
+    key_slots: list[list[int]] = [[] for _ in streams]
+    codes = slice(layout.code_ids.start, layout.code_ids.stop)
+
+    def forward(i: int, ids: list[int], slots: list[int] | None, rows: list[int] | None = None, kept: int = 0):
+        """Feed `ids` (the prompt, or tokens at image `slots`, the last ones drafts of `rows`) to stream
+        i; keep the keys/values of the first `kept` -> logits [len(ids), V]."""
+        prefix = len(streams[i])
+        past = key_slots[i]
+        if slots is None:
+            seen = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+            positions, new = list(range(prefix)), [-1] * len(ids)
+        else:
+            positions, new = [prefix + s for s in slots], slots
+            draft_row = torch.tensor([-1] * (len(past) + kept) + rows)
+            keys, query = torch.tensor(past + new), torch.tensor(new)
+            seen = (keys[None, :] <= query[:, None]) & (
+                (draft_row[None, :] < 0) | (draft_row[None, :] == draft_row[len(past):][:, None]))
+        mask = torch.zeros(seen.shape).masked_fill(~seen, torch.finfo(torch.float32).min)
+        out = body(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
+                   attention_mask=mask[None, None], past_key_values=caches[i], use_cache=True)
+        keep = len(ids) if slots is None else kept
+        caches[i].crop(len(past) + keep)
+        key_slots[i] = past + new[:keep]
+        return model.lm_head(out.last_hidden_state[0]).float()
+
+    def targets(logits: list[torch.Tensor], at: list[int]) -> list[int]:
+        mixed = logits[0][at][:, codes]
+        if len(logits) > 1:
+            mixed = guidance_mix(mixed, logits[1][at][:, codes], guidance_scale)
+        return (codes.start + mixed.argmax(-1)).tolist()
+
+    image: dict[int, int] = {}
+    count, started = [0] * height, [True] + [False] * (height - 1)
+    carried: dict[int, list[int]] = {r: [] for r in range(height)}
+    prompts = [forward(i, ids, None)[-1:] for i, ids in enumerate(streams)]
+    image[0] = targets(prompts, [0])[0]
+    count[0] = 1
+    pending = [0]  # slots fed by the next forward (the prompt's forward places nothing)
+    forwards = 1
+    while count[-1] < width:
+        fed, rows, chains = list(pending), [], []
+        for r in range(height):
+            if not started[r] or count[r] == width:
+                continue
+            c = count[r]
+            head = pending.index(r * stride + c - 1 if c else (r - 1) * stride + width)
+            room = width - c if r == 0 or count[r - 1] == width else count[r - 1] - lag - c + 1
+            n = min(sjd_window - 1, width - 1 - c)
+            drafts = carried[r][:n]
+            while len(drafts) < n:
+                col = c + len(drafts)
+                drafts.append(drafts[-1] if drafts else image[r * stride + col - 1] if col else image[(r - 1) * stride])
+            chains.append((r, c, head, len(fed), drafts, room))
+            fed += [r * stride + c + j for j in range(n)]
+            rows += [r] * n
+        ids = [image[s] for s in pending] + [d for *_, drafts, _ in chains for d in drafts]
+        logits = [forward(i, ids, fed, rows, len(pending)) for i in range(len(streams))]
+        forwards += 1
+        pending = []
+        for r, c, head, first, drafts, room in chains:
+            t = targets(logits, [head] + list(range(first, first + len(drafts))))
+            n = 1
+            while n < min(room, len(t)) and drafts[n - 1] == t[n - 1]:
+                n += 1
+            for j in range(n):
+                image[r * stride + c + j] = t[j]
+                pending.append(r * stride + c + j)
+            count[r] += n
+            carried[r] = t[n:]
+        for r in range(height - 1):
+            if not started[r + 1] and count[r] >= min(lag, width):
+                started[r + 1] = True
+                image[r * stride + width] = layout.forced(r * stride + width)
+                pending.append(r * stride + width)
+    for s in range(height * stride - 1, layout.num_tokens):
+        image[s] = layout.forced(s)
+    return [image[s] for s in range(layout.num_tokens)], forwards

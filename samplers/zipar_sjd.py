@@ -4,13 +4,19 @@ per forward instead of exactly one. No paper or code combines the two (`../share
 anchors-2026.md`); the rules below are this project's, chosen so that `sjd_window` = 1 is ZipAR
 token for token.
 
-Rows (H rows of W codes; no end-of-line tokens):
-- row 0 is decoded alone; row 1 starts once row 0 is complete, its first token predicted by row 0's
-  last one (raster hand-over); row r+1 (r >= 1) starts once row r has `window` codes, by a stand-in
-  fed at the slot of (r, W-1), a copy of row r-1's latest code (ZipAR's rule). A window >= W starts
-  every row by hand-over;
-- ZipAR samples (r+1, c) when row r has c + window codes; here row r+1 may commit column c only if
-  row r had at least c + window codes (or was complete) when its target was computed, so every
+Rows (H rows of W codes). How a row starts is ZipAR's (`zipar.py::zipar_schedule`), per layout:
+- no end-of-line tokens (LlamaGen): row 0 is decoded alone; row 1 starts once row 0 is complete, its
+  first token predicted by row 0's last one (raster hand-over); row r+1 (r >= 1) starts once row r
+  has `window` codes, by a stand-in fed at the slot of (r, W-1), a copy of row r-1's latest code. A
+  window >= W starts every row by hand-over. The lag is `window` codes;
+- an end of line after each row (Lumina-mGPT, Emu3: ZipAR's Lumina-mGPT rule, the window counts the
+  row's leading token): row r+1 starts once row r has `window - 1` codes, every row, row 1 included,
+  by placing row r's end of line at its own slot, which predicts (r+1, 0); no stand-ins. The last
+  row's end of line and the image-end tokens are placed with its last code. As in ZipAR, the
+  prompt's forward places nothing. The lag is `window - 1` codes; a window of the row's width + 1
+  is raster order;
+- ZipAR samples (r+1, c) when row r has c + lag codes; here row r+1 may commit column c only if
+  row r had at least c + lag codes (or was complete) when its target was computed, so every
   committed token saw at least what ZipAR would show it. A row whose predecessor commits at least
   one token per forward therefore never stalls, which SJD guarantees;
 - each forward, a row's chain is its head (the token whose logits predict its next column: its
@@ -68,10 +74,12 @@ def check_row_window(value) -> int:
 
 @dataclass(frozen=True)
 class Entry:
-    """A committed token or a stand-in, as appended to the request (the next forward feeds it)."""
-    raster: int                  # its slot: index in the image, raster order
+    """A committed token, a stand-in or a placed token (an end of line, an image end), as appended to
+    the request (the next forward feeds it)."""
+    raster: int                  # its slot: index in the image's tokens, raster order (ends of line counted)
     copy_of: int | None = None   # a stand-in: raster index of the code it copies
     heads: int | None = None     # the row whose next code its logits predict; None: key/value only
+    placed: bool = False         # the token the layout forces at its slot
 
     @property
     def stand_in(self) -> bool:
@@ -96,12 +104,17 @@ class Wavefront:
     width: int
     window: int
     jacobi: int
+    row_end: bool = False  # an end-of-line token after each row (its slot: the row's last)
+    image_end: int = 0     # tokens placed after the last row's end of line
     count: list[int] = field(default_factory=list)  # codes committed per row
     pending: list[Entry] = field(default_factory=list)  # appended by the last forward, fed by the next
     started: list[bool] = field(default_factory=list)
 
     def __post_init__(self):
-        self.window = min(self.window, self.width)
+        self.stride = self.width + self.row_end
+        self.window = min(self.window, self.stride)
+        # Row r+1 predicts column c once row r has c + lag codes (module doc).
+        self.lag = self.window - 1 if self.row_end else self.window
         self.count = [0] * self.height
         self.started = [True] + [False] * (self.height - 1)
 
@@ -112,13 +125,13 @@ class Wavefront:
     @property
     def stand_ins(self) -> int:
         """Stand-ins an image appends: one per row from row 2 on, when rows overlap."""
-        return max(0, self.height - 2) if self.window < self.width else 0
+        return max(0, self.height - 2) if not self.row_end and self.window < self.width else 0
 
     def limit(self, row: int) -> int:
-        """The last column `row` may predict now: the row above's codes less the window."""
+        """The last column `row` may predict now: the row above's codes less the lag."""
         if row == 0 or self.count[row - 1] == self.width:
             return self.width - 1
-        return self.count[row - 1] - self.window
+        return self.count[row - 1] - self.lag
 
     def chains(self) -> list[Chain]:
         """The chains of the next forward, top row first."""
@@ -144,9 +157,11 @@ class Wavefront:
         chains = self.chains()
         return sum(c.most - 1 for c in chains), sum(committed.get(c.row, 1) - 1 for c in chains)
 
-    def commit(self, committed: dict[int, int]) -> list[Entry]:
+    def commit(self, committed: dict[int, int], place: bool = True) -> list[Entry]:
         """Codes committed per row this forward -> the entries appended (each row's codes, top row
-        first, then a stand-in when a row starts), which the next forward feeds."""
+        first, then the end of line or stand-in that starts a row, and after the last code the
+        tokens placed after it), which the next forward feeds. `place` False: the prompt's forward,
+        which places nothing."""
         entries = []
         for row in sorted(committed):
             n = committed[row]
@@ -159,12 +174,15 @@ class Wavefront:
                 heads = None
                 if last and col < self.width - 1:
                     heads = row
-                elif last and row + 1 < self.height and not self.started[row + 1] and (
+                elif last and not self.row_end and row + 1 < self.height and not self.started[row + 1] and (
                         row == 0 or self.window >= self.width):
                     heads = row + 1  # raster hand-over
                     self.started[row + 1] = True
-                entries.append(Entry(row * self.width + col, heads=heads))
-        if self.window < self.width:  # the bottom started row reached the window: a stand-in starts the next
+                entries.append(Entry(row * self.stride + col, heads=heads))
+        if self.row_end:
+            if place:
+                entries += self._placements(self.height - 1 in committed)
+        elif self.window < self.width:  # the bottom started row reached the window: a stand-in starts the next
             bottom = max(r for r in range(self.height) if self.started[r])
             if 1 <= bottom < self.height - 1 and self.count[bottom] >= self.window:
                 above = bottom - 1
@@ -174,32 +192,48 @@ class Wavefront:
         self.pending = entries
         return entries
 
+    def _placements(self, last_row_moved: bool) -> list[Entry]:
+        """Rows that end with an end of line: the ends of line that start the next row (a row with
+        `lag` codes), then, once the last row is complete, its end of line and the image end."""
+        placed = []
+        for r in range(self.height - 1):
+            if not self.started[r + 1] and self.count[r] >= min(self.lag, self.width):
+                self.started[r + 1] = True
+                placed.append(Entry(r * self.stride + self.width, heads=r + 1, placed=True))
+        if last_row_moved and self.done:
+            end = self.height * self.stride
+            placed += [Entry(s, placed=True) for s in range(end - 1, end + self.image_end)]
+        return placed
+
     def start(self) -> list[Entry]:
         """The prompt's forward sampled (0, 0)."""
-        return self.commit({0: 1})
+        return self.commit({0: 1}, place=False)
 
     def widest_step(self) -> int:
         """A bound on the tokens of one forward: committed tokens fed plus drafts. Row r+1 lags row r
-        by at least window - 1 codes, so at most (W - 1) / (window - 1) + 1 rows are active (all of
-        them at window 1), plus one that just completed, each feeding up to `jacobi` codes and
-        `jacobi` - 1 drafts, and a stand-in."""
-        rows = self.height if self.window == 1 else min(self.height, (self.width - 1) // (self.window - 1) + 2)
-        return min(rows * (2 * self.jacobi - 1) + 1, self.height * self.width + self.stand_ins)
+        by at least lag - 1 codes, so at most (W - 1) / (lag - 1) + 1 rows are active (all of them
+        at lag 1), plus one that just completed, each feeding up to `jacobi` codes and `jacobi` - 1
+        drafts, and a stand-in or an end of line."""
+        return min(self._rows_at_once() * (2 * self.jacobi - 1) + 1,
+                   self.height * self.stride + self.image_end + self.stand_ins)
 
     def widest_drafts(self) -> int:
-        rows = self.height if self.window == 1 else min(self.height, (self.width - 1) // (self.window - 1) + 2)
-        return rows * (self.jacobi - 1)
+        return self._rows_at_once() * (self.jacobi - 1)
+
+    def _rows_at_once(self) -> int:
+        return self.height if self.lag <= 1 else min(self.height, (self.width - 1) // (self.lag - 1) + 2)
 
 
 def wavefront(layout, decoding) -> Wavefront:
-    return Wavefront(layout.rows, layout.cols, decoding.window, decoding.sjd_window)
+    return Wavefront(layout.rows, layout.cols, decoding.window, decoding.sjd_window, layout.row_end is not None,
+                     len(layout.image_end))
 
 
 def initial_drafts(carried: Drafts, n: int, init: str, codes: int, row: int, first: int, tokens: dict[int, int],
-                   width: int, generator, device) -> Drafts:
+                   stride: int, generator, device) -> Drafts:
     """n drafts for columns first .. of `row`: the carried Jacobi tail, then initialised ("horizontal":
-    the code to the left, at column 0 the code above; "random": uniform). `tokens`: raster index ->
-    committed code."""
+    the code to the left, at column 0 the code above; "random": uniform). `tokens`: raster index
+    (rows `stride` apart) -> committed code."""
     kept, q = list(carried.tokens[:n]), carried.q[:n]
     fresh = n - len(kept)
     if fresh <= 0:
@@ -214,9 +248,9 @@ def initial_drafts(carried: Drafts, n: int, init: str, codes: int, row: int, fir
             if prior:
                 new.append(prior[-1])
             elif col > 0:
-                new.append(tokens[row * width + col - 1])
+                new.append(tokens[row * stride + col - 1])
             else:
-                new.append(tokens[(row - 1) * width])
+                new.append(tokens[(row - 1) * stride])
     one_hot = torch.nn.functional.one_hot(torch.tensor(new, dtype=torch.long, device=device), codes).float()
     return Drafts(kept + new, torch.cat([q.to(one_hot.device), one_hot]))
 
@@ -271,16 +305,16 @@ class ZipARSJDRunner(StrategyRunner):
                 image = self.images[image_id] = _Image(wavefront(layout, info.decoding))
                 image.append(image.front.start())
                 image.codes[0] = step.state(lead).output_token_ids[0] - layout.code_ids.start
-            front, width = image.front, layout.cols
+            front, stride = image.front, layout.row_stride
             image.chains = front.chains()
             image.drafts = {}
             draft_raster, draft_rows, slot_tokens = [], [], []
             for chain in image.chains:
                 drafts = initial_drafts(image.carried.get(chain.row, Drafts.empty(layout.codebook_size)),
                                         chain.drafts, info.decoding.init, layout.codebook_size, chain.row,
-                                        chain.first, image.codes, width, step.generator(lead), self.device)
+                                        chain.first, image.codes, stride, step.generator(lead), self.device)
                 image.drafts[chain.row] = drafts
-                draft_raster += [chain.row * width + chain.first + i for i in range(chain.drafts)]
+                draft_raster += [chain.row * stride + chain.first + i for i in range(chain.drafts)]
                 draft_rows += [chain.row] * chain.drafts
                 slot_tokens += [layout.code_ids.start + d for d in drafts.tokens]
             pending = len(front.pending)
@@ -326,12 +360,13 @@ class ZipARSJDRunner(StrategyRunner):
                 first += n
                 committed[chain.row] = len(codes)
                 for i, code in enumerate(codes):
-                    image.codes[chain.row * layout.cols + chain.first + i] = code
+                    image.codes[chain.row * layout.row_stride + chain.first + i] = code
             entries = image.front.commit(committed)
             image.append(entries)
             image.report = tuple(committed.items())
             offset = layout.code_ids.start
-            out[row] = [offset + image.codes[e.copy_of if e.stand_in else e.raster] for e in entries]
+            out[row] = [layout.forced(e.raster) if e.placed else offset + image.codes[e.copy_of if e.stand_in else e.raster]
+                        for e in entries]
         return out
 
     def report(self, step, row):
@@ -359,17 +394,16 @@ class ZipARSJD(Strategy):
     @classmethod
     def fitted(cls, decoding, config, size=None):
         layout = image_layout(config, size)
-        return replace(decoding, window=min(decoding.window, layout.cols),
+        return replace(decoding, window=min(decoding.window, layout.row_stride),
                        sjd_window=min(decoding.sjd_window, layout.cols))
 
     @classmethod
     def problem(cls, config, decoding):
         if problem := super().problem(config, decoding):
             return problem
-        layout = image_layout(config)
-        if layout.row_end is not None or layout.image_end:
-            return ("strategy 'zipar_sjd' does not yet run on models whose images hold placed tokens (an end of "
-                    "line after each row, an image end); use 'zipar' or 'sjd'")
+        if image_layout(config).row_end is not None and decoding.window < 2:
+            return ("window must be >= 2 on this model: its rows end with an end-of-line token, and the "
+                    "window counts that leading token, as ZipAR's Lumina-mGPT code does")
         return None
 
     def start(self, request):

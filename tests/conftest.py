@@ -103,12 +103,15 @@ def rel_err(a: "torch.Tensor", b: "torch.Tensor") -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def t2i_reference(generator, hf_model, mix, text, guidance_scale, size=None, negative_prompt=None, window=None):
+def t2i_reference(generator, hf_model, mix, text, guidance_scale, size=None, negative_prompt=None, window=None,
+                  sjd_window=None, forwards=False):
     """A text-to-image family's greedy image from the plain-PyTorch loop over the transformers model
-    (`model_executors/t2i_reference.py`: raster order, or ZipAR's with `window`), with the family's
+    (`model_executors/t2i_reference.py`: raster order, ZipAR's with `window`, ZipAR x SJD's with
+    `sjd_window` too; with `forwards`, its forward count as a third value), with the family's
     prompts and layout as the engine builds them and the family's guidance `mix` as the test writes
     it out. -> (layout, generated tokens)."""
     from vllm_visual_ar.model_executors.t2i_reference import (generate_image_tokens, generate_zipar_image_tokens,
+                                                              generate_zipar_sjd_image_tokens,
                                                               transformers_next_logits)
     from vllm_visual_ar.requests import prompt_pair
 
@@ -118,9 +121,13 @@ def t2i_reference(generator, hf_model, mix, text, guidance_scale, size=None, neg
     if window is None:
         tokens = generate_image_tokens(transformers_next_logits(hf_model), cond, uncond, layout, mix, guidance_scale,
                                        top_k=1)
+        count = layout.num_tokens
+    elif sjd_window is None:
+        tokens, count = generate_zipar_image_tokens(hf_model, cond, uncond, layout, window, mix, guidance_scale)
     else:
-        tokens, _ = generate_zipar_image_tokens(hf_model, cond, uncond, layout, window, mix, guidance_scale)
-    return layout, torch.tensor(tokens)
+        tokens, count = generate_zipar_sjd_image_tokens(hf_model, cond, uncond, layout, window, sjd_window, mix,
+                                                        guidance_scale)
+    return (layout, torch.tensor(tokens)) + ((count,) if forwards else ())
 
 
 def chi_square_p(samples: list[tuple], exact: dict[tuple, float]) -> float:

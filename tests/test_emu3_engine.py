@@ -65,19 +65,25 @@ def test_emu3_negative_prompt_ratio_and_placed_tokens(emu3_generator, tiny_emu3)
 
 
 @pytest.mark.parametrize("strategy,window,guidance_scale", [("zipar", 3, 3.0), ("zipar", 5, 1.0),
-                                                            ("sjd", 6, 3.0), ("sjd", 16, 1.0)])
+                                                            ("sjd", 6, 3.0), ("sjd", 16, 1.0),
+                                                            ("zipar_sjd", 3, 3.0), ("zipar_sjd", 2, 1.0)])
 def test_zipar_and_sjd_on_emu3(emu3_generator, tiny_emu3, strategy, window, guidance_scale):
     """ZipAR equals the ZipAR loop over transformers' Emu3 (the authors ship no Emu3 code: the Lumina
-    rule, an end of line per row, applies as is); greedy SJD equals greedy raster. The three tokens
-    after the last row are placed, never sampled or rejected."""
+    rule, an end of line per row, applies as is), ZipAR x SJD (an SJD window of 4 per row) its loop,
+    greedy SJD greedy raster. The three tokens after the last row are placed, never sampled or
+    rejected."""
     from vllm_visual_ar.samplers.zipar import forward_passes
 
     text = "a blue cat at dusk"
+    sjd_window = 4 if strategy == "zipar_sjd" else None
     image = emu3_generator.generate(prompts=[text], guidance_scale=guidance_scale, strategy=strategy, window=window,
-                                    **GREEDY)[0]
-    layout, expected = t2i_reference(emu3_generator, tiny_emu3[1], emu3_cfg, text, guidance_scale,
-                                     window=window if strategy == "zipar" else None)
+                                    sjd_window=sjd_window, **GREEDY)[0]
+    layout, expected, forwards = t2i_reference(emu3_generator, tiny_emu3[1], emu3_cfg, text, guidance_scale,
+                                               window=window if strategy != "sjd" else None, sjd_window=sjd_window,
+                                               forwards=True)
     assert torch.equal(image.codes.flatten(), layout.codes_of(expected))
+    if strategy != "sjd":
+        assert image.stats.forward_passes == forwards
     if strategy == "zipar":
-        assert image.stats.forward_passes == forward_passes(layout.rows, layout.cols, window, row_end=True)
+        assert forwards == forward_passes(layout.rows, layout.cols, window, row_end=True)
     assert image.stats.forward_passes < layout.num_tokens

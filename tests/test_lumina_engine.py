@@ -105,6 +105,40 @@ def test_zipar_window_of_a_whole_row_is_raster(lumina_generator, tiny_lumina):
     assert image.stats.forward_passes == layout.num_tokens  # raster: one forward per token, placed ones too
 
 
+@pytest.mark.parametrize("window,sjd_window,guidance_scale,size", [(2, 4, 3.0, None), (3, 8, 1.0, None),
+                                                                    (4, 3, 3.0, "128x32"), (2, 2, 3.0, "32x64")])
+def test_zipar_sjd_equals_reference(lumina_generator, tiny_lumina, window, sjd_window, guidance_scale, size):
+    """ZipAR x SJD on a layout with an end of line per row: the engine equals the plain loop over
+    transformers' Chameleon (`t2i_reference.generate_zipar_sjd_image_tokens`), token for token and in
+    its forward count; ends of line and the image end are placed, never drafted or sampled."""
+    text = "a blue dog on a mat"
+    image = lumina_generator.generate(prompts=[text], guidance_scale=guidance_scale, strategy="zipar_sjd",
+                                      window=window, sjd_window=sjd_window, size=size, **GREEDY)[0]
+    size = None if size is None else tuple(int(v) for v in size.split("x"))
+    layout, expected, forwards = t2i_reference(lumina_generator, tiny_lumina[1], lumina_cfg, text, guidance_scale,
+                                               size=size, window=window, sjd_window=sjd_window, forwards=True)
+    assert torch.equal(image.codes.flatten(), layout.codes_of(expected))
+    assert image.stats.forward_passes == forwards and image.stats.tokens == layout.num_tokens
+
+
+def test_zipar_sjd_edges_are_zipar_and_sjd(lumina_generator, tiny_lumina):
+    """An SJD window of 1 is ZipAR (the authors' Lumina loop, its forward count too); a ZipAR window of
+    the row's width + 1 is SJD in raster order, which under greedy targets is greedy raster."""
+    from vllm_visual_ar.samplers.zipar import forward_passes
+
+    text = "a red cat at dusk"
+    one = lumina_generator.generate(prompts=[text], guidance_scale=3.0, strategy="zipar_sjd", window=3,
+                                    sjd_window=1, **GREEDY)[0]
+    layout, zipar = t2i_reference(lumina_generator, tiny_lumina[1], lumina_cfg, text, 3.0, window=3)
+    assert torch.equal(one.codes.flatten(), layout.codes_of(zipar))
+    assert one.stats.forward_passes == forward_passes(layout.rows, layout.cols, 3, row_end=True)
+    whole = lumina_generator.generate(prompts=[text], guidance_scale=3.0, strategy="zipar_sjd", window=5,
+                                      sjd_window=4, **GREEDY)[0]
+    _, raster = t2i_reference(lumina_generator, tiny_lumina[1], lumina_cfg, text, 3.0)
+    assert torch.equal(whole.codes.flatten(), layout.codes_of(raster))
+    assert whole.stats.forward_passes < layout.num_tokens
+
+
 @pytest.mark.parametrize("window,init,guidance_scale,grouped", [(3, "random", 3.0, None), (16, "horizontal", 3.0, None),
                                                                 (6, "random", 1.0, None), (6, "random", 3.0, True)])
 def test_greedy_sjd_equals_greedy_raster(lumina_generator, tiny_lumina, window, init, guidance_scale, grouped):
@@ -148,7 +182,9 @@ def test_strategies_and_sizes_share_a_batch(lumina_generator, tiny_lumina):
     plan = [("a red cat", None, 3.0, Decoding()), ("a blue dog", (128, 32), 3.0, Decoding("zipar", 2)),
             ("a green cat", None, 1.0, Decoding("sjd", 4, "random")), ("a dog at dusk", (128, 32), 3.0,
                                                                          Decoding("sjd", 5, "horizontal")),
-            ("a cat on a mat", None, 3.0, Decoding("zipar", 3))]
+            ("a cat on a mat", None, 3.0, Decoding("zipar", 3)),
+            ("a red dog", (128, 32), 3.0, Decoding("zipar_sjd", 2, sjd_window=4)),
+            ("a blue cat", None, 1.0, Decoding("zipar_sjd", 3, sjd_window=3))]
     submit_at: dict[int, list] = {}
     for i, (text, size, scale, decoding) in enumerate(plan):
         reqs = image_requests(gen.config, text, SamplingSettings(guidance_scale=scale, **GREEDY), image_id=f"t2i{i}",
@@ -157,8 +193,9 @@ def test_strategies_and_sizes_share_a_batch(lumina_generator, tiny_lumina):
             submit_at.setdefault(i % 3, []).append((f"t2i{i}-{j}", prompt, sp))
     done = step_until_done(gen.llm.llm_engine, submit_at)
     for i, (text, size, scale, decoding) in enumerate(plan):
-        window = decoding.window if decoding.strategy == "zipar" else None
-        layout, expected = t2i_reference(gen, tiny_lumina[1], lumina_cfg, text, scale, size=size, window=window)
+        window = decoding.window if decoding.strategy in ("zipar", "zipar_sjd") else None
+        layout, expected = t2i_reference(gen, tiny_lumina[1], lumina_cfg, text, scale, size=size, window=window,
+                                         sjd_window=decoding.sjd_window)
         assert done[f"t2i{i}-0"].token_ids == expected.tolist(), i
 
 
@@ -221,6 +258,7 @@ def test_sampled_sjd_follows_the_exact_distribution(enumerable_lumina, decoding)
     (dict(prompts=["a cat"], size="100x100"), "allowed"), (dict(prompts=["a cat"], size="big"), "size"),
     (dict(prompts=["a cat"], negative_prompt=""), "negative_prompt"),
     (dict(prompts=["a cat"], strategy="zipar", window=1), "window must be >= 2"),
+    (dict(prompts=["a cat"], strategy="zipar_sjd", window=1), "window must be >= 2"),
     (dict(prompts=["a cat"], strategy="sjd", relaxed_delta=0.1), "relaxed"),
     (dict(prompts=["cat " * 2000]), "max_model_len|longer"),
 ])

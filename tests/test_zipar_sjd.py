@@ -18,9 +18,9 @@ GREEDY = dict(top_k=1)
 
 
 # -- the rows as plain logic ---------------------------------------------------------------------
-def run_wavefront(height, width, window, jacobi, rng):
+def run_wavefront(height, width, window, jacobi, rng, row_end=False, image_end=0):
     """Drive a Wavefront with random acceptance; -> (appended entries per forward, drafts per forward)."""
-    front = Wavefront(height, width, window, jacobi)
+    front = Wavefront(height, width, window, jacobi, row_end, image_end)
     forwards = [front.start()]
     drafts = []
     while not front.done:
@@ -63,6 +63,46 @@ def test_a_sjd_window_of_one_is_zipar_s_schedule(height, width, window):
     assert len(forwards) == schedule.num_forwards
     ours = [(e.raster, e.copy_of) for f in forwards for e in f]
     assert ours == [(e.raster, e.copy_of) for e in schedule.sequence]
+
+
+@pytest.mark.parametrize("height,width", [(4, 4), (5, 7), (2, 3), (1, 4), (8, 8)])
+@pytest.mark.parametrize("window", [2, 3, 5, 100])
+@pytest.mark.parametrize("jacobi", [1, 2, 5])
+def test_rows_that_end_with_an_end_of_line(height, width, window, jacobi):
+    """Lumina-mGPT's and Emu3's layout: every row's end of line is placed once the row has window - 1
+    codes (every row, row 1 included) and starts the row below; the last row's end of line and the
+    image end come with its last code; no stand-ins; a code (r, c) arrives only after the forward that
+    committed (r-1, c + window - 2), what ZipAR's Lumina-mGPT rule shows it."""
+    stride, image_end = width + 1, 3
+    rng = random.Random(height * 100 + width * 10 + window + jacobi)
+    for _ in range(3):
+        forwards, _ = run_wavefront(height, width, window, jacobi, rng, row_end=True, image_end=image_end)
+        entries = [e for f in forwards for e in f]
+        assert not any(e.stand_in for e in entries) and not any(e.placed for e in forwards[0])
+        assert sorted(e.raster for e in entries) == list(range(height * stride + image_end))
+        placed = {e.raster for e in entries if e.placed}
+        assert placed == {r * stride + width for r in range(height)} | set(range(height * stride, height * stride + 3))
+        arrived = {e.raster: t for t, f in enumerate(forwards) for e in f}
+        lag = min(window, stride) - 1
+        for r in range(1, height):
+            # the end of line above arrives with the lag-th code of its row (the prompt's forward places
+            # nothing) and before the row below
+            eol = arrived[(r - 1) * stride + width]
+            assert eol == max(1, arrived[(r - 1) * stride + lag - 1]) < arrived[r * stride]
+            for c in range(width):
+                assert arrived[r * stride + c] > arrived[(r - 1) * stride + min(c + lag, width) - 1]
+        assert arrived[height * stride + image_end - 1] == arrived[height * stride - 2] == len(forwards) - 1
+
+
+@pytest.mark.parametrize("height,width", [(4, 4), (5, 7), (2, 3), (8, 8)])
+@pytest.mark.parametrize("window", [2, 3, 5, 100])
+def test_a_sjd_window_of_one_is_zipar_s_schedule_with_ends_of_line(height, width, window):
+    forwards, drafts = run_wavefront(height, width, window, 1, random.Random(0), row_end=True, image_end=2)
+    schedule = zipar_schedule(height, width, window, True, 2)
+    assert not any(drafts)
+    assert len(forwards) == schedule.num_forwards
+    assert [e.raster for f in forwards for e in f] == [e.raster for e in schedule.sequence]
+    assert [e.placed for f in forwards for e in f] == [e.placed for e in schedule.sequence]
 
 
 # -- the engine ----------------------------------------------------------------------------------
