@@ -139,6 +139,29 @@ def test_zipar_sjd_edges_are_zipar_and_sjd(lumina_generator, tiny_lumina):
     assert whole.stats.forward_passes < layout.num_tokens
 
 
+@pytest.mark.parametrize("extra", [dict(continue_after_reject=True), dict(group_acceptance=True)])
+def test_sampled_zipar_sjd_places_its_tokens_and_follows_its_seed(lumina_generator, extra):
+    """Sampled ZipAR x SJD (with continuation, with group acceptance): every end of line and the image
+    end where the layout has them, through plain `LLM.generate`, and a seed gives the same image alone
+    and beside other images."""
+    from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
+
+    gen = lumina_generator
+    sampling = dict(guidance_scale=3.0, temperature=1.0, top_k=50)
+    decoding = dict(strategy="zipar_sjd", window=3, sjd_window=6, **extra)
+    alone = gen.generate(prompts=["a red cat"], seed=4, **sampling, **decoding)[0]
+    batch = gen.generate(prompts=["a blue dog", "a red cat", "a cat at dusk"], seed=3, **sampling, **decoding)
+    assert torch.equal(batch[1].codes, alone.codes) and not torch.equal(batch[0].codes, alone.codes)
+    reqs = image_requests(gen.config, "a cat", SamplingSettings(**sampling), seed=3, tokenizer=gen.tokenizer,
+                          decoding=Decoding(**decoding))
+    out = gen.llm.generate([p for p, _ in reqs], [sp for _, sp in reqs], use_tqdm=False)
+    tokens = out[0].outputs[0].token_ids
+    layout = gen.layout
+    assert list(tokens) == list(out[1].outputs[0].token_ids) and len(tokens) == layout.num_tokens  # raster order
+    assert all(t == layout.forced(i) if layout.forced(i) is not None else t in layout.code_ids
+               for i, t in enumerate(tokens))
+
+
 @pytest.mark.parametrize("window,init,guidance_scale,grouped", [(3, "random", 3.0, None), (16, "horizontal", 3.0, None),
                                                                 (6, "random", 1.0, None), (6, "random", 3.0, True)])
 def test_greedy_sjd_equals_greedy_raster(lumina_generator, tiny_lumina, window, init, guidance_scale, grouped):

@@ -24,7 +24,7 @@ LLAMAGEN = [dict(classes=[1, 7], guidance_scale=3.0, **sampling, **decoding) for
 # Lumina-mGPT's attention splits its per-head query/key norms over the ranks (`chameleon.py`).
 LUMINA = [dict(prompts=["a red cat"], guidance_scale=3.0, **sampling, **decoding) for decoding, sampling in [
     (dict(), GREEDY), (dict(), SAMPLED), (dict(strategy="zipar", window=3), GREEDY),
-    (dict(strategy="sjd", window=5), SAMPLED)]]
+    (dict(strategy="sjd", window=5), SAMPLED), (dict(strategy="zipar_sjd", window=3, sjd_window=4), GREEDY)]]
 EMU3 = [dict(prompts=["a red cat"], guidance_scale=3.0, **sampling, **decoding) for decoding, sampling in [
     (dict(), SAMPLED), (dict(strategy="sjd", window=5, init="horizontal"), GREEDY)]]
 
