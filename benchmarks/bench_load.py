@@ -1,4 +1,4 @@
-"""Load-aware SJD and ZipAR windows against raster, side by side, at 1, 16 and 64 guided images in flight.
+"""Load-aware SJD, ZipAR and ZipAR x SJD windows against raster, side by side, at 1, 16 and 64 guided images in flight.
 
     python benchmarks/bench_load.py [--in-flight 1 16 64 1] [--rounds 3]
 
@@ -37,7 +37,9 @@ def configs() -> list[tuple[str, dict]]:
             ("ZipAR w=4 (pinned)", dict(strategy="zipar", window=4)),
             ("ZipAR w=4, load-aware", dict(strategy="zipar", window=4, load_aware=True)),
             ("ZipAR w=8 (pinned)", dict(strategy="zipar", window=8)),
-            ("ZipAR w=8, load-aware", dict(strategy="zipar", window=8, load_aware=True))]
+            ("ZipAR w=8, load-aware", dict(strategy="zipar", window=8, load_aware=True)),
+            ("ZipAR w=8 x SJD L=16 (pinned)", dict(strategy="zipar_sjd", window=8, sjd_window=16)),
+            ("ZipAR w=8 x SJD L=16, load-aware", dict(strategy="zipar_sjd", window=8, sjd_window=16, load_aware=True))]
 
 
 def main():

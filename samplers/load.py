@@ -185,6 +185,9 @@ class WindowOption:
     extra: float    # tokens fed per forward beyond one, per stream
     wide: bool      # its forwards feed more than one token (masked attention, rows to plan)
     context: float  # mean tokens each of its forwards attends to (the masked path reads them all)
+    # The decoding the image restarts with when this option is chosen (another strategy: ZipAR x SJD
+    # falling back to ZipAR's rows or raster order); None: its own, at `window`.
+    decoding: object = None
 
 
 class RowCost:

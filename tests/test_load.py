@@ -3,11 +3,13 @@ engine: load-aware images stay exact (coupled ones give coupled raster's image w
 load gave them; sampled ones follow the exact distribution: `test_sjd.py`), fit the step budget,
 and report the width each forward ran at."""
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from vllm_visual_ar.requests import Decoding
 from vllm_visual_ar.samplers.load import (Marginal, RowCost, StepCost, StepShape, WidthChoice, WidthPolicy,
                                          WindowOption, cap_to_budget, choose_widths)
 
@@ -259,6 +261,48 @@ def test_greedy_load_aware_zipar_equals_reference_zipar_at_the_window_it_was_giv
     assert seen == [forward_passes(grid, grid, 4), grid * grid]
 
 
+def test_load_aware_zipar_sjd_falls_back_to_zipar_rows_or_raster_order(tiny_generator, tiny_model):
+    """Load-aware ZipAR x SJD offers raster order and ZipAR's rows alone (both restarting it as
+    strategy "zipar") beside its own rows and SJD windows. Greedy: with a cost model that knows
+    nothing an image keeps its own and equals the ZipAR x SJD reference; with one that has learnt that
+    rows cost more than they give beside other images it restarts in raster order, vLLM's own path,
+    and equals the raster reference."""
+    from conftest import scheduler_of
+
+    from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
+    from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar_sjd as reference_zipar_sjd
+    from vllm_visual_ar.samplers.zipar_sjd import ZipARSJD
+
+    _, ref = tiny_model
+    grid, classes = tiny_generator.config.image_grid, [1, 2, 3, 4]
+    decoding = Decoding("zipar_sjd", 4, sjd_window=6, load_aware=True)
+    request = SimpleNamespace(num_computed_tokens=0, num_output_tokens=0, num_prompt_tokens=1)
+    options = ZipARSJD(tiny_generator.config, decoding).window_options(request)
+    assert [(o.window, o.decoding) for o in options] == [
+        (grid, Decoding("zipar", grid, load_aware=True)), (4, Decoding("zipar", 4, load_aware=True)), (4, None)]
+    assert options[0].commits < options[1].commits < options[2].commits and not options[0].wide
+    raster = reference_raster(ref, classes, guidance_scale=2.0, top_k=1).codes
+    policy = scheduler_of(tiny_generator)._width_policy
+    kept = policy.rows
+    costly = RowCost()
+    simulated_rows(costly, np.random.default_rng(0))
+    costly.observe(StepShape(8), 3e-3)
+    try:
+        policy.rows, policy._since_rows, policy._since_plain = RowCost(), 0, 0
+        images = tiny_generator.generate(classes, guidance_scale=2.0, top_k=1, strategy="zipar_sjd", window=4,
+                                         sjd_window=6, load_aware=True)
+        for c, im in zip(classes, images):
+            expected = reference_zipar_sjd(ref, c, 4, 6, guidance_scale=2.0, top_k=1)
+            assert torch.equal(im.codes.flatten(), expected.codes[0]) and im.stats.forward_passes == expected.forward_passes
+        policy.rows, policy._since_rows, policy._since_plain = costly, 0, 0
+        images = tiny_generator.generate(classes, guidance_scale=2.0, top_k=1, strategy="zipar_sjd", window=4,
+                                         sjd_window=6, load_aware=True)
+        assert torch.equal(torch.stack([im.codes.flatten() for im in images]), raster)
+        assert [im.stats.forward_passes for im in images] == [grid * grid] * len(classes)
+    finally:
+        policy.rows = kept
+
+
 def test_greedy_load_aware_sjd_equals_greedy_raster(tiny_generator, tiny_model):
     from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
 
@@ -272,5 +316,5 @@ def test_greedy_load_aware_sjd_equals_greedy_raster(tiny_generator, tiny_model):
 def test_bad_load_aware_arguments_are_value_errors(tiny_generator):
     with pytest.raises(ValueError, match="load_aware must be true or false"):
         tiny_generator.generate([1], strategy="sjd", load_aware="yes")
-    with pytest.raises(ValueError, match="load_aware applies to strategies 'zipar' and 'sjd' only"):
+    with pytest.raises(ValueError, match="load_aware applies to strategies 'zipar', 'sjd' and 'zipar_sjd' only"):
         tiny_generator.generate([1], load_aware=True)

@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "continuation)")
     g.add_argument("--load-aware", action="store_true",
                    help="SJD: the scheduler narrows each step's window under load; ZipAR: it picks the window "
-                        "(up to raster order) when it admits the image")
+                        "(up to raster order) when it admits the image; zipar_sjd: it may run the image as "
+                        "ZipAR's rows alone or in raster order, chosen when it admits it")
     g.add_argument("--group-acceptance", action="store_true",
                    help="SJD: GSD's group acceptance (not exact: a draft counts the target mass of similar codes)")
     g.add_argument("--draft-steps", type=int, default=None,

@@ -174,11 +174,12 @@ def image_request_info(sampling_params) -> ImageRequestInfo | None:
     return parsed
 
 
-def set_window(sampling_params, window: int) -> None:
-    """Rewrite a request's window in its `visual_ar` args (the scheduler's load-aware choice at
+def set_decoding(sampling_params, decoding: Decoding) -> None:
+    """Rewrite a request's decoding in its `visual_ar` args (the scheduler's load-aware choice at
     admission, before the request's first forward: the model runner reads it from there)."""
     extra = dict(sampling_params.extra_args)
-    extra[EXTRA_ARGS_KEY] = {**extra[EXTRA_ARGS_KEY], "window": window}
+    kept = {k: v for k, v in extra[EXTRA_ARGS_KEY].items() if k != "strategy" and k not in DECODING_OPTIONS}
+    extra[EXTRA_ARGS_KEY] = {**kept, **decoding.to_args()}
     sampling_params.extra_args = extra
 
 

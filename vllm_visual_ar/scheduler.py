@@ -44,7 +44,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_visual_ar import phase_kv
 from vllm_visual_ar.admission import Need, admit, cannot_fit, footprint_need
-from vllm_visual_ar.requests import STEP_DRAFTS_KEY, STEP_WIDTH_KEY, Decoding, image_request_info, set_window
+from vllm_visual_ar.requests import STEP_DRAFTS_KEY, STEP_WIDTH_KEY, Decoding, image_request_info, set_decoding
 from vllm_visual_ar.samplers import strategy_for
 from vllm_visual_ar.samplers.load import StepShape, WidthPolicy, cap_to_budget
 from vllm_visual_ar.samplers.strategy import RUNNER_REPORTS, Strategy
@@ -279,20 +279,21 @@ class VisualARScheduler(Scheduler):
         for (options, streams), same in asking.items():
             for g, index in zip(same, self._width_policy.options(list(options), streams, len(same), sequences, images)):
                 if index < len(options) - 1:
-                    self._restart(g, options[index].window)
+                    self._restart(g, options[index])
 
-    def _restart(self, group: list[Request], window: int) -> None:
-        """Start an admitted image's requests again (before their first forward) with another window;
-        where the strategy refuses it, they keep the one they have."""
+    def _restart(self, group: list[Request], option) -> None:
+        """Start an admitted image's requests again (before their first forward) with another window
+        (or the decoding the option names); where the strategy refuses it, they keep their own."""
         for r in group:
             info = image_request_info(r.sampling_params)
+            decoding = option.decoding or replace(info.decoding, window=option.window)
             tracked, max_tokens = self._tracked.pop(r.request_id), r.max_tokens
             r.max_tokens = r.sampling_params.max_tokens  # the image's tokens; the new footprint sets it again
-            if problem := self._start(r, replace(info, decoding=replace(info.decoding, window=window))):
-                logger.warning("visual_ar: load-aware window %d refused for %s: %s", window, r.request_id, problem)
+            if problem := self._start(r, replace(info, decoding=decoding)):
+                logger.warning("visual_ar: load-aware choice %s refused for %s: %s", decoding, r.request_id, problem)
                 self._tracked[r.request_id], r.max_tokens = tracked, max_tokens
                 continue
-            set_window(r.sampling_params, window)  # what the model runner reads
+            set_decoding(r.sampling_params, decoding)  # what the model runner reads
 
     def _phase_step(self, admitted: list[Request]) -> tuple[list[Request], list[Request]]:
         """One phase per step (a phase is the model a forward runs), alternating between the phases

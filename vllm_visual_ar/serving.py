@@ -13,7 +13,7 @@ shown in the server's /docs and /openapi.json; unknown fields are a 400):
      "group_acceptance": true,                           # SJD: GSD's group acceptance (not exact)
      "coupled": true,                                    # raster, SJD: noise fixed per (seed, position)
      "continue_after_reject": true,                      # SJD: SJD-PAC's adaptive continuation
-     "load_aware": true,                                 # SJD, ZipAR: the scheduler narrows the window under load
+     "load_aware": true,                                 # SJD, ZipAR, ZipAR x SJD: the scheduler narrows the window under load
      "strategy": "code", "draft_steps": 2,               # VAR models with a CoDe refiner
      "extra_params": {...any of the fields above...},   # vllm-omni style; wins over top level
      "stream": false, "partial_images": 0..3,
@@ -116,7 +116,9 @@ class DecodingFields(BaseModel):
                                                       "step by step when extra tokens per forward would cost "
                                                       "throughput; zipar: the window is the most parallel the "
                                                       "scheduler may choose when it admits the image (up to "
-                                                      "raster order) (default false: the window as given).")
+                                                      "raster order); zipar_sjd: the scheduler may run the image "
+                                                      "as zipar's rows alone or in raster order instead, chosen "
+                                                      "when it admits it (default false: as given).")
     continue_after_reject: bool | None = Field(None, description="sjd, zipar_sjd: keep verifying the drafts after a rejected "
                                                                  "one (SJD-PAC's adaptive continuation; exact). "
                                                                  "Default false.")
