@@ -96,7 +96,8 @@ def main():
              f"on this engine's steps as the run goes (its state carries over from one column to the next).")
     if args.rows is not None:
         return
-    print("wrote", write_results("load", "Load-aware SJD and ZipAR windows against raster, side by side", table, notes))
+    print("wrote", write_results("load", "Load-aware SJD, ZipAR and ZipAR x SJD windows against raster, side by side",
+                                 table, notes))
 
 
 if __name__ == "__main__":
