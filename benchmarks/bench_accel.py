@@ -4,7 +4,8 @@
 
 Rows: raster (and raster with coupled draws), exact SJD at windows 16/32/64 with horizontal drafts,
 the same with coupled draws (SCD) and with adaptive continuation (SJD-PAC's chain), SJD and coupled
-SJD at 16 and 64 with load-aware windows, ZipAR (pinned and load-aware), ZipAR x SJD, and the lossy knobs (relaxed and group
+SJD at 16 and 64 with load-aware windows, ZipAR (pinned and load-aware), ZipAR x SJD (and its best
+setting load-aware), and the lossy knobs (relaxed and group
 acceptance; ZipAR and ZipAR x SJD are not exact either). Columns: forwards per image, tokens
 per forward (= step compression against raster's one), images/s at each number of guided images
 in flight with the speed-up over raster, the speed-up at 1 in flight divided by the step
@@ -46,6 +47,9 @@ def configs() -> list[tuple[str, dict]]:
                  strategy="zipar_sjd", window=8, sjd_window=16, continue_after_reject=True, group_acceptance=True)),
              ("ZipAR w=6 x SJD L=16 + continuation + group (lossy)", dict(
                  strategy="zipar_sjd", window=6, sjd_window=16, continue_after_reject=True, group_acceptance=True)),
+             ("ZipAR w=6 x SJD L=16 + continuation + group (lossy), load-aware", dict(
+                 strategy="zipar_sjd", window=6, sjd_window=16, continue_after_reject=True, group_acceptance=True,
+                 load_aware=True)),
              ("SJD L=32 relaxed delta=0.1 (lossy)", dict(strategy="sjd", window=32, init="horizontal",
                                                          relaxed_delta=0.1)),
              ("SJD L=32 group acceptance (GSD, lossy)", dict(strategy="sjd", window=32, init="horizontal",
