@@ -366,8 +366,8 @@ class ZipARSJDRunner(StrategyRunner):
             image.append(entries)
             image.report = tuple(committed.items())
             offset = layout.code_ids.start
-            out[row] = [layout.forced(e.raster) if e.placed else offset + image.codes[e.copy_of if e.stand_in else e.raster]
-                        for e in entries]
+            out[row] = [layout.forced(e.raster) if e.placed
+                        else offset + image.codes[e.copy_of if e.stand_in else e.raster] for e in entries]
         return out
 
     def report(self, step, row):

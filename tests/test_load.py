@@ -293,7 +293,8 @@ def test_load_aware_zipar_sjd_falls_back_to_zipar_rows_or_raster_order(tiny_gene
                                          sjd_window=6, load_aware=True)
         for c, im in zip(classes, images):
             expected = reference_zipar_sjd(ref, c, 4, 6, guidance_scale=2.0, top_k=1)
-            assert torch.equal(im.codes.flatten(), expected.codes[0]) and im.stats.forward_passes == expected.forward_passes
+            assert torch.equal(im.codes.flatten(), expected.codes[0])
+            assert im.stats.forward_passes == expected.forward_passes
         policy.rows, policy._since_rows, policy._since_plain = costly, 0, 0
         images = tiny_generator.generate(classes, guidance_scale=2.0, top_k=1, strategy="zipar_sjd", window=4,
                                          sjd_window=6, load_aware=True)
