@@ -244,6 +244,11 @@ class Strategy:
         used), else None."""
         return None
 
+    def image_window(self, request) -> int | None:
+        """The window the whole image runs at, when the scheduler chose it at admission (ZipAR's
+        load-aware window: the frontends' metrics), else None."""
+        return None
+
     def step_drafts(self, request) -> tuple[int, int] | None:
         """(drafts verified, drafts accepted) by the step that just ran, when only the scheduler half
         can tell (from the runner's report); the frontends then count these instead of `draft_stats`."""

@@ -399,7 +399,7 @@ class ZipAR(Strategy):
                                         request.num_prompt_tokens + len(schedule.sequence) / 2))
         return options if len(options) > 1 else None
 
-    def step_width(self, request):
+    def image_window(self, request):
         """A load-aware image's window (the one chosen at admission), for the frontends' metrics."""
         return self.decoding.window if self.decoding.load_aware else None
 

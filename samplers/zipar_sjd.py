@@ -437,6 +437,10 @@ class ZipARSJD(Strategy):
                                     context))
         return options
 
+    def image_window(self, request):
+        """A load-aware image that kept its own setting: its ZipAR window (for the frontends' metrics)."""
+        return self.decoding.window if self.decoding.load_aware else None
+
     def start(self, request):
         if problem := whole_image_problem(self.layout, request, self.decoding.strategy):
             return problem

@@ -90,6 +90,12 @@ def test_health_models_and_metrics(server):
     zipar = metric(server, "vllm_visual_ar:zipar_window_count")
     assert generate(server, prompt="3", strategy="zipar", window=8, load_aware=True).status_code == 200
     assert metric(server, "vllm_visual_ar:zipar_window_count") == zipar + 1  # the window the image ran at, once
+    # Load-aware ZipAR x SJD: its window once per image (whether it kept its own setting or fell back
+    # to ZipAR's rows or raster order), never as an SJD step's window.
+    windows = metric(server, "vllm_visual_ar:sjd_step_window_count")
+    assert generate(server, prompt="3", strategy="zipar_sjd", window=8, sjd_window=8, load_aware=True).status_code == 200
+    assert metric(server, "vllm_visual_ar:zipar_window_count") == zipar + 2
+    assert metric(server, "vllm_visual_ar:sjd_step_window_count") == windows
     text = httpx.get(f"{server}/metrics").text
     assert "vllm:num_requests_running" in text  # vLLM's own metrics are still there
     assert re.search(r'vllm_visual_ar:image_forward_passes_bucket\{le="128.0",strategy="zipar"\} [1-9]', text)

@@ -190,6 +190,13 @@ def step_width(output) -> int | None:
     return params.get(STEP_WIDTH_KEY) if isinstance(params, dict) else None
 
 
+def image_window(output) -> int | None:
+    """The window a whole image runs at, when the scheduler chose it at admission (ZipAR's), carried
+    like the width."""
+    params = getattr(output, "kv_transfer_params", None)
+    return params.get(IMAGE_WINDOW_KEY) if isinstance(params, dict) else None
+
+
 def step_drafts(output) -> tuple[int, int] | None:
     """(drafts verified, drafts accepted) by a step, when the scheduler half reported them
     (`Strategy.step_drafts`, carried like the width)."""
@@ -200,6 +207,7 @@ def step_drafts(output) -> tuple[int, int] | None:
 
 STEP_WIDTH_KEY = "visual_ar_width"
 STEP_DRAFTS_KEY = "visual_ar_drafts"
+IMAGE_WINDOW_KEY = "visual_ar_image_window"
 
 
 def check_top_k(value, name: str = "top_k") -> int:

@@ -44,7 +44,8 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_visual_ar import phase_kv
 from vllm_visual_ar.admission import Need, admit, cannot_fit, footprint_need
-from vllm_visual_ar.requests import STEP_DRAFTS_KEY, STEP_WIDTH_KEY, Decoding, image_request_info, set_decoding
+from vllm_visual_ar.requests import (IMAGE_WINDOW_KEY, STEP_DRAFTS_KEY, STEP_WIDTH_KEY, Decoding, image_request_info,
+                                     set_decoding)
 from vllm_visual_ar.samplers import strategy_for
 from vllm_visual_ar.samplers.load import StepShape, WidthPolicy, cap_to_budget
 from vllm_visual_ar.samplers.strategy import RUNNER_REPORTS, Strategy
@@ -223,7 +224,8 @@ class VisualARScheduler(Scheduler):
             if tracked.rewrites_output:
                 eco.new_token_ids = tracked.strategy.frontend_tokens(tracked.request, eco.new_token_ids)
             step = {STEP_WIDTH_KEY: tracked.strategy.step_width(tracked.request),
-                    STEP_DRAFTS_KEY: tracked.strategy.step_drafts(tracked.request)}
+                    STEP_DRAFTS_KEY: tracked.strategy.step_drafts(tracked.request),
+                    IMAGE_WINDOW_KEY: tracked.strategy.image_window(tracked.request)}
             if eco.kv_transfer_params is None and any(v is not None for v in step.values()):
                 eco.kv_transfer_params = {k: v for k, v in step.items() if v is not None}
         self._freed.clear()

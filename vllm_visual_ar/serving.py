@@ -57,8 +57,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from vllm_visual_ar.admission import image_cannot_fit
 from vllm_visual_ar.families import family_of, image_layout
 from vllm_visual_ar.requests import (DECODING_OPTIONS, Decoding, SamplingSettings, check_seed, check_text,
-                                     image_requests, parse_size, per_scale_problem, short, step_drafts,
-                                     step_width)
+                                     image_requests, image_window, parse_size, per_scale_problem, short,
+                                     step_drafts, step_width)
 
 MAX_IMAGES_PER_REQUEST = 16
 MAX_PARTIAL_IMAGES = 3  # as OpenAI's API
@@ -438,8 +438,7 @@ async def generate_codes(engine, config, prompt, settings: SamplingSettings, dec
         streams.append((role, engine.generate(ids, params, f"img-{image_id}-{role}")))
     run = ImageRun([])
     codes = run.codes
-    cls = strategy_for(config, decoding)
-    draft_stats = cls.draft_stats
+    draft_stats = strategy_for(config, decoding).draft_stats
     total = image_layout(config, size).num_tokens
     finish = None
 
@@ -453,10 +452,10 @@ async def generate_codes(engine, config, prompt, settings: SamplingSettings, dec
                 if codes:  # not the prompt forward
                     verified, accepted = step_drafts(out) or draft_stats(decoding, total, len(codes), len(new),
                                                                          step_width(out))
-                    if (width := step_width(out)) is not None and cls.uses_spec_slots:
+                    if (width := step_width(out)) is not None:
                         metrics().sjd_width.observe(width)  # a window per forward
-                    elif width is not None:
-                        run.window = width  # a window per image
+                    if (window := image_window(out)) is not None:
+                        run.window = window  # a window per image
                     run.draft_tokens += verified
                     run.accepted_drafts += accepted
                 run.forwards += 1
