@@ -2,7 +2,9 @@
 strategy can choose how many tokens a forward verifies (SJD), from a cost model of the step's time
 against what it runs, so that acceleration never costs throughput under load. A strategy whose
 schedule is fixed for the whole image (ZipAR's rows) has its window chosen once, when the image is
-admitted, against the load it meets then (`WindowOption`, `RowCost`).
+admitted, against the load it meets then (`WindowOption`, `RowCost`); where that choice keeps ZipAR's
+rows, each row then starts only in a step that gains from it (`RowStart`, `start_rows`): ZipAR's
+window is a ceiling, as SJD's is.
 
 Cost model (`StepCost`): a step that runs s sequences, k drafts, m streams that feed more than one
 token past their prompt (drafts or ZipAR rows: masked attention, verification or rows to plan), and
@@ -45,6 +47,35 @@ class WidthChoice:
     ceiling: int      # the request's own window (the widest step it reserved)
     slope: float      # k: expected tokens per forward at width w are 1 + k ln w
     streams: int = 1  # guidance streams that feed the same tokens (the scheduler fills it in)
+
+
+@dataclass(frozen=True)
+class RowStart:
+    """What starting another row of a paced image (load-aware ZipAR rows) weighs in a step."""
+    commits: float    # image codes it commits per forward now (its active rows)
+    gain: float       # codes per forward the new row adds, once it runs
+    drafts: int       # drafts per stream the new row feeds each forward (ZipAR x SJD)
+    wide: bool        # its streams already feed more than one token (their masked attention is paid)
+    streams: int = 1  # guidance streams (the scheduler fills it in)
+
+
+def start_rows(starts: list[RowStart], seconds: float, other_commits: float, marginal: Marginal) -> list[bool]:
+    """Which images start a row in a step of `seconds` where the other requests commit
+    `other_commits` codes: where the step's codes per second, counted as from the next forward on
+    (the row then adds its codes to every forward, and its tokens to each), do not drop. With C the
+    step's codes per forward and T its time, a row that adds g codes and dt seconds starts iff
+    (C + g) / (T + dt) >= C / T, i.e. g T >= C dt; dt = streams x (a token, its drafts, and a
+    stream's own cost where the image fed one token so far). Images decide in turn, each against
+    the step the earlier ones made."""
+    commits = other_commits + sum(s.commits for s in starts)
+    out = []
+    for s in starts:
+        dt = s.streams * (marginal.extra + s.drafts * marginal.draft + (not s.wide) * marginal.wide_stream)
+        go = s.gain * seconds >= commits * dt
+        if go:
+            commits, seconds = commits + s.gain, seconds + dt
+        out.append(go)
+    return out
 
 
 @dataclass(frozen=True)
@@ -155,6 +186,15 @@ class WidthPolicy:
             # what a draft costs and what a verifying stream costs stay apart
             return exploring_widths(ceilings, 2 * (self.cost.steps // self.probe_every))
         return chosen
+
+    def row_starts(self, starts: list[RowStart], step: StepShape, other_commits: float) -> list[bool]:
+        """Which paced images start a row this step (`start_rows`); `step`: the step as it stands. Until
+        the cost model knows what wide streams cost, every row starts (ZipAR's own rule): those
+        steps are its evidence."""
+        marginal = self.cost.marginal()
+        if marginal is None:
+            return [True] * len(starts)
+        return start_rows(starts, self.cost.predict(step, marginal), other_commits, marginal)
 
     stale_after = 2048
 

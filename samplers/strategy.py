@@ -219,6 +219,16 @@ class Strategy:
         """Before a step that runs the request: its speculative-token slots, or a rewind. `width`:
         the tokens per forward the load-aware policy chose (only for requests with a `width_choice`)."""
 
+    def row_start(self, request):
+        """For a strategy whose rows start at the scheduler's word (load-aware ZipAR rows), asked
+        after `before_step`: what starting another row in this step adds and gives (`load.RowStart`),
+        or None where none can start."""
+        return None
+
+    def start_row(self, request) -> None:
+        """Start the row `row_start` offered, in this step."""
+        raise NotImplementedError
+
     def runner_report(self, request, report) -> None:
         """What the runner half reported of the step that just ran (`StrategyRunner.report`), before
         vLLM appends its tokens to the request."""

@@ -381,23 +381,26 @@ class ZipAR(Strategy):
         return Footprint(len(self.schedule.sequence), self.schedule.max_fed_per_forward, 0)
 
     def window_options(self, request):
-        """A load-aware image's schedule is fixed once it starts, so its window is chosen when it is
-        admitted: raster order, then windows halving down to its own (`load.RowCost.choose`)."""
+        """A load-aware image chooses when it is admitted between raster order and its rows (`load.
+        RowCost.choose`). Its rows then run on ZipAR x SJD's wavefront at sjd_window 1, which is ZipAR
+        token for token, paced: each row starts only in a step that gains from it (`zipar_sjd.py`,
+        `load.start_rows`), so the window is a ceiling."""
+        from vllm_visual_ar.requests import Decoding
         from vllm_visual_ar.samplers.load import WindowOption
 
         if not self.decoding.load_aware or request.num_computed_tokens or request.num_output_tokens:
             return None
-        stride, windows = self.layout.row_stride, [self.decoding.window]
-        while windows[-1] * 2 < stride:
-            windows.append(windows[-1] * 2)
+        stride, window = self.layout.row_stride, self.decoding.window
+        if window >= stride:
+            return None
         options = []
-        for window in [stride] + windows[::-1]:
-            schedule = zipar_schedule(*schedule_key(self.layout, window))
+        for w, decoding in ((stride, None), (window, Decoding("zipar_sjd", window, sjd_window=1, load_aware=True))):
+            schedule = zipar_schedule(*schedule_key(self.layout, w))
             forwards = schedule.num_forwards
-            options.append(WindowOption(window, self.layout.num_tokens / forwards,
-                                        len(schedule.sequence) / forwards - 1, not schedule.raster,
-                                        request.num_prompt_tokens + len(schedule.sequence) / 2))
-        return options if len(options) > 1 else None
+            options.append(WindowOption(w, self.layout.num_tokens / forwards, len(schedule.sequence) / forwards - 1,
+                                        not schedule.raster, request.num_prompt_tokens + len(schedule.sequence) / 2,
+                                        decoding))
+        return options
 
     def image_window(self, request):
         """A load-aware image's window (the one chosen at admission), for the frontends' metrics."""

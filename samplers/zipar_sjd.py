@@ -107,9 +107,14 @@ class Wavefront:
     jacobi: int
     row_end: bool = False  # an end-of-line token after each row (its slot: the row's last)
     image_end: int = 0     # tokens placed after the last row's end of line
+    # Rows start at the scheduler's word (`open`), one forward at a time, instead of as soon as the
+    # row above allows; a row nobody opened starts when the row above completes (raster hand-over).
+    paced: bool = False
     count: list[int] = field(default_factory=list)  # codes committed per row
     pending: list[Entry] = field(default_factory=list)  # appended by the last forward, fed by the next
     started: list[bool] = field(default_factory=list)
+    opened: Entry | None = None  # paced: the row start the next forward feeds, in its first speculative slot
+    forwards: int = 0            # commits so far (the prompt's included)
 
     def __post_init__(self):
         self.stride = self.width + self.row_end
@@ -134,10 +139,42 @@ class Wavefront:
             return self.width - 1
         return self.count[row - 1] - self.lag
 
+    @property
+    def fed(self) -> list[Entry]:
+        """What the next forward feeds before its drafts: the pending entries, then the opened row start."""
+        return self.pending + [self.opened] if self.opened is not None else self.pending
+
+    def opening(self) -> Entry | None:
+        """Paced: the entry that would start the next row if the next forward fed it (the bottom row's
+        end of line, placed early, or a stand-in), where ZipAR's rule allows it now; else None. Never
+        after the prompt's forward alone, which places nothing (as unpaced)."""
+        if not self.paced or self.opened is not None or self.forwards < 2:
+            return None
+        bottom = max(r for r in range(self.height) if self.started[r])
+        if bottom == self.height - 1 or self.count[bottom] == self.width:
+            return None
+        if self.row_end:
+            if self.count[bottom] >= self.lag:
+                return Entry(bottom * self.stride + self.width, heads=bottom + 1, placed=True)
+        elif self.window < self.width and bottom >= 1 and self.count[bottom] >= self.window:
+            above = bottom - 1
+            return Entry(bottom * self.width + self.width - 1, copy_of=above * self.width + self.count[above] - 1,
+                         heads=bottom + 1)
+        return None
+
+    def open(self) -> Entry:
+        """Paced: start the row `opening` names in the next forward."""
+        entry = self.opening()
+        if entry is None:
+            raise RuntimeError("ZipAR x SJD: no row can start now")
+        self.opened = entry
+        self.started[entry.heads] = True
+        return entry
+
     def chains(self) -> list[Chain]:
         """The chains of the next forward, top row first."""
         out = []
-        for i, e in enumerate(self.pending):
+        for i, e in enumerate(self.fed):
             if e.heads is None:
                 continue
             first = self.count[e.heads]
@@ -159,10 +196,12 @@ class Wavefront:
         return sum(c.most - 1 for c in chains), sum(committed.get(c.row, 1) - 1 for c in chains)
 
     def commit(self, committed: dict[int, int], place: bool = True) -> list[Entry]:
-        """Codes committed per row this forward -> the entries appended (each row's codes, top row
-        first, then the end of line or stand-in that starts a row, and after the last code the
-        tokens placed after it), which the next forward feeds. `place` False: the prompt's forward,
-        which places nothing."""
+        """Codes committed per row this forward -> the entries appended: the row start it fed in a
+        speculative slot (paced), each row's codes, top row first, then the end of line or stand-in
+        that starts a row, and after the last code the tokens placed after it. All but the row start
+        are pending: the next forward feeds them. `place` False: the prompt's forward, which places
+        nothing."""
+        self.forwards += 1
         entries = []
         for row in sorted(committed):
             n = committed[row]
@@ -176,14 +215,15 @@ class Wavefront:
                 if last and col < self.width - 1:
                     heads = row
                 elif last and not self.row_end and row + 1 < self.height and not self.started[row + 1] and (
-                        row == 0 or self.window >= self.width):
+                        row == 0 or self.window >= self.width or self.paced):
                     heads = row + 1  # raster hand-over
                     self.started[row + 1] = True
                 entries.append(Entry(row * self.stride + col, heads=heads))
         if self.row_end:
             if place:
                 entries += self._placements(self.height - 1 in committed)
-        elif self.window < self.width:  # the bottom started row reached the window: a stand-in starts the next
+        elif self.window < self.width and not self.paced:
+            # the bottom started row reached the window: a stand-in starts the next
             bottom = max(r for r in range(self.height) if self.started[r])
             if 1 <= bottom < self.height - 1 and self.count[bottom] >= self.window:
                 above = bottom - 1
@@ -191,14 +231,16 @@ class Wavefront:
                 entries.append(Entry(bottom * self.width + self.width - 1,
                                      copy_of=above * self.width + self.count[above] - 1, heads=bottom + 1))
         self.pending = entries
-        return entries
+        opened, self.opened = self.opened, None
+        return [opened] + entries if opened is not None else entries
 
     def _placements(self, last_row_moved: bool) -> list[Entry]:
         """Rows that end with an end of line: the ends of line that start the next row (a row with
-        `lag` codes), then, once the last row is complete, its end of line and the image end."""
+        `lag` codes; paced, a complete row), then, once the last row is complete, its end of line
+        and the image end."""
         placed = []
         for r in range(self.height - 1):
-            if not self.started[r + 1] and self.count[r] >= min(self.lag, self.width):
+            if not self.started[r + 1] and self.count[r] >= (self.width if self.paced else min(self.lag, self.width)):
                 self.started[r + 1] = True
                 placed.append(Entry(r * self.stride + self.width, heads=r + 1, placed=True))
         if last_row_moved and self.done:
@@ -226,8 +268,9 @@ class Wavefront:
 
 
 def wavefront(layout, decoding) -> Wavefront:
+    """An image's rows; load-aware images' rows start at the scheduler's word (paced)."""
     return Wavefront(layout.rows, layout.cols, decoding.window, decoding.sjd_window, layout.row_end is not None,
-                     len(layout.image_end))
+                     len(layout.image_end), bool(decoding.load_aware))
 
 
 def initial_drafts(carried: Drafts, n: int, init: str, codes: int, row: int, first: int, tokens: dict[int, int],
@@ -268,9 +311,13 @@ class _Image:
     drafts: dict[int, Drafts] = field(default_factory=dict)  # this forward's, per row
     report: tuple = ()                                    # this forward's commits, (row, codes) pairs
 
+    raster_prefix: bool = True  # every appended token so far sits at its raster slot (raster order)
+
     def append(self, entries: list[Entry]) -> None:
+        start = len(self.raster)
         self.raster += [e.raster for e in entries]
         self.stand_in += [e.stand_in for e in entries]
+        self.raster_prefix = self.raster_prefix and all(e.raster == start + i for i, e in enumerate(entries))
 
 
 def _visibility(raster: np.ndarray, stand_in: np.ndarray, draft_row: np.ndarray):
@@ -307,9 +354,14 @@ class ZipARSJDRunner(StrategyRunner):
                 image.append(image.front.start())
                 image.codes[0] = step.state(lead).output_token_ids[0] - layout.code_ids.start
             front, stride = image.front, layout.row_stride
+            start, end = step.fed(lead)
+            if front.opening() is not None and end - start != len(front.pending) + front.draft_count():
+                front.open()  # the scheduler started a row: it rides in the first speculative slot
             image.chains = front.chains()
             image.drafts = {}
-            draft_raster, draft_rows, slot_tokens = [], [], []
+            opened = [front.opened] if front.opened is not None else []
+            draft_raster, draft_rows = [], []
+            slot_tokens = [self._token(image, layout, e) for e in opened]
             for chain in image.chains:
                 drafts = initial_drafts(image.carried.get(chain.row, Drafts.empty(layout.codebook_size)),
                                         chain.drafts, info.decoding.init, layout.codebook_size, chain.row,
@@ -320,7 +372,7 @@ class ZipARSJDRunner(StrategyRunner):
                 slot_tokens += [layout.code_ids.start + d for d in drafts.tokens]
             pending = len(front.pending)
             # Logits rows: each chain's head, then its drafts (offsets among the fed tokens).
-            logits, at = [], pending
+            logits, at = [], len(front.fed)
             for chain in image.chains:
                 logits += [chain.head] + list(range(at, at + chain.drafts))
                 at += chain.drafts
@@ -332,10 +384,17 @@ class ZipARSJDRunner(StrategyRunner):
                         end - start != pending + len(slot_tokens):
                     raise RuntimeError(f"ZipAR x SJD request {step.req_ids[row]}: scheduled {end - start} tokens "
                                        f"at KV length {step.computed[row]}, which is not its next forward")
-                raster = np.array([-1] * prefix + image.raster + draft_raster)
-                stand_in = np.array([False] * prefix + image.stand_in + [False] * len(draft_raster))
-                draft_row = np.array([-1] * (prefix + outputs) + draft_rows)
-                fed = range(prefix + outputs - pending, prefix + outputs + len(draft_raster))
+                ahead = [e.raster for e in opened] + draft_raster  # the speculative slots' slots
+                if image.raster_prefix and ahead == list(range(outputs, outputs + len(ahead))):
+                    # Raster order so far (no row started early, drafts of one row): vLLM's own
+                    # positions and causal attention are the rule's.
+                    plans[row] = RowPlan(logits, None, None, slot_tokens or None)
+                    continue
+                raster = np.array([-1] * prefix + image.raster + ahead)
+                stand_in = np.array([False] * prefix + image.stand_in + [e.stand_in for e in opened]
+                                    + [False] * len(draft_raster))
+                draft_row = np.array([-1] * (prefix + outputs + len(opened)) + draft_rows)
+                fed = range(prefix + outputs - pending, prefix + outputs + len(ahead))
                 plans[row] = RowPlan(logits, [prefix + int(raster[s]) for s in fed],
                                      _visibility(raster, stand_in, draft_row), slot_tokens or None)
             self._leads[lead] = image_id
@@ -365,10 +424,14 @@ class ZipARSJDRunner(StrategyRunner):
             entries = image.front.commit(committed)
             image.append(entries)
             image.report = tuple(committed.items())
-            offset = layout.code_ids.start
-            out[row] = [layout.forced(e.raster) if e.placed
-                        else offset + image.codes[e.copy_of if e.stand_in else e.raster] for e in entries]
+            out[row] = [self._token(image, layout, e) for e in entries]
         return out
+
+    @staticmethod
+    def _token(image, layout, entry: Entry) -> int:
+        if entry.placed:
+            return layout.forced(entry.raster)
+        return layout.code_ids.start + image.codes[entry.copy_of if entry.stand_in else entry.raster]
 
     def report(self, step, row):
         return self.images[self._leads[row]].report
@@ -410,12 +473,14 @@ class ZipARSJD(Strategy):
 
     def window_options(self, request):
         """Load-aware: when the image is admitted, raster order, ZipAR's rows alone (its window) or its
-        own rows and SJD windows, whichever the step gains most from (`load.RowCost.choose`); the
-        first two restart it as strategy "zipar" (raster order is ZipAR at the row's full width, which
-        runs vLLM's own path). Its SJD yield is not known before it runs: each row is taken to commit
-        1 + 0.35 ln(sjd_window) codes per forward, half SJD's prior (`sjd.SJD.width_choice`), since a
-        row cannot pass the column the row above allows (measured: 72 forwards at w=8 x L=8 on
-        t2i-mnist against 70 so estimated, 85 at w=8 x L=16 on the embedded LlamaGen against 73)."""
+        own rows and SJD windows, whichever the step gains most from (`load.RowCost.choose`). Raster
+        order restarts it as strategy "zipar" at the row's full width (vLLM's own path), rows alone
+        at sjd_window 1 (ZipAR token for token); with rows, each row then starts only in a step that
+        gains from it (`Wavefront.paced`, `row_start`). Its SJD yield is not known before it runs:
+        each row is taken to commit 1 + 0.35 ln(sjd_window) codes per forward, half SJD's prior
+        (`sjd.SJD.width_choice`), since a row cannot pass the column the row above allows (measured:
+        72 forwards at w=8 x L=8 on t2i-mnist against 70 so estimated, 85 at w=8 x L=16 on the
+        embedded LlamaGen against 73)."""
         from vllm_visual_ar.requests import Decoding
         from vllm_visual_ar.samplers.load import WindowOption
         from vllm_visual_ar.samplers.zipar import schedule_key, zipar_schedule
@@ -428,8 +493,10 @@ class ZipARSJD(Strategy):
         for window in (layout.row_stride, decoding.window):
             schedule = zipar_schedule(*schedule_key(layout, window))
             forwards = schedule.num_forwards
+            rows = Decoding("zipar", window, load_aware=True) if window == layout.row_stride else replace(
+                decoding, sjd_window=1, init=None, continue_after_reject=None, group_acceptance=None)
             options.append(WindowOption(window, layout.num_tokens / forwards, len(schedule.sequence) / forwards - 1,
-                                        not schedule.raster, context, Decoding("zipar", window, load_aware=True)))
+                                        not schedule.raster, context, rows))
         rows = options[-1].extra + 1  # ZipAR's tokens fed per forward: about one per active row
         speed = 1 + 0.35 * math.log(decoding.sjd_window)
         commits = options[-1].commits * speed
@@ -454,7 +521,9 @@ class ZipARSJD(Strategy):
         return wavefront(self.layout, self.decoding)
 
     def footprint(self, output_tokens):
-        return Footprint(output_tokens + self.front.stand_ins, self.front.widest_step(), self.front.widest_drafts())
+        """Paced rows take one more speculative slot: the row start."""
+        return Footprint(output_tokens + self.front.stand_ins, self.front.widest_step(),
+                         self.front.widest_drafts() + self.front.paced)
 
     def _append(self, entries: list[Entry]) -> None:
         self._release.raster_of += [-1 if e.stand_in else e.raster for e in entries]
@@ -467,6 +536,9 @@ class ZipARSJD(Strategy):
         self._started(request)
         self._drafts = self.front.drafts_of(dict(report))
         self._append(self.front.commit(dict(report)))
+        if self.front.done:
+            # Paced rows may hand over where a stand-in was reserved: the image ends with what it appended.
+            request.max_tokens = len(self._release.raster_of)
 
     def step_drafts(self, request):
         return self._drafts
@@ -481,6 +553,25 @@ class ZipARSJD(Strategy):
         self._started(request)
         request.num_computed_tokens = request.num_tokens - len(self.front.pending)
         request.spec_token_ids = [0] * self.front.draft_count()
+
+    def row_start(self, request):
+        """Paced (load-aware) rows, after `before_step`: what another row would add to this step and
+        give the image (`load.RowStart`), where one may start now; else None. A row commits about
+        1 + 0.35 ln(sjd_window) codes per forward (`window_options`)."""
+        from vllm_visual_ar.samplers.load import RowStart
+
+        front = self.front
+        if request.num_computed_tokens < request.num_prompt_tokens or front.opening() is None:
+            return None
+        speed = 1 + 0.35 * math.log(front.jacobi)
+        fed = request.num_tokens_with_spec - request.num_computed_tokens
+        return RowStart(len(front.chains()) * speed, speed, min(front.jacobi, front.width) - 1, fed > 1)
+
+    def start_row(self, request):
+        """Start the row `row_start` offered in this step: it rides in the first speculative slot (the
+        runner half tells it from the slot count), its drafts after it."""
+        self.front.open()
+        request.spec_token_ids = [0] * (1 + self.front.draft_count())
 
     def frontend_tokens(self, request, new_token_ids):
         """Stand-ins dropped, codes released in raster order as the raster prefix grows."""

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 # Before vLLM is imported anywhere: small KV cache, no CPU pinning, and the engine in this process
@@ -57,6 +58,38 @@ def make_generator():
 def scheduler_of(generator):
     """The engine-core scheduler (in-process engine, see the environment above)."""
     return generator.llm.llm_engine.engine_core.engine_core.scheduler
+
+
+class FrozenCost:
+    """A step-cost model (`load.StepCost`'s interface) that has learnt `marginal`, and steps of `seconds`
+    whatever they run, and learns nothing more: the engine's own steps would move it while a test runs."""
+
+    def __init__(self, marginal, seconds: float = 5e-3):
+        self.fixed, self.seconds, self.steps = marginal, seconds, 100
+
+    def marginal(self):
+        return self.fixed
+
+    def predict(self, shape, marginal):
+        return self.seconds
+
+    def observe(self, shape, seconds):
+        pass
+
+
+@contextlib.contextmanager
+def load_policy(generator, rows=None, cost=None):
+    """The engine's load policy with these cost models (`load.RowCost` for admission, a step-cost model
+    for each step), restored afterwards."""
+    policy = scheduler_of(generator)._width_policy
+    kept = policy.rows, policy.cost
+    policy.rows, policy.cost = rows if rows is not None else policy.rows, cost if cost is not None else policy.cost
+    policy._since_rows = policy._since_plain = 0
+    try:
+        yield policy
+    finally:
+        policy.rows, policy.cost = kept
+        policy._since_rows = policy._since_plain = 0
 
 
 def step_until_done(engine, submit_at: dict[int, list] | None = None, each_step=None, max_steps: int = 2000):

@@ -82,24 +82,33 @@ import json, sys
 import numpy as np
 from vllm_visual_ar.generator import ImageGenerator
 from vllm_visual_ar.samplers.load import RowCost, StepShape
-from test_load import simulated_rows
+from conftest import FrozenCost
+from test_load import COSTLY_ROWS, FREE_ROWS, simulated_rows
 
 if __name__ == "__main__":  # vLLM's workers are spawned: they import this file
     gen = ImageGenerator(sys.argv[1], max_images_in_flight=4, tensor_parallel_size=2, distributed_executor_backend="mp")
+    policy = gen.llm.llm_engine.engine_core.engine_core.scheduler._width_policy
     costly = RowCost()  # a model that has learnt that rows cost more than they give beside other images
     simulated_rows(costly, np.random.default_rng(0))
     costly.observe(StepShape(8), 3e-3)
-    gen.llm.llm_engine.engine_core.engine_core.scheduler._width_policy.rows = costly
-    images = gen.generate([1, 2, 3], guidance_scale=2.0, top_k=1, strategy="zipar", window=4, load_aware=True)
-    print("RESULT " + json.dumps([[im.codes.flatten().tolist(), im.stats.forward_passes] for im in images]), flush=True)
+    out = []
+    for rows, steps in ((costly, FREE_ROWS), (RowCost(), FREE_ROWS), (RowCost(), COSTLY_ROWS)):
+        policy.rows, policy.cost = rows, FrozenCost(steps)
+        images = gen.generate([1, 2, 3], guidance_scale=2.0, top_k=1, strategy="zipar", window=4, load_aware=True)
+        out.append([[im.codes.flatten().tolist(), im.stats.forward_passes] for im in images])
+    print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-def test_a_window_chosen_at_admission_reaches_every_rank(tiny_model, tmp_path):
-    """Load-aware ZipAR's window is rewritten in the request's args at admission, before vLLM sends
-    the request to its workers: both ranks run the chosen one (raster order here; a rank still on
-    the request's w=4 would fail its schedule check) and the images are raster's."""
+def test_load_aware_choices_reach_every_rank(tiny_model, tmp_path):
+    """Load-aware ZipAR's choice at admission is rewritten in the request's args before vLLM sends the
+    request to its workers: both ranks run raster order (a rank still on the request's w=4 would fail
+    its schedule check) and the images are raster's. A row started in a step rides in a speculative
+    slot, which every rank sees: rows free in every step give ZipAR w=4's reference on both ranks,
+    rows too costly in every step raster order's image, one forward per token."""
     from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
+    from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar as reference_zipar
+    from vllm_visual_ar.samplers.zipar import forward_passes
 
     folder, ref = tiny_model
     script = tmp_path / "child.py"
@@ -110,7 +119,10 @@ def test_a_window_chosen_at_admission_reaches_every_rank(tiny_model, tmp_path):
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
     assert "Worker_TP1" in run.stdout + run.stderr
-    expected = reference_raster(ref, [1, 2, 3], guidance_scale=2.0, top_k=1)
-    got = json.loads(lines[-1][len("RESULT "):])
-    assert [fw for _, fw in got] == [expected.forward_passes] * 3
-    assert [codes for codes, _ in got] == expected.codes.tolist()
+    raster = reference_raster(ref, [1, 2, 3], guidance_scale=2.0, top_k=1)
+    zipar = reference_zipar(ref, [1, 2, 3], 4, guidance_scale=2.0, top_k=1)
+    grid = tiny_config(grid=8).image_grid
+    for got, expected, forwards in zip(json.loads(lines[-1][len("RESULT "):]), (raster, zipar, raster),
+                                       (grid * grid, forward_passes(grid, grid, 4), grid * grid)):
+        assert [fw for _, fw in got] == [forwards] * 3
+        assert [codes for codes, _ in got] == expected.codes.tolist()

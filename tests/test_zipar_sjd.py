@@ -105,6 +105,70 @@ def test_a_sjd_window_of_one_is_zipar_s_schedule_with_ends_of_line(height, width
     assert [e.placed for f in forwards for e in f] == [e.placed for e in schedule.sequence]
 
 
+def run_paced(height, width, window, jacobi, rng, chance, p_open, row_end=False, image_end=0):
+    """Drive a paced Wavefront (rows start when `open` is called: here with probability `p_open` where
+    one may, drawn from `chance`) with random acceptance (from `rng`); -> (appended entries per
+    forward, the row start each fed or None)."""
+    front = Wavefront(height, width, window, jacobi, row_end, image_end, paced=True)
+    forwards, opened = [front.start()], [None]
+    while not front.done:
+        assert len(forwards) <= height * width, "a row stalled"
+        opened.append(front.open() if front.opening() is not None and chance.random() < p_open else None)
+        chains = front.chains()
+        assert len(front.fed) + front.draft_count() <= front.widest_step()
+        assert front.draft_count() + (front.opened is not None) <= front.widest_drafts() + 1
+        forwards.append(front.commit({c.row: rng.randint(1, c.most) for c in chains}))
+    return forwards, opened
+
+
+@pytest.mark.parametrize("height,width,row_end", [(8, 8, False), (5, 7, False), (16, 16, False), (2, 3, False),
+                                                  (4, 4, True), (5, 7, True), (8, 8, True)])
+@pytest.mark.parametrize("window", [1, 2, 3, 5, 100])
+@pytest.mark.parametrize("jacobi", [1, 2, 5])
+def test_paced_rows_start_when_opened_and_otherwise_at_the_row_above_s_end(height, width, row_end, window, jacobi):
+    """Paced rows (load-aware): opened at every chance, they are the unpaced wavefront forward for
+    forward (a row start moves from the end of one forward's entries to the head of the next's), but
+    where a row (not the first) completes in the forward that brings it to the window: the unpaced
+    rows then start the next by a stand-in, paced ones hand over as in raster order (it cannot
+    happen at sjd_window <= width - window, nor at sjd_window 1, ZipAR). Never opened, raster order;
+    opened now and then, every slot comes once, at most the unpaced stand-ins, and no code before
+    what ZipAR shows it."""
+    if row_end and window < 2:
+        return
+    seed = height * 1000 + width * 100 + window * 10 + jacobi
+    stride, image_end = width + row_end, 2 * row_end
+    key = lambda e: (e.raster, e.copy_of, e.heads, e.placed)  # noqa: E731
+    if row_end or window >= width or jacobi <= width - window:
+        plain = run_wavefront(height, width, window, jacobi, random.Random(seed), row_end, image_end)[0]
+        paced, opened = run_paced(height, width, window, jacobi, random.Random(seed), random.Random(0), 1.0,
+                                  row_end, image_end)
+        assert len(paced) == len(plain)
+        arrived = set()
+        for t in range(len(plain)):
+            arrived |= {e.raster for e in plain[t] if not e.stand_in}
+            # a row started before the row above is complete: a stand-in, or an end of line whose row's
+            # last code has not arrived
+            early = [e for e in plain[t] if e.stand_in or (
+                e.placed and e.raster % stride == width and e.raster < (height - 1) * stride
+                and e.raster - 1 not in arrived)]
+            rest = paced[t][1:] if opened[t] is not None else paced[t]
+            assert sorted(map(key, rest)) == sorted(key(e) for e in plain[t] if e not in early)
+            assert [key(e) for e in early] == ([key(opened[t + 1])] if t + 1 < len(plain) and opened[t + 1] else [])
+    never, _ = run_paced(height, width, window, jacobi, random.Random(seed), random.Random(0), 0.0, row_end, image_end)
+    assert [e.raster for f in never for e in f] == list(range(height * stride + image_end))
+    rng, chance = random.Random(seed), random.Random(seed + 1)
+    for _ in range(3):
+        forwards, _ = run_paced(height, width, window, jacobi, rng, chance, 0.3, row_end, image_end)
+        entries = [e for f in forwards for e in f]
+        assert sorted(e.raster for e in entries if not e.stand_in) == list(range(height * stride + image_end))
+        assert sum(e.stand_in for e in entries) <= Wavefront(height, width, window, jacobi, row_end).stand_ins
+        when = {e.raster: t for t, f in enumerate(forwards) for e in f if not e.stand_in}
+        lag = min(window, stride) - 1 if row_end else window
+        for r in range(1, height):
+            for c in range(width):
+                assert when[r * stride + c] > when[(r - 1) * stride + min(c + lag, width) - 1]
+
+
 # -- the engine ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("window,jacobi", [(1, 3), (2, 2), (2, 8), (3, 4), (8, 5)])
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])

@@ -280,7 +280,7 @@ class VisualARScheduler(Scheduler):
         images = len({self._pair_key(r) or r.request_id for r in self.running}) + len(groups)
         for (options, streams), same in asking.items():
             for g, index in zip(same, self._width_policy.options(list(options), streams, len(same), sequences, images)):
-                if index < len(options) - 1:
+                if index < len(options) - 1 or options[index].decoding is not None:
                     self._restart(g, options[index])
 
     def _restart(self, group: list[Request], option) -> None:
@@ -331,7 +331,34 @@ class VisualARScheduler(Scheduler):
         if choices:
             for r, width in self._widths(list(choices.values()), others, starting).items():
                 self._tracked[r.request_id].strategy.before_step(r, width)
+        self._start_rows([r for r in self.running if phase_of[r.request_id] == phase], starting)
         return held, starting
+
+    def _start_rows(self, running: list[Request], starting: list[Request]) -> None:
+        """Images whose rows start at the scheduler's word (`Strategy.row_start`) start one in this
+        step where the policy finds that the step gains from it (`load.WidthPolicy.row_starts`),
+        against the step as it stands (both halves of a pair alike)."""
+        offers: dict[str, tuple] = {}  # image -> (its RowStart, its requests)
+        for r in running:
+            key = self._pair_key(r) or r.request_id
+            if key in offers:
+                offers[key][1].append(r)
+            elif (offer := self._tracked[r.request_id].strategy.row_start(r)) is not None:
+                offers[key] = (offer, [r])
+        if not offers:
+            return
+        fed = [max(1, r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens) for r in running]
+        drafts = sum(len(r.spec_token_ids) for r in running)
+        sequences = len(running) + len(starting)
+        tokens = sum(fed) + sum(r.num_prompt_tokens for r in starting)
+        wide = sum(n > 1 and r.num_output_tokens > 0 for n, r in zip(fed, running))
+        step = StepShape(sequences, drafts, wide, tokens - sequences - drafts)
+        others = {self._pair_key(r) or r.request_id for r in running} - offers.keys()
+        chosen = self._width_policy.row_starts([replace(o, streams=len(rs)) for o, rs in offers.values()], step,
+                                               len(others))
+        for (_, rs), start in zip(offers.values(), chosen):
+            for r in rs if start else ():
+                self._tracked[r.request_id].strategy.start_row(r)
 
     def _widths(self, images: list[tuple], others: list[Request], starting: list[Request]) -> dict[Request, int]:
         """The width of each load-aware image this step (both halves of a pair get their image's):
