@@ -3,7 +3,7 @@ strategy can choose how many tokens a forward verifies (SJD), from a cost model 
 against what it runs, so that acceleration never costs throughput under load. A strategy whose
 schedule is fixed for the whole image (ZipAR's rows) has its window chosen once, when the image is
 admitted, against the load it meets then (`WindowOption`, `RowCost`); where that choice keeps ZipAR's
-rows, each row then starts only in a step that gains from it (`RowStart`, `start_rows`): ZipAR's
+rows, each row then starts only in a step that gains from it (`RowStart`, `RowCost.starts`): ZipAR's
 window is a ceiling, as SJD's is.
 
 Cost model (`StepCost`): a step that runs s sequences, k drafts, m streams that feed more than one
@@ -53,29 +53,11 @@ class WidthChoice:
 class RowStart:
     """What starting another row of a paced image (load-aware ZipAR rows) weighs in a step."""
     commits: float    # image codes it commits per forward now (its active rows)
-    gain: float       # codes per forward the new row adds, once it runs
-    drafts: int       # drafts per stream the new row feeds each forward (ZipAR x SJD)
-    wide: bool        # its streams already feed more than one token (their masked attention is paid)
+    gain: float       # codes per forward the start adds, once it runs
+    tokens: float     # tokens per stream the start adds to each forward (a row's code and drafts)
+    wide: bool        # its streams already take the masked path (rows out of raster order, or several fed)
+    context: int      # tokens each of its streams attends to
     streams: int = 1  # guidance streams (the scheduler fills it in)
-
-
-def start_rows(starts: list[RowStart], seconds: float, other_commits: float, marginal: Marginal) -> list[bool]:
-    """Which images start a row in a step of `seconds` where the other requests commit
-    `other_commits` codes: where the step's codes per second, counted as from the next forward on
-    (the row then adds its codes to every forward, and its tokens to each), do not drop. With C the
-    step's codes per forward and T its time, a row that adds g codes and dt seconds starts iff
-    (C + g) / (T + dt) >= C / T, i.e. g T >= C dt; dt = streams x (a token, its drafts, and a
-    stream's own cost where the image fed one token so far). Images decide in turn, each against
-    the step the earlier ones made."""
-    commits = other_commits + sum(s.commits for s in starts)
-    out = []
-    for s in starts:
-        dt = s.streams * (marginal.extra + s.drafts * marginal.draft + (not s.wide) * marginal.wide_stream)
-        go = s.gain * seconds >= commits * dt
-        if go:
-            commits, seconds = commits + s.gain, seconds + dt
-        out.append(go)
-    return out
 
 
 @dataclass(frozen=True)
@@ -188,13 +170,11 @@ class WidthPolicy:
         return chosen
 
     def row_starts(self, starts: list[RowStart], step: StepShape, other_commits: float) -> list[bool]:
-        """Which paced images start a row this step (`start_rows`); `step`: the step as it stands. Until
-        the cost model knows what wide streams cost, every row starts (ZipAR's own rule): those
-        steps are its evidence."""
-        marginal = self.cost.marginal()
-        if marginal is None:
-            return [True] * len(starts)
-        return start_rows(starts, self.cost.predict(step, marginal), other_commits, marginal)
+        """Which paced images start a row this step (`RowCost.starts`); `step`: the step as it stands.
+        Until the model has seen 8 steps every row starts (ZipAR's own rule): those steps are its
+        evidence."""
+        chosen = self.rows.starts(starts, step, other_commits)
+        return [True] * len(starts) if chosen is None else chosen
 
     stale_after = 2048
 
@@ -273,6 +253,34 @@ class RowCost:
             ridge = np.diag(np.r_[0.0, self.prior_weight * typical[1:]]) + 1e-9 * np.eye(6)
             self._fitted = np.maximum(np.linalg.solve(xx + ridge, xy), 0.0)
         return self._fitted
+
+    def starts(self, starts: list[RowStart], step: StepShape, other_commits: float) -> list[bool] | None:
+        """Which images start a row in this step (None before 8 steps): where the step's codes per
+        second, counted as from the next forward on (the row then adds its codes to every forward,
+        and its tokens to each), do not drop. With C the step's codes per forward and T its time, a
+        row that adds g codes and dt seconds starts iff (C + g) / (T + dt) >= C / T, i.e. g T >= C dt.
+        dt = streams x (p per token it adds, and for an image still in raster order what a wide
+        stream costs: c + q x its context), and f for the step's first wide stream. An image's first
+        early row is the costly one: it takes the masked path for good, so it is weighed as the whole
+        of the image's own setting against raster order (`RowStart.gain`, `tokens`); the rows after
+        it add their own codes and tokens. Images decide in turn, each against the step the earlier
+        ones made."""
+        beta = self.coefficients()
+        if beta is None:
+            return None
+        seconds = max(float(beta @ self.features(step.sequences, step.wide_streams, step.extra, step.wide_context)),
+                      1e-6)
+        commits = other_commits + sum(s.commits for s in starts)
+        wide_step = step.wide_streams > 0
+        out = []
+        for s in starts:
+            dt = s.streams * (beta[3] * s.tokens + (not s.wide) * (beta[2] + beta[4] * s.context / 1000))
+            dt += (not s.wide and not wide_step) * beta[5]
+            go = s.gain * seconds >= commits * dt
+            if go:
+                commits, seconds, wide_step = commits + s.gain, seconds + dt, wide_step or not s.wide
+            out.append(bool(go))
+        return out
 
     def choose(self, options: list[WindowOption], streams: int, count: int, sequences: int, images: int,
                tolerance: float = 0.05) -> int:

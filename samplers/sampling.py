@@ -88,3 +88,25 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
         race[rows] = exponential_noise(race[rows].shape, generator, probs.device, probs.dtype)
     tokens = probs.div(race).argmax(dim=-1)
     return torch.where(greedy, logits.argmax(dim=-1), tokens)
+
+
+def sample_planned(step, rows: list[int], logits: torch.Tensor, at: list[slice]) -> dict[int, list[int]]:
+    """One draw per logits row of each planned row of a step (`strategy.Step`): `logits[at[row]]`, with
+    the row's request's temperature, top-k, top-p and generator, all rows batched (`sample_rows`).
+    -> row -> code indices."""
+    index = torch.cat([torch.arange(at[r].start, at[r].stop) for r in rows]).to(logits.device)
+    settings, generators, first = [], [], 0
+    for row in rows:
+        params = step.state(row).sampling_params
+        n = at[row].stop - at[row].start
+        settings += [(params.temperature, max(params.top_k or 0, 0), params.top_p)] * n
+        if (g := step.generator(row)) is not None:
+            generators.append((slice(first, first + n), g))
+        first += n
+    temperature, top_k, top_p = (torch.tensor(c, device=logits.device) for c in zip(*settings))
+    codes = sample_rows(logits[index].float(), temperature, top_k, top_p, generators).tolist()
+    out, first = {}, 0
+    for row in rows:
+        n = at[row].stop - at[row].start
+        out[row], first = codes[first:first + n], first + n
+    return out

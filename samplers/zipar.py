@@ -39,11 +39,10 @@ from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 
 import numpy as np
-import torch
 
 from vllm_visual_ar.families import image_layout
 from vllm_visual_ar.samplers.coupling import check_flag
-from vllm_visual_ar.samplers.sampling import sample_rows
+from vllm_visual_ar.samplers.sampling import sample_planned
 from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 
 
@@ -312,24 +311,13 @@ class ZipARRunner(StrategyRunner):
         """A code per predicting token, in order, then the tokens the schedule places (ends of line,
         the image end) or the stand-in that starts a row next forward (a copy of an earlier token:
         from the history, or from this forward's samples)."""
-        index = torch.cat([torch.arange(at[r].start, at[r].stop) for r in rows]).to(logits.device)
-        settings, generators, first = [], [], 0
+        codes = sample_planned(step, rows, logits, at)
+        out = {}
         for row in rows:
-            params = step.state(row).sampling_params
-            n = at[row].stop - at[row].start
-            settings += [(params.temperature, max(params.top_k or 0, 0), params.top_p)] * n
-            if (g := step.generator(row)) is not None:
-                generators.append((slice(first, first + n), g))
-            first += n
-        temperature, top_k, top_p = (torch.tensor(c, device=logits.device) for c in zip(*settings))
-        codes = sample_rows(logits[index].float(), temperature, top_k, top_p, generators).tolist()
-        out, first = {}, 0
-        for row in rows:
-            n = at[row].stop - at[row].start
             schedule, t, layout = self._forwards[row]
             offset = layout.code_ids.start
-            mine = [offset + c for c in codes[first:first + n]]
-            first += n
+            mine = [offset + c for c in codes[row]]
+            n = len(mine)
             emitted = schedule.emitted(t)
             for i in emitted[n:]:
                 e = schedule.sequence[i]
@@ -381,26 +369,23 @@ class ZipAR(Strategy):
         return Footprint(len(self.schedule.sequence), self.schedule.max_fed_per_forward, 0)
 
     def window_options(self, request):
-        """A load-aware image chooses when it is admitted between raster order and its rows (`load.
-        RowCost.choose`). Its rows then run on ZipAR x SJD's wavefront at sjd_window 1, which is ZipAR
-        token for token, paced: each row starts only in a step that gains from it (`zipar_sjd.py`,
-        `load.start_rows`), so the window is a ceiling."""
-        from vllm_visual_ar.requests import Decoding
+        """A load-aware image's schedule is fixed once it starts, so its window is chosen when it is
+        admitted: raster order, then windows halving down to its own (`load.RowCost.choose`)."""
         from vllm_visual_ar.samplers.load import WindowOption
 
         if not self.decoding.load_aware or request.num_computed_tokens or request.num_output_tokens:
             return None
-        stride, window = self.layout.row_stride, self.decoding.window
-        if window >= stride:
-            return None
+        stride, windows = self.layout.row_stride, [self.decoding.window]
+        while windows[-1] * 2 < stride:
+            windows.append(windows[-1] * 2)
         options = []
-        for w, decoding in ((stride, None), (window, Decoding("zipar_sjd", window, sjd_window=1, load_aware=True))):
-            schedule = zipar_schedule(*schedule_key(self.layout, w))
+        for window in [stride] + windows[::-1]:
+            schedule = zipar_schedule(*schedule_key(self.layout, window))
             forwards = schedule.num_forwards
-            options.append(WindowOption(w, self.layout.num_tokens / forwards, len(schedule.sequence) / forwards - 1,
-                                        not schedule.raster, request.num_prompt_tokens + len(schedule.sequence) / 2,
-                                        decoding))
-        return options
+            options.append(WindowOption(window, self.layout.num_tokens / forwards,
+                                        len(schedule.sequence) / forwards - 1, not schedule.raster,
+                                        request.num_prompt_tokens + len(schedule.sequence) / 2))
+        return options if len(options) > 1 else None
 
     def image_window(self, request):
         """A load-aware image's window (the one chosen at admission), for the frontends' metrics."""

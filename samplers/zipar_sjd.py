@@ -58,7 +58,7 @@ import torch
 
 from vllm_visual_ar.families import image_layout
 from vllm_visual_ar.samplers.coupling import check_flag
-from vllm_visual_ar.samplers.sampling import target_probs
+from vllm_visual_ar.samplers.sampling import sample_planned, target_probs
 from vllm_visual_ar.samplers.sjd import Drafts, GroupTables, check_init, verify_prefix
 from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 from vllm_visual_ar.samplers.zipar import RasterRelease, check_window
@@ -115,6 +115,7 @@ class Wavefront:
     started: list[bool] = field(default_factory=list)
     opened: Entry | None = None  # paced: the row start the next forward feeds, in its first speculative slot
     forwards: int = 0            # commits so far (the prompt's included)
+    _chains: list | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.stride = self.width + self.row_end
@@ -167,12 +168,17 @@ class Wavefront:
         entry = self.opening()
         if entry is None:
             raise RuntimeError("ZipAR x SJD: no row can start now")
-        self.opened = entry
+        self.opened, self._chains = entry, None
         self.started[entry.heads] = True
         return entry
 
     def chains(self) -> list[Chain]:
-        """The chains of the next forward, top row first."""
+        """The chains of the next forward, top row first (kept until a commit or an opening)."""
+        if self._chains is None:
+            self._chains = self._chains_now()
+        return self._chains
+
+    def _chains_now(self) -> list[Chain]:
         out = []
         for i, e in enumerate(self.fed):
             if e.heads is None:
@@ -202,6 +208,7 @@ class Wavefront:
         are pending: the next forward feeds them. `place` False: the prompt's forward, which places
         nothing."""
         self.forwards += 1
+        self._chains = None
         entries = []
         for row in sorted(committed):
             n = committed[row]
@@ -312,11 +319,16 @@ class _Image:
     report: tuple = ()                                    # this forward's commits, (row, codes) pairs
 
     raster_prefix: bool = True  # every appended token so far sits at its raster slot (raster order)
+    # `raster` and `stand_in` as arrays, for the masks (grown with them, not rebuilt every forward)
+    raster_np: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    stand_in_np: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     def append(self, entries: list[Entry]) -> None:
         start = len(self.raster)
         self.raster += [e.raster for e in entries]
         self.stand_in += [e.stand_in for e in entries]
+        self.raster_np = np.concatenate((self.raster_np, np.array(self.raster[start:], dtype=np.int64)))
+        self.stand_in_np = np.concatenate((self.stand_in_np, np.array(self.stand_in[start:], dtype=bool)))
         self.raster_prefix = self.raster_prefix and all(e.raster == start + i for i, e in enumerate(entries))
 
 
@@ -362,7 +374,7 @@ class ZipARSJDRunner(StrategyRunner):
             opened = [front.opened] if front.opened is not None else []
             draft_raster, draft_rows = [], []
             slot_tokens = [self._token(image, layout, e) for e in opened]
-            for chain in image.chains:
+            for chain in image.chains if front.draft_count() else ():  # rows alone: no drafts (emit draws)
                 drafts = initial_drafts(image.carried.get(chain.row, Drafts.empty(layout.codebook_size)),
                                         chain.drafts, info.decoding.init, layout.codebook_size, chain.row,
                                         chain.first, image.codes, stride, step.generator(lead), self.device)
@@ -376,56 +388,74 @@ class ZipARSJDRunner(StrategyRunner):
             for chain in image.chains:
                 logits += [chain.head] + list(range(at, at + chain.drafts))
                 at += chain.drafts
+            ahead = [e.raster for e in opened] + draft_raster  # the speculative slots' slots
+            tail_raster = np.concatenate((image.raster_np, np.array(ahead, dtype=np.int64)))
+            tail_stand_in = np.concatenate((image.stand_in_np, np.array([e.stand_in for e in opened], dtype=bool),
+                                            np.zeros(len(draft_raster), dtype=bool)))
+            outputs = len(image.raster)
+            tail_draft_row = np.concatenate((np.full(outputs + len(opened), -1), draft_rows)).astype(np.int64)
+            causal = image.raster_prefix and ahead == list(range(outputs, outputs + len(ahead)))
             for row in streams:
                 start, end = step.fed(row)
                 prefix = int(step.prompt_lens[row])
-                outputs = len(step.state(row).output_token_ids)
-                if outputs != len(image.raster) or int(step.computed[row]) != prefix + outputs - pending or \
-                        end - start != pending + len(slot_tokens):
+                if len(step.state(row).output_token_ids) != outputs or int(step.computed[row]) != \
+                        prefix + outputs - pending or end - start != pending + len(slot_tokens):
                     raise RuntimeError(f"ZipAR x SJD request {step.req_ids[row]}: scheduled {end - start} tokens "
                                        f"at KV length {step.computed[row]}, which is not its next forward")
-                ahead = [e.raster for e in opened] + draft_raster  # the speculative slots' slots
-                if image.raster_prefix and ahead == list(range(outputs, outputs + len(ahead))):
+                if causal:
                     # Raster order so far (no row started early, drafts of one row): vLLM's own
                     # positions and causal attention are the rule's.
                     plans[row] = RowPlan(logits, None, None, slot_tokens or None)
                     continue
-                raster = np.array([-1] * prefix + image.raster + ahead)
-                stand_in = np.array([False] * prefix + image.stand_in + [e.stand_in for e in opened]
-                                    + [False] * len(draft_raster))
-                draft_row = np.array([-1] * (prefix + outputs + len(opened)) + draft_rows)
-                fed = range(prefix + outputs - pending, prefix + outputs + len(ahead))
-                plans[row] = RowPlan(logits, [prefix + int(raster[s]) for s in fed],
-                                     _visibility(raster, stand_in, draft_row), slot_tokens or None)
+                raster = np.concatenate((np.full(prefix, -1), tail_raster))
+                stand_in = np.concatenate((np.zeros(prefix, dtype=bool), tail_stand_in))
+                draft_row = np.concatenate((np.full(prefix, -1), tail_draft_row))
+                fed = raster[prefix + outputs - pending:prefix + outputs + len(ahead)]
+                plans[row] = RowPlan(logits, (fed + prefix).tolist(), _visibility(raster, stand_in, draft_row),
+                                     slot_tokens or None)
             self._leads[lead] = image_id
         return plans
 
     def emit(self, step, rows, logits, at):
         """Verify each row's chain (SJD's rule), append the committed codes, top row first, then the
-        stand-in that starts a row."""
+        stand-in that starts a row. Images whose forward has no drafts (rows alone, sjd_window 1) draw
+        one code per row, all batched, as ZipAR does."""
+        plain = [r for r in rows if not self.images[self._leads[r]].front.draft_count()]
+        drawn = sample_planned(step, plain, logits, at) if plain else {}
         out = {}
         for row in rows:
             image = self.images[self._leads[row]]
             info = step.info(row)
             layout = self.layout_of(info)
-            params = step.state(row).sampling_params
-            p = target_probs(logits[at[row]], params.temperature, max(params.top_k or 0, 0), params.top_p)
-            group = self.groups(layout, layout.codebook_size) if info.decoding.group_acceptance else None
-            committed, first = {}, 0
-            for chain in image.chains:
-                n = chain.drafts + 1
-                codes, image.carried[chain.row] = verify_prefix(
-                    p[first:first + n], image.drafts[chain.row], chain.most, step.generator(row),
-                    continued=bool(info.decoding.continue_after_reject), group=group)
-                first += n
-                committed[chain.row] = len(codes)
-                for i, code in enumerate(codes):
-                    image.codes[chain.row * layout.row_stride + chain.first + i] = code
+            if row in drawn:
+                committed = {chain.row: 1 for chain in image.chains}
+                for chain, code in zip(image.chains, drawn[row]):
+                    image.codes[chain.row * layout.row_stride + chain.first] = code
+                    image.carried.pop(chain.row, None)
+            else:
+                committed = self._verify(step, row, image, info, layout, logits[at[row]])
             entries = image.front.commit(committed)
             image.append(entries)
             image.report = tuple(committed.items())
             out[row] = [self._token(image, layout, e) for e in entries]
         return out
+
+    def _verify(self, step, row, image, info, layout, logits) -> dict[int, int]:
+        """Each chain verified by SJD's rule: -> codes committed per image row."""
+        params = step.state(row).sampling_params
+        p = target_probs(logits, params.temperature, max(params.top_k or 0, 0), params.top_p)
+        group = self.groups(layout, layout.codebook_size) if info.decoding.group_acceptance else None
+        committed, first = {}, 0
+        for chain in image.chains:
+            n = chain.drafts + 1
+            codes, image.carried[chain.row] = verify_prefix(
+                p[first:first + n], image.drafts[chain.row], chain.most, step.generator(row),
+                continued=bool(info.decoding.continue_after_reject), group=group)
+            first += n
+            committed[chain.row] = len(codes)
+            for i, code in enumerate(codes):
+                image.codes[chain.row * layout.row_stride + chain.first + i] = code
+        return committed
 
     @staticmethod
     def _token(image, layout, entry: Entry) -> int:
@@ -473,30 +503,31 @@ class ZipARSJD(Strategy):
 
     def window_options(self, request):
         """Load-aware: when the image is admitted, raster order, ZipAR's rows alone (its window) or its
-        own rows and SJD windows, whichever the step gains most from (`load.RowCost.choose`). Raster
-        order restarts it as strategy "zipar" at the row's full width (vLLM's own path), rows alone
-        at sjd_window 1 (ZipAR token for token); with rows, each row then starts only in a step that
-        gains from it (`Wavefront.paced`, `row_start`). Its SJD yield is not known before it runs:
+        own rows and SJD windows, whichever the step gains most from (`load.RowCost.choose`); the
+        first two restart it as strategy "zipar" (raster order is ZipAR at the row's full width, which
+        runs vLLM's own path). With its own, each row then starts only in a step that gains from it
+        (`Wavefront.paced`, `row_start`). Its SJD yield is not known before it runs:
         each row is taken to commit 1 + 0.35 ln(sjd_window) codes per forward, half SJD's prior
         (`sjd.SJD.width_choice`), since a row cannot pass the column the row above allows (measured:
         72 forwards at w=8 x L=8 on t2i-mnist against 70 so estimated, 85 at w=8 x L=16 on the
         embedded LlamaGen against 73)."""
+        if not self.decoding.load_aware or request.num_computed_tokens or request.num_output_tokens:
+            return None
+        return self._options(request.num_prompt_tokens)
+
+    def _options(self, prompt_tokens: int) -> list:
         from vllm_visual_ar.requests import Decoding
         from vllm_visual_ar.samplers.load import WindowOption
         from vllm_visual_ar.samplers.zipar import schedule_key, zipar_schedule
 
-        if not self.decoding.load_aware or request.num_computed_tokens or request.num_output_tokens:
-            return None
         layout, decoding = self.layout, self.decoding
-        context = request.num_prompt_tokens + layout.num_tokens / 2
+        context = prompt_tokens + layout.num_tokens / 2
         options = []
         for window in (layout.row_stride, decoding.window):
             schedule = zipar_schedule(*schedule_key(layout, window))
             forwards = schedule.num_forwards
-            rows = Decoding("zipar", window, load_aware=True) if window == layout.row_stride else replace(
-                decoding, sjd_window=1, init=None, continue_after_reject=None, group_acceptance=None)
             options.append(WindowOption(window, layout.num_tokens / forwards, len(schedule.sequence) / forwards - 1,
-                                        not schedule.raster, context, rows))
+                                        not schedule.raster, context, Decoding("zipar", window, load_aware=True)))
         rows = options[-1].extra + 1  # ZipAR's tokens fed per forward: about one per active row
         speed = 1 + 0.35 * math.log(decoding.sjd_window)
         commits = options[-1].commits * speed
@@ -513,6 +544,7 @@ class ZipARSJD(Strategy):
             return problem
         self._release = RasterRelease([])  # its list grows with every step's report
         self._drafts: tuple[int, int] | None = None  # (verified, accepted) by the step that just ran
+        self._early = False  # a row started before the row above was complete
         return None
 
     @cached_property
@@ -556,21 +588,29 @@ class ZipARSJD(Strategy):
 
     def row_start(self, request):
         """Paced (load-aware) rows, after `before_step`: what another row would add to this step and
-        give the image (`load.RowStart`), where one may start now; else None. A row commits about
-        1 + 0.35 ln(sjd_window) codes per forward (`window_options`)."""
+        give the image (`load.RowStart`), where one may start now; else None. An image still in
+        raster order that starts a row early takes the masked path for the rest of its life, so that
+        start weighs what its own setting gains over raster order on average (`window_options`: its
+        codes and tokens per forward); after it, a row adds 1 + 0.35 ln(sjd_window) codes and its
+        tokens to each forward."""
         from vllm_visual_ar.samplers.load import RowStart
 
         front = self.front
         if request.num_computed_tokens < request.num_prompt_tokens or front.opening() is None:
             return None
         speed = 1 + 0.35 * math.log(front.jacobi)
+        commits = len(front.chains()) * speed
         fed = request.num_tokens_with_spec - request.num_computed_tokens
-        return RowStart(len(front.chains()) * speed, speed, min(front.jacobi, front.width) - 1, fed > 1)
+        if fed > 1 or self._early:
+            return RowStart(commits, speed, min(front.jacobi, front.width), True, request.num_computed_tokens)
+        own = self._options(request.num_prompt_tokens)[-1]
+        return RowStart(commits, own.commits - 1, own.extra, False, request.num_computed_tokens)
 
     def start_row(self, request):
         """Start the row `row_start` offered in this step: it rides in the first speculative slot (the
         runner half tells it from the slot count), its drafts after it."""
         self.front.open()
+        self._early = True  # out of raster order from now on: the masked path for good
         request.spec_token_ids = [0] * (1 + self.front.draft_count())
 
     def frontend_tokens(self, request, new_token_ids):

@@ -60,35 +60,45 @@ def scheduler_of(generator):
     return generator.llm.llm_engine.engine_core.engine_core.scheduler
 
 
-class FrozenCost:
-    """A step-cost model (`load.StepCost`'s interface) that has learnt `marginal`, and steps of `seconds`
-    whatever they run, and learns nothing more: the engine's own steps would move it while a test runs."""
+def frozen_rows(beta, keep_rows: bool = False):
+    """An absolute step-cost model (`load.RowCost`) that has learnt `beta` (a, b, c, p, q, f) and learns
+    nothing more: the engine's own steps would move it while a test runs. `keep_rows`: every image
+    keeps its rows at admission, whatever the model would choose."""
+    import numpy as np
 
-    def __init__(self, marginal, seconds: float = 5e-3):
-        self.fixed, self.seconds, self.steps = marginal, seconds, 100
+    from vllm_visual_ar.samplers.load import RowCost
 
-    def marginal(self):
-        return self.fixed
+    class FrozenRows(RowCost):
+        def coefficients(self):
+            return np.array(beta, dtype=float)
 
-    def predict(self, shape, marginal):
-        return self.seconds
+        def observe(self, shape, seconds):
+            pass
 
-    def observe(self, shape, seconds):
-        pass
+        def choose(self, options, *args, **kwargs):
+            return len(options) - 1 if keep_rows else super().choose(options, *args, **kwargs)
+
+    rows = FrozenRows()
+    rows._last = rows.features(1, 0, 0, 0)
+    return rows
+
+
+FREE_ROWS = (5e-3, 0, 0, 0, 0, 0)  # rows cost nothing: kept at admission, every row starts (ZipAR's rule)
+COSTLY_ROWS = (5e-3, 0, 1e-2, 1e-2, 1e-2, 1e-2)  # a row costs more than a step: none starts early
 
 
 @contextlib.contextmanager
-def load_policy(generator, rows=None, cost=None):
-    """The engine's load policy with these cost models (`load.RowCost` for admission, a step-cost model
-    for each step), restored afterwards."""
+def load_policy(generator, rows=None):
+    """The engine's load policy with this row cost model (`load.RowCost`: admission and row starts),
+    restored afterwards."""
     policy = scheduler_of(generator)._width_policy
-    kept = policy.rows, policy.cost
-    policy.rows, policy.cost = rows if rows is not None else policy.rows, cost if cost is not None else policy.cost
+    kept = policy.rows
+    policy.rows = rows if rows is not None else policy.rows
     policy._since_rows = policy._since_plain = 0
     try:
         yield policy
     finally:
-        policy.rows, policy.cost = kept
+        policy.rows = kept
         policy._since_rows = policy._since_plain = 0
 
 

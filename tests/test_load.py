@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import FrozenCost
+from conftest import COSTLY_ROWS, FREE_ROWS, frozen_rows
 
 from vllm_visual_ar.requests import Decoding
 from vllm_visual_ar.samplers.load import (Marginal, RowCost, RowStart, StepCost, StepShape, WidthChoice, WidthPolicy,
-                                         WindowOption, cap_to_budget, choose_widths, start_rows)
+                                         WindowOption, cap_to_budget, choose_widths)
 
 SAMPLED = dict(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9)
 
@@ -167,18 +167,24 @@ def test_zipar_windows_chosen_at_admission_pay_alone_and_not_under_load():
 
 
 def test_a_row_starts_where_the_step_s_codes_per_second_do_not_drop():
-    """g T >= C dt: a lone image (2 rows, 4 ms steps) starts a row that adds 0.4 ms; beside 14 other
-    images it does not; an image that fed one token so far also pays what a wide stream costs; a
-    ZipAR x SJD row's drafts count, and a cheaper row started first in the step can tip it."""
-    m = Marginal(1e-4, 5e-5, 1e-3, 2e-4)
-    row = RowStart(2.0, 1.0, 0, True, 2)  # dt = 2 x 0.2 ms
-    assert start_rows([row], 4e-3, 0, m) == [True]
-    assert start_rows([row], 4e-3, 14, m) == [False]
-    assert start_rows([replace(row, wide=False)], 4e-3, 0, m) == [False]  # dt = 2.4 ms, C = 2
-    sjd_row = RowStart(1.0, 1.7, 7, True, 2)  # dt = 2 x (0.2 + 7 x 0.05) = 1.1 ms
-    assert start_rows([sjd_row], 4e-3, 5, m) == [True]  # 1.7 x 4 >= 6 x 1.1
-    assert start_rows([row, sjd_row], 4e-3, 3, m) == [True, False]  # then 1.7 x 4.4 < 7 x 1.1
-    assert WidthPolicy().row_starts([row, row], StepShape(4), 0) == [True, True]  # nothing learnt: ZipAR's rule
+    """g T >= C dt on the absolute model's coefficients: a lone wide image (2 rows, 4 ms steps) starts a
+    row that adds 0.4 ms, beside 14 other images it does not; an image still in raster order pays for
+    the masked path (per stream and per token of context, and the step's set-up) and refuses where
+    that costs, starts where it is cheap; a ZipAR x SJD row's drafts count, and a cheaper row started
+    first in the step can tip it. Before 8 steps nothing is known: every row starts."""
+    costly_path = frozen_rows((4e-3, 0, 1e-3, 2e-4, 5e-3, 1e-3))
+    step = StepShape(4)  # T = 4 ms
+    row = RowStart(2.0, 1.0, 1, True, 200, 2)  # dt = 2 x 0.2 ms
+    assert costly_path.starts([row], step, 0) == [True]
+    assert costly_path.starts([row], step, 14) == [False]
+    first = RowStart(1.0, 1.9, 1.9, False, 200, 2)  # ZipAR w=4's rows: dt = 2 x (0.38 + 1 + 1) + 1 ms
+    assert costly_path.starts([first], step, 0) == [True]  # alone: 1.9 x 4 >= 1 x 5.76
+    assert costly_path.starts([first], step, 1) == [False]  # beside one other image: 7.6 < 2 x 5.76
+    assert frozen_rows((4e-3, 0, 1e-4, 2e-4, 0, 0)).starts([first], step, 1) == [True]  # dt = 0.96 ms
+    sjd_row = RowStart(1.0, 1.7, 5, True, 200, 2)  # dt = 2 x 5 x 0.2 = 2 ms
+    assert costly_path.starts([sjd_row], step, 1) == [True]  # 1.7 x 4 >= 2 x 2
+    assert costly_path.starts([row, sjd_row], step, 0) == [True, False]  # then 1.7 x 4.4 < 4 x 2
+    assert RowCost().starts([row], step, 0) is None and WidthPolicy().row_starts([row, row], step, 0) == [True, True]
 
 
 def test_widths_are_cut_to_the_spare_budget():
@@ -243,10 +249,6 @@ def test_the_width_of_each_forward_is_reported_and_within_the_window(tiny_genera
     assert all(1 <= c <= w for c, w in zip(committed, widths))
 
 
-FREE_ROWS = Marginal(1e-4, 0.0, 0.0, 0.0)  # rows cost nothing: every row starts (ZipAR's own rule)
-COSTLY_ROWS = Marginal(1e-4, 1e-2, 1e-2, 1e-2)  # a row costs more than a step: none starts early
-
-
 @pytest.fixture
 def policy(tiny_generator):
     """The engine's load policy, its cost models restored after the test."""
@@ -256,22 +258,17 @@ def policy(tiny_generator):
         yield policy
 
 
-def test_greedy_load_aware_zipar_equals_reference_zipar_or_raster(tiny_generator, tiny_model, policy):
-    """Load-aware ZipAR images choose at admission between raster order and their rows; with rows,
-    each row then starts when the step gains from it. Greedy: a cost model that knows nothing of rows
-    at admission and finds them free in every step gives ZipAR w=4's reference image and forwards;
-    one that has learnt that rows cost more than they give beside other images restarts them in
-    raster order (vLLM's own path: the raster reference, one forward per token)."""
+def test_greedy_load_aware_zipar_equals_reference_zipar_at_the_window_it_was_given(tiny_generator, tiny_model,
+                                                                                    policy):
+    """Load-aware ZipAR images get a window at admission and decode exactly as the reference does at
+    that window: with a cost model that knows nothing their own (ZipAR w=4), with one that has learnt
+    that rows cost more than they give beside other images raster order, for which they restart."""
     from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
     from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar as reference_zipar
-    from vllm_visual_ar.samplers.zipar import ZipAR, forward_passes
+    from vllm_visual_ar.samplers.zipar import forward_passes
 
     _, ref = tiny_model
     grid, classes = tiny_generator.config.image_grid, [1, 2, 3, 4, 5, 6]
-    request = SimpleNamespace(num_computed_tokens=0, num_output_tokens=0, num_prompt_tokens=1)
-    options = ZipAR(tiny_generator.config, Decoding("zipar", 4, load_aware=True)).window_options(request)
-    assert [(o.window, o.decoding) for o in options] == [
-        (grid, None), (4, Decoding("zipar_sjd", 4, sjd_window=1, load_aware=True))]
     zipar = reference_zipar(ref, classes, 4, guidance_scale=2.0, top_k=1).codes
     raster = reference_raster(ref, classes, guidance_scale=2.0, top_k=1).codes
     runs = {forward_passes(grid, grid, 4): zipar, grid * grid: raster}
@@ -279,7 +276,6 @@ def test_greedy_load_aware_zipar_equals_reference_zipar_or_raster(tiny_generator
     simulated_rows(costly, np.random.default_rng(0))
     costly.observe(StepShape(8), 3e-3)
     seen = []
-    policy.cost = FrozenCost(FREE_ROWS)
     for rows in (RowCost(), costly):
         policy.rows, policy._since_rows, policy._since_plain = rows, 0, 0
         images = tiny_generator.generate(classes, guidance_scale=2.0, top_k=1, strategy="zipar", window=4,
@@ -291,21 +287,30 @@ def test_greedy_load_aware_zipar_equals_reference_zipar_or_raster(tiny_generator
 
 
 def test_paced_rows_start_only_in_steps_that_gain(tiny_generator, tiny_model, policy):
-    """Images admitted with their rows whose steps then find rows too costly start none early: each
-    row starts when the row above completes. Greedy, that is raster order: ZipAR's images are the
-    raster reference's in one forward per token, ZipAR x SJD's the same image (greedy SJD is exact)
-    in fewer forwards (each row's own SJD window). Rows free in every step: the next test."""
+    """Load-aware ZipAR x SJD images that keep their own setting at admission start each row only in a
+    step that gains from it (`sjd_window=1`: ZipAR's rows, paced). Rows free in every step: ZipAR's
+    reference, image and forwards (the next test: ZipAR x SJD's). Rows too costly in every step: none
+    starts early, each starts when the row above completes, which under greedy decoding is raster
+    order: the raster reference's image, in one forward per token at sjd_window 1 and in fewer with
+    the rows' own SJD windows (greedy SJD is exact)."""
     from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
+    from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar as reference_zipar
+    from vllm_visual_ar.samplers.zipar import forward_passes
 
     _, ref = tiny_model
     grid, classes = tiny_generator.config.image_grid, [1, 2, 3, 4]
     raster = reference_raster(ref, classes, guidance_scale=2.0, top_k=1).codes
-    policy.rows, policy.cost = RowCost(), FrozenCost(COSTLY_ROWS)  # admission keeps the rows; no step starts one
-    images = tiny_generator.generate(classes, guidance_scale=2.0, top_k=1, strategy="zipar", window=4,
-                                     load_aware=True)
+    policy.rows = frozen_rows(FREE_ROWS, keep_rows=True)
+    images = tiny_generator.generate(classes, guidance_scale=2.0, top_k=1, strategy="zipar_sjd", window=4,
+                                     sjd_window=1, load_aware=True)
+    assert torch.equal(torch.stack([im.codes.flatten() for im in images]),
+                       reference_zipar(ref, classes, 4, guidance_scale=2.0, top_k=1).codes)
+    assert [im.stats.forward_passes for im in images] == [forward_passes(grid, grid, 4)] * len(classes)
+    policy.rows = frozen_rows(COSTLY_ROWS, keep_rows=True)  # admission keeps the rows; no step starts one
+    images = tiny_generator.generate(classes, guidance_scale=2.0, top_k=1, strategy="zipar_sjd", window=4,
+                                     sjd_window=1, load_aware=True)
     assert torch.equal(torch.stack([im.codes.flatten() for im in images]), raster)
     assert [im.stats.forward_passes for im in images] == [grid * grid] * len(classes)
-    policy.rows = RowCost()
     images = tiny_generator.generate(classes, guidance_scale=2.0, top_k=1, strategy="zipar_sjd", window=4,
                                      sjd_window=6, load_aware=True)
     assert torch.equal(torch.stack([im.codes.flatten() for im in images]), raster)
@@ -313,11 +318,11 @@ def test_paced_rows_start_only_in_steps_that_gain(tiny_generator, tiny_model, po
 
 
 def test_load_aware_zipar_sjd_falls_back_to_zipar_rows_or_raster_order(tiny_generator, tiny_model, policy):
-    """Load-aware ZipAR x SJD offers raster order (restarting it as strategy "zipar", vLLM's own path)
-    and its rows alone (sjd_window 1, ZipAR token for token) beside its own rows and SJD windows.
-    Greedy: with a cost model that knows nothing an image keeps its own and, its rows free in every
-    step, equals the ZipAR x SJD reference; with one that has learnt that rows cost more than they
-    give beside other images it restarts in raster order and equals the raster reference."""
+    """Load-aware ZipAR x SJD offers raster order and ZipAR's rows alone (both restarting it as strategy
+    "zipar") beside its own rows and SJD windows. Greedy: with a cost model that keeps rows and finds
+    them free in every step an image keeps its own and equals the ZipAR x SJD reference; with one
+    that has learnt that rows cost more than they give beside other images it restarts in raster
+    order, vLLM's own path, and equals the raster reference."""
     from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
     from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar_sjd as reference_zipar_sjd
     from vllm_visual_ar.samplers.zipar_sjd import ZipARSJD
@@ -328,15 +333,13 @@ def test_load_aware_zipar_sjd_falls_back_to_zipar_rows_or_raster_order(tiny_gene
     request = SimpleNamespace(num_computed_tokens=0, num_output_tokens=0, num_prompt_tokens=1)
     options = ZipARSJD(tiny_generator.config, decoding).window_options(request)
     assert [(o.window, o.decoding) for o in options] == [
-        (grid, Decoding("zipar", grid, load_aware=True)), (4, Decoding("zipar_sjd", 4, sjd_window=1, load_aware=True)),
-        (4, None)]
+        (grid, Decoding("zipar", grid, load_aware=True)), (4, Decoding("zipar", 4, load_aware=True)), (4, None)]
     assert options[0].commits < options[1].commits < options[2].commits and not options[0].wide
     raster = reference_raster(ref, classes, guidance_scale=2.0, top_k=1).codes
     costly = RowCost()
     simulated_rows(costly, np.random.default_rng(0))
     costly.observe(StepShape(8), 3e-3)
-    policy.cost = FrozenCost(FREE_ROWS)
-    policy.rows, policy._since_rows, policy._since_plain = RowCost(), 0, 0
+    policy.rows, policy._since_rows, policy._since_plain = frozen_rows(FREE_ROWS), 0, 0
     images = tiny_generator.generate(classes, guidance_scale=2.0, top_k=1, strategy="zipar_sjd", window=4,
                                      sjd_window=6, load_aware=True)
     for c, im in zip(classes, images):

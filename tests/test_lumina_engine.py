@@ -140,45 +140,43 @@ def test_zipar_sjd_edges_are_zipar_and_sjd(lumina_generator, tiny_lumina):
 
 
 def test_paced_rows_place_their_ends_of_line_early_or_at_the_row_s_end(lumina_generator, tiny_lumina):
-    """Load-aware ZipAR and ZipAR x SJD keep their rows when admitted with a fresh cost model; each row
-    then starts only in a step that gains from it, by placing the end of line above early (in a
-    speculative slot), else at the end of the row above. Greedy: rows free in every step give the
-    authors' ZipAR loop and ZipAR x SJD's reference; rows too costly in every step give raster order's
-    image; steps that start a row only while the
-    image has at most two (sampled, through plain `LLM.generate`) place every end of line and the
-    image end where the layout has them."""
-    from conftest import FrozenCost, load_policy
+    """Load-aware ZipAR x SJD that keeps its own setting at admission starts each row only in a step
+    that gains from it, by placing the end of line above early (in a speculative slot), else at the
+    end of the row above. Greedy: rows free in every step give the authors' ZipAR loop (sjd_window 1)
+    and ZipAR x SJD's reference; rows too costly in every step give raster order's image; steps that
+    start a row only while the image has a few (sampled, through plain `LLM.generate`) place every
+    end of line and the image end where the layout has them."""
+    from conftest import COSTLY_ROWS, FREE_ROWS, frozen_rows, load_policy
 
     from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
-    from vllm_visual_ar.samplers.load import Marginal, RowCost
     from vllm_visual_ar.samplers.zipar import forward_passes
 
     gen, text = lumina_generator, "a red cat at dusk"
-    free, costly = Marginal(1e-4, 0.0, 0.0, 0.0), Marginal(1e-4, 1e-2, 1e-2, 1e-2)
     layout, raster = t2i_reference(gen, tiny_lumina[1], lumina_cfg, text, 3.0)
     _, zipar = t2i_reference(gen, tiny_lumina[1], lumina_cfg, text, 3.0, window=3)
-    _, rows, forwards = t2i_reference(gen, tiny_lumina[1], lumina_cfg, text, 3.0, window=3, sjd_window=4,
-                                      forwards=True)
+    _, zipar_sjd, forwards = t2i_reference(gen, tiny_lumina[1], lumina_cfg, text, 3.0, window=3, sjd_window=4,
+                                           forwards=True)
     runs = {}
-    for name, marginal in (("free", free), ("costly", costly)):
-        for decoding in (dict(strategy="zipar"), dict(strategy="zipar_sjd", sjd_window=4)):
-            with load_policy(gen, RowCost(), FrozenCost(marginal)):
-                runs[name, decoding["strategy"]] = gen.generate(prompts=[text], guidance_scale=3.0, window=3,
-                                                                load_aware=True, **decoding, **GREEDY)[0]
-    assert torch.equal(runs["free", "zipar"].codes.flatten(), layout.codes_of(zipar))
-    assert runs["free", "zipar"].stats.forward_passes == forward_passes(layout.rows, layout.cols, 3, row_end=True)
-    assert torch.equal(runs["free", "zipar_sjd"].codes.flatten(), layout.codes_of(rows))
-    assert runs["free", "zipar_sjd"].stats.forward_passes == forwards
-    for strategy in ("zipar", "zipar_sjd"):
-        assert torch.equal(runs["costly", strategy].codes.flatten(), layout.codes_of(raster))
-    assert runs["costly", "zipar"].stats.forward_passes == layout.rows * layout.cols
-    assert runs["costly", "zipar_sjd"].stats.forward_passes <= layout.rows * layout.cols
-    two_rows = Marginal(1e-4, 0.0, 0.0, 1e-3)  # 2 streams x 1 ms against 5 ms steps: starts while <= 2 rows run
+    for name, beta in (("free", FREE_ROWS), ("costly", COSTLY_ROWS)):
+        for sjd_window in (1, 4):
+            with load_policy(gen, frozen_rows(beta, keep_rows=True)):
+                runs[name, sjd_window] = gen.generate(prompts=[text], guidance_scale=3.0, strategy="zipar_sjd",
+                                                      window=3, sjd_window=sjd_window, load_aware=True, **GREEDY)[0]
+    assert torch.equal(runs["free", 1].codes.flatten(), layout.codes_of(zipar))
+    assert runs["free", 1].stats.forward_passes == forward_passes(layout.rows, layout.cols, 3, row_end=True)
+    assert torch.equal(runs["free", 4].codes.flatten(), layout.codes_of(zipar_sjd))
+    assert runs["free", 4].stats.forward_passes == forwards
+    for sjd_window in (1, 4):
+        assert torch.equal(runs["costly", sjd_window].codes.flatten(), layout.codes_of(raster))
+    assert runs["costly", 1].stats.forward_passes == layout.rows * layout.cols
+    assert runs["costly", 4].stats.forward_passes <= layout.rows * layout.cols
+    two_rows = (5e-3, 0, 0, 1e-3, 0, 0)  # 2 streams x 1 ms a row against 5 ms steps and more: a few rows at a time
     sampling = dict(guidance_scale=3.0, temperature=1.0, top_k=50)
-    for decoding in (Decoding("zipar", 3, load_aware=True), Decoding("zipar_sjd", 3, sjd_window=4, load_aware=True)):
+    for decoding in (Decoding("zipar_sjd", 3, sjd_window=1, load_aware=True),
+                     Decoding("zipar_sjd", 3, sjd_window=4, load_aware=True)):
         reqs = image_requests(gen.config, "a cat", SamplingSettings(**sampling), seed=3, tokenizer=gen.tokenizer,
                               decoding=decoding)
-        with load_policy(gen, RowCost(), FrozenCost(two_rows)):
+        with load_policy(gen, frozen_rows(two_rows, keep_rows=True)):
             out = gen.llm.generate([p for p, _ in reqs], [sp for _, sp in reqs], use_tqdm=False)
         tokens = out[0].outputs[0].token_ids
         assert list(tokens) == list(out[1].outputs[0].token_ids) and len(tokens) == layout.num_tokens

@@ -82,8 +82,8 @@ import json, sys
 import numpy as np
 from vllm_visual_ar.generator import ImageGenerator
 from vllm_visual_ar.samplers.load import RowCost, StepShape
-from conftest import FrozenCost
-from test_load import COSTLY_ROWS, FREE_ROWS, simulated_rows
+from conftest import COSTLY_ROWS, FREE_ROWS, frozen_rows
+from test_load import simulated_rows
 
 if __name__ == "__main__":  # vLLM's workers are spawned: they import this file
     gen = ImageGenerator(sys.argv[1], max_images_in_flight=4, tensor_parallel_size=2, distributed_executor_backend="mp")
@@ -92,9 +92,11 @@ if __name__ == "__main__":  # vLLM's workers are spawned: they import this file
     simulated_rows(costly, np.random.default_rng(0))
     costly.observe(StepShape(8), 3e-3)
     out = []
-    for rows, steps in ((costly, FREE_ROWS), (RowCost(), FREE_ROWS), (RowCost(), COSTLY_ROWS)):
-        policy.rows, policy.cost = rows, FrozenCost(steps)
-        images = gen.generate([1, 2, 3], guidance_scale=2.0, top_k=1, strategy="zipar", window=4, load_aware=True)
+    for rows, strategy in ((costly, "zipar"), (frozen_rows(FREE_ROWS, keep_rows=True), "zipar_sjd"),
+                           (frozen_rows(COSTLY_ROWS, keep_rows=True), "zipar_sjd")):
+        policy.rows = rows  # ZipAR x SJD at sjd_window 1: ZipAR's rows, each started at the scheduler's word
+        images = gen.generate([1, 2, 3], guidance_scale=2.0, top_k=1, strategy=strategy, window=4, load_aware=True,
+                              **({"sjd_window": 1} if strategy == "zipar_sjd" else {}))
         out.append([[im.codes.flatten().tolist(), im.stats.forward_passes] for im in images])
     print("RESULT " + json.dumps(out), flush=True)
 """
@@ -103,9 +105,10 @@ if __name__ == "__main__":  # vLLM's workers are spawned: they import this file
 def test_load_aware_choices_reach_every_rank(tiny_model, tmp_path):
     """Load-aware ZipAR's choice at admission is rewritten in the request's args before vLLM sends the
     request to its workers: both ranks run raster order (a rank still on the request's w=4 would fail
-    its schedule check) and the images are raster's. A row started in a step rides in a speculative
-    slot, which every rank sees: rows free in every step give ZipAR w=4's reference on both ranks,
-    rows too costly in every step raster order's image, one forward per token."""
+    its schedule check) and the images are raster's. A paced row (load-aware ZipAR x SJD, here at
+    sjd_window 1) started in a step rides in a speculative slot, which every rank sees: rows free in
+    every step give ZipAR w=4's reference on both ranks, rows too costly in every step raster order's
+    image, one forward per token."""
     from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
     from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar as reference_zipar
     from vllm_visual_ar.samplers.zipar import forward_passes

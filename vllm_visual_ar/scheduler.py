@@ -280,7 +280,7 @@ class VisualARScheduler(Scheduler):
         images = len({self._pair_key(r) or r.request_id for r in self.running}) + len(groups)
         for (options, streams), same in asking.items():
             for g, index in zip(same, self._width_policy.options(list(options), streams, len(same), sequences, images)):
-                if index < len(options) - 1 or options[index].decoding is not None:
+                if index < len(options) - 1:
                     self._restart(g, options[index])
 
     def _restart(self, group: list[Request], option) -> None:
@@ -351,8 +351,8 @@ class VisualARScheduler(Scheduler):
         drafts = sum(len(r.spec_token_ids) for r in running)
         sequences = len(running) + len(starting)
         tokens = sum(fed) + sum(r.num_prompt_tokens for r in starting)
-        wide = sum(n > 1 and r.num_output_tokens > 0 for n, r in zip(fed, running))
-        step = StepShape(sequences, drafts, wide, tokens - sequences - drafts)
+        wide = [r.num_computed_tokens for n, r in zip(fed, running) if n > 1 and r.num_output_tokens > 0]
+        step = StepShape(sequences, drafts, len(wide), tokens - sequences - drafts, sum(wide))
         others = {self._pair_key(r) or r.request_id for r in running} - offers.keys()
         chosen = self._width_policy.row_starts([replace(o, streams=len(rs)) for o, rs in offers.values()], step,
                                                len(others))
