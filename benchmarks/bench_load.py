@@ -38,6 +38,8 @@ def configs() -> list[tuple[str, dict]]:
             ("ZipAR w=4, load-aware", dict(strategy="zipar", window=4, load_aware=True)),
             ("ZipAR w=8 (pinned)", dict(strategy="zipar", window=8)),
             ("ZipAR w=8, load-aware", dict(strategy="zipar", window=8, load_aware=True)),
+            ("ZipAR w=4 rows paced (x SJD L=1), load-aware", dict(strategy="zipar_sjd", window=4, sjd_window=1,
+                                                                  load_aware=True)),
             ("ZipAR w=8 x SJD L=16 (pinned)", dict(strategy="zipar_sjd", window=8, sjd_window=16)),
             ("ZipAR w=8 x SJD L=16, load-aware", dict(strategy="zipar_sjd", window=8, sjd_window=16, load_aware=True))]
 
@@ -93,7 +95,10 @@ def main():
              f"rounds, the rows interleaved within a round; at 1 in flight a round is {args.single_images} images one "
              f"after the other, else one generate call of n images. 'pinned' runs its window at every step; "
              f"'load-aware' lets the scheduler choose each step's width (samplers/load.py), learning its cost model "
-             f"on this engine's steps as the run goes (its state carries over from one column to the next).")
+             f"on this engine's steps as the run goes (its state carries over from one column to the next): SJD's "
+             f"width before every step; ZipAR's window when the image is admitted; ZipAR x SJD's setting when it is "
+             f"admitted, then, where it keeps its own rows, whether each row starts early, before every step "
+             f"('rows paced': sjd_window 1, ZipAR's rows on that wavefront).")
     if args.rows is not None:
         return
     print("wrote", write_results("load", "Load-aware SJD, ZipAR and ZipAR x SJD windows against raster, side by side",
