@@ -45,7 +45,18 @@ scheduler half rewinds vLLM's computed count to before them (vLLM's accounting w
 keys/values as if they were the committed tokens) and sets the next forward's slots. Both halves
 run the same row bookkeeping (`Wavefront`): the runner half reports each forward's per-row commits
 (`StrategyRunner.report`), which the scheduler half needs for the slot count, the stand-ins and
-the frontend's raster-order release.
+the frontend's raster-order release. A forward whose fed tokens and drafts are in raster order (no
+row started early, drafts of one row) takes vLLM's positions and causal attention; one without
+drafts (sjd_window 1) draws its rows' codes in one batch, as ZipAR does.
+
+Paced rows (load-aware, `Wavefront.paced`): a row does not start as soon as ZipAR's rule allows.
+Before each step the scheduler half offers the start (`ZipARSJD.row_start`), the scheduler weighs
+it against the step it is building (`load.RowCost.starts`) and, if it starts, the row's stand-in or
+the end of line above rides in the forward's first speculative slot; the runner half, on every
+rank, sees one more fed token than its pending tokens and drafts and starts the same row. A row not
+started early starts when the row above completes (raster hand-over, or that row's end of line at
+its own place). Once the last code is in, the request ends with the tokens it appended (a row
+handed over uses no stand-in).
 """
 from __future__ import annotations
 

@@ -135,7 +135,8 @@ class ImageGenerator:
         (rows fixed for the image's life: raster order under load where rows would cost throughput).
         "zipar_sjd": ZipAR's rows (`window`), each verifying up to `sjd_window` (default 8) tokens per
         forward with SJD's rule (`samplers/zipar_sjd.py`; `init` default "horizontal"); load-aware, the
-        scheduler may run it as ZipAR's rows alone or in raster order instead, chosen at admission.
+        scheduler may run it as ZipAR's rows alone or in raster order instead, chosen at admission,
+        and where it keeps its own it starts each row only in a step that gains from it.
         VAR models decode scale by scale; with a CoDe folder, strategy "code" with `draft_steps` N lets
         the drafter decode scales 0..N-1 and the refiner the rest (`samplers/next_scale.py`); guidance 0
         is unguided there (VAR's cfg).

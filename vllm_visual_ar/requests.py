@@ -72,9 +72,10 @@ class Decoding:
     rest; "raster" on a VAR model is its plain next-scale order. Each strategy validates the fields
     it reads (`Strategy.checked`); a field no strategy of this name reads must be unset. `coupled`
     (raster, SJD) draws every token from noise fixed per (seed, position) (`samplers/coupling.py`):
-    the same seed then gives the same image in raster order and with SJD. `load_aware` (SJD, ZipAR):
-    the window is a ceiling that the scheduler narrows under load (`samplers/load.py`; ZipAR's once,
-    when the image is admitted). "zipar_sjd"
+    the same seed then gives the same image in raster order and with SJD. `load_aware` (SJD, ZipAR,
+    ZipAR x SJD): the window is a ceiling that the scheduler narrows under load (`samplers/load.py`;
+    ZipAR's once, when the image is admitted; ZipAR x SJD's setting then, and each row's start
+    before every step). "zipar_sjd"
     (`samplers/zipar_sjd.py`): ZipAR's rows (`window`), each verifying up to `sjd_window` tokens per
     forward with SJD's rule (default 8, init "horizontal"). `group_acceptance` (SJD; not exact): GSD's
     grouped test of each draft (`samplers/sjd.py::group_ratio`)."""

@@ -28,7 +28,9 @@ preempts request by request, so this subclass wraps it rather than rewriting it:
   from a cost model of step time against what the step runs, fitted on the steps this engine has run, and
   reports it in the step's output (`requests.step_width`). A strategy whose schedule is fixed for the
   whole image says which windows it could run at (`window_options`); the scheduler picks one when it
-  admits the image and restarts the image's requests with it, before their first forward.
+  admits the image and restarts the image's requests with it, before their first forward. A strategy
+  whose rows start at the scheduler's word offers each start before a step
+  (`row_start`), and the scheduler starts it where the step gains from it (`_start_rows`).
 """
 from __future__ import annotations
 

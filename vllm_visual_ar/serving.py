@@ -118,7 +118,8 @@ class DecodingFields(BaseModel):
                                                       "scheduler may choose when it admits the image (up to "
                                                       "raster order); zipar_sjd: the scheduler may run the image "
                                                       "as zipar's rows alone or in raster order instead, chosen "
-                                                      "when it admits it (default false: as given).")
+                                                      "when it admits it, and otherwise starts each row only in a "
+                                                      "step that gains from it (default false: as given).")
     continue_after_reject: bool | None = Field(None, description="sjd, zipar_sjd: keep verifying the drafts after a rejected "
                                                                  "one (SJD-PAC's adaptive continuation; exact). "
                                                                  "Default false.")
