@@ -89,8 +89,10 @@ def main():
              f"own distribution, so their quality differences are sampling noise; coupled rows give the very images "
              f"'raster, coupled' gives. Speed-up / step compression: the share of the forwards saved that shows in "
              f"images/s with one image in flight. Rows without 'load-aware' run their window at every step; "
-             f"'load-aware' rows let the scheduler narrow it step by step from its cost model "
-             f"(samplers/load.py), learned on this engine's own steps as the run goes.")
+             f"'load-aware' rows let the scheduler narrow it from its cost models (samplers/load.py), learned on "
+             f"this engine's own steps as the run goes: SJD's width before every step, ZipAR's window when the "
+             f"image is admitted, ZipAR x SJD's setting when it is admitted and then each row's start before "
+             f"every step.")
     print("wrote", write_results("accel", "Acceleration beside raster, in vLLM", table, notes))
 
 
