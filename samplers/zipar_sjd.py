@@ -323,23 +323,22 @@ class _Image:
     front: Wavefront
     codes: dict[int, int] = field(default_factory=dict)  # raster index -> committed code
     raster: list[int] = field(default_factory=list)      # per appended token: its slot
-    stand_in: list[bool] = field(default_factory=list)   # per appended token: a stand-in?
     carried: dict[int, Drafts] = field(default_factory=dict)  # row -> Jacobi tail
     chains: list[Chain] = field(default_factory=list)    # this forward's
     drafts: dict[int, Drafts] = field(default_factory=dict)  # this forward's, per row
     report: tuple = ()                                    # this forward's commits, (row, codes) pairs
 
     raster_prefix: bool = True  # every appended token so far sits at its raster slot (raster order)
-    # `raster` and `stand_in` as arrays, for the masks (grown with them, not rebuilt every forward)
+    # `raster` as an array and, per appended token, whether it is a stand-in: for the masks (grown,
+    # not rebuilt every forward)
     raster_np: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     stand_in_np: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     def append(self, entries: list[Entry]) -> None:
         start = len(self.raster)
         self.raster += [e.raster for e in entries]
-        self.stand_in += [e.stand_in for e in entries]
         self.raster_np = np.concatenate((self.raster_np, np.array(self.raster[start:], dtype=np.int64)))
-        self.stand_in_np = np.concatenate((self.stand_in_np, np.array(self.stand_in[start:], dtype=bool)))
+        self.stand_in_np = np.concatenate((self.stand_in_np, np.array([e.stand_in for e in entries], dtype=bool)))
         self.raster_prefix = self.raster_prefix and all(e.raster == start + i for i, e in enumerate(entries))
 
 
@@ -614,8 +613,13 @@ class ZipARSJD(Strategy):
         fed = request.num_tokens_with_spec - request.num_computed_tokens
         if fed > 1 or self._early:
             return RowStart(commits, speed, min(front.jacobi, front.width), True, request.num_computed_tokens)
-        own = self._options(request.num_prompt_tokens)[-1]
+        own = self._own_option
         return RowStart(commits, own.commits - 1, own.extra, False, request.num_computed_tokens)
+
+    @cached_property
+    def _own_option(self):
+        """Its own setting's averages per forward (`window_options`' last; the context is not read)."""
+        return self._options(0)[-1]
 
     def start_row(self, request):
         """Start the row `row_start` offered in this step: it rides in the first speculative slot (the
