@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vllm_visual_ar.model_executors.llamagen_config import LlamaGenConfig
-from vllm_visual_ar.samplers.coupling import PositionNoise, coupled_draw
+from vllm_visual_ar.samplers.coupling import coupled_draw
 from vllm_visual_ar.samplers.sampling import cfg_mix, sample, target_probs
 
 
@@ -196,15 +196,13 @@ def generate(model: LlamaGenReference, classes: list[int], guidance_scale: float
         labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
     model.setup_cache(labels.shape[0], device=device)
 
-    noise = PositionNoise(device) if coupled_seeds is not None else None
-
     def next_token(logits, position):
         if guided:
             logits = cfg_mix(logits[:n], logits[n:], guidance_scale)
-        if noise is None:
+        if coupled_seeds is None:
             return sample(logits, temperature, top_k, top_p, generator)
-        race = torch.cat([noise.race(seed, [position], logits.shape[1]) for seed in coupled_seeds])
-        return coupled_draw(target_probs(logits, temperature, top_k, top_p), race)
+        return coupled_draw(target_probs(logits, temperature, top_k, top_p), coupled_seeds,
+                            [position] * len(coupled_seeds))
 
     pos = torch.arange(cfg.cls_token_num, device=device)
     h = model.cls_embedding.embedding_table(labels)[:, None]

@@ -20,7 +20,7 @@ def generate_image_tokens(next_logits: Callable[[list[int]], torch.Tensor], cond
     """next_logits(ids) -> the LM's logits [V] for the token after `ids`. uncond_ids None: unguided.
     top_k 1 or temperature 0 is greedy. `coupled_seed`: draw by coupled noise (`samplers/coupling.py`)
     instead of from `generator`. -> the generated tokens (layout.num_tokens of them)."""
-    from vllm_visual_ar.samplers.coupling import PositionNoise, coupled_draw
+    from vllm_visual_ar.samplers.coupling import coupled_draw
     from vllm_visual_ar.samplers.sampling import target_probs
 
     tokens: list[int] = []
@@ -37,8 +37,7 @@ def generate_image_tokens(next_logits: Callable[[list[int]], torch.Tensor], cond
         x = logits[codes]
         if coupled_seed is not None:
             p = target_probs(x[None], 0.0 if top_k == 1 else temperature, top_k, 1.0)
-            race = PositionNoise(x.device).race(coupled_seed, [index], x.numel())
-            tokens.append(codes.start + int(coupled_draw(p, race)[0]))
+            tokens.append(codes.start + int(coupled_draw(p, [coupled_seed], [index])[0]))
             continue
         if top_k == 1 or temperature == 0:
             tokens.append(codes.start + int(x.argmax()))

@@ -12,9 +12,11 @@ from the image's seed, the raster position and the code index alone, so:
   verifies a draft by comparing it with the coupled draw from its target), so acceleration can be
   switched on without the picture changing.
 
-Noise for the position of one image: a generator seeded with splitmix64(seed, position) draws
-Exp(1) over the codes (`sampling.exponential_noise`). Different (seed, position) pairs get unrelated streams; the stream depends on
-the device's generator (CPU and CUDA differ), as any seeded torch sampling does.
+Noise for one (seed, position, code): the code-th output of a SplitMix64 stream whose state starts at
+splitmix64(seed) xor position, turned into a uniform of 53 bits and then E = -log(U). It is a pure
+function of the three integers, computed for a whole batch of rows at once in int64 tensor arithmetic
+(wrapping, as SplitMix64's does), so it costs next to nothing per row and gives the same noise on
+every device.
 """
 from __future__ import annotations
 
@@ -22,47 +24,73 @@ import random
 
 import torch
 
-from vllm_visual_ar.samplers.sampling import exponential_noise
-
 _MASK = (1 << 64) - 1
+_GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+def _int64(x: int) -> int:
+    """The int64 with the same 64 bits as x mod 2**64."""
+    x &= _MASK
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function on int64 tensors (multiplications wrap mod 2**64)."""
+    x = (x ^ _shr(x, 30)) * _int64(_MIX1)
+    x = (x ^ _shr(x, 27)) * _int64(_MIX2)
+    return x ^ _shr(x, 31)
+
+
+def splitmix64(x: int) -> int:
+    """One SplitMix64 step in plain Python: the definition `race_noise` computes in tensors."""
+    x = (x + _GAMMA) & _MASK
+    x = ((x ^ (x >> 30)) * _MIX1) & _MASK
+    x = ((x ^ (x >> 27)) * _MIX2) & _MASK
     return x ^ (x >> 31)
 
 
-def position_key(seed: int, position: int) -> int:
-    """The generator seed of (image seed, raster position): 63 bits, unrelated for nearby pairs."""
-    return _splitmix64(_splitmix64(seed) ^ position) >> 1
+def _states(seeds, positions, device) -> torch.Tensor:
+    """Each row's stream state, splitmix64(seed) ^ position: int64 [K]."""
+    seeds = torch.tensor([_int64(s) for s in seeds], dtype=torch.int64, device=device)
+    return _mix(seeds + _int64(_GAMMA)) ^ torch.as_tensor(positions, dtype=torch.int64, device=device)
 
 
-class PositionNoise:
-    """Exp(1) noise per (seed, position, code), on one device; one generator, re-seeded per position."""
-
-    def __init__(self, device="cpu"):
-        self.device = torch.device(device)
-        self._generator = torch.Generator(self.device)
-
-    def race(self, seed: int, positions, codes: int, width: int | None = None) -> torch.Tensor:
-        """-> [len(positions), width or codes] noise; columns past `codes` (an index space with extra
-        entries, such as SJD's "placed token") are 1."""
-        return self.races([(seed, position) for position in positions], codes, width)
-
-    def races(self, keys, codes: int, width: int | None = None) -> torch.Tensor:
-        """`race` for rows of different images: keys are (seed, position) pairs."""
-        out = torch.ones(len(keys), width or codes, device=self.device)
-        for i, (seed, position) in enumerate(keys):
-            self._generator.manual_seed(position_key(seed, int(position)))
-            out[i, :codes] = exponential_noise((codes,), self._generator, self.device)
-        return out
+def _exponentials(states: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """-log(U) for code k of a stream: U the top 53 bits of splitmix64(state + k * gamma), moved off 0
+    by half a step (states and codes broadcast together)."""
+    bits = _shr(_mix(states + (codes + 1) * _int64(_GAMMA)), 11)
+    return ((bits.double() + 0.5) * 2.0 ** -53).log_().neg_().float()
 
 
-def coupled_draw(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """probs [K, V], noise [K, V] -> one index per row: argmax p / E (a one-hot row gives its index)."""
-    return probs.div(noise.to(probs.device)).argmax(-1)
+def race_noise(seeds, positions, codes: int, device="cpu") -> torch.Tensor:
+    """Exp(1) noise [K, codes]: row i is the stream of (seeds[i], positions[i]), one entry per code."""
+    return _exponentials(_states(seeds, positions, device)[:, None], torch.arange(codes, device=device)[None, :])
+
+
+def coupled_draw(probs: torch.Tensor, seeds, positions, codes: int | None = None) -> torch.Tensor:
+    """probs [K, W] -> one index per row, argmax p / E: E is row i's race noise (seeds[i],
+    positions[i]) over the first `codes` indices (default all) and 1 past them (an index space with
+    extra entries, such as SJD's "placed token"); a one-hot row gives its index. An index of
+    probability 0 scores 0 whatever its noise, so where the rows' support is a small part of them
+    (top-k sampling over a large codebook) the noise is computed on the support alone: the same
+    scores, at a fraction of the hashing."""
+    rows, width = probs.shape
+    codes = width if codes is None else codes
+    states = _states(seeds, positions, probs.device)
+    row, code = (probs > 0).nonzero(as_tuple=True)
+    if 4 * len(code) <= probs.numel():
+        noise = torch.where(code < codes, _exponentials(states[row], code), 1.0)
+        score = torch.zeros_like(probs)
+        score[row, code] = probs[row, code] / noise
+    else:
+        every = torch.arange(width, device=probs.device)[None, :]
+        score = probs / torch.where(every < codes, _exponentials(states[:, None], every), 1.0)
+    return score.argmax(-1)
 
 
 def random_seed() -> int:
@@ -98,19 +126,11 @@ def check_coupled(coupled) -> bool | None:
 
 class CoupledTokens:
     """Coupled draws one position at a time, for a runner half: the forward that ends an image's
-    prompt (its first token) and forwards that feed one token. vLLM's sampler still draws for these
+    prompt (its first token) and forwards that feed one token (planned `strategy.DRAW_ONLY`). vLLM's sampler still draws for these
     rows (`worker.py`), so a seeded request's generator advances as it would uncoupled."""
 
     def __init__(self, device):
-        self.noise = PositionNoise(device)
         self.seeds = ImageSeeds()
-
-    @staticmethod
-    def plan(step, row):
-        from vllm_visual_ar.samplers.strategy import RowPlan
-
-        start, end = step.fed(row)
-        return RowPlan([end - start - 1])
 
     def seed(self, step, row) -> int:
         return self.seeds.of(step.info(row).image_id, step.state(row).sampling_params.seed)
@@ -136,7 +156,7 @@ class CoupledTokens:
         for (temperature, top_k, top_p, codes, first_id), members in groups.items():
             last = torch.tensor([at[row].stop - 1 for row, _ in members], device=logits.device)
             p = target_probs(logits[last], temperature, top_k, top_p)
-            race = self.noise.races([(self.seed(step, row), position) for row, position in members], codes)
-            drawn = coupled_draw(p, race).tolist()
+            drawn = coupled_draw(p, [self.seed(step, row) for row, _ in members],
+                                 [position for _, position in members]).tolist()
             out.update((row, [first_id + d]) for (row, _), d in zip(members, drawn))
         return out

@@ -1,7 +1,7 @@
 """Raster order: one token per forward. vLLM's own path, except for coupled draws (`coupling.py`),
 whose tokens the runner half draws from noise fixed per (seed, position)."""
 from vllm_visual_ar.samplers.coupling import CoupledTokens, check_coupled
-from vllm_visual_ar.samplers.strategy import Strategy, StrategyRunner
+from vllm_visual_ar.samplers.strategy import DRAW_ONLY, Strategy, StrategyRunner
 
 
 class RasterRunner(StrategyRunner):
@@ -10,7 +10,7 @@ class RasterRunner(StrategyRunner):
         self.coupled = CoupledTokens(self.device)
 
     def prepare(self, step, rows):
-        return {row: self.coupled.plan(step, row) for row in rows
+        return {row: DRAW_ONLY for row in rows
                 if (info := step.info(row)) is not None and info.decoding.coupled}  # info None: not an image
 
     def emit(self, step, rows, logits, at):

@@ -53,9 +53,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from vllm_visual_ar.families import image_layout
+from vllm_visual_ar.samplers.load import WidthChoice
 from vllm_visual_ar.samplers.coupling import CoupledTokens, check_coupled, check_flag, coupled_draw
 from vllm_visual_ar.samplers.sampling import exponential_noise, target_probs
-from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
+from vllm_visual_ar.samplers.strategy import DRAW_ONLY, Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 
 INITS = ("random", "horizontal")
 DEFAULT_WINDOW = 16
@@ -324,9 +325,9 @@ def verify_prefix(p: torch.Tensor, drafts: Drafts, upto: int, generator: torch.G
     return committed, Drafts(carried.tokens + draw(tail, generator).tolist(), torch.cat([carried.q.to(p.device), tail]))
 
 
-def verify_coupled(p: torch.Tensor, drafts: Drafts, noise: torch.Tensor) -> tuple[list[int], Drafts]:
-    """SJD with coupled draws (`coupling.py`). noise [K, V]: the fixed noise of the K positions the
-    forward predicts. The token committed at a position is always the coupled draw from its target,
+def verify_coupled(p: torch.Tensor, drafts: Drafts, drawn: torch.Tensor) -> tuple[list[int], Drafts]:
+    """SJD with coupled draws (`coupling.py`). drawn [K]: the coupled draws from p at the K positions
+    the forward predicts. The token committed at a position is always the coupled draw from its target,
     so the image is the one raster decoding draws with the same seed (exact by construction). A draft
     is accepted when it equals that draw; the first that does not is replaced by it. The coupled
     draws at the later positions (their context held the rejected draft) are the next window's
@@ -337,7 +338,6 @@ def verify_coupled(p: torch.Tensor, drafts: Drafts, noise: torch.Tensor) -> tupl
     less often (P[draw(p) = draw(q)] instead of 1 - TV(p, q))."""
     k = p.shape[0]
     assert len(drafts.tokens) == k - 1
-    drawn = coupled_draw(p, noise)
     tokens = torch.tensor(drafts.tokens, dtype=torch.long, device=p.device)
     mismatch = (tokens != drawn[: k - 1]).nonzero()
     if len(mismatch) == 0:
@@ -389,7 +389,7 @@ class SJDRunner(StrategyRunner):
             if not step.in_prompt(row) and end - start > 1:  # x0 and end - start - 1 drafts
                 images.setdefault(step.info(row).image_id, []).append(row)
             elif step.info(row).decoding.coupled:  # one token, drawn coupled (else vLLM's own draw)
-                plans[row] = self.coupled.plan(step, row)
+                plans[row] = DRAW_ONLY
                 self._single.add(row)
         for image_id, streams in images.items():
             streams.sort(key=lambda r: step.info(r).role == "uncond")
@@ -437,9 +437,9 @@ class SJDRunner(StrategyRunner):
             group = self.groups(layout, space) if decoding.group_acceptance else None
             if decoding.coupled:
                 positions = range(state.first, state.first + p.shape[0])  # input k predicts first + k
-                noise = self.coupled.noise.race(self.coupled.seed(step, row), positions, layout.codebook_size,
-                                                p.shape[1])
-                committed, state.carried = verify_coupled(p, state.current, noise)
+                drawn = coupled_draw(p, [self.coupled.seed(step, row)] * len(positions), positions,
+                                     layout.codebook_size)
+                committed, state.carried = verify_coupled(p, state.current, drawn)
             else:
                 committed, state.carried = verify(p, state.current, step.generator(row), relaxed,
                                                   continued=bool(decoding.continue_after_reject), group=group)
@@ -468,6 +468,9 @@ class SJDRunner(StrategyRunner):
                 codebook = torch.nn.functional.normalize(codebook.float(), dim=-1)
             self._neighbours[k] = latent_neighbours(codebook, k).to(self.device)
         return self._neighbours[k]
+
+
+_PRIOR = math.log(16)  # the slope's prior: worth one forward at width 16
 
 
 class SJD(Strategy):
@@ -538,14 +541,11 @@ class SJD(Strategy):
         """For a load-aware request: its window as the ceiling, and its yield slope k (tokens per
         forward 1 + k ln w, `load.py`) from its forwards so far, starting from a prior of one forward
         at k = 0.7 (the embedded model's SJD at 16-32)."""
-        from vllm_visual_ar.samplers.load import WidthChoice
-
         self._observe(request)
         left = request.max_tokens - request.num_output_tokens
         if not self.decoding.load_aware or request.num_computed_tokens < request.num_prompt_tokens or left <= 1:
             return None
-        prior = math.log(16)
-        slope = (self._accepted + 0.7 * prior) / (self._log_widths + prior)
+        slope = (self._accepted + 0.7 * _PRIOR) / (self._log_widths + _PRIOR)
         return WidthChoice(min(self.decoding.window, left), slope)
 
     def footprint(self, output_tokens):

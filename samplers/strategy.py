@@ -57,11 +57,15 @@ class Footprint:
 @dataclass
 class RowPlan:
     """How one request's forward departs from vLLM's plain one (offsets count its fed tokens)."""
-    logits: Sequence[int]                    # offsets whose logits the strategy reads, in order
+    logits: Sequence[int] | None             # offsets whose logits the strategy reads, in order
     positions: Sequence[int] | None = None   # each fed token's position, if not vLLM's contiguous ones
     # (query positions [n], key positions [length]) -> bool [n, length], True = seen; None: causal
     visible: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
     slot_tokens: Sequence[int] | None = None  # token ids written into the last fed tokens (speculative slots)
+
+
+# The plan of a row whose forward is vLLM's own and whose one token the strategy draws (coupled draws).
+DRAW_ONLY = RowPlan(logits=None)
 
 
 class Step:
@@ -109,9 +113,16 @@ class StrategyRunner:
         a runner half also exists on models that serve plain requests)."""
         return image_layout(self.config)
 
+    @cached_property
+    def _layouts(self) -> dict:
+        return {}
+
     def layout_of(self, info) -> ImageLayout:
-        """The layout of a request's image (its size's)."""
-        return image_layout(self.config, info.size)
+        """The layout of a request's image (its size's); asked per row per step, so kept here (the
+        family's own cache sits behind a transformers config's slow attribute lookups)."""
+        if (layout := self._layouts.get(info.size)) is None:
+            layout = self._layouts[info.size] = image_layout(self.config, info.size)
+        return layout
 
     # -- token by token: the rows of this strategy's requests in a mixed batch --------------------
     def prepare(self, step: Step, rows: list[int]) -> dict[int, RowPlan]:

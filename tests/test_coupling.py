@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
-from vllm_visual_ar.samplers.coupling import PositionNoise, coupled_draw, position_key
+from vllm_visual_ar.samplers.coupling import coupled_draw, race_noise, splitmix64
 from vllm_visual_ar.samplers.sjd import Drafts, verify_coupled
 
 SAMPLED = dict(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9)
@@ -15,14 +15,44 @@ SAMPLED = dict(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9)
 
 # -- the noise on its own ------------------------------------------------------------------------------
 def test_noise_is_fixed_per_seed_and_position_and_differs_elsewhere():
-    noise = PositionNoise()
-    a = noise.race(7, [0, 1, 5], 64)
-    assert torch.equal(a, noise.race(7, [0, 1, 5], 64))
-    assert torch.equal(a[2], noise.race(7, [5], 64)[0])  # a position's noise is its own, wherever it is asked
-    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], noise.race(8, [0], 64)[0])
-    assert len({position_key(s, p) for s in range(50) for p in range(50)}) == 2500
-    wide = noise.race(7, [5], 64, width=65)
-    assert torch.equal(wide[0, :64], a[2]) and wide[0, 64] == 1  # an extra index (SJD's "placed") is neutral
+    a = race_noise([7, 7, 7], [0, 1, 5], 64)
+    assert torch.equal(a, race_noise([7, 7, 7], [0, 1, 5], 64))
+    assert torch.equal(a[2], race_noise([7], [5], 64)[0])  # a position's noise is its own, wherever it is asked
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], race_noise([8], [0], 64)[0])
+    grid = race_noise([s for s in range(50) for _ in range(50)], [p for _ in range(50) for p in range(50)], 8)
+    assert len({tuple(row.tolist()) for row in grid}) == 2500
+
+
+def test_coupled_draws_on_the_support_alone_equal_the_draws_over_every_code():
+    """Top-k probabilities over a large codebook: the draw hashes the support only and picks what the
+    race over every code picks; an index past the codes (SJD's "placed") races with noise 1."""
+    torch.manual_seed(0)
+    logits = torch.randn(40, 4096)
+    p = logits.masked_fill(logits < logits.topk(50).values[:, -1:], float("-inf")).softmax(-1)
+    seeds, positions = list(range(40)), list(range(100, 140))
+    full = p.div(race_noise(seeds, positions, 4096)).argmax(-1)
+    assert torch.equal(coupled_draw(p, seeds, positions), full)
+    placed = torch.zeros(2, 65)
+    placed[:, 64] = 1.0
+    assert coupled_draw(placed, [7, 7], [5, 6], codes=64).tolist() == [64, 64]
+    half = torch.zeros(1, 65)
+    half[0, [3, 64]] = 0.5
+    assert coupled_draw(half, [7], [5], codes=64).item() == (64 if race_noise([7], [5], 64)[0, 3] > 1 else 3)
+
+
+def test_noise_is_splitmix64_computed_in_tensors():
+    """The int64 tensor arithmetic (wrapping multiplications, logical shifts) gives SplitMix64's own
+    numbers: entry k of (seed, position) is -log of the top 53 bits of splitmix64(state + k gamma)."""
+    import math
+
+    gamma, mask = 0x9E3779B97F4A7C15, (1 << 64) - 1
+    cases = [(0, 0), (7, 5), (2**32 - 1, 255), (2**63 + 12345, 4095), (123456789, 2**20)]
+    noise = race_noise([s for s, _ in cases], [p for _, p in cases], 300).double()
+    for i, (seed, position) in enumerate(cases):
+        state = splitmix64(seed) ^ position
+        for k in (0, 1, 17, 255, 299):
+            u = ((splitmix64((state + k * gamma) & mask) >> 11) + 0.5) * 2.0 ** -53
+            assert noise[i, k].item() == pytest.approx(-math.log(u), rel=1e-6)
 
 
 def test_coupled_draws_pick_each_code_with_its_probability():
@@ -30,8 +60,7 @@ def test_coupled_draws_pick_each_code_with_its_probability():
     from scipy.stats import chisquare
 
     p = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
-    noise = PositionNoise()
-    draws = torch.cat([coupled_draw(p.expand(200, -1), noise.race(seed, range(200), 5)) for seed in range(20)])
+    draws = torch.cat([coupled_draw(p.expand(200, -1), [seed] * 200, range(200)) for seed in range(20)])
     counts = torch.bincount(draws, minlength=5)
     assert counts[4] == 0
     assert chisquare(counts[:4].tolist(), (p[:4] * len(draws)).tolist()).pvalue > 1e-3
@@ -39,12 +68,12 @@ def test_coupled_draws_pick_each_code_with_its_probability():
 
 def test_coupled_verification_commits_the_coupled_draws():
     p = torch.tensor([[0.6, 0.4, 0.0], [0.0, 1.0, 0.0], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
-    noise = PositionNoise().race(3, range(4), 3)
-    drawn = coupled_draw(p, noise).tolist()
-    committed, carried = verify_coupled(p, Drafts(drawn[:3], torch.zeros(3, 3)), noise)
+    draws = coupled_draw(p, [3] * 4, range(4))
+    drawn = draws.tolist()
+    committed, carried = verify_coupled(p, Drafts(drawn[:3], torch.zeros(3, 3)), draws)
     assert committed == drawn and carried.tokens == []  # every draft matches: all accepted and a bonus
     wrong = (drawn[1] + 1) % 3
-    committed, carried = verify_coupled(p, Drafts([drawn[0], wrong, drawn[2]], torch.zeros(3, 3)), noise)
+    committed, carried = verify_coupled(p, Drafts([drawn[0], wrong, drawn[2]], torch.zeros(3, 3)), draws)
     assert committed == drawn[:2] and carried.tokens == drawn[2:] and torch.equal(carried.q, p[2:])
 
 

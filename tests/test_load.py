@@ -353,6 +353,30 @@ def test_load_aware_zipar_sjd_falls_back_to_zipar_rows_or_raster_order(tiny_gene
     assert [im.stats.forward_passes for im in images] == [grid * grid] * len(classes)
 
 
+def test_images_admitted_a_few_at_a_time_weigh_the_wave_queued_behind_them(tiny_generator, policy):
+    """A step budget of 100 tokens admits one load-aware ZipAR x SJD image at a time (its own rows
+    reserve 90). Under a cost model where a lone image gains from its rows and a step of four does
+    not, the lone image keeps them, and the first image of a wave of four, weighing the step with the
+    three queued behind it, takes raster order, and so does the rest of the wave. Weighing only
+    itself, it kept its rows and its reservation held the wave back (64 in flight on the embedded
+    model: 0.55x raster's images/s)."""
+    from conftest import scheduler_of
+
+    scheduler = scheduler_of(tiny_generator)
+    grid, budget = tiny_generator.config.image_grid, scheduler.max_num_scheduled_tokens
+    # a + b s + c m: a lone image's rows pay (2.6 codes for 2c more), four images' step does not
+    policy.rows, policy._since_rows, policy._since_plain = frozen_rows((2e-2, 5e-3, 2e-2, 0, 0, 0)), 0, 0
+    decoding = dict(strategy="zipar_sjd", window=4, sjd_window=6, load_aware=True, guidance_scale=2.0, top_k=1)
+    scheduler.max_num_scheduled_tokens = 100
+    try:
+        alone = tiny_generator.generate([1], **decoding)
+        wave = tiny_generator.generate([1, 2, 3, 4], **decoding)
+    finally:
+        scheduler.max_num_scheduled_tokens = budget
+    assert alone[0].stats.forward_passes < grid * grid
+    assert [im.stats.forward_passes for im in wave] == [grid * grid] * 4
+
+
 def test_greedy_load_aware_sjd_equals_greedy_raster(tiny_generator, tiny_model):
     from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
 

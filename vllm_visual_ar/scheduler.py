@@ -49,7 +49,7 @@ from vllm_visual_ar.admission import Need, admit, cannot_fit, footprint_need
 from vllm_visual_ar.requests import (IMAGE_WINDOW_KEY, STEP_DRAFTS_KEY, STEP_WIDTH_KEY, Decoding, image_request_info,
                                      set_decoding)
 from vllm_visual_ar.samplers import strategy_for
-from vllm_visual_ar.samplers.load import StepShape, WidthPolicy, cap_to_budget
+from vllm_visual_ar.samplers.load import StepShape, WidthChoice, WidthPolicy, cap_to_budget
 from vllm_visual_ar.samplers.strategy import RUNNER_REPORTS, Strategy
 
 logger = init_logger(__name__)
@@ -265,21 +265,31 @@ class VisualARScheduler(Scheduler):
         for r in self.running:
             room = room - self._held_by(r)
         needs = [(key, sum((self._need(r) for r in g), Need())) for key, g in whole.items()]
-        chosen = [whole[key] for key in admit(needs, room, self._overtaken, self.max_num_running_reqs)]
-        self._choose_windows(chosen)
+        keys = admit(needs, room, self._overtaken, self.max_num_running_reqs)
+        chosen = [whole[key] for key in keys]
+        self._choose_windows(chosen, [g for key, g in whole.items() if key not in set(keys)])
         return [r for g in chosen for r in g]
 
-    def _choose_windows(self, groups: list[list[Request]]) -> None:
+    def _choose_windows(self, groups: list[list[Request]], queued: list[list[Request]]) -> None:
         """Images admitted now whose strategy fixes its schedule for the whole image and is load-aware
         (`Strategy.window_options`) get the window the policy picks against the step they join (those
         with the same options together); one that gets another than its own restarts with it (a
-        narrower reservation than admitted)."""
+        narrower reservation than admitted). The step they weigh holds the images still queued too
+        (up to the sequence limit): they are the load. Admission reserves each image's own window, so
+        a wave arrives a few images at a time; were the first few to weigh only themselves, they
+        would take their rows, and their reservations would hold the rest of the wave back."""
         asking: dict[tuple, list[list[Request]]] = {}
         for g in groups:
             if options := self._tracked[g[0].request_id].strategy.window_options(g[0]):
                 asking.setdefault((tuple(options), len(g)), []).append(g)
+        if not asking:
+            return
         sequences = len(self.running) + sum(len(g) for g in groups)
         images = len({self._pair_key(r) or r.request_id for r in self.running}) + len(groups)
+        for g in queued:
+            if sequences + len(g) > self.max_num_running_reqs:
+                break
+            sequences, images = sequences + len(g), images + 1
         for (options, streams), same in asking.items():
             for g, index in zip(same, self._width_policy.options(list(options), streams, len(same), sequences, images)):
                 if index < len(options) - 1:
@@ -374,8 +384,8 @@ class VisualARScheduler(Scheduler):
         wide = sum(n > 1 and r.num_output_tokens > 0 for n, r in zip(fed, others))
         narrow = StepShape(sequences, sum(drafts), wide, pending + sum(streams) - sequences - sum(drafts))
         other_images = {self._pair_key(r) or r.request_id for r in others}
-        chosen = self._width_policy.widths([replace(c, streams=n) for (c, _), n in zip(images, streams)], narrow,
-                                            len(other_images))
+        choices = [WidthChoice(c.ceiling, c.slope, n) for (c, _), n in zip(images, streams)]
+        chosen = self._width_policy.widths(choices, narrow, len(other_images))
         chosen = cap_to_budget(chosen, streams, self.max_num_scheduled_tokens - pending - sum(streams))
         return {r: w for (_, rs), w in zip(images, chosen) for r in rs}
 

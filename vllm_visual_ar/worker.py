@@ -31,7 +31,7 @@ from vllm_visual_ar.families import family_of, image_layout, load_object
 from vllm_visual_ar.model_executors.masked_attention import masked_attention_for
 from vllm_visual_ar.requests import Decoding, ImageRequestInfo, image_request_info
 from vllm_visual_ar.samplers import strategy_for
-from vllm_visual_ar.samplers.strategy import RUNNER_REPORTS, RowPlan, Step, StrategyRunner
+from vllm_visual_ar.samplers.strategy import DRAW_ONLY, RUNNER_REPORTS, RowPlan, Step, StrategyRunner
 
 if current_platform.is_cpu():
     from vllm.v1.worker.cpu_worker import CPUWorker as _BaseWorker
@@ -211,6 +211,9 @@ class VisualARRunnerMixin:
         if spec_decode_metadata is not None:
             raise RuntimeError("requests whose strategy rewrites their forward cannot run in an engine with "
                                "vLLM's speculative decoding enabled")
+        if all(plan is DRAW_ONLY for plan in plans.values()):  # vLLM's forward: only the draws are planned
+            self._step_layout = _StepLayout(step, [slice(i, i + 1) for i in range(batch.num_reqs)], planned)
+            return logits_indices, None, max_sampled
         # Plain lists: a row's pieces are a few tokens each, too small for numpy to pay.
         qsl = step.query_start
         indices: list[int] = []
@@ -224,7 +227,7 @@ class VisualARRunnerMixin:
             start, end = int(qsl[row]), int(qsl[row + 1])
             first = len(indices)
             plan = plans.get(row)
-            if plan is None:
+            if plan is None or plan is DRAW_ONLY:
                 indices.append(end - 1)
             else:
                 indices += [start + j for j in plan.logits]
@@ -306,10 +309,10 @@ class VisualARRunnerMixin:
             self._reports = {req_ids[r]: report for row, report in reports.items()
                              for r in (row, partner.get(row)) if r is not None}
         width = max((len(t) for t in emitted.values()), default=1)
-        ids = torch.full((len(rows), width), -1, dtype=torch.int32)
-        ids[:, :1] = output.sampled_token_ids[:, :1].cpu()
+        table = [[t] + [-1] * (width - 1) for t in output.sampled_token_ids[:, 0].tolist()]
         for row, tokens in emitted.items():
-            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=ids.dtype)
+            table[row] = list(tokens) + [-1] * (width - len(tokens))
+        ids = torch.tensor(table, dtype=torch.int32)
         if guided is not None:
             ids[guided[1]] = ids[guided[0]]
         output.sampled_token_ids = ids.to(self.device)
