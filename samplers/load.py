@@ -140,10 +140,12 @@ class StepCost:
 class WidthPolicy:
     """The scheduler's side of load-aware widths: the cost model, the choice, and probes. While the
     model knows nothing of drafts the widths explore (`exploring_widths`); when it holds every image
-    at width 1, wider steps are tried once every `probe_every` steps, so that an estimate made from
-    a few noisy steps, or on a machine that has since changed, is checked against this one."""
+    at width 1, wider steps are tried once every `probe_every` steps by its first `probe_images`
+    images, so that an estimate made from a few noisy steps, or on a machine that has since changed,
+    is checked against this one."""
 
     probe_every = 64
+    probe_images = 4  # images a probe widens: enough drafts to show their cost, a fraction of a loaded step's
 
     def __init__(self):
         self.cost = StepCost()
@@ -165,8 +167,10 @@ class WidthPolicy:
         chosen = choose_widths(choices, self.cost.predict(narrow, marginal), other_commits, marginal)
         if max(chosen) == 1 and self.cost.steps % self.probe_every == 0:
             # a quarter of the windows and the whole windows in turn: drafts per stream vary, so
-            # what a draft costs and what a verifying stream costs stay apart
-            return exploring_widths(ceilings, 2 * (self.cost.steps // self.probe_every))
+            # what a draft costs and what a verifying stream costs stay apart; only the first few
+            # images probe (all 64 of a loaded step at width 16 cost that step several times over)
+            probe = exploring_widths(ceilings[:self.probe_images], 2 * (self.cost.steps // self.probe_every))
+            return probe + chosen[len(probe):]
         return chosen
 
     def row_starts(self, starts: list[RowStart], step: StepShape, other_commits: float) -> list[bool]:
@@ -178,16 +182,18 @@ class WidthPolicy:
 
     stale_after = 2048
 
-    def options(self, options: list[WindowOption], streams: int, count: int, sequences: int, images: int) -> list[int]:
+    def options(self, options: list[WindowOption], streams: int, count: int, sequences: int, images: int,
+                queued: tuple[int, int] = (0, 0)) -> list[int]:
         """The option (index) each of `count` images admitted together with these options runs with
-        (`RowCost.choose`): `sequences` and `images` in the step they join, themselves included. Where
+        (`RowCost.choose`): `sequences` and `images` in the step they join, themselves included;
+        `queued`: the (sequences, images) waiting for room behind them. Where
         the model would keep rows out and no step has had any for `stale_after` steps, one of them
         gets its own window anyway; where it would give rows to images joining others and no step has
         been without them as long, one of them gets raster order: steps with and without rows, at
         the load of the moment, are what tell their costs apart, and the machine may have changed
         since the model's evidence of one side was taken. Alone, each ZipAR image's first row is such a step, so a single image is
         never made to probe."""
-        index = self.rows.choose(options, streams, count, sequences, images)
+        index = self.rows.choose(options, streams, count, sequences, images, queued)
         chosen = [index] * count
         if index == 0 and self._since_rows >= self.stale_after:
             self._since_rows, chosen[0] = 0, len(options) - 1
@@ -283,22 +289,25 @@ class RowCost:
         return out
 
     def choose(self, options: list[WindowOption], streams: int, count: int, sequences: int, images: int,
-               tolerance: float = 0.05) -> int:
+               queued: tuple[int, int] = (0, 0), tolerance: float = 0.05) -> int:
         """The option for `count` images starting together (`streams` each) that gives the step the
         most image tokens per second (the step as it was last, with `sequences` and `images`, these
         included). They choose as one: what the first wide stream costs the step is paid once, and
-        a lone image would refuse it where a group gains. `options` run from the plainest (raster)
-        to the most parallel; of those within `tolerance` of the best gain over the first, the most
-        parallel is taken (an image best in raster order stays there). Before 8 steps: the last."""
+        a lone image would refuse it where a group gains. `queued`: the (sequences, images) waiting
+        behind them for room in the step budget. They join the step if these images run in raster
+        order, whose reservation is the narrowest, and stay out behind the reservation of any wider
+        option. `options` run from the plainest (raster) to the most parallel; of those within
+        `tolerance` of the best gain over the first, the most parallel is taken (an image best in
+        raster order stays there). Before 8 steps: the last."""
         beta = self.coefficients()
         if beta is None:
             return len(options) - 1
         now = self._last.copy()
         now[1] = sequences
         base = max(float(beta @ now) - count * streams * beta[1], 1e-6)  # the step without these images
-        rate = np.array([(images - count + count * o.commits) / (
+        rate = np.array([(images - count + count * o.commits + (not o.wide) * queued[1]) / (
             base + count * streams * (beta[1] + o.wide * (beta[2] + beta[3] * o.extra + beta[4] * o.context / 1000))
-            + beta[5] * o.wide * (now[5] == 0)) for o in options])
+            + beta[5] * o.wide * (now[5] == 0) + (not o.wide) * queued[0] * beta[1]) for o in options])
         near = rate - rate[0] >= (rate.max() - rate[0]) * (1 - tolerance)
         return int(len(options) - 1 - near[::-1].argmax())
 

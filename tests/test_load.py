@@ -76,6 +76,7 @@ def test_the_policy_narrows_under_load_and_widens_alone_whatever_came_before():
     policy = WidthPolicy()
     loaded = simulated_policy(policy, 64, 400, rng)
     assert all(set(w) == {1} for i, w in enumerate(loaded[50:], 50) if i % WidthPolicy.probe_every)
+    assert max(sum(x > 1 for x in w) for w in loaded[50:]) == WidthPolicy.probe_images  # a probe: a few images
     alone = simulated_policy(policy, 1, 100, rng)
     assert all(w[0] >= 8 for w in alone[5:])  # the best width here is 13; 8 to 16 are within 3% of it
     again = simulated_policy(policy, 64, 100, rng)
@@ -155,6 +156,10 @@ def test_zipar_windows_chosen_at_admission_pay_alone_and_not_under_load():
                        2e-3 + 1.2e-4 * 2 * images + 2e-5 * wide + 3e-3 * (wide > 0))
     shared.observe(StepShape(32), 5.84e-3)
     assert shared.choose(ZIPAR_W4, 2, 1, 32, 16) == 0 and shared.choose(ZIPAR_W4, 2, 16, 32, 16) == 2
+    # eight images of a wave admitted with 24 queued behind them for room in the budget: raster order
+    # lets the queue in, rows keep it out, and the eight take raster order; had the queue counted as
+    # running beside their rows, they would have kept them
+    assert shared.choose(ZIPAR_W4, 2, 8, 16, 8, queued=(48, 24)) == 0 and shared.choose(ZIPAR_W4, 2, 8, 64, 32) == 2
     policy = WidthPolicy()
     policy.rows = cost
     for _ in range(WidthPolicy.stale_after):

@@ -274,10 +274,11 @@ class VisualARScheduler(Scheduler):
         """Images admitted now whose strategy fixes its schedule for the whole image and is load-aware
         (`Strategy.window_options`) get the window the policy picks against the step they join (those
         with the same options together); one that gets another than its own restarts with it (a
-        narrower reservation than admitted). The step they weigh holds the images still queued too
-        (up to the sequence limit): they are the load. Admission reserves each image's own window, so
-        a wave arrives a few images at a time; were the first few to weigh only themselves, they
-        would take their rows, and their reservations would hold the rest of the wave back."""
+        narrower reservation than admitted). Admission reserves each image's own window, so a wave
+        arrives a few images at a time: the policy also weighs the images still queued (up to the
+        sequence limit), which raster order lets into the step and wider options keep out. Were the
+        first few to weigh only themselves, they would take their rows, and their reservations would
+        hold the rest of the wave back."""
         asking: dict[tuple, list[list[Request]]] = {}
         for g in groups:
             if options := self._tracked[g[0].request_id].strategy.window_options(g[0]):
@@ -286,12 +287,14 @@ class VisualARScheduler(Scheduler):
             return
         sequences = len(self.running) + sum(len(g) for g in groups)
         images = len({self._pair_key(r) or r.request_id for r in self.running}) + len(groups)
+        waiting = (0, 0)  # sequences, images
         for g in queued:
-            if sequences + len(g) > self.max_num_running_reqs:
+            if sequences + waiting[0] + len(g) > self.max_num_running_reqs:
                 break
-            sequences, images = sequences + len(g), images + 1
+            waiting = (waiting[0] + len(g), waiting[1] + 1)
         for (options, streams), same in asking.items():
-            for g, index in zip(same, self._width_policy.options(list(options), streams, len(same), sequences, images)):
+            chosen = self._width_policy.options(list(options), streams, len(same), sequences, images, waiting)
+            for g, index in zip(same, chosen):
                 if index < len(options) - 1:
                     self._restart(g, options[index])
 
