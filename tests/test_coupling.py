@@ -25,7 +25,8 @@ def test_noise_is_fixed_per_seed_and_position_and_differs_elsewhere():
 
 def test_coupled_draws_on_the_support_alone_equal_the_draws_over_every_code():
     """Top-k probabilities over a large codebook: the draw hashes the support only and picks what the
-    race over every code picks; an index past the codes (SJD's "placed") races with noise 1."""
+    race over every code picks. An index past the codes (SJD's "placed") races with noise 1, on the
+    support alone and over a dense row."""
     torch.manual_seed(0)
     logits = torch.randn(40, 4096)
     p = logits.masked_fill(logits < logits.topk(50).values[:, -1:], float("-inf")).softmax(-1)
@@ -35,9 +36,13 @@ def test_coupled_draws_on_the_support_alone_equal_the_draws_over_every_code():
     placed = torch.zeros(2, 65)
     placed[:, 64] = 1.0
     assert coupled_draw(placed, [7, 7], [5, 6], codes=64).tolist() == [64, 64]
-    half = torch.zeros(1, 65)
-    half[0, [3, 64]] = 0.5
-    assert coupled_draw(half, [7], [5], codes=64).item() == (64 if race_noise([7], [5], 64)[0, 3] > 1 else 3)
+    half = torch.zeros(200, 65)
+    half[:, [3, 64]] = 0.5  # code 3 against the placed index, whose noise is 1: it wins where code 3's is above 1
+    expected = torch.where(race_noise([7] * 200, range(200), 64)[:, 3] > 1, 64, 3)
+    assert torch.equal(coupled_draw(half, [7] * 200, range(200), codes=64), expected)
+    dense = torch.randn(200, 65).softmax(-1)  # every index possible: the race over the whole row
+    noise = torch.cat([race_noise([7] * 200, range(200), 64), torch.ones(200, 1)], 1)
+    assert torch.equal(coupled_draw(dense, [7] * 200, range(200), codes=64), dense.div(noise).argmax(-1))
 
 
 def test_noise_is_splitmix64_computed_in_tensors():
