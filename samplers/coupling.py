@@ -126,8 +126,9 @@ def check_coupled(coupled) -> bool | None:
 
 class CoupledTokens:
     """Coupled draws one position at a time, for a runner half: the forward that ends an image's
-    prompt (its first token) and forwards that feed one token (planned `strategy.DRAW_ONLY`). vLLM's sampler still draws for these
-    rows (`worker.py`), so a seeded request's generator advances as it would uncoupled."""
+    prompt (its first token) and forwards that feed one token (planned `strategy.DRAW_ONLY`). In a batch
+    with other rows vLLM's sampler still draws for these too (`worker.py`), so a seeded request's
+    generator advances as it would uncoupled; a batch of coupled draws alone skips it."""
 
     def __init__(self, device):
         self.seeds = ImageSeeds()

@@ -53,10 +53,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from vllm_visual_ar.families import image_layout
-from vllm_visual_ar.samplers.load import WidthChoice
 from vllm_visual_ar.samplers.coupling import CoupledTokens, check_coupled, check_flag, coupled_draw
+from vllm_visual_ar.samplers.load import WidthChoice
 from vllm_visual_ar.samplers.sampling import exponential_noise, target_probs
-from vllm_visual_ar.samplers.strategy import DRAW_ONLY, Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
+from vllm_visual_ar.samplers.strategy import (DRAW_ONLY, Footprint, RowPlan, Strategy, StrategyRunner,
+                                              whole_image_problem)
 
 INITS = ("random", "horizontal")
 DEFAULT_WINDOW = 16

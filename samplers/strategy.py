@@ -57,7 +57,7 @@ class Footprint:
 @dataclass
 class RowPlan:
     """How one request's forward departs from vLLM's plain one (offsets count its fed tokens)."""
-    logits: Sequence[int] | None             # offsets whose logits the strategy reads, in order
+    logits: Sequence[int] | None             # offsets whose logits the strategy reads, in order (None: DRAW_ONLY)
     positions: Sequence[int] | None = None   # each fed token's position, if not vLLM's contiguous ones
     # (query positions [n], key positions [length]) -> bool [n, length], True = seen; None: causal
     visible: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None

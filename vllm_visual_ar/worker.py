@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm.platforms import current_platform
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput, SamplerOutput
 
 from vllm_visual_ar.families import family_of, image_layout, load_object
 from vllm_visual_ar.model_executors.masked_attention import masked_attention_for
@@ -44,6 +44,7 @@ class _StepLayout:
     step: Step
     logits_rows: list[slice]  # per batch row: its rows in the logits tensor
     planned: list[tuple[StrategyRunner, list[int]]]  # each strategy's half and the rows it planned
+    draws_only: bool = False  # every row of the batch is planned DRAW_ONLY
 
 
 class VisualARRunnerMixin:
@@ -212,7 +213,8 @@ class VisualARRunnerMixin:
             raise RuntimeError("requests whose strategy rewrites their forward cannot run in an engine with "
                                "vLLM's speculative decoding enabled")
         if all(plan is DRAW_ONLY for plan in plans.values()):  # vLLM's forward: only the draws are planned
-            self._step_layout = _StepLayout(step, [slice(i, i + 1) for i in range(batch.num_reqs)], planned)
+            self._step_layout = _StepLayout(step, [slice(i, i + 1) for i in range(batch.num_reqs)], planned,
+                                            draws_only=len(plans) == batch.num_reqs)
             return logits_indices, None, max_sampled
         # Plain lists: a row's pieces are a few tokens each, too small for numpy to pay.
         qsl = step.query_start
@@ -270,8 +272,6 @@ class VisualARRunnerMixin:
 
     def _sample(self, logits, spec_decode_metadata):
         if logits is not None and (owner := self._batch_owner()) is not None:
-            from vllm.v1.outputs import SamplerOutput
-
             ids = owner.sample_batch(self._step(), logits)
             return SamplerOutput(sampled_token_ids=ids.to(self.device), logprobs_tensors=None)
         layout = self._step_layout
@@ -292,9 +292,14 @@ class VisualARRunnerMixin:
         # vLLM's sampler takes one row per request (each request's first) and draws for all of them,
         # planned ones included, even when only planned requests are in the batch: a seeded
         # request's generator then advances the same way whatever shares its batch. The strategies
-        # then turn their rows' logits into tokens.
-        first = torch.tensor([r.start for r in rows], device=logits.device)
-        output = super()._sample(logits[first], None)
+        # then turn their rows' logits into tokens. A batch of coupled draws alone skips it: their
+        # tokens depend on no generator, and the draw would be thrown away.
+        if layout.draws_only and self.input_batch.max_num_logprobs is None:
+            output = SamplerOutput(sampled_token_ids=torch.full((len(rows), 1), -1, dtype=torch.int32),
+                                   logprobs_tensors=None)
+        else:
+            first = torch.tensor([r.start for r in rows], device=logits.device)
+            output = super()._sample(logits[first], None)
         uncond_rows = set(guided[1]) if guided is not None else set()
         emitted: dict[int, list[int]] = {}
         reports: dict[int, object] = {}
