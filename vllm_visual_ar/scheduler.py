@@ -266,8 +266,8 @@ class VisualARScheduler(Scheduler):
             room = room - self._held_by(r)
         needs = [(key, sum((self._need(r) for r in g), Need())) for key, g in whole.items()]
         keys = admit(needs, room, self._overtaken, self.max_num_running_reqs)
-        chosen = [whole[key] for key in keys]
-        self._choose_windows(chosen, [g for key, g in whole.items() if key not in set(keys)])
+        chosen, admitted = [whole[key] for key in keys], set(keys)
+        self._choose_windows(chosen, [g for key, g in whole.items() if key not in admitted])
         return [r for g in chosen for r in g]
 
     def _choose_windows(self, groups: list[list[Request]], queued: list[list[Request]]) -> None:
