@@ -37,13 +37,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 
-@dataclass(frozen=True)
-class WidthChoice:
-    """What the policy needs of one image whose forward width can be chosen."""
+class WidthChoice(NamedTuple):
+    """What the policy needs of one image whose forward width can be chosen (a named tuple: one is
+    made per image and step)."""
     ceiling: int      # the request's own window (the widest step it reserved)
     slope: float      # k: expected tokens per forward at width w are 1 + k ln w
     streams: int = 1  # guidance streams that feed the same tokens (the scheduler fills it in)

@@ -525,18 +525,19 @@ class SJD(Strategy):
         return forward_drafts(width or decoding.window, image_tokens, done, committed)
 
     def start(self, request):
-        self._width: int | None = None  # the window of the step being run, when the policy chose it
         self._seen = (0, 0)  # (output tokens, width) of the step being run
         self._accepted, self._log_widths = 0, 0.0  # drafts accepted, and the sum of ln(width) of their forwards
         return whole_image_problem(self.layout, request, self.decoding.strategy)
 
     def _observe(self, request) -> None:
-        """Count the last step's accepted drafts against the log of its width (the yield estimate)."""
+        """Count the last step's accepted drafts against the log of its width (the yield estimate);
+        once per step (it then forgets the width)."""
         outputs, width = self._seen
         if width > 1 and request.num_output_tokens > outputs:
             self._accepted += request.num_output_tokens - outputs - 1
             self._log_widths += math.log(width)
-        self._seen = (request.num_output_tokens, 0)
+        if width:
+            self._seen = (outputs, 0)
 
     def width_choice(self, request):
         """For a load-aware request: its window as the ceiling, and its yield slope k (tokens per
@@ -557,12 +558,14 @@ class SJD(Strategy):
 
     def before_step(self, request, width=None):
         """Draft slots for the forward, once past the prompt: the runner half fills them; `width`
-        (the load-aware policy's) narrows the window for this step."""
-        self._width = width
+        (the load-aware policy's) narrows the window for this step. The scheduler asks only one
+        stream of a pair for its `width_choice`: the other counts the last step's yield here."""
+        self._observe(request)
         if request.num_computed_tokens >= request.num_prompt_tokens:
-            window = min(width or self.decoding.window, request.max_tokens)
-            request.spec_token_ids = [0] * draft_slots(window, request.max_tokens - request.num_output_tokens)
-            self._seen = (request.num_output_tokens, len(request.spec_token_ids) + 1)
+            outputs = request.num_output_tokens
+            slots = draft_slots(width or self.decoding.window, request.max_tokens - outputs)
+            request.spec_token_ids = [0] * slots
+            self._seen = (outputs, slots + 1)
 
     def step_width(self, request):
         """The tokens per stream the step just run fed: the window (the policy's, when load-aware),

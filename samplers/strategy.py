@@ -217,7 +217,8 @@ class Strategy:
 
     def width_choice(self, request):
         """For a strategy that can run a step narrower than its window (SJD): what the scheduler's
-        load-aware policy needs (`load.WidthChoice`), or None to run as requested."""
+        load-aware policy needs (`load.WidthChoice`), or None to run as requested. Asked of one
+        stream of a guided pair: both get its width."""
         return None
 
     def window_options(self, request):

@@ -364,7 +364,8 @@ def test_images_admitted_a_few_at_a_time_weigh_the_wave_queued_behind_them(tiny_
     not, the lone image keeps them, and the first image of a wave of four, weighing the step with the
     three queued behind it, takes raster order, and so does the rest of the wave. Weighing only
     itself, it kept its rows and its reservation held the wave back (64 in flight on the embedded
-    model: 0.55x raster's images/s)."""
+    model: 0.55x raster's images/s). Raster order's reservation is small: the image that took it
+    frees room in the same step, and the whole wave is admitted in that step."""
     from conftest import scheduler_of
 
     scheduler = scheduler_of(tiny_generator)
@@ -372,14 +373,20 @@ def test_images_admitted_a_few_at_a_time_weigh_the_wave_queued_behind_them(tiny_
     # a + b s + c m: a lone image's rows pay (2.6 codes for 2c more), four images' step does not
     policy.rows, policy._since_rows, policy._since_plain = frozen_rows((2e-2, 5e-3, 2e-2, 0, 0, 0)), 0, 0
     decoding = dict(strategy="zipar_sjd", window=4, sjd_window=6, load_aware=True, guidance_scale=2.0, top_k=1)
+    admitted = []  # requests admitted per step, while any waited
+    scheduler._admissible_groups = lambda: admitted.append(type(scheduler)._admissible_groups(scheduler)) or \
+        admitted[-1]
     scheduler.max_num_scheduled_tokens = 100
     try:
         alone = tiny_generator.generate([1], **decoding)
+        del admitted[:]
         wave = tiny_generator.generate([1, 2, 3, 4], **decoding)
     finally:
         scheduler.max_num_scheduled_tokens = budget
+        del scheduler._admissible_groups
     assert alone[0].stats.forward_passes < grid * grid
     assert [im.stats.forward_passes for im in wave] == [grid * grid] * 4
+    assert [len(a) for a in admitted if a] == [8]  # four guided images, in one step
 
 
 def test_greedy_load_aware_sjd_equals_greedy_raster(tiny_generator, tiny_model):

@@ -49,7 +49,7 @@ from vllm_visual_ar.admission import Need, admit, cannot_fit, footprint_need
 from vllm_visual_ar.requests import (IMAGE_WINDOW_KEY, STEP_DRAFTS_KEY, STEP_WIDTH_KEY, Decoding, image_request_info,
                                      set_decoding)
 from vllm_visual_ar.samplers import strategy_for
-from vllm_visual_ar.samplers.load import StepShape, WidthChoice, WidthPolicy, cap_to_budget
+from vllm_visual_ar.samplers.load import StepShape, WidthPolicy, cap_to_budget
 from vllm_visual_ar.samplers.strategy import RUNNER_REPORTS, Strategy
 
 logger = init_logger(__name__)
@@ -67,8 +67,12 @@ class _Tracked:
     route: tuple = ()  # the phases it visits, in order (`phase_kv.py`); empty: no phases
 
     def __post_init__(self):
-        # Most strategies show the frontend what vLLM appended: skip the call for those.
-        self.rewrites_output = type(self.strategy).frontend_tokens is not Strategy.frontend_tokens
+        # Most strategies show the frontend what vLLM appended, choose no width and start no rows:
+        # skip those calls for them (they are made for every request in every step).
+        kind = type(self.strategy)
+        self.rewrites_output = kind.frontend_tokens is not Strategy.frontend_tokens
+        self.chooses_width = kind.width_choice is not Strategy.width_choice
+        self.starts_rows = kind.row_start is not Strategy.row_start
 
 
 class VisualARScheduler(Scheduler):
@@ -254,7 +258,10 @@ class VisualARScheduler(Scheduler):
         return Need(1, max(pending, tracked.widest_step), max(0, tracked.need.kv_blocks - held))
 
     def _admissible_groups(self) -> list[Request]:
-        """Waiting requests that this step may admit: whole groups, chosen by `admission.admit`."""
+        """Waiting requests that this step may admit: whole groups, chosen by `admission.admit`. An
+        image admitted with a load-aware window may restart with a narrower one (`_choose_windows`),
+        which frees room in the same step: admission then goes on with the groups left, so a wave
+        that the policy puts in raster order is admitted at once, not a few images per step."""
         groups: dict[str, list[Request]] = {}
         for r in self.waiting:
             groups.setdefault(self._pair_key(r) or r.request_id, []).append(r)
@@ -264,43 +271,60 @@ class VisualARScheduler(Scheduler):
                     self.kv_cache_manager.block_pool.get_num_free_blocks())
         for r in self.running:
             room = room - self._held_by(r)
-        needs = [(key, sum((self._need(r) for r in g), Need())) for key, g in whole.items()]
-        keys = admit(needs, room, self._overtaken, self.max_num_running_reqs)
-        chosen, admitted = [whole[key] for key in keys], set(keys)
-        self._choose_windows(chosen, [g for key, g in whole.items() if key not in admitted])
+        chosen: list[list[Request]] = []
+        while whole:
+            needs = [(key, self._group_need(g)) for key, g in whole.items()]
+            keys = admit(needs, room, self._overtaken, self.max_num_running_reqs)
+            if not keys:
+                break
+            new = [whole.pop(key) for key in keys]
+            restarted = self._choose_windows(new, list(whole.values()), chosen)
+            room = room - sum((self._group_need(g) for g in new), Need())  # what they hold now
+            chosen += new
+            if not restarted:  # the room left is what the groups still waiting did not fit in
+                break
         return [r for g in chosen for r in g]
 
-    def _choose_windows(self, groups: list[list[Request]], queued: list[list[Request]]) -> None:
+    def _group_need(self, group: list[Request]) -> Need:
+        return sum((self._need(r) for r in group), Need())
+
+    def _choose_windows(self, groups: list[list[Request]], queued: list[list[Request]],
+                        joined: list[list[Request]] = ()) -> bool:
         """Images admitted now whose strategy fixes its schedule for the whole image and is load-aware
         (`Strategy.window_options`) get the window the policy picks against the step they join (those
-        with the same options together); one that gets another than its own restarts with it (a
-        narrower reservation than admitted). Admission reserves each image's own window, so a wave
-        arrives a few images at a time: the policy also weighs the images still queued (up to the
-        sequence limit), which raster order lets into the step and wider options keep out. Were the
-        first few to weigh only themselves, they would take their rows, and their reservations would
-        hold the rest of the wave back."""
+        with the same options together; `joined`: groups admitted to it before them); one that gets
+        another than its own restarts with it (a narrower reservation than admitted). -> whether any
+        restarted. Admission reserves each image's own window, so the policy also weighs the images
+        still queued (up to the sequence limit), which raster order lets into the step and wider
+        options keep out. Were the first few to weigh only themselves, they would take their rows,
+        and their reservations would hold the rest of the wave back."""
         asking: dict[tuple, list[list[Request]]] = {}
         for g in groups:
             if options := self._tracked[g[0].request_id].strategy.window_options(g[0]):
                 asking.setdefault((tuple(options), len(g)), []).append(g)
         if not asking:
-            return
-        sequences = len(self.running) + sum(len(g) for g in groups)
-        images = len({self._pair_key(r) or r.request_id for r in self.running}) + len(groups)
+            return False
+        joined = [*joined, *groups]
+        sequences = len(self.running) + sum(len(g) for g in joined)
+        images = len({self._pair_key(r) or r.request_id for r in self.running}) + len(joined)
         waiting = (0, 0)  # sequences, images
         for g in queued:
             if sequences + waiting[0] + len(g) > self.max_num_running_reqs:
                 break
             waiting = (waiting[0] + len(g), waiting[1] + 1)
+        restarted = False
         for (options, streams), same in asking.items():
             chosen = self._width_policy.options(list(options), streams, len(same), sequences, images, waiting)
             for g, index in zip(same, chosen):
                 if index < len(options) - 1:
-                    self._restart(g, options[index])
+                    restarted |= self._restart(g, options[index])
+        return restarted
 
-    def _restart(self, group: list[Request], option) -> None:
+    def _restart(self, group: list[Request], option) -> bool:
         """Start an admitted image's requests again (before their first forward) with another window
-        (or the decoding the option names); where the strategy refuses it, they keep their own."""
+        (or the decoding the option names); where the strategy refuses it, they keep their own.
+        -> whether any did."""
+        restarted = False
         for r in group:
             info = image_request_info(r.sampling_params)
             decoding = option.decoding or replace(info.decoding, window=option.window)
@@ -311,6 +335,8 @@ class VisualARScheduler(Scheduler):
                 self._tracked[r.request_id], r.max_tokens = tracked, max_tokens
                 continue
             set_decoding(r.sampling_params, decoding)  # what the model runner reads
+            restarted = True
+        return restarted
 
     def _phase_step(self, admitted: list[Request]) -> tuple[list[Request], list[Request]]:
         """One phase per step (a phase is the model a forward runs), alternating between the phases
@@ -334,19 +360,21 @@ class VisualARScheduler(Scheduler):
         for r in self.running:
             if phase_of[r.request_id] != phase:
                 continue
-            key = self._pair_key(r) or r.request_id
-            choice = self._tracked[r.request_id].strategy.width_choice(r)
-            if choice is None:
-                self._tracked[r.request_id].strategy.before_step(r)
-                others.append(r)
-            elif key in choices:
+            tracked = self._tracked[r.request_id]
+            key = (tracked.pair_key or r.request_id) if tracked.chooses_width else None
+            if key in choices:  # the partner of an image already asked: its streams feed the same tokens
                 choices[key][1].append(r)
-            else:
+            elif key is not None and (choice := tracked.strategy.width_choice(r)) is not None:
                 choices[key] = (choice, [r])
+            else:
+                tracked.strategy.before_step(r)
+                others.append(r)
         if choices:
             for r, width in self._widths(list(choices.values()), others, starting).items():
                 self._tracked[r.request_id].strategy.before_step(r, width)
-        self._start_rows([r for r in self.running if phase_of[r.request_id] == phase], starting)
+        running = [r for r in self.running if phase_of[r.request_id] == phase]
+        if any(self._tracked[r.request_id].starts_rows for r in running):
+            self._start_rows(running, starting)
         return held, starting
 
     def _start_rows(self, running: list[Request], starting: list[Request]) -> None:
@@ -387,7 +415,7 @@ class VisualARScheduler(Scheduler):
         wide = sum(n > 1 and r.num_output_tokens > 0 for n, r in zip(fed, others))
         narrow = StepShape(sequences, sum(drafts), wide, pending + sum(streams) - sequences - sum(drafts))
         other_images = {self._pair_key(r) or r.request_id for r in others}
-        choices = [WidthChoice(c.ceiling, c.slope, n) for (c, _), n in zip(images, streams)]
+        choices = [c._replace(streams=n) for (c, _), n in zip(images, streams)]
         chosen = self._width_policy.widths(choices, narrow, len(other_images))
         chosen = cap_to_budget(chosen, streams, self.max_num_scheduled_tokens - pending - sum(streams))
         return {r: w for (_, rs), w in zip(images, chosen) for r in rs}
