@@ -9,9 +9,11 @@ class RasterRunner(StrategyRunner):
         super().__init__(*args)
         self.coupled = CoupledTokens(self.device)
 
+    def takes(self, info):
+        return info is not None and bool(info.decoding.coupled)  # else vLLM's own draw; None: not an image
+
     def prepare(self, step, rows):
-        return {row: DRAW_ONLY for row in rows
-                if (info := step.info(row)) is not None and info.decoding.coupled}  # info None: not an image
+        return dict.fromkeys(rows, DRAW_ONLY)
 
     def emit(self, step, rows, logits, at):
         return self.coupled.tokens(step, rows, logits, at, self.layout_of)

@@ -125,6 +125,12 @@ class StrategyRunner:
         return layout
 
     # -- token by token: the rows of this strategy's requests in a mixed batch --------------------
+    def takes(self, info) -> bool:
+        """Whether a request (its `ImageRequestInfo`, None for a plain one) needs this half at all;
+        asked once per request, when the runner first sees it. One that does not takes vLLM's own
+        path in every step, and its rows are never offered to `prepare`."""
+        return True
+
     def prepare(self, step: Step, rows: list[int]) -> dict[int, RowPlan]:
         """Before the forward (vLLM has laid out the batch): a plan per row it rewrites; rows it
         leaves out take vLLM's own path (one token, the last one's logits, vLLM's sample). `rows`

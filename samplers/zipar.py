@@ -284,6 +284,10 @@ class ZipARRunner(StrategyRunner):
         super().__init__(*args)
         self._forwards: dict[int, tuple[ZipARSchedule, int, object]] = {}  # this forward's rows -> (schedule, step, layout)
 
+    def takes(self, info):
+        """A window of the row's full width is raster order exactly: vLLM's own path."""
+        return not zipar_schedule(*schedule_key(self.layout_of(info), info.decoding.window)).raster
+
     def prepare(self, step, rows):
         plans, self._forwards = {}, {}
         for row in rows:
@@ -293,8 +297,6 @@ class ZipARRunner(StrategyRunner):
             layout = self.layout_of(info)
             key = schedule_key(layout, info.decoding.window)
             schedule = zipar_schedule(*key)
-            if schedule.raster:  # raster order exactly: vLLM's own path
-                continue
             start, end = step.fed(row)
             prefix = int(step.prompt_lens[row])
             t = schedule.step_of_first_fed.get(int(step.computed[row]) - prefix)

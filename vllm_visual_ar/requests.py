@@ -192,8 +192,8 @@ def step_width(output) -> int | None:
 
 
 def image_window(output) -> int | None:
-    """The window a whole image runs at, when the scheduler chose it at admission (ZipAR's), carried
-    like the width."""
+    """The window a whole image ran at, when the scheduler chose it at admission (ZipAR's), carried
+    like the width on the image's last output."""
     params = getattr(output, "kv_transfer_params", None)
     return params.get(IMAGE_WINDOW_KEY) if isinstance(params, dict) else None
 

@@ -230,8 +230,9 @@ class VisualARScheduler(Scheduler):
             if tracked.rewrites_output:
                 eco.new_token_ids = tracked.strategy.frontend_tokens(tracked.request, eco.new_token_ids)
             step = {STEP_WIDTH_KEY: tracked.strategy.step_width(tracked.request),
-                    STEP_DRAFTS_KEY: tracked.strategy.step_drafts(tracked.request),
-                    IMAGE_WINDOW_KEY: tracked.strategy.image_window(tracked.request)}
+                    STEP_DRAFTS_KEY: tracked.strategy.step_drafts(tracked.request)}
+            if eco.finish_reason is not None:  # the image's window: once, with its last tokens
+                step[IMAGE_WINDOW_KEY] = tracked.strategy.image_window(tracked.request)
             if eco.kv_transfer_params is None and any(v is not None for v in step.values()):
                 eco.kv_transfer_params = {k: v for k, v in step.items() if v is not None}
         self._freed.clear()

@@ -51,7 +51,7 @@ class VisualARRunnerMixin:
     """Mixed into the platform's V1 model runner class (CPUModelRunner or GPUModelRunner)."""
 
     _step_layout: _StepLayout | None = None
-    _requests_seen: dict | None = None  # request id -> (ImageRequestInfo or None, its strategy's half or None)
+    _requests_seen: dict | None = None  # request id -> (ImageRequestInfo or None, the half it needs or None)
     _halves: dict | None = None  # strategy class -> its runner half
     _owner = None  # the half that owns whole batches (a family's own order), False if none
     _guidance_mix = None  # the model family's guidance mix (cond, uncond, scale) -> logits
@@ -124,7 +124,8 @@ class VisualARRunnerMixin:
         if req_id not in self._requests_seen:
             info = image_request_info(self.requests[req_id].sampling_params)
             cls = strategy_for(self.model_config.hf_config, info.decoding if info is not None else Decoding())
-            self._requests_seen[req_id] = (info, self._half_of(cls))
+            half = self._half_of(cls)
+            self._requests_seen[req_id] = (info, half if half is not None and half.takes(info) else None)
         return self._requests_seen[req_id]
 
     def _image_info(self, req_id: str) -> ImageRequestInfo | None:
