@@ -50,6 +50,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from vllm_visual_ar.families import image_layout
@@ -385,9 +386,11 @@ class SJDRunner(StrategyRunner):
         """Each image's drafts (carried Jacobi tail, then initialised), written into both streams."""
         images: dict[str, list[int]] = {}
         plans, self._leads, self._single = {}, {}, set()
+        # as lists: asked of every row in every step (under load, mostly rows at width 1)
+        fed = np.diff(step.query_start).tolist()
+        past_prompt = (step.computed >= step.prompt_lens).tolist()
         for row in rows:
-            start, end = step.fed(row)
-            if not step.in_prompt(row) and end - start > 1:  # x0 and end - start - 1 drafts
+            if past_prompt[row] and fed[row] > 1:  # x0 and fed - 1 drafts
                 images.setdefault(step.info(row).image_id, []).append(row)
             elif step.info(row).decoding.coupled:  # one token, drawn coupled (else vLLM's own draw)
                 plans[row] = DRAW_ONLY

@@ -73,6 +73,7 @@ class _Tracked:
         self.rewrites_output = kind.frontend_tokens is not Strategy.frontend_tokens
         self.chooses_width = kind.width_choice is not Strategy.width_choice
         self.starts_rows = kind.row_start is not Strategy.row_start
+        self.phased = kind.phase is not Strategy.phase
 
 
 class VisualARScheduler(Scheduler):
@@ -343,14 +344,17 @@ class VisualARScheduler(Scheduler):
         """One phase per step (a phase is the model a forward runs), alternating between the phases
         that have work; each running request of the phase is prepared by its strategy. -> (running
         requests held out of this step, the admitted ones that may start)."""
-        phase_of = {r.request_id: self._tracked[r.request_id].strategy.phase(r) for r in self.running}
+        phase_of = {}
+        for r in self.running:
+            tracked = self._tracked[r.request_id]
+            phase_of[r.request_id] = own = tracked.strategy.phase(r) if tracked.phased else None
+            if tracked.route:
+                phase_kv.set_phase(r.request_id, own, tracked.route)
         entry_of = {r.request_id: type(self._tracked[r.request_id].strategy).entry_phase for r in admitted}
         present = set(phase_of.values()) | set(entry_of.values())
         if len(present) > 1:
             present.discard(self._last_phase)
         phase = self._last_phase = min(present, key=repr) if present else None
-        for r in self.running:
-            phase_kv.set_phase(r.request_id, phase_of[r.request_id], self._tracked[r.request_id].route)
         for r in admitted:  # a resumed request (preempted) may be past its entry phase
             tracked = self._tracked[r.request_id]
             phase_kv.set_phase(r.request_id, tracked.strategy.phase(r), tracked.route)
