@@ -354,7 +354,10 @@ def choose_widths(choices: list[WidthChoice], base_seconds: float, other_commits
         rate = np.where(allowed, rate, -np.inf)
         narrow = rate[:, :1]  # the rate with the image at width 1
         near = rate - narrow >= (rate.max(1, keepdims=True) - narrow) * (1 - tolerance)
-        widths = options.shape[1] - near[:, ::-1].argmax(1)  # the widest of the near-best widths
+        answers = options.shape[1] - near[:, ::-1].argmax(1)  # the widest of the near-best widths
+        if (answers == widths).all():  # the next round would answer the same step the same way
+            break
+        widths = answers
     return widths.tolist()
 
 

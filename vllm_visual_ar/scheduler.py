@@ -49,7 +49,7 @@ from vllm_visual_ar.admission import Need, admit, cannot_fit, footprint_need
 from vllm_visual_ar.requests import (IMAGE_WINDOW_KEY, STEP_DRAFTS_KEY, STEP_WIDTH_KEY, Decoding, image_request_info,
                                      set_decoding)
 from vllm_visual_ar.samplers import strategy_for
-from vllm_visual_ar.samplers.load import StepShape, WidthPolicy, cap_to_budget
+from vllm_visual_ar.samplers.load import StepShape, WidthChoice, WidthPolicy, cap_to_budget
 from vllm_visual_ar.samplers.strategy import RUNNER_REPORTS, Strategy
 
 logger = init_logger(__name__)
@@ -420,7 +420,7 @@ class VisualARScheduler(Scheduler):
         wide = sum(n > 1 and r.num_output_tokens > 0 for n, r in zip(fed, others))
         narrow = StepShape(sequences, sum(drafts), wide, pending + sum(streams) - sequences - sum(drafts))
         other_images = {self._pair_key(r) or r.request_id for r in others}
-        choices = [c._replace(streams=n) for (c, _), n in zip(images, streams)]
+        choices = [WidthChoice(c.ceiling, c.slope, n) for (c, _), n in zip(images, streams)]
         chosen = self._width_policy.widths(choices, narrow, len(other_images))
         chosen = cap_to_budget(chosen, streams, self.max_num_scheduled_tokens - pending - sum(streams))
         return {r: w for (_, rs), w in zip(images, chosen) for r in rs}
