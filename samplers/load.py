@@ -27,11 +27,11 @@ Choice (`choose_widths`): each image i with window ceiling L_i and s_i streams i
 commit c_i(w) = 1 + k_i ln w tokens per forward at width w. SJD's yield grows like the log of its
 window, not like independent draft acceptances would make it (measured on the embedded model:
 1.8, 2.3, 2.8, 3.1 tokens per forward at 4, 8, 16, 32): its Jacobi carry makes wide windows accept
-in bursts. k_i is estimated from the image's own forwards (accepted drafts over the sum of ln w).
-The step's throughput is (sum of c_i(w_i) + the other requests' tokens) / t(the step); each image
-picks the width that maximises it given the others' (two rounds of best responses, vectorised). An
-image held at width 1 keeps its estimate (from its prior and its wider forwards) until the load
-lets it widen again.
+in bursts. k_i is estimated from the image's own recent forwards (accepted drafts over the sum of
+ln w, the evidence fading per forward: `sjd.SJD._observe`). The step's throughput is (sum of
+c_i(w_i) + the other requests' tokens) / t(the step); each image picks the width that maximises it
+given the others' (up to two rounds of best responses, vectorised). An image held at width 1 sees
+its estimate drift back to the prior, so a low one is measured again.
 """
 from __future__ import annotations
 

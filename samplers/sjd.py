@@ -361,6 +361,7 @@ class _Jacobi:
     carried: Drafts
     current: Drafts | None = None
     first: int = 0  # output index of current's first draft
+    carried_at: int = 0  # output index of carried's first draft
 
 
 class SJDRunner(StrategyRunner):
@@ -405,6 +406,10 @@ class SJDRunner(StrategyRunner):
             start, end = step.fed(lead)
             last = history[-1] - layout.code_ids.start
             state.first = len(history)
+            if (behind := state.first - state.carried_at) > 0:
+                # Steps at width 1 (load-aware) committed tokens by vLLM's own path since the carry
+                # was made: its drafts for those positions are spent, the rest still line up.
+                state.carried = Drafts(state.carried.tokens[behind:], state.carried.q[behind:])
             state.current = fill_drafts(state.carried, end - start - 1, step.info(lead).decoding.init, space,
                                         last if 0 <= last < codes else codes, len(history), layout.row_stride,
                                         step.generator(lead), self.device, codes,
@@ -447,6 +452,7 @@ class SJDRunner(StrategyRunner):
             else:
                 committed, state.carried = verify(p, state.current, step.generator(row), relaxed,
                                                   continued=bool(decoding.continue_after_reject), group=group)
+            state.carried_at = state.first + len(committed)
             out[row] = [self._token(layout, d, state.first + i) for i, d in enumerate(committed)]
         return out
 
@@ -475,6 +481,7 @@ class SJDRunner(StrategyRunner):
 
 
 _PRIOR = math.log(16)  # the slope's prior: worth one forward at width 16
+_FADE = 0.95  # the weight a forward's yield evidence keeps per later forward (about the last 20 count)
 
 
 class SJD(Strategy):
@@ -534,18 +541,24 @@ class SJD(Strategy):
 
     def _observe(self, request) -> None:
         """Count the last step's accepted drafts against the log of its width (the yield estimate);
-        once per step (it then forgets the width)."""
+        once per step (it then forgets the width). The evidence fades by `_FADE` per forward, at any
+        width: SJD's yield moves across an image (a plain background accepts long runs, a stroke
+        few), and an image held at width 1 by a low estimate sees no new evidence, so only fading
+        brings it back to the prior and to a wider step that measures it again (measured: without
+        it, one lone image in a few ran all 256 forwards at width 1 after a poor start)."""
         outputs, width = self._seen
-        if width > 1 and request.num_output_tokens > outputs:
-            self._accepted += request.num_output_tokens - outputs - 1
-            self._log_widths += math.log(width)
         if width:
+            self._accepted *= _FADE
+            self._log_widths *= _FADE
+            if width > 1 and request.num_output_tokens > outputs:
+                self._accepted += request.num_output_tokens - outputs - 1
+                self._log_widths += math.log(width)
             self._seen = (outputs, 0)
 
     def width_choice(self, request):
         """For a load-aware request: its window as the ceiling, and its yield slope k (tokens per
-        forward 1 + k ln w, `load.py`) from its forwards so far, starting from a prior of one forward
-        at k = 0.7 (the embedded model's SJD at 16-32)."""
+        forward 1 + k ln w, `load.py`) from its recent forwards (`_observe`), with a prior of one
+        forward at k = 0.7 (the embedded model's SJD at 16-32)."""
         self._observe(request)
         left = request.max_tokens - request.num_output_tokens
         if not self.decoding.load_aware or request.num_computed_tokens < request.num_prompt_tokens or left <= 1:

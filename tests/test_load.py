@@ -131,6 +131,70 @@ def simulated_rows(cost: RowCost, rng, steps=400):
         cost.observe(StepShape(2 * images, 0, wide, extra, context), seconds * rng.uniform(0.8, 1.2))
 
 
+def test_an_sjd_image_held_at_width_1_by_a_poor_start_comes_back_to_its_prior(tiny_generator):
+    """SJD's yield moves across an image: evidence fades per forward, so an image whose first wide
+    forwards accepted nothing, and which the policy then holds at width 1, drifts back to the prior
+    slope (and a wider step that measures it again) instead of staying at width 1 for good."""
+    from vllm_visual_ar.samplers.sjd import SJD
+
+    tokens = tiny_generator.config.image_grid ** 2
+    request = SimpleNamespace(num_output_tokens=1, num_computed_tokens=1, num_prompt_tokens=1, max_tokens=tokens,
+                              spec_token_ids=[], sampling_params=SimpleNamespace(logprobs=None))
+    sjd = SJD(tiny_generator.config, Decoding("sjd", 16, init="horizontal", load_aware=True))
+    assert sjd.start(request) is None
+    request.max_tokens = 1024  # room for the steps below (the tiny model's image is short)
+    prior = sjd.width_choice(request).slope
+
+    def step(width, committed):
+        sjd.before_step(request, width)
+        assert len(request.spec_token_ids) == width - 1
+        request.num_output_tokens += committed
+        request.num_computed_tokens = request.num_output_tokens
+        return sjd.width_choice(request).slope
+
+    for _ in range(4):
+        poor = step(8, 1)  # nothing accepted
+    assert poor < prior / 3
+    held = [step(1, 1) for _ in range(60)]
+    assert all(a < b for a, b in zip(held, held[1:])) and prior - held[-1] < (prior - poor) / 5
+    assert step(16, 6) > held[-1]  # a wide step counts again
+
+
+def test_a_load_aware_sjd_carry_stays_aligned_across_steps_at_width_1(tiny_generator):
+    """The drafts an SJD forward carries past a rejection are for the positions after the tokens it
+    committed. Steps at width 1 (vLLM's own path) commit tokens in between; the next wide step drafts
+    each position with the draft made for that very position. Drafted one position off, as they
+    were, the carry went on being verified at the wrong positions, accepted little, and a lone image
+    whose width alternated learnt a low yield and stayed at width 1 (one in three, 250 forwards)."""
+    from vllm_visual_ar.requests import ImageRequestInfo
+    from vllm_visual_ar.samplers.sjd import SJDRunner
+    from vllm_visual_ar.samplers.strategy import Step
+
+    runner = SJDRunner(tiny_generator.config, None, "", "cpu")
+    layout = runner.layout
+    info = ImageRequestInfo("image", "single", 1.0, Decoding("sjd", 4, init="horizontal", load_aware=True))
+    state = SimpleNamespace(output_token_ids=[layout.code_ids.start] * 5,
+                            sampling_params=SimpleNamespace(temperature=1.0, top_k=0, top_p=1.0, seed=0))
+
+    def step(fed):
+        computed = 1 + len(state.output_token_ids) - 1  # one prompt token, then all but the last output
+        return Step(["r"], np.array([0, fed]), np.array([computed]), np.array([1]), {"r": state}, {}, "cpu",
+                    lambda _: info, None)
+
+    def one_hot(codes):  # targets that put all mass on these codes, one per fed token
+        logits = torch.full((len(codes), layout.codebook_size), -1e9)
+        logits[torch.arange(len(codes)), torch.tensor(codes)] = 0.0
+        return logits
+
+    wide = step(4)  # the last token and 3 drafts (copies of code 0, horizontal)
+    assert runner.prepare(wide, [0])[0].slot_tokens == [layout.code_ids.start] * 3
+    committed = runner.emit(wide, [0], one_hot([1, 2, 3, 4]), [slice(0, 4)])[0]
+    assert committed == [layout.code_ids.start + 1]  # the first draft rejected; 2, 3, 4 carried for the next
+    state.output_token_ids += committed + [layout.code_ids.start + 9]  # then a step at width 1
+    drafts = runner.prepare(step(4), [0])[0].slot_tokens
+    assert drafts[:2] == [layout.code_ids.start + 3, layout.code_ids.start + 4]  # the draft for 2 is spent
+
+
 def test_zipar_windows_chosen_at_admission_pay_alone_and_not_under_load():
     """The absolute step model (`RowCost`) learns what rows cost, context included; with it an image
     admitted alone takes its own window (ZipAR w=4 is 1.5x raster's images/s alone on this CPU) and
