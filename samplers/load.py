@@ -184,17 +184,18 @@ class WidthPolicy:
     stale_after = 2048
 
     def options(self, options: list[WindowOption], streams: int, count: int, sequences: int, images: int,
-                queued: tuple[int, int] = (0, 0)) -> list[int]:
+                queued: tuple[int, int] = (0, 0), others_wide: bool = True) -> list[int]:
         """The option (index) each of `count` images admitted together with these options runs with
         (`RowCost.choose`): `sequences` and `images` in the step they join, themselves included;
-        `queued`: the (sequences, images) waiting for room behind them. Where
+        `queued`: the (sequences, images) waiting for room behind them; `others_wide`: whether
+        anything else in it may feed several tokens. Where
         the model would keep rows out and no step has had any for `stale_after` steps, one of them
         gets its own window anyway; where it would give rows to images joining others and no step has
         been without them as long, one of them gets raster order: steps with and without rows, at
         the load of the moment, are what tell their costs apart, and the machine may have changed
         since the model's evidence of one side was taken. Alone, each ZipAR image's first row is such a step, so a single image is
         never made to probe."""
-        index = self.rows.choose(options, streams, count, sequences, images, queued)
+        index = self.rows.choose(options, streams, count, sequences, images, queued, others_wide)
         chosen = [index] * count
         if index == 0 and self._since_rows >= self.stale_after:
             self._since_rows, chosen[0] = 0, len(options) - 1
@@ -290,14 +291,15 @@ class RowCost:
         return out
 
     def choose(self, options: list[WindowOption], streams: int, count: int, sequences: int, images: int,
-               queued: tuple[int, int] = (0, 0), tolerance: float = 0.05) -> int:
+               queued: tuple[int, int] = (0, 0), others_wide: bool = True, tolerance: float = 0.05) -> int:
         """The option for `count` images starting together (`streams` each) that gives the step the
         most image tokens per second (the step as it was last, with `sequences` and `images`, these
         included). They choose as one: what the first wide stream costs the step is paid once, and
         a lone image would refuse it where a group gains. `queued`: the (sequences, images) waiting
         behind them for room in the step budget. They join the step if these images run in raster
         order, whose reservation is the narrowest, and stay out behind the reservation of any wider
-        option. `options` run from the plainest (raster) to the most parallel; of those within
+        option. `others_wide`: whether the step may hold other wide streams, as the last one did;
+        False where nothing else runs (the last step then is another workload's). `options` run from the plainest (raster) to the most parallel; of those within
         `tolerance` of the best gain over the first, the most parallel is taken (an image best in
         raster order stays there). Before 8 steps: the last."""
         beta = self.coefficients()
@@ -305,6 +307,8 @@ class RowCost:
             return len(options) - 1
         now = self._last.copy()
         now[1] = sequences
+        if not others_wide:  # the step they join has no wide streams but theirs
+            now[2:] = 0.0
         base = max(float(beta @ now) - count * streams * beta[1], 1e-6)  # the step without these images
         rate = np.array([(images - count + count * o.commits + (not o.wide) * queued[1]) / (
             base + count * streams * (beta[1] + o.wide * (beta[2] + beta[3] * o.extra + beta[4] * o.context / 1000))

@@ -224,6 +224,11 @@ def test_zipar_windows_chosen_at_admission_pay_alone_and_not_under_load():
     # lets the queue in, rows keep it out, and the eight take raster order; had the queue counted as
     # running beside their rows, they would have kept them
     assert shared.choose(ZIPAR_W4, 2, 8, 16, 8, queued=(48, 24)) == 0 and shared.choose(ZIPAR_W4, 2, 8, 64, 32) == 2
+    # the last step ran rows: one image joining 15 raster ones shares the set-up the step pays anyway
+    # and takes its own; where nothing ran before (the last step was another workload's) the step has
+    # no set-up to share, and it takes raster order as above
+    shared.observe(StepShape(4, 0, 2, 4, 272), 2e-3 + 4.8e-4 + 4e-5 + 3e-3)
+    assert shared.choose(ZIPAR_W4, 2, 1, 32, 16) == 2 and shared.choose(ZIPAR_W4, 2, 1, 32, 16, others_wide=False) == 0
     policy = WidthPolicy()
     policy.rows = cost
     for _ in range(WidthPolicy.stale_after):
@@ -451,6 +456,20 @@ def test_images_admitted_a_few_at_a_time_weigh_the_wave_queued_behind_them(tiny_
     assert alone[0].stats.forward_passes < grid * grid
     assert [im.stats.forward_passes for im in wave] == [grid * grid] * 4
     assert [len(a) for a in admitted if a] == [8]  # four guided images, in one step
+
+
+def test_an_image_admitted_to_an_idle_engine_weighs_a_step_without_the_last_workload_s_rows(tiny_generator,
+                                                                                              policy):
+    """The cost model's picture of the step an image joins is the last step run. In an idle engine
+    that was another workload's: had it run rows, the set-up of the masked path (f) would look paid
+    already, and a lone image would take rows that it alone pays for."""
+    from conftest import frozen_rows
+
+    grid = tiny_generator.config.image_grid
+    decoding = dict(strategy="zipar_sjd", window=4, sjd_window=6, load_aware=True, guidance_scale=2.0, top_k=1)
+    policy.rows, policy._since_rows, policy._since_plain = frozen_rows((2e-2, 5e-3, 1e-3, 0, 0, 0.1)), 0, 0
+    policy.rows._last = policy.rows.features(2, 2, 4, 300)  # the last step: a pair running rows
+    assert tiny_generator.generate([1], **decoding)[0].stats.forward_passes == grid * grid
 
 
 def test_greedy_load_aware_sjd_equals_greedy_raster(tiny_generator, tiny_model):

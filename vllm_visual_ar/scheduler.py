@@ -96,6 +96,7 @@ class VisualARScheduler(Scheduler):
         self._overtaken: dict[str, int] = {}  # waiting group key -> times a later group was admitted first
         self._last_phase = None  # the phase the previous step ran
         self._width_policy = WidthPolicy()  # load-aware widths: a cost model of the steps run, and the choice
+        self._admitted_wide = False  # `_choose_windows`: an image admitted this step kept wide streams
         # id(scheduler output) -> (end of schedule, its StepShape)
         self._timing: dict[int, tuple] = {}
         seqs = min(self.max_num_running_reqs, self.max_num_active_reqs)
@@ -274,6 +275,7 @@ class VisualARScheduler(Scheduler):
         for r in self.running:
             room = room - self._held_by(r)
         chosen: list[list[Request]] = []
+        self._admitted_wide = False  # an image admitted in this step kept a setting with wide streams
         while whole:
             needs = [(key, self._group_need(g)) for key, g in whole.items()]
             keys = admit(needs, room, self._overtaken, self.max_num_running_reqs)
@@ -315,11 +317,16 @@ class VisualARScheduler(Scheduler):
                 break
             waiting = (waiting[0] + len(g), waiting[1] + 1)
         restarted = False
+        # Where nothing ran before this admission, the last step (the cost model's picture of the
+        # step they join) was another workload's: the step then holds no wide streams but those of
+        # the images admitted in it that kept their own setting.
         for (options, streams), same in asking.items():
-            chosen = self._width_policy.options(list(options), streams, len(same), sequences, images, waiting)
+            chosen = self._width_policy.options(list(options), streams, len(same), sequences, images, waiting,
+                                                bool(self.running) or self._admitted_wide)
             for g, index in zip(same, chosen):
                 if index < len(options) - 1:
                     restarted |= self._restart(g, options[index])
+                self._admitted_wide |= options[index].wide
         return restarted
 
     def _restart(self, group: list[Request], option) -> bool:
