@@ -96,7 +96,6 @@ class VisualARScheduler(Scheduler):
         self._overtaken: dict[str, int] = {}  # waiting group key -> times a later group was admitted first
         self._last_phase = None  # the phase the previous step ran
         self._width_policy = WidthPolicy()  # load-aware widths: a cost model of the steps run, and the choice
-        self._admitted_wide = False  # `_choose_windows`: an image admitted this step kept wide streams
         # id(scheduler output) -> (end of schedule, its StepShape)
         self._timing: dict[int, tuple] = {}
         seqs = min(self.max_num_running_reqs, self.max_num_active_reqs)
@@ -264,7 +263,7 @@ class VisualARScheduler(Scheduler):
         """Waiting requests that this step may admit: whole groups, chosen by `admission.admit`. An
         image admitted with a load-aware window may restart with a narrower one (`_choose_windows`),
         which frees room in the same step: admission then goes on with the groups left, so a wave
-        that the policy puts in raster order is admitted at once, not a few images per step."""
+        that the policy gives its narrowest option is admitted at once, not a few images per step."""
         groups: dict[str, list[Request]] = {}
         for r in self.waiting:
             groups.setdefault(self._pair_key(r) or r.request_id, []).append(r)
@@ -275,14 +274,17 @@ class VisualARScheduler(Scheduler):
         for r in self.running:
             room = room - self._held_by(r)
         chosen: list[list[Request]] = []
-        self._admitted_wide = False  # an image admitted in this step kept a setting with wide streams
+        # Where nothing ran before this admission, the last step (the cost model's picture of the
+        # step they join) was another workload's: the step then holds no wide streams but those of
+        # the images admitted to it that kept their own setting.
+        wide = bool(self.running)
         while whole:
             needs = [(key, self._group_need(g)) for key, g in whole.items()]
             keys = admit(needs, room, self._overtaken, self.max_num_running_reqs)
             if not keys:
                 break
             new = [whole.pop(key) for key in keys]
-            restarted = self._choose_windows(new, list(whole.values()), chosen)
+            restarted, wide = self._choose_windows(new, list(whole.values()), chosen, wide)
             room = room - sum((self._group_need(g) for g in new), Need())  # what they hold now
             chosen += new
             if not restarted:  # the room left is what the groups still waiting did not fit in
@@ -293,21 +295,22 @@ class VisualARScheduler(Scheduler):
         return sum((self._need(r) for r in group), Need())
 
     def _choose_windows(self, groups: list[list[Request]], queued: list[list[Request]],
-                        joined: list[list[Request]] = ()) -> bool:
+                        joined: list[list[Request]], wide: bool) -> tuple[bool, bool]:
         """Images admitted now whose strategy fixes its schedule for the whole image and is load-aware
         (`Strategy.window_options`) get the window the policy picks against the step they join (those
-        with the same options together; `joined`: groups admitted to it before them); one that gets
-        another than its own restarts with it (a narrower reservation than admitted). -> whether any
-        restarted. Admission reserves each image's own window, so the policy also weighs the images
-        still queued (up to the sequence limit), which raster order lets into the step and wider
-        options keep out. Were the first few to weigh only themselves, they would take their rows,
+        with the same options together; `joined`: groups admitted to it before them; `wide`: whether
+        it may hold other wide streams); one that gets another than its own restarts with it (a
+        narrower reservation than admitted). -> (whether any restarted, whether the step may now hold
+        wide streams). Admission reserves each image's own window, so the policy also weighs the
+        images still queued (up to the sequence limit), which the narrowest option lets into the step
+        and wider options keep out. Were the first few to weigh only themselves, they would take their rows,
         and their reservations would hold the rest of the wave back."""
         asking: dict[tuple, list[list[Request]]] = {}
         for g in groups:
             if options := self._tracked[g[0].request_id].strategy.window_options(g[0]):
                 asking.setdefault((tuple(options), len(g)), []).append(g)
         if not asking:
-            return False
+            return False, wide
         joined = [*joined, *groups]
         sequences = len(self.running) + sum(len(g) for g in joined)
         images = len({self._pair_key(r) or r.request_id for r in self.running}) + len(joined)
@@ -317,17 +320,14 @@ class VisualARScheduler(Scheduler):
                 break
             waiting = (waiting[0] + len(g), waiting[1] + 1)
         restarted = False
-        # Where nothing ran before this admission, the last step (the cost model's picture of the
-        # step they join) was another workload's: the step then holds no wide streams but those of
-        # the images admitted in it that kept their own setting.
         for (options, streams), same in asking.items():
             chosen = self._width_policy.options(list(options), streams, len(same), sequences, images, waiting,
-                                                bool(self.running) or self._admitted_wide)
+                                                wide)
             for g, index in zip(same, chosen):
                 if index < len(options) - 1:
                     restarted |= self._restart(g, options[index])
-                self._admitted_wide |= options[index].wide
-        return restarted
+                wide |= options[index].wide
+        return restarted, wide
 
     def _restart(self, group: list[Request], option) -> bool:
         """Start an admitted image's requests again (before their first forward) with another window

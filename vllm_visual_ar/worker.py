@@ -293,8 +293,8 @@ class VisualARRunnerMixin:
         # vLLM's sampler takes one row per request (each request's first) and draws for all of them,
         # planned ones included, even when only planned requests are in the batch: a seeded
         # request's generator then advances the same way whatever shares its batch. The strategies
-        # then turn their rows' logits into tokens. A batch of coupled draws alone skips it: their
-        # tokens depend on no generator, and the draw would be thrown away.
+        # then turn their rows' logits into tokens. A batch of draw-only rows alone skips it: their
+        # tokens are the strategy's own draws, and vLLM's would be thrown away.
         if layout.draws_only and self.input_batch.max_num_logprobs is None:
             output = SamplerOutput(sampled_token_ids=torch.full((len(rows), 1), -1, dtype=torch.int32),
                                    logprobs_tensors=None)
