@@ -383,6 +383,10 @@ class SJDRunner(StrategyRunner):
     def _token(layout, index: int, position: int) -> int:
         return layout.forced(position) if index == layout.codebook_size else layout.code_ids.start + index
 
+    def takes_single(self, info):
+        """A step at width 1 (load-aware) is vLLM's own, but for a coupled draw."""
+        return bool(info.decoding.coupled)
+
     def prepare(self, step, rows):
         """Each image's drafts (carried Jacobi tail, then initialised), written into both streams."""
         images: dict[str, list[int]] = {}

@@ -131,6 +131,12 @@ class StrategyRunner:
         path in every step, and its rows are never offered to `prepare`."""
         return True
 
+    def takes_single(self, info) -> bool:
+        """Whether it plans a row of a request it takes that feeds a single token (the end of its
+        prompt, or one token past it); where not, such rows take vLLM's own path without being
+        offered to `prepare` (asked once per request, as `takes`)."""
+        return True
+
     def prepare(self, step: Step, rows: list[int]) -> dict[int, RowPlan]:
         """Before the forward (vLLM has laid out the batch): a plan per row it rewrites; rows it
         leaves out take vLLM's own path (one token, the last one's logits, vLLM's sample). `rows`

@@ -85,6 +85,34 @@ def test_the_policy_narrows_under_load_and_widens_alone_whatever_came_before():
     assert all(w[0] >= 8 for w in fresh[20:])
 
 
+def test_a_choice_that_holds_every_image_at_width_1_stands_for_a_few_steps_of_the_same_batch():
+    """Under load the scheduler skips asking while the last choice, all at width 1, stands: for
+    `hold_steps` steps in the same batch, and never over a probe."""
+    rng = np.random.default_rng(4)
+    policy = WidthPolicy()
+    simulated_policy(policy, 64, 100, rng)  # learnt: under load, width 1
+    narrow, seconds = StepShape(128), 1e-3 + 1e-4 * 128
+
+    def step(widths=None, batch="b"):
+        widths = widths or policy.widths([WidthChoice(16, 0.7, streams=2)] * 64, narrow, 0, batch)
+        policy.observe(narrow, seconds * rng.uniform(0.8, 1.2))
+        return widths
+
+    while policy.cost.steps % WidthPolicy.probe_every in (0, WidthPolicy.probe_every - 1):
+        step()  # not next to a probe
+    assert set(step()) == {1}
+    assert policy.holds("b") and not policy.holds("another batch")
+    for _ in range(WidthPolicy.hold_steps - 1):
+        assert policy.holds("b")
+        step([1] * 64)
+    assert not policy.holds("b")  # asked again
+    assert set(step(batch=None)) == {1} and not policy.holds(None)  # a choice not tied to a batch holds nothing
+    while policy.cost.steps % WidthPolicy.probe_every != WidthPolicy.probe_every - 1:
+        step()
+    assert set(step()) == {1} and not policy.holds("b")  # a probe is due
+    assert max(step()) > 1 and not policy.holds("b")  # the probe widens; wide choices hold nothing
+
+
 def test_probes_find_drafts_that_became_cheap():
     """Learnt where drafts cost a lot (width 1 even alone), then the machine changes (another tenant
     leaves, say): at width 1 nothing more is learnt of drafts, only the policy's probes can tell. They

@@ -26,7 +26,8 @@ preempts request by request, so this subclass wraps it rather than rewriting it:
 - Load-aware widths (`samplers/load.py`). A strategy that can run a step narrower than its window
   says so (`width_choice`); before each step the scheduler picks every such image's width
   from a cost model of step time against what the step runs, fitted on the steps this engine has run, and
-  reports it in the step's output (`requests.step_width`). A strategy whose schedule is fixed for the
+  reports it in the step's output (`requests.step_width`); a choice that holds every image at width 1
+  stands for a few steps of the same batch, without asking (`WidthPolicy.holds`). A strategy whose schedule is fixed for the
   whole image says which windows it could run at (`window_options`); the scheduler picks one when it
   admits the image and restarts the image's requests with it, before their first forward. A strategy
   whose rows start at the scheduler's word offers each start before a step
@@ -67,13 +68,16 @@ class _Tracked:
     route: tuple = ()  # the phases it visits, in order (`phase_kv.py`); empty: no phases
 
     def __post_init__(self):
-        # Most strategies show the frontend what vLLM appended, choose no width and start no rows:
-        # skip those calls for them (they are made for every request in every step).
+        # Most requests are shown to the frontend as vLLM appended them, choose no width (their
+        # strategy cannot, or they are not load-aware), start no rows and report nothing of a step:
+        # skip those calls for them (made for every request in every step).
         kind = type(self.strategy)
         self.rewrites_output = kind.frontend_tokens is not Strategy.frontend_tokens
-        self.chooses_width = kind.width_choice is not Strategy.width_choice
+        self.chooses_width = kind.width_choice is not Strategy.width_choice and bool(self.strategy.decoding.load_aware)
         self.starts_rows = kind.row_start is not Strategy.row_start
         self.phased = kind.phase is not Strategy.phase
+        self.reports = any(getattr(kind, m) is not getattr(Strategy, m)
+                           for m in ("step_width", "step_drafts", "image_window"))
 
 
 class VisualARScheduler(Scheduler):
@@ -95,6 +99,7 @@ class VisualARScheduler(Scheduler):
         self._freed: dict[str, _Tracked] = {}  # freed this step; their last tokens still go out
         self._overtaken: dict[str, int] = {}  # waiting group key -> times a later group was admitted first
         self._last_phase = None  # the phase the previous step ran
+        self._batch_changes = 0  # requests admitted or freed so far: a step's batch is (this, its phase)
         self._width_policy = WidthPolicy()  # load-aware widths: a cost model of the steps run, and the choice
         # id(scheduler output) -> (end of schedule, its StepShape)
         self._timing: dict[int, tuple] = {}
@@ -193,6 +198,7 @@ class VisualARScheduler(Scheduler):
         key = self._pair_key(request)
         if (tracked := self._tracked.pop(request.request_id, None)) is not None:
             self._freed[request.request_id] = tracked
+        self._batch_changes += 1
         if key is not None:
             members = self._pair_members.get(key)
             if members is not None:
@@ -228,14 +234,21 @@ class VisualARScheduler(Scheduler):
             tracked = self._tracked.get(eco.request_id) or self._freed.get(eco.request_id)
             if tracked is None:
                 continue
+            strategy, request = tracked.strategy, tracked.request
             if tracked.rewrites_output:
-                eco.new_token_ids = tracked.strategy.frontend_tokens(tracked.request, eco.new_token_ids)
-            step = {STEP_WIDTH_KEY: tracked.strategy.step_width(tracked.request),
-                    STEP_DRAFTS_KEY: tracked.strategy.step_drafts(tracked.request)}
-            if eco.finish_reason is not None:  # the image's window: once, with its last tokens
-                step[IMAGE_WINDOW_KEY] = tracked.strategy.image_window(tracked.request)
-            if eco.kv_transfer_params is None and any(v is not None for v in step.values()):
-                eco.kv_transfer_params = {k: v for k, v in step.items() if v is not None}
+                eco.new_token_ids = strategy.frontend_tokens(request, eco.new_token_ids)
+            if not tracked.reports or eco.kv_transfer_params is not None:
+                continue
+            step = {}
+            if (width := strategy.step_width(request)) is not None:
+                step[STEP_WIDTH_KEY] = width
+            if (drafts := strategy.step_drafts(request)) is not None:
+                step[STEP_DRAFTS_KEY] = drafts
+            # the image's window: once, with its last tokens
+            if eco.finish_reason is not None and (window := strategy.image_window(request)) is not None:
+                step[IMAGE_WINDOW_KEY] = window
+            if step:
+                eco.kv_transfer_params = step
         self._freed.clear()
         for request in self._finished_here:
             eco = outputs.setdefault(request.client_index, EngineCoreOutputs())
@@ -269,6 +282,8 @@ class VisualARScheduler(Scheduler):
             groups.setdefault(self._pair_key(r) or r.request_id, []).append(r)
         whole = {key: g for key, g in groups.items() if self._pair_key(g[0]) is None or len(g) == 2}
         self._overtaken = {k: n for k, n in self._overtaken.items() if k in whole}
+        if not whole:  # most steps under load: nothing to weigh the running requests' room against
+            return []
         room = Need(self._room.sequences, self.max_num_scheduled_tokens,
                     self.kv_cache_manager.block_pool.get_num_free_blocks())
         for r in self.running:
@@ -369,12 +384,16 @@ class VisualARScheduler(Scheduler):
         starting = [r for r in admitted if entry_of[r.request_id] == phase]
         choices: dict[str, tuple] = {}  # image (pair key or request id) -> (width choice, its requests)
         others: list[Request] = []
+        batch = (self._batch_changes, phase)
+        holding = self._width_policy.holds(batch)  # the last choice held every image at width 1 and stands
         for r in self.running:
             if phase_of[r.request_id] != phase:
                 continue
             tracked = self._tracked[r.request_id]
             key = (tracked.pair_key or r.request_id) if tracked.chooses_width else None
-            if key in choices:  # the partner of an image already asked: its streams feed the same tokens
+            if key is not None and holding and r.num_computed_tokens >= r.num_prompt_tokens:
+                tracked.strategy.before_step(r, 1)
+            elif key in choices:  # the partner of an image already asked: its streams feed the same tokens
                 choices[key][1].append(r)
             elif key is not None and (choice := tracked.strategy.width_choice(r)) is not None:
                 choices[key] = (choice, [r])
@@ -382,7 +401,7 @@ class VisualARScheduler(Scheduler):
                 tracked.strategy.before_step(r)
                 others.append(r)
         if choices:
-            for r, width in self._widths(list(choices.values()), others, starting).items():
+            for r, width in self._widths(list(choices.values()), others, starting, batch).items():
                 self._tracked[r.request_id].strategy.before_step(r, width)
         running = [r for r in self.running if phase_of[r.request_id] == phase]
         if any(self._tracked[r.request_id].starts_rows for r in running):
@@ -415,7 +434,8 @@ class VisualARScheduler(Scheduler):
             for r in rs if start else ():
                 self._tracked[r.request_id].strategy.start_row(r)
 
-    def _widths(self, images: list[tuple], others: list[Request], starting: list[Request]) -> dict[Request, int]:
+    def _widths(self, images: list[tuple], others: list[Request], starting: list[Request],
+                batch: tuple) -> dict[Request, int]:
         """The width of each load-aware image this step (both halves of a pair get their image's):
         the policy's (`load.WidthPolicy`), then narrowed to the step budget left by the other requests
         and the prompts starting."""
@@ -428,7 +448,7 @@ class VisualARScheduler(Scheduler):
         narrow = StepShape(sequences, sum(drafts), wide, pending + sum(streams) - sequences - sum(drafts))
         other_images = {self._pair_key(r) or r.request_id for r in others}
         choices = [WidthChoice(c.ceiling, c.slope, n) for (c, _), n in zip(images, streams)]
-        chosen = self._width_policy.widths(choices, narrow, len(other_images))
+        chosen = self._width_policy.widths(choices, narrow, len(other_images), batch)
         chosen = cap_to_budget(chosen, streams, self.max_num_scheduled_tokens - pending - sum(streams))
         return {r: w for (_, rs), w in zip(images, chosen) for r in rs}
 
@@ -440,6 +460,7 @@ class VisualARScheduler(Scheduler):
             held_set = set(held_running)
             self.running = [r for r in self.running if r not in held_set]
         admitted_set = set(admitted)
+        self._batch_changes += bool(admitted)
         held = [r for r in waiting if r not in admitted_set]
         self.waiting.remove_requests(waiting)
         for r in admitted:
@@ -465,12 +486,13 @@ class VisualARScheduler(Scheduler):
         """Both halves of a pair in every step, with the same tokens once past their prompts (a text
         model's cond and uncond prompts differ in length)."""
         scheduled = output.num_scheduled_tokens
-        for rid, n in scheduled.items():
-            partner = self._partner_id(rid)
-            if partner is None:
+        for members in self._pair_members.values():
+            if len(members) != 2:
                 continue
-            prefill = any(r.num_output_tokens == 0 for r in (self.requests[rid], self.requests[partner]))
-            if partner not in scheduled or (scheduled[partner] != n and not prefill):
-                raise RuntimeError(
-                    f"guidance pair split: {rid} scheduled {n} tokens, its partner {partner} "
-                    f"{scheduled.get(partner, 0)}")
+            a, b = members
+            n, m = scheduled.get(a), scheduled.get(b)
+            if n == m:
+                continue
+            prefill = any(self.requests[r].num_output_tokens == 0 for r in members)
+            if n is None or m is None or not prefill:
+                raise RuntimeError(f"guidance pair split: {a} scheduled {n or 0} tokens, its partner {b} {m or 0}")

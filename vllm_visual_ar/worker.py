@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vllm.platforms import current_platform
@@ -117,15 +118,17 @@ class VisualARRunnerMixin:
             self._owner = half if half is not None and half.owns_batch else False
         return self._owner or None
 
-    def _request(self, req_id: str) -> tuple[ImageRequestInfo | None, StrategyRunner | None]:
-        """Parsed once per request (the scheduler has rejected malformed ones)."""
+    def _request(self, req_id: str) -> tuple[ImageRequestInfo | None, StrategyRunner | None, bool]:
+        """(its info, the runner half that takes it, whether that half plans its single-token rows);
+        parsed once per request (the scheduler has rejected malformed ones)."""
         if self._requests_seen is None:
             self._requests_seen = {}
         if req_id not in self._requests_seen:
             info = image_request_info(self.requests[req_id].sampling_params)
             cls = strategy_for(self.model_config.hf_config, info.decoding if info is not None else Decoding())
             half = self._half_of(cls)
-            self._requests_seen[req_id] = (info, half if half is not None and half.takes(info) else None)
+            half = half if half is not None and half.takes(info) else None
+            self._requests_seen[req_id] = (info, half, half is not None and half.takes_single(info))
         return self._requests_seen[req_id]
 
     def _image_info(self, req_id: str) -> ImageRequestInfo | None:
@@ -190,13 +193,16 @@ class VisualARRunnerMixin:
             indices, width = owner.prepare_batch(self._step())
             return torch.from_numpy(indices).to(logits_indices.device, logits_indices.dtype), None, width
         batch = self.input_batch
-        computed, prompt_lens = batch.num_computed_tokens_cpu, batch.num_prompt_tokens
+        n = batch.num_reqs
+        # as lists: read for every row in every step
+        fed = np.diff(self.query_start_loc.np[: n + 1]).tolist()
+        computed, prompt_lens = batch.num_computed_tokens_cpu[:n].tolist(), batch.num_prompt_tokens[:n].tolist()
         by_half: dict[StrategyRunner, list[int]] = {}
-        qsl = self.query_start_loc.np
         for row, req_id in enumerate(batch.req_ids):
-            half = self._request(req_id)[1]
+            _, half, single = self._request(req_id)
             # A forward that does not reach the end of the prompt samples nothing: vLLM's own.
-            if half is not None and computed[row] + qsl[row + 1] - qsl[row] >= prompt_lens[row]:
+            if half is not None and computed[row] + fed[row] >= prompt_lens[row] and (
+                    single or (fed[row] > 1 and computed[row] >= prompt_lens[row])):
                 by_half.setdefault(half, []).append(row)
         if not by_half:
             return logits_indices, spec_decode_metadata, max_sampled
