@@ -1,5 +1,7 @@
 """The LlamaGen model class and guided (CFG) raster decoding in vLLM's engine, against the
 plain-PyTorch reference model and generate loop."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import finish_reasons, raw_logits, rel_err, scheduler_of, step_until_done
@@ -158,6 +160,29 @@ def test_kv_limited_admission_keeps_pairs_whole_and_exact(tiny_model, make_gener
     for i, (c, s) in enumerate(plan):
         expected = reference_generate(ref, [c], guidance_scale=s, **GREEDY).codes[0]
         assert torch.equal(torch.tensor(done[f"kv{i}-0"].token_ids), expected), i
+
+
+def test_the_pair_check_catches_a_split_pair(tiny_generator):
+    """Every step checks that both halves of a guided pair run, with the same tokens once past their
+    prompts (a text model's prompts differ in length): the check itself, on a live pair."""
+    cfg, engine, scheduler = tiny_generator.config, tiny_generator.llm.llm_engine, scheduler_of(tiny_generator)
+    for j, (prompt, sp) in enumerate(image_requests(cfg, 3, SamplingSettings(guidance_scale=2.0, **GREEDY))):
+        engine.add_request(f"split-{j}", prompt, sp)
+    # the engine's ids (vLLM suffixes the ones given)
+    a, b = sorted(next(m for m in scheduler._pair_members.values() if min(m).startswith("split-")))
+
+    def check(scheduled):
+        scheduler._check_pairs(SimpleNamespace(num_scheduled_tokens=scheduled))
+
+    check({a: 3, b: 5})  # prompts of different lengths
+    engine.step()
+    engine.step()  # both past their prompts
+    check({a: 1, b: 1})
+    check({})
+    for split in ({a: 1}, {b: 1}, {a: 1, b: 2}):
+        with pytest.raises(RuntimeError, match="guidance pair split"):
+            check(split)
+    step_until_done(engine)
 
 
 def test_head_size_without_a_kernel_is_padded_exactly(tmp_path, make_generator):
