@@ -292,6 +292,11 @@ class Strategy:
         """What the frontend is shown of the tokens a step appended to the request."""
         return new_token_ids
 
+    @property
+    def rewrites_output(self) -> bool:
+        """Whether `frontend_tokens` may show other tokens than vLLM appended (else it is not asked)."""
+        return type(self).frontend_tokens is not Strategy.frontend_tokens
+
 
 def whole_image_problem(layout, request, strategy: str) -> str | None:
     """Strategies that reorder or verify tokens decode whole images and return no logprobs."""

@@ -393,6 +393,10 @@ class ZipAR(Strategy):
         """A load-aware image's window (the one chosen at admission), for the frontends' metrics."""
         return self.decoding.window if self.decoding.load_aware else None
 
+    @property
+    def rewrites_output(self) -> bool:
+        return not self.schedule.raster  # raster order (a load-aware image's restart) appends the image as it is
+
     def frontend_tokens(self, request, new_token_ids):
         """Stand-ins dropped, image tokens released in raster order as the raster prefix grows."""
         if self.schedule.raster:

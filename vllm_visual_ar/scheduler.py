@@ -72,12 +72,13 @@ class _Tracked:
         # strategy cannot, or they are not load-aware), start no rows and report nothing of a step:
         # skip those calls for them (made for every request in every step).
         kind = type(self.strategy)
-        self.rewrites_output = kind.frontend_tokens is not Strategy.frontend_tokens
+        self.rewrites_output = self.strategy.rewrites_output
+        self.prepares = kind.before_step is not Strategy.before_step
         self.chooses_width = kind.width_choice is not Strategy.width_choice and bool(self.strategy.decoding.load_aware)
         self.starts_rows = kind.row_start is not Strategy.row_start
         self.phased = kind.phase is not Strategy.phase
-        self.reports = any(getattr(kind, m) is not getattr(Strategy, m)
-                           for m in ("step_width", "step_drafts", "image_window"))
+        self.reports = kind.step_width is not Strategy.step_width or kind.step_drafts is not Strategy.step_drafts
+        self.reports_window = kind.image_window is not Strategy.image_window
 
 
 class VisualARScheduler(Scheduler):
@@ -237,15 +238,16 @@ class VisualARScheduler(Scheduler):
             strategy, request = tracked.strategy, tracked.request
             if tracked.rewrites_output:
                 eco.new_token_ids = strategy.frontend_tokens(request, eco.new_token_ids)
-            if not tracked.reports or eco.kv_transfer_params is not None:
+            last = eco.finish_reason is not None
+            if not (tracked.reports or tracked.reports_window and last) or eco.kv_transfer_params is not None:
                 continue
             step = {}
-            if (width := strategy.step_width(request)) is not None:
+            if tracked.reports and (width := strategy.step_width(request)) is not None:
                 step[STEP_WIDTH_KEY] = width
-            if (drafts := strategy.step_drafts(request)) is not None:
+            if tracked.reports and (drafts := strategy.step_drafts(request)) is not None:
                 step[STEP_DRAFTS_KEY] = drafts
             # the image's window: once, with its last tokens
-            if eco.finish_reason is not None and (window := strategy.image_window(request)) is not None:
+            if last and tracked.reports_window and (window := strategy.image_window(request)) is not None:
                 step[IMAGE_WINDOW_KEY] = window
             if step:
                 eco.kv_transfer_params = step
@@ -398,7 +400,8 @@ class VisualARScheduler(Scheduler):
             elif key is not None and (choice := tracked.strategy.width_choice(r)) is not None:
                 choices[key] = (choice, [r])
             else:
-                tracked.strategy.before_step(r)
+                if tracked.prepares:
+                    tracked.strategy.before_step(r)
                 others.append(r)
         if choices:
             for r, width in self._widths(list(choices.values()), others, starting, batch).items():
