@@ -70,7 +70,13 @@ class StepShape:
     drafts: int = 0        # speculative tokens fed
     wide_streams: int = 0  # streams that feed more than one token past their prompt (drafts, ZipAR rows)
     extra: int = 0         # other tokens beyond one per sequence (prompts, ZipAR's rows)
-    wide_context: int = 0  # tokens the wide streams attend to, summed (`RowCost`)
+    wide_context: int = 0  # tokens the row streams attend to, summed (`RowCost`)
+    # Of the above, what streams other than rows feed (`RowCost`: a row stream is a wide stream of an
+    # image whose window is fixed for the whole image, ZipAR's, on the masked path): wide streams
+    # (SJD's, verifying drafts on vLLM's causal path), and tokens beyond one per sequence (their
+    # drafts, prompts).
+    other_wide: int = 0
+    other_tokens: int = 0
 
     def vector(self) -> np.ndarray:
         return np.array([self.sequences, self.drafts, self.wide_streams, self.extra], dtype=float)
@@ -160,8 +166,9 @@ class WidthPolicy:
     def observe(self, shape: StepShape, seconds: float) -> None:
         self.cost.observe(shape, seconds)
         self.rows.observe(shape, seconds)
-        self._since_rows = 0 if shape.wide_streams else self._since_rows + 1
-        self._since_plain = self._since_plain + 1 if shape.wide_streams else 0
+        rows = shape.wide_streams > shape.other_wide
+        self._since_rows = 0 if rows else self._since_rows + 1
+        self._since_plain = self._since_plain + 1 if rows else 0
 
     def widths(self, choices: list[WidthChoice], narrow: StepShape, other_commits: float,
                batch: object = None) -> list[int]:
@@ -244,30 +251,38 @@ class RowCost:
     reads every token before it, so its forwards cost several times more at the end of the image
     than at the start (measured here: 10.8 ms at the start of a 16-image ZipAR w=4 batch, 19.3 ms at
     its end, 5.8 ms raster). That drift is what `StepCost`'s differences cancel, so this model fits
-    absolute step times instead: t = a + b s + c m + p r + q C + f [m > 0], C the summed context of
-    the m wide streams, f what the first wide stream costs the whole step (the masked attention's
-    set-up), by least squares over the last `keep` steps with wide streams and the last `keep`
-    without. Kept apart, neither kind pushes the other out: under load, where every image runs in
-    raster order, what rows cost is still known (forgetting by time would have pulled it to zero
-    and handed rows to the next images, whose set-up alone costs a raster step). Coefficients with
-    no evidence at all are pulled to 0 by a small prior, so the first images get their own window
-    and their steps teach the model."""
+    absolute step times instead: t = a + b s + c m + p r + q C + f [m > 0] + c' m' + p' r', with m
+    the row streams (`Strategy.runs_rows`), r the tokens beyond one they feed (drafts included), C
+    their summed context, f what the first row stream costs the whole step (the masked attention's
+    set-up), and m', r' the other wide streams and the other tokens beyond one per sequence, by
+    least squares over the last `keep` steps with row streams and the last `keep` without. The
+    other streams get their own terms: SJD's drafts run vLLM's causal path at a fraction of a
+    masked row token's cost, and counted as rows (or, as before, left out while their streams
+    counted) they made a lone ZipAR x SJD image's own setting look two to five times dearer than it
+    ran, so it took raster order or ZipAR's rows alone (144-256 forwards against 58-91). Kept
+    apart, neither kind pushes the other out: under load, where every image runs in raster order,
+    what rows cost is still known (forgetting by time would have pulled it to zero and handed rows
+    to the next images, whose set-up alone costs a raster step). Coefficients with no evidence at
+    all are pulled to 0 by a small prior, so the first images get their own window and their steps
+    teach the model."""
 
     def __init__(self, keep: int = 256, prior_weight: float = 2.0):
         self.prior_weight = prior_weight
-        self._steps = (deque(maxlen=keep), deque(maxlen=keep))  # (features, seconds): without, with wide streams
+        self._steps = (deque(maxlen=keep), deque(maxlen=keep))  # (features, seconds): without, with row streams
         self._fitted: np.ndarray | None = None
         self._last: np.ndarray | None = None  # the last step's features
 
     @staticmethod
-    def features(sequences, wide_streams, extra, wide_context) -> np.ndarray:
-        return np.array([1.0, sequences, wide_streams, extra, wide_context / 1000, float(wide_streams > 0)])
+    def features(shape: StepShape) -> np.ndarray:
+        rows = shape.wide_streams - shape.other_wide
+        return np.array([1.0, shape.sequences, rows, shape.extra + shape.drafts - shape.other_tokens,
+                         shape.wide_context / 1000, float(rows > 0), shape.other_wide, shape.other_tokens])
 
     def observe(self, shape: StepShape, seconds: float) -> None:
         if not seconds > 0 or shape.sequences <= 0:
             return
-        x = self.features(shape.sequences, shape.wide_streams, shape.extra, shape.wide_context)
-        self._steps[shape.wide_streams > 0].append((x, seconds))
+        x = self.features(shape)
+        self._steps[bool(x[2] > 0)].append((x, seconds))
         self._fitted, self._last = None, x
 
     def coefficients(self) -> np.ndarray | None:
@@ -278,7 +293,7 @@ class RowCost:
             x = np.array([f for f, _ in steps])
             xx, xy = x.T @ x, x.T @ np.array([t for _, t in steps])
             typical = np.diag(xx) / len(steps)
-            ridge = np.diag(np.r_[0.0, self.prior_weight * typical[1:]]) + 1e-9 * np.eye(6)
+            ridge = np.diag(np.r_[0.0, self.prior_weight * typical[1:]]) + 1e-9 * np.eye(len(typical))
             self._fitted = np.maximum(np.linalg.solve(xx + ridge, xy), 0.0)
         return self._fitted
 
@@ -296,10 +311,10 @@ class RowCost:
         beta = self.coefficients()
         if beta is None:
             return None
-        seconds = max(float(beta @ self.features(step.sequences, step.wide_streams, step.extra, step.wide_context)),
-                      1e-6)
+        now = self.features(step)
+        seconds = max(float(beta @ now), 1e-6)
         commits = other_commits + sum(s.commits for s in starts)
-        wide_step = step.wide_streams > 0
+        wide_step = now[2] > 0
         out = []
         for s in starts:
             dt = s.streams * (beta[3] * s.tokens + (not s.wide) * (beta[2] + beta[4] * s.context / 1000))

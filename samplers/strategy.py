@@ -243,6 +243,12 @@ class Strategy:
         """Before a step that runs the request: its speculative-token slots, or a rewind. `width`:
         the tokens per forward the load-aware policy chose (only for requests with a `width_choice`)."""
 
+    def runs_rows(self, request) -> bool:
+        """Whether the request's forwards, when they feed several tokens, run rows out of raster order
+        (the masked path: ZipAR's rows); else they run vLLM's causal path (SJD's drafts). The step
+        cost model for whole-image windows tells the two apart (`load.RowCost`)."""
+        return False
+
     def row_start(self, request):
         """For a strategy whose rows start at the scheduler's word (load-aware ZipAR rows), asked
         after `before_step`: what starting another row in this step adds and gives (`load.RowStart`),

@@ -393,6 +393,9 @@ class ZipAR(Strategy):
         """A load-aware image's window (the one chosen at admission), for the frontends' metrics."""
         return self.decoding.window if self.decoding.load_aware else None
 
+    def runs_rows(self, request):
+        return not self.schedule.raster
+
     @property
     def rewrites_output(self) -> bool:
         return not self.schedule.raster  # raster order (a load-aware image's restart) appends the image as it is

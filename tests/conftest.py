@@ -61,16 +61,17 @@ def scheduler_of(generator):
 
 
 def frozen_rows(beta, keep_rows: bool = False):
-    """An absolute step-cost model (`load.RowCost`) that has learnt `beta` (a, b, c, p, q, f) and learns
-    nothing more: the engine's own steps would move it while a test runs. `keep_rows`: every image
-    keeps its rows at admission, whatever the model would choose."""
+    """An absolute step-cost model (`load.RowCost`) that has learnt `beta` (a, b, c, p, q, f; the other
+    streams' c', p' are 0 unless given) and learns nothing more: the engine's own steps would move it
+    while a test runs. `keep_rows`: every image keeps its rows at admission, whatever the model would
+    choose."""
     import numpy as np
 
-    from vllm_visual_ar.samplers.load import RowCost
+    from vllm_visual_ar.samplers.load import RowCost, StepShape
 
     class FrozenRows(RowCost):
         def coefficients(self):
-            return np.array(beta, dtype=float)
+            return np.array([*beta, 0.0, 0.0][:8], dtype=float)
 
         def observe(self, shape, seconds):
             pass
@@ -79,7 +80,7 @@ def frozen_rows(beta, keep_rows: bool = False):
             return len(options) - 1 if keep_rows else super().choose(options, *args, **kwargs)
 
     rows = FrozenRows()
-    rows._last = rows.features(1, 0, 0, 0)
+    rows._last = rows.features(StepShape(1))
     return rows
 
 

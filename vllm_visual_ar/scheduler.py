@@ -76,6 +76,7 @@ class _Tracked:
         self.prepares = kind.before_step is not Strategy.before_step
         self.chooses_width = kind.width_choice is not Strategy.width_choice and bool(self.strategy.decoding.load_aware)
         self.starts_rows = kind.row_start is not Strategy.row_start
+        self.may_run_rows = kind.runs_rows is not Strategy.runs_rows
         self.phased = kind.phase is not Strategy.phase
         self.reports = kind.step_width is not Strategy.step_width or kind.step_drafts is not Strategy.step_drafts
         self.reports_window = kind.image_window is not Strategy.image_window
@@ -428,8 +429,8 @@ class VisualARScheduler(Scheduler):
         drafts = sum(len(r.spec_token_ids) for r in running)
         sequences = len(running) + len(starting)
         tokens = sum(fed) + sum(r.num_prompt_tokens for r in starting)
-        wide = [r.num_computed_tokens for n, r in zip(fed, running) if n > 1 and r.num_output_tokens > 0]
-        step = StepShape(sequences, drafts, len(wide), tokens - sequences - drafts, sum(wide))
+        step = self._shape(sequences, drafts, tokens,
+                           [*zip(running, fed), *((r, r.num_prompt_tokens) for r in starting)])
         others = {self._pair_key(r) or r.request_id for r in running} - offers.keys()
         chosen = self._width_policy.row_starts([replace(o, streams=len(rs)) for o, rs in offers.values()], step,
                                                len(others))
@@ -478,12 +479,25 @@ class VisualARScheduler(Scheduler):
         if len(self._timing) > 8:  # outputs never updated (e.g. a failed step): keep only the recent ones
             self._timing.clear()
         drafts = output.scheduled_spec_decode_tokens
-        sequences, fed = len(output.num_scheduled_tokens), sum(len(d) for d in drafts.values())
-        wide = [self.requests[rid].num_computed_tokens for rid, n in output.num_scheduled_tokens.items()
-                if n > 1 and self.requests[rid].num_output_tokens > 0]  # streams past their prompt feeding several
-        self._timing[id(output)] = (time.perf_counter(), StepShape(
-            sequences, fed, len(wide), output.total_num_scheduled_tokens - sequences - fed, sum(wide)))
+        self._timing[id(output)] = (time.perf_counter(), self._shape(
+            len(output.num_scheduled_tokens), sum(len(d) for d in drafts.values()), output.total_num_scheduled_tokens,
+            [(self.requests[rid], n) for rid, n in output.num_scheduled_tokens.items()]))
         return output
+
+    def _shape(self, sequences: int, drafts: int, tokens: int, fed: list[tuple[Request, int]]) -> StepShape:
+        """The step as the cost models see it; `fed`: (request, tokens it feeds), its prompt's included."""
+        wide = context = other_wide = other_tokens = 0
+        for r, n in fed:
+            if n == 1:
+                continue
+            tracked = self._tracked.get(r.request_id)
+            if r.num_output_tokens and tracked is not None and tracked.may_run_rows and tracked.strategy.runs_rows(r):
+                context += r.num_computed_tokens
+            else:
+                other_tokens += n - 1  # a prompt, or drafts on vLLM's causal path
+                other_wide += r.num_output_tokens > 0
+            wide += r.num_output_tokens > 0  # streams past their prompt feeding several tokens
+        return StepShape(sequences, drafts, wide, tokens - sequences - drafts, context, other_wide, other_tokens)
 
     def _check_pairs(self, output: SchedulerOutput) -> None:
         """Both halves of a pair in every step, with the same tokens once past their prompts (a text
