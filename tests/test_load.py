@@ -75,14 +75,24 @@ def test_the_policy_narrows_under_load_and_widens_alone_whatever_came_before():
     rng = np.random.default_rng(1)
     policy = WidthPolicy()
     loaded = simulated_policy(policy, 64, 400, rng)
-    assert all(set(w) == {1} for i, w in enumerate(loaded[50:], 50) if i % WidthPolicy.probe_every)
-    assert max(sum(x > 1 for x in w) for w in loaded[50:]) == WidthPolicy.probe_images  # a probe: a few images
+    # probes: a few images, at waits that double under load (64, 128, ...)
+    assert [i for i, w in enumerate(loaded[50:], 50) if set(w) != {1}] == [64, 128, 256]
+    assert max(sum(x > 1 for x in w) for w in loaded[50:]) == WidthPolicy.probe_images
     alone = simulated_policy(policy, 1, 100, rng)
     assert all(w[0] >= 8 for w in alone[5:])  # the best width here is 13; 8 to 16 are within 3% of it
-    again = simulated_policy(policy, 64, 100, rng)
-    assert sum(set(w) != {1} for w in again[5:]) <= 2  # a probe or two
+    again = simulated_policy(policy, 64, 300, rng)
+    # width 1 again at once; the waits start again from `probe_every` after the steps alone widened
+    assert [i for i, w in enumerate(again) if set(w) != {1}] == [63, 127, 255]
     fresh = simulated_policy(WidthPolicy(), 1, 100, rng)
     assert all(w[0] >= 8 for w in fresh[20:])
+
+
+def test_probes_go_no_wider_than_probe_width():
+    """A probe widens a few images to a quarter of their windows and to their whole windows in turn,
+    but no wider than `probe_width`: four images' 64-wide windows cost a loaded step several times."""
+    loaded = simulated_policy(WidthPolicy(), 64, 300, np.random.default_rng(5), window=64)
+    probes = [w for w in loaded[50:] if max(w) > 1]
+    assert {max(w) for w in probes} == {WidthPolicy.probe_width // 4, WidthPolicy.probe_width}
 
 
 def test_a_choice_that_holds_every_image_at_width_1_stands_for_a_few_steps_of_the_same_batch():
@@ -98,7 +108,7 @@ def test_a_choice_that_holds_every_image_at_width_1_stands_for_a_few_steps_of_th
         policy.observe(narrow, seconds * rng.uniform(0.8, 1.2))
         return widths
 
-    while policy.cost.steps % WidthPolicy.probe_every in (0, WidthPolicy.probe_every - 1):
+    while policy.cost.steps >= policy._next_probe - 1:
         step()  # not next to a probe
     assert set(step()) == {1}
     assert policy.holds("b") and not policy.holds("another batch")
@@ -107,7 +117,7 @@ def test_a_choice_that_holds_every_image_at_width_1_stands_for_a_few_steps_of_th
         step([1] * 64)
     assert not policy.holds("b")  # asked again
     assert set(step(batch=None)) == {1} and not policy.holds(None)  # a choice not tied to a batch holds nothing
-    while policy.cost.steps % WidthPolicy.probe_every != WidthPolicy.probe_every - 1:
+    while policy.cost.steps < policy._next_probe - 1:
         step()
     assert set(step()) == {1} and not policy.holds("b")  # a probe is due
     assert max(step()) > 1 and not policy.holds("b")  # the probe widens; wide choices hold nothing
@@ -120,7 +130,7 @@ def test_probes_find_drafts_that_became_cheap():
     rng = np.random.default_rng(2)
     policy = WidthPolicy()
     costly = simulated_policy(policy, 1, 200, rng, draft=1e-3, wide_stream=2e-2)
-    assert all(w == [1] for i, w in enumerate(costly[50:], 50) if i % WidthPolicy.probe_every)
+    assert [i for i, w in enumerate(costly[50:], 50) if w != [1]] == [64, 128, 192]  # alone: no backing off
 
     def widening(m):  # the estimated cost of one image's full window, both streams
         return 2 * (15 * m.draft + m.wide_stream)
