@@ -60,11 +60,16 @@ def _states(seeds, positions, device) -> torch.Tensor:
     return _mix(seeds + _int64(_GAMMA)) ^ torch.as_tensor(positions, dtype=torch.int64, device=device)
 
 
-def _exponentials(states: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """-log(U) for code k of a stream: U the top 53 bits of splitmix64(state + k * gamma), moved off 0
-    by half a step (states and codes broadcast together)."""
+def _uniforms(states: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """U in (0, 1) for code k of a stream: the top 53 bits of splitmix64(state + k * gamma), moved off
+    0 by half a step (states and codes broadcast together), float64."""
     bits = _shr(_mix(states + (codes + 1) * _int64(_GAMMA)), 11)
-    return ((bits.double() + 0.5) * 2.0 ** -53).log_().neg_().float()
+    return (bits.double() + 0.5) * 2.0 ** -53
+
+
+def _exponentials(states: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """-log(U) for code k of a stream."""
+    return _uniforms(states, codes).log_().neg_().float()
 
 
 def race_noise(seeds, positions, codes: int, device="cpu") -> torch.Tensor:
@@ -91,6 +96,20 @@ def coupled_draw(probs: torch.Tensor, seeds, positions, codes: int | None = None
         every = torch.arange(width, device=probs.device)[None, :]
         score = probs / torch.where(every < codes, _exponentials(states[:, None], every), 1.0)
     return score.argmax(-1)
+
+
+_DRAFT_SALT = 0x2545F4914F6CDD1D
+
+
+def random_codes(seed: int, positions, codes: int) -> list[int]:
+    """A code in 0..codes-1 for each position, uniform and a pure function of (seed, position): the
+    random Jacobi drafts of a coupled image. They come from a stream of their own (the seed salted),
+    apart from the draws' noise, and not from the request's generator, which vLLM's sampler advances
+    only in steps that are not all coupled draws: so a coupled image's forward count, like its tokens,
+    depends on its seed alone, not on what shares its batches."""
+    positions = list(positions)
+    states = _states([splitmix64(seed ^ _DRAFT_SALT)] * len(positions), positions, "cpu")
+    return (_uniforms(states, torch.zeros(1, dtype=torch.int64)) * codes).long().clamp_(max=codes - 1).tolist()
 
 
 def random_seed() -> int:

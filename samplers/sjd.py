@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from vllm_visual_ar.families import image_layout
-from vllm_visual_ar.samplers.coupling import CoupledTokens, check_coupled, check_flag, coupled_draw
+from vllm_visual_ar.samplers.coupling import CoupledTokens, check_coupled, check_flag, coupled_draw, random_codes
 from vllm_visual_ar.samplers.load import WidthChoice
 from vllm_visual_ar.samplers.sampling import exponential_noise, target_probs
 from vllm_visual_ar.samplers.strategy import (DRAW_ONLY, Footprint, RowPlan, Strategy, StrategyRunner,
@@ -105,21 +105,24 @@ class Drafts:
 
 def fill_drafts(carried: Drafts, count: int, init: str, vocab: int, last_token: int, first_position: int,
                 width: int, generator: torch.Generator | None, device="cpu", codes: int | None = None,
-                placed=None) -> Drafts:
+                placed=None, coupled_seed: int | None = None) -> Drafts:
     """`count` drafts for raster positions first_position .. : the carried ones first, then initialised.
     `width`: tokens per row (an end of line counted); `codes`: the drafts drawn at random are codes
     0..codes-1 (default: the whole vocabulary); `placed(position)`: True where the layout places a
     token (an end of line, an image end), drafted as index `codes` with q one-hot there, so that it is
-    always accepted."""
+    always accepted. `coupled_seed`: the random drafts are the image's `coupling.random_codes`, not
+    draws from `generator`."""
     codes = vocab if codes is None else codes
     tokens, q = list(carried.tokens[:count]), carried.q[:count]
     fresh = count - len(tokens)
     if fresh <= 0:
         return Drafts(tokens, q)
     new: list[int] = []
-    randoms = torch.randint(codes, (fresh,), generator=generator, device=device).tolist()
+    first_fresh = first_position + len(tokens)
+    randoms = (torch.randint(codes, (fresh,), generator=generator, device=device).tolist() if coupled_seed is None
+               else random_codes(coupled_seed, range(first_fresh, first_fresh + fresh), codes))
     for i in range(fresh):
-        position = first_position + len(tokens) + i
+        position = first_fresh + i
         left = (tokens + new)[-1] if tokens or new else last_token
         if placed is not None and placed(position):
             new.append(codes)
@@ -417,7 +420,8 @@ class SJDRunner(StrategyRunner):
             state.current = fill_drafts(state.carried, end - start - 1, step.info(lead).decoding.init, space,
                                         last if 0 <= last < codes else codes, len(history), layout.row_stride,
                                         step.generator(lead), self.device, codes,
-                                        lambda position: layout.forced(position) is not None)
+                                        lambda position: layout.forced(position) is not None,
+                                        self.coupled.seed(step, lead) if step.info(lead).decoding.coupled else None)
             tokens = [self._token(layout, d, state.first + i) for i, d in enumerate(state.current.tokens)]
             for row in streams:
                 if step.fed(row)[1] - step.fed(row)[0] != end - start:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
-from vllm_visual_ar.samplers.coupling import coupled_draw, race_noise, splitmix64
+from vllm_visual_ar.samplers.coupling import coupled_draw, race_noise, random_codes, splitmix64
 from vllm_visual_ar.samplers.sjd import Drafts, verify_coupled
 
 SAMPLED = dict(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9)
@@ -21,6 +21,16 @@ def test_noise_is_fixed_per_seed_and_position_and_differs_elsewhere():
     assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], race_noise([8], [0], 64)[0])
     grid = race_noise([s for s in range(50) for _ in range(50)], [p for _ in range(50) for p in range(50)], 8)
     assert len({tuple(row.tolist()) for row in grid}) == 2500
+
+
+def test_random_drafts_of_a_coupled_image_are_uniform_and_fixed_per_seed_and_position():
+    codes = random_codes(7, range(20000), 16)
+    assert codes[100:200] == random_codes(7, range(100, 200), 16)  # a position's draft is its own
+    assert codes[:200] != random_codes(8, range(200), 16)
+    counts = torch.bincount(torch.tensor(codes), minlength=16).double()
+    assert ((counts - 1250) ** 2 / 1250).sum() < 37.7  # chi-square, 15 degrees of freedom, p = 0.001
+    noise = race_noise([7] * 20000, range(20000), 16)  # apart from the draws' noise at the same positions
+    assert abs(torch.corrcoef(torch.stack([torch.tensor(codes).double(), noise.argmin(-1).double()]))[0, 1]) < 0.03
 
 
 def test_coupled_draws_on_the_support_alone_equal_the_draws_over_every_code():
@@ -119,6 +129,33 @@ def test_coupled_images_are_the_same_alone_and_under_load(tiny_generator):
     outs = tiny_generator.llm.generate([p for p, _ in reqs], [sp for _, sp in reqs], use_tqdm=False)
     assert torch.equal(torch.tensor(outs[0].outputs[0].token_ids), alone)  # SJD, in a mixed batch
     assert torch.equal(torch.tensor(outs[2].outputs[0].token_ids), alone)  # raster, in a mixed batch
+
+
+def test_a_coupled_images_forward_count_is_its_seeds_alone(tiny_generator):
+    """Random drafts of a coupled image come from its seed and positions, not from the request's
+    generator, which vLLM's sampler advances only in steps that are not all coupled draws: beside an
+    uncoupled image (its prompt forward then runs vLLM's sampler) the image takes the forwards it takes
+    alone, not only its tokens."""
+    from vllm.sampling_params import RequestOutputKind
+
+    from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
+
+    alone = tiny_generator.generate([3], seed=77, coupled=True, strategy="sjd", window=5, **SAMPLED)[0]
+    cfg, engine = tiny_generator.config, tiny_generator.llm.llm_engine
+    settings = SamplingSettings(**SAMPLED)
+    for image_id, class_id, seed, decoding in (("coupled", 3, 77, Decoding("sjd", 5, coupled=True)),
+                                               ("other", 4, 5, Decoding("sjd", 5))):
+        for prompt, params in image_requests(cfg, class_id, settings, seed, image_id=image_id, decoding=decoding):
+            params.output_kind = RequestOutputKind.DELTA
+            engine.add_request(f"{image_id}-{params.extra_args['visual_ar']['role']}", prompt, params)
+    tokens, forwards = [], 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == "coupled-cond" and out.outputs[0].token_ids:
+                tokens += out.outputs[0].token_ids
+                forwards += 1
+    assert tokens == alone.codes.flatten().tolist()
+    assert forwards == alone.stats.forward_passes < len(tokens)
 
 
 def test_unseeded_coupled_images_differ(tiny_generator):
