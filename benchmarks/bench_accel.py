@@ -1,6 +1,6 @@
 """Every acceleration beside raster, in vLLM's engine, on the embedded model (issue 13's table).
 
-    python benchmarks/bench_accel.py [--in-flight 1 16 64] [--repeats 2] [--per-class 20]
+    python benchmarks/bench_accel.py [--in-flight 1 16 64] [--repeats 3] [--per-class 20]
 
 Rows: raster (and raster with coupled draws), exact SJD at windows 16/32/64 with horizontal drafts,
 the same with coupled draws (SCD) and with adaptive continuation (SJD-PAC's chain), SJD and coupled
@@ -8,8 +8,9 @@ SJD at 16 and 64 with load-aware windows, ZipAR (pinned and load-aware), ZipAR x
 setting load-aware), and the lossy knobs (relaxed and group
 acceptance; ZipAR and ZipAR x SJD are not exact either). Columns: forwards per image, tokens
 per forward (= step compression against raster's one), images/s at each number of guided images
-in flight with the speed-up over raster, the speed-up at 1 in flight divided by the step
-compression, class agreement and Fréchet distance on --per-class images per class. Raster's Fréchet
+in flight (median of --repeats passes) with the speed-up over raster (each pass against a raster
+pass run just before it: the median ratio and its range; raster's own row is raster against raster,
+the noise of a speed-up), the speed-up at 1 in flight divided by the step compression, class agreement and Fréchet distance on --per-class images per class. Raster's Fréchet
 distance is also measured on a second set of seeds: its seed-to-seed spread is the yardstick for
 "within noise". One process, one engine, one configuration after the other. Prints the table and
 writes benchmarks/results/accel.md.
@@ -21,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see bench_raster.py
 
-from common import (decoding_table, default_sampling, images_per_second, sample_quality,  # noqa: E402
+from common import (decoding_table, default_sampling, paired_rates, sample_quality,  # noqa: E402
                     write_results)
 
 
@@ -60,7 +61,7 @@ def configs() -> list[tuple[str, dict]]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 16, 64])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--per-class", type=int, default=20, help="images per class for the quality columns")
     args = ap.parse_args()
 
@@ -79,11 +80,14 @@ def main():
 
     spread = [float(quality_images({}, seed)[1][1]) for seed in (0, 100_000)]
     table = decoding_table(configs(), engine.config.num_image_tokens, args.in_flight, quality_images,
-                           lambda n, decoding: images_per_second(engine, n, sampling, decoding, args.repeats),
+                           lambda n, decoding, base: paired_rates(engine, n, sampling, decoding, base, args.repeats),
                            [f"class agreement ({len(classes)} images)", "Fréchet distance"], efficiency_at=1)
     print(table)
     notes = (f"Embedded model (16x16 tokens, 1.1 M parameters), guided at the model's defaults (scale 2.0, top-k 32), "
              f"temperature 1, same seeds for every row; every configuration in vLLM's engine (in-process core). "
+             f"Speed: images/s is the median of {args.repeats} passes; each pass runs right after a raster pass "
+             f"and its speed-up is taken against that pass (median ratio, range in brackets); raster's own row "
+             f"is raster against raster, the noise of a speed-up. "
              f"Raster's Fréchet distance on two seed sets: {spread[0]:.2f} and {spread[1]:.2f} (spread "
              f"{abs(spread[0] - spread[1]):.2f}). Exact rows (raster, SJD, coupled, continuation) sample the model's "
              f"own distribution, so their quality differences are sampling noise; coupled rows give the very images "

@@ -5,7 +5,8 @@
 
 For raster and each (window, init): forward passes per image (step compression), tokens per forward
 (mean accepted length), the share of drafts accepted, images/s with 1 and 16 guided images in
-flight (at least 10 images, in rounds of that many; best of --repeats after a warm-up), and the
+flight (at least 10 images, in rounds of that many; the median of --repeats passes, each speed-up
+against a raster pass just before it), and the
 evaluator's class agreement and Fréchet distance. Then the relaxed (LANTERN-style, not exact)
 acceptance at L=16, horizontal init, for each delta: the quality/steps curve. One process, one engine, one
 configuration after the other. Prints a table and writes benchmarks/results/sjd.md.

@@ -7,8 +7,8 @@ one run.
 
 For each decoding: forward passes per image, step compression (tokens per forward: the image's
 tokens, ends of line and image end included, over its forwards), SJD's draft acceptance, images/s
-with 1 and 16 guided images in flight (at least 10 images in rounds, best of --repeats after a
-warm-up) with the speed-up over raster, and the evaluator's class agreement and attribute agreement
+with 1 and 16 guided images in flight (at least 10 images in rounds; the median of --repeats
+passes) with the speed-up over raster (each pass against a raster pass just before it), and the evaluator's class agreement and attribute agreement
 on captions that name a digit and an attribute ("a thick seven", "3 slanted to the left", ...).
 A second table gives the forward counts on Lumina-mGPT's real 768x768 grid (48x48 codes), from the
 schedule alone (no weights), next to the authors' figures. Prints the tables and writes
@@ -23,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see bench_raster.py
 
-from common import decoding_table, images_per_second, markdown_table, write_results  # noqa: E402
+from common import decoding_table, markdown_table, paired_rates, write_results  # noqa: E402
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # (caption template, the attribute bin it asks for): the evaluator measures that bin
@@ -65,8 +65,8 @@ def compare(engine, configs, in_flight: list[int], repeats: int, per_prompt: int
         return images, [f"{quality.class_agreement:.3f}", f"{quality.attribute_agreement:.3f}"]
 
     return decoding_table(configs, engine.layout.num_tokens, in_flight, quality_images,
-                          lambda n, decoding: images_per_second(engine, n, sampling, decoding, repeats, texts,
-                                                                "prompts"),
+                          lambda n, decoding, base: paired_rates(engine, n, sampling, decoding, base, repeats,
+                                                                 texts, "prompts"),
                           [f"class agreement ({len(prompts)} images)", "attribute agreement (chance 1/3)"])
 
 

@@ -4,7 +4,8 @@
                                      [--large-windows 8 4] (empty: skip the second table)
 
 For raster and each window: forward passes per image, tokens per forward, images/s with 1 and 16
-guided images in flight (at least 10 images, in rounds; best of --repeats after a warm-up), and
+guided images in flight (at least 10 images, in rounds; the median of --repeats passes, each
+speed-up against a raster pass just before it), and
 sample quality from the project's evaluator (class agreement, Fréchet distance to held-out real
 digits). A second table repeats the speed measurement, one guided image in flight, on a model of
 LlamaGen GPT-B's size (111 M parameters, random weights: speed only), where a forward costs more

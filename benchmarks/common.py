@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import time
 
@@ -58,22 +59,39 @@ def default_sampling(config) -> dict:
                 top_p=getattr(config, "default_top_p", 1.0))
 
 
-def images_per_second(engine, n: int, sampling: dict, decoding: dict, repeats: int, items=range(10),
-                      key: str = "classes") -> float:
-    """At least 10 images, in rounds of n in flight (one round = one generate call, image i of a
-    round asking for items[i % len(items)]: classes, or prompts with key="prompts"), so that a single
-    image's luck does not decide the 1-in-flight figure; best of `repeats` after a warm-up."""
+def timed_pass(engine, n: int, sampling: dict, decoding: dict, items=range(10), key: str = "classes") -> float:
+    """Images/s of one pass: at least 10 images, in rounds of n in flight (one round = one generate
+    call, image i of a round asking for items[i % len(items)]: classes, or prompts with
+    key="prompts"), so that a single image's luck does not decide the 1-in-flight figure."""
     items = list(items)
     rounds = max(1, -(-10 // n))
-    engine.generate(**{key: items[: min(n, 10)]}, seed=0, **sampling, **decoding)  # warm-up
-    times = []
+    t0 = time.perf_counter()
+    for r in range(rounds):
+        engine.generate(**{key: [items[(r * n + i) % len(items)] for i in range(n)]}, seed=r * n, **sampling,
+                        **decoding)
+    return rounds * n / (time.perf_counter() - t0)
+
+
+def images_per_second(engine, n: int, sampling: dict, decoding: dict, repeats: int, items=range(10),
+                      key: str = "classes") -> float:
+    """Best of `repeats` passes (`timed_pass`) after a warm-up."""
+    engine.generate(**{key: list(items)[: min(n, 10)]}, seed=0, **sampling, **decoding)  # warm-up
+    return max(timed_pass(engine, n, sampling, decoding, items, key) for _ in range(repeats))
+
+
+def paired_rates(engine, n: int, sampling: dict, decoding: dict, baseline: dict, repeats: int, items=range(10),
+                 key: str = "classes") -> tuple[list[float], list[float]]:
+    """-> (images/s of each of `repeats` passes of `decoding`, each over a pass of `baseline` run just
+    before it). A shared machine drifts by more than what separates two decodings (raster's own rate
+    moved by half across runs); within a pair's few seconds the drift is small, so a decoding's
+    speed-up is read against its own baseline runs, not against the baseline's row."""
+    engine.generate(**{key: list(items)[: min(n, 10)]}, seed=0, **sampling, **decoding)  # warm-up
+    rates, ratios = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for r in range(rounds):
-            engine.generate(**{key: [items[(r * n + i) % len(items)] for i in range(n)]}, seed=r * n, **sampling,
-                            **decoding)
-        times.append(time.perf_counter() - t0)
-    return rounds * n / min(times)
+        base = timed_pass(engine, n, sampling, baseline, items, key)
+        rates.append(timed_pass(engine, n, sampling, decoding, items, key))
+        ratios.append(rates[-1] / base)
+    return rates, ratios
 
 
 def sample_quality(engine, images, evaluator=None):
@@ -89,34 +107,38 @@ def sample_quality(engine, images, evaluator=None):
 
 
 def decoding_table(configs: list[tuple[str, dict]], image_tokens: int, in_flight: list[int], quality_images,
-                   rate, quality_header: list[str], efficiency_at: int | None = None) -> str:
+                   rates, quality_header: list[str], efficiency_at: int | None = None) -> str:
     """A markdown table, one row per (name, decoding kwargs) in configs, the first being the
     baseline: forwards per image (mean), tokens per forward, SJD acceptance where there is some,
-    images/s at each number of guided images in flight (`rate(n, decoding)`) with the speed-up over
-    the baseline, then the quality columns (`quality_images(decoding)` -> (images, [column values])).
-    With `efficiency_at` n: the speed-up at n in flight divided by the step compression (the share
-    of the forwards saved that shows in images/s)."""
-    rows, baseline = [], {}
+    then at each number of guided images in flight the images/s (median of the passes) and the
+    speed-up over the baseline, each pass against a baseline pass run just before it (`rates(n,
+    decoding, baseline)` -> (rates, ratios), `paired_rates`): the median ratio, with the range. The
+    baseline's own row is the baseline against itself: the noise of a speed-up. Then the quality
+    columns (`quality_images(decoding)` -> (images, [column values])). With `efficiency_at` n: the
+    speed-up at n in flight divided by the step compression (the share of the forwards saved that
+    shows in images/s)."""
+    rows, baseline = [], configs[0][1]
+    base_forwards = None
     for name, decoding in configs:
         images, quality = quality_images(decoding)
         forwards = sum(im.stats.forward_passes for im in images) / len(images)
+        base_forwards = base_forwards or forwards
         drafts = sum(im.stats.draft_tokens for im in images)
         accepted = sum(im.stats.accepted_drafts for im in images)
         row = [name, f"{forwards:.1f}", f"{100 * (forwards / image_tokens - 1):+.1f}%",
                f"{image_tokens / forwards:.2f}", f"{accepted / drafts:.3f}" if drafts else "-"]
         for n in in_flight:
-            r = rate(n, decoding)
-            baseline.setdefault(n, r)
-            row += [f"{r:.2f}", f"{r / baseline[n]:.2f}x"]
+            rate, ratios = rates(n, decoding, baseline)
+            speedup = statistics.median(ratios)
+            row += [f"{statistics.median(rate):.2f}", f"{speedup:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"]
             if n == efficiency_at:
-                baseline.setdefault("forwards", forwards)
-                row.append(f"{r / baseline[n] / (baseline['forwards'] / forwards):.2f}")
+                row.append(f"{speedup / (base_forwards / forwards):.2f}")
         rows.append(row + quality)
         print(rows[-1], flush=True)
     header = ["decoding", "forwards/image", "vs raster", "tokens/forward", "draft acceptance"]
     for n in in_flight:
-        header += [f"images/s, {n} in flight", "speed-up"] + (["speed-up / step compression"] if n == efficiency_at
-                                                              else [])
+        header += [f"images/s, {n} in flight", "speed-up (range)"] + (
+            ["speed-up / step compression"] if n == efficiency_at else [])
     return markdown_table(header + quality_header, rows)
 
 
@@ -136,7 +158,7 @@ def compare_decodings(engine, configs: list[tuple[str, dict]], in_flight: list[i
         return images, [f"{q.class_agreement:.3f}", f"{q.frechet:.2f}"]
 
     return decoding_table(configs, engine.config.num_image_tokens, in_flight, quality_images,
-                          lambda n, decoding: images_per_second(engine, n, sampling, decoding, repeats),
+                          lambda n, decoding, base: paired_rates(engine, n, sampling, decoding, base, repeats),
                           [f"class agreement ({len(quality_classes)} images)", "Fréchet distance"])
 
 
