@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
-from vllm_visual_ar.samplers.coupling import coupled_draw, race_noise, random_codes, splitmix64
+from vllm_visual_ar.samplers.coupling import (_coupled_draw_tensors, coupled_draw, race_noise, random_codes,
+                                              splitmix64)
 from vllm_visual_ar.samplers.sjd import Drafts, verify_coupled
 
 SAMPLED = dict(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9)
@@ -53,6 +54,11 @@ def test_coupled_draws_on_the_support_alone_equal_the_draws_over_every_code():
     dense = torch.randn(200, 65).softmax(-1)  # every index possible: the race over the whole row
     noise = torch.cat([race_noise([7] * 200, range(200), 64), torch.ones(200, 1)], 1)
     assert torch.equal(coupled_draw(dense, [7] * 200, range(200), codes=64), dense.div(noise).argmax(-1))
+    # On CPU the draw hashes in numpy; the tensor code (other devices) draws the same, negative seeds too
+    for probs, seeds, positions, codes in ((p, seeds, positions, 4096), (placed, [7, 7], [5, 6], 64),
+                                           (half, [-7] * 200, range(200), 64), (dense, [2**63 + 5] * 200, range(200), 64)):
+        assert torch.equal(coupled_draw(probs, seeds, positions, codes),
+                           _coupled_draw_tensors(probs, seeds, list(positions), codes))
 
 
 def test_noise_is_splitmix64_computed_in_tensors():
