@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see bench_raster.py
 
-from common import (decoding_table, default_sampling, paired_rates, sample_quality,  # noqa: E402
+from common import (PAIRED_NOTE, decoding_table, default_sampling, paired_rates, sample_quality,  # noqa: E402
                     write_results)
 
 
@@ -85,9 +85,7 @@ def main():
     print(table)
     notes = (f"Embedded model (16x16 tokens, 1.1 M parameters), guided at the model's defaults (scale 2.0, top-k 32), "
              f"temperature 1, same seeds for every row; every configuration in vLLM's engine (in-process core). "
-             f"Speed: images/s is the median of {args.repeats} passes; each pass runs right after a raster pass "
-             f"and its speed-up is taken against that pass (median ratio, range in brackets); raster's own row "
-             f"is raster against raster, the noise of a speed-up. "
+             f"{PAIRED_NOTE} "
              f"Raster's Fréchet distance on two seed sets: {spread[0]:.2f} and {spread[1]:.2f} (spread "
              f"{abs(spread[0] - spread[1]):.2f}). Exact rows (raster, SJD, coupled, continuation) sample the model's "
              f"own distribution, so their quality differences are sampling noise; coupled rows give the very images "

@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see bench_raster.py
 
-from common import compare_decodings, write_results  # noqa: E402
+from common import PAIRED_NOTE, compare_decodings, write_results  # noqa: E402
 
 
 def main():
@@ -47,7 +47,7 @@ def main():
              "drafts). Exact SJD is exact in distribution, so its quality differences from raster are sampling noise; "
              "the relaxed rows (LANTERN-style acceptance, neighbours = the 16 nearest codes in the VQ latent space) "
              "trade exactness for steps. "
-             "Speed-up is images/s against raster at the same number of images in flight, measured in this run.")
+             + PAIRED_NOTE)
     print("wrote", write_results("sjd", "Speculative Jacobi Decoding vs raster, in vLLM", table, notes))
 
 

@@ -8,8 +8,8 @@ one run.
 For each decoding: forward passes per image, step compression (tokens per forward: the image's
 tokens, ends of line and image end included, over its forwards), SJD's draft acceptance, images/s
 with 1 and 16 guided images in flight (at least 10 images in rounds; the median of --repeats
-passes) with the speed-up over raster (each pass against a raster pass just before it), and the evaluator's class agreement and attribute agreement
-on captions that name a digit and an attribute ("a thick seven", "3 slanted to the left", ...).
+passes) with the speed-up over raster (each pass against a raster pass just before it), and the
+evaluator's class agreement and attribute agreement on captions that name a digit and an attribute ("a thick seven", "3 slanted to the left", ...).
 A second table gives the forward counts on Lumina-mGPT's real 768x768 grid (48x48 codes), from the
 schedule alone (no weights), next to the authors' figures. Prints the tables and writes
 benchmarks/results/t2i.md.
@@ -23,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see bench_raster.py
 
-from common import decoding_table, markdown_table, paired_rates, write_results  # noqa: E402
+from common import PAIRED_NOTE, decoding_table, markdown_table, paired_rates, write_results  # noqa: E402
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # (caption template, the attribute bin it asks for): the evaluator measures that bin
@@ -111,8 +111,8 @@ def main():
              "from the engine's per-step outputs (the prompt's forward included); raster spends a forward on each "
              "placed token too, as the original loops do. ZipAR follows the authors' Lumina-mGPT schedule (the window "
              "counts the row's leading token); ZipAR x SJD runs the same rows, each verifying an SJD window "
-             "(`samplers/zipar_sjd.py`). Speed-up: images/s against raster at the same number of images in "
-             "flight, in this run. Class agreement: the evaluator's classifier on the decoded 32x32 images (centre "
+             "(`samplers/zipar_sjd.py`). " + PAIRED_NOTE
+             + " Class agreement: the evaluator's classifier on the decoded 32x32 images (centre "
              "28x28); attribute agreement: the share whose measured bin (per-digit terciles of stroke width or "
              "slant) is the one the caption asks for.\n\nSecond table: the forward counts of a 768x768 Lumina-mGPT "
              "image follow from the schedule alone (`samplers/zipar.py::forward_passes`).")

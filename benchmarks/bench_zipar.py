@@ -23,7 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see bench_raster.py
 
-from common import compare_decodings, markdown_table, write_results  # noqa: E402
+from common import PAIRED_NOTE, compare_decodings, markdown_table, write_results  # noqa: E402
 
 
 def main():
@@ -47,7 +47,7 @@ def main():
              "temperature 1; every configuration in vLLM's engine (in-process core, see "
              "bench_raster.md), same seeds. Forwards are counted per image from the engine's per-step outputs; "
              "ZipAR follows the authors' LlamaGen schedule (row 1 waits for row 0, so 2W + (H-2)w forwards). "
-             "Speed-up is images/s against raster at the same number of images in flight, measured in this run. "
+             + PAIRED_NOTE + " "
              "Fréchet distance: classifier features of the samples against 500 held-out real digits (real "
              "digits score 7.6, their VQ reconstructions 7.3). Second table: LlamaGen GPT-B dimensions (12 layers, "
              "width 768, 12 heads, 16384 codes, 1000 classes), random weights, one guided image (two sequences) in "

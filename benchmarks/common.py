@@ -79,6 +79,11 @@ def images_per_second(engine, n: int, sampling: dict, decoding: dict, repeats: i
     return max(timed_pass(engine, n, sampling, decoding, items, key) for _ in range(repeats))
 
 
+PAIRED_NOTE = ("Speed-up: each pass of a row runs right after a pass of the first row (raster) and is taken against "
+               "it; the cell is the median over the passes, the range in brackets, and raster's own row is raster "
+               "against raster, the noise of a speed-up. Images/s: the median of the row's passes.")
+
+
 def paired_rates(engine, n: int, sampling: dict, decoding: dict, baseline: dict, repeats: int, items=range(10),
                  key: str = "classes") -> tuple[list[float], list[float]]:
     """-> (images/s of each of `repeats` passes of `decoding`, each over a pass of `baseline` run just
