@@ -300,8 +300,8 @@ class VisualARRunnerMixin:
         # planned ones included, even when only planned requests are in the batch: a seeded
         # request's generator then advances the same way whatever shares its batch. The strategies
         # then turn their rows' logits into tokens. A batch of draw-only rows alone skips it: their
-        # tokens are the strategy's own draws, and vLLM's would be thrown away (draw-only rows are
-        # coupled draws, whose requests read nothing from their generator: `coupling.random_codes`).
+        # tokens are the strategy's own draws, and vLLM's would be thrown away (a strategy that plans
+        # draw-only rows reads nothing from their requests' generators).
         if layout.draws_only and self.input_batch.max_num_logprobs is None:
             output = SamplerOutput(sampled_token_ids=torch.full((len(rows), 1), -1, dtype=torch.int32),
                                    logprobs_tensors=None)
