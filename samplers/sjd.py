@@ -548,18 +548,24 @@ class SJD(Strategy):
         return whole_image_problem(self.layout, request, self.decoding.strategy)
 
     def _observe(self, request) -> None:
-        """Count the last step's accepted drafts against the log of its width (the yield estimate);
-        once per step (it then forgets the width). The evidence fades by `_FADE` per forward, at any
-        width: SJD's yield moves across an image (a plain background accepts long runs, a stroke
-        few), and an image held at width 1 by a low estimate sees no new evidence, so only fading
-        brings it back to the prior and to a wider step that measures it again (measured: without
-        it, one lone image in a few ran all 256 forwards at width 1 after a poor start)."""
+        """Count the forwards run since the last count against the yield estimate; once per step (it
+        then forgets the width). A step prepared wider than 1 is one forward, whose accepted drafts
+        count against the log of its width. One prepared at width 1 may be followed by steps the
+        scheduler held at width 1 without preparing them again (`load.WidthPolicy.holds`): each of
+        those forwards committed one token, so the tokens appended since count them. The evidence
+        fades by `_FADE` per forward, at any width: SJD's yield moves across an image (a plain
+        background accepts long runs, a stroke few), and an image held at width 1 by a low estimate
+        sees no new evidence, so only fading brings it back to the prior and to a wider step that
+        measures it again (measured: without it, one lone image in a few ran all 256 forwards at
+        width 1 after a poor start)."""
         outputs, width = self._seen
         if width:
-            self._accepted *= _FADE
-            self._log_widths *= _FADE
-            if width > 1 and request.num_output_tokens > outputs:
-                self._accepted += request.num_output_tokens - outputs - 1
+            committed = request.num_output_tokens - outputs
+            fade = _FADE if width > 1 else _FADE ** max(committed, 1)
+            self._accepted *= fade
+            self._log_widths *= fade
+            if width > 1 and committed > 0:
+                self._accepted += committed - 1
                 self._log_widths += math.log(width)
             self._seen = (outputs, 0)
 

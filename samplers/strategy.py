@@ -241,7 +241,11 @@ class Strategy:
 
     def before_step(self, request, width: int | None = None) -> None:
         """Before a step that runs the request: its speculative-token slots, or a rewind. `width`:
-        the tokens per forward the load-aware policy chose (only for requests with a `width_choice`)."""
+        the tokens per forward the load-aware policy chose (only for requests with a `width_choice`).
+        A choice that held every image at width 1 stands for a few steps of the same batch
+        (`load.WidthPolicy.holds`), and a request it held is not prepared again in those steps: its
+        preparation at width 1 must stand for each of them (vLLM clears speculative slots after the
+        step that scheduled them), and whatever it counts per forward counts them when next asked."""
 
     def runs_rows(self, request) -> bool:
         """Whether the request's forwards, when they feed several tokens, run rows out of raster order

@@ -557,6 +557,62 @@ def test_an_image_admitted_to_an_idle_engine_weighs_a_step_without_the_last_work
     assert tiny_generator.generate([1], **decoding)[0].stats.forward_passes == grid * grid
 
 
+def test_images_held_at_width_1_are_neither_asked_nor_prepared_while_the_hold_stands(tiny_generator, tiny_model,
+                                                                                     policy, monkeypatch):
+    """Under load, a choice that holds every image at width 1 stands for `hold_steps` steps of the same
+    batch, in which the scheduler does not call the images' strategies (one call per stream and step
+    was most of what load-aware SJD cost over raster in a loaded step). The held forwards are still
+    counted: each image reports width 1 for every forward (no drafts in its statistics), gives greedy
+    raster's image, and its yield estimate fades for each held forward as for one it was asked about."""
+    from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
+    from vllm_visual_ar.samplers.sjd import SJD
+
+    _, ref = tiny_model
+    classes = [1, 2, 3, 4]
+    costly = WidthPolicy()
+    simulated_policy(costly, 64, 200, np.random.default_rng(5), draft=1e-2, wide_stream=1e-1)  # drafts never pay
+    calls = {"before_step": 0, "width_choice": 0}
+    for name in calls:
+        original = getattr(SJD, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(self, *args)
+        monkeypatch.setattr(SJD, name, counted)
+    kept = policy.cost, policy._next_probe, policy._probe_wait
+    policy.cost, policy._next_probe, policy._probe_wait = costly.cost, 10**9, 10**9
+    try:
+        images = tiny_generator.generate(classes, guidance_scale=2.0, top_k=1, strategy="sjd", window=8,
+                                         load_aware=True)
+    finally:
+        policy.cost, policy._next_probe, policy._probe_wait = kept
+    tokens = tiny_generator.config.image_grid ** 2
+    assert torch.equal(torch.stack([im.codes.flatten() for im in images]),
+                       reference_raster(ref, classes, guidance_scale=2.0, top_k=1).codes)
+    assert all(im.stats.forward_passes == tokens and im.stats.draft_tokens == 0 for im in images)
+    streams = 2 * len(classes)
+    asked = -(-tokens // WidthPolicy.hold_steps) + 2  # a choice per hold, and the prompt's forward
+    assert calls["before_step"] <= streams * asked and calls["width_choice"] <= len(classes) * asked
+
+    # the estimate of an image asked every step, and of one held between asks, after the same forwards
+    request = SimpleNamespace(num_output_tokens=1, num_computed_tokens=1, num_prompt_tokens=1, max_tokens=1024,
+                              spec_token_ids=[])
+    asked_each, held = (SJD(tiny_generator.config, Decoding("sjd", 16, load_aware=True)) for _ in range(2))
+    for sjd in (asked_each, held):
+        sjd.start(request)
+        sjd._accepted, sjd._log_widths = 0.0, 10.0  # a poor start
+    slopes = []
+    for sjd, asks in ((asked_each, range(9)), (held, (0, 8))):
+        request.num_output_tokens = 1
+        for forward in range(9):
+            if forward in asks:
+                sjd.before_step(request, 1)
+            assert sjd.step_width(request) == 1
+            request.num_output_tokens += 1
+        slopes.append(sjd.width_choice(request).slope)
+    assert slopes[0] == pytest.approx(slopes[1]) and slopes[0] > 0.1
+
+
 def test_greedy_load_aware_sjd_equals_greedy_raster(tiny_generator, tiny_model):
     from vllm_visual_ar.model_executors.llamagen_reference import generate as reference_raster
 

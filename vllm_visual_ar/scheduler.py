@@ -27,7 +27,8 @@ preempts request by request, so this subclass wraps it rather than rewriting it:
   says so (`width_choice`); before each step the scheduler picks every such image's width
   from a cost model of step time against what the step runs, fitted on the steps this engine has run, and
   reports it in the step's output (`requests.step_width`); a choice that holds every image at width 1
-  stands for a few steps of the same batch, without asking (`WidthPolicy.holds`). A strategy whose schedule is fixed for the
+  stands for a few steps of the same batch (`WidthPolicy.holds`), in which the images it held are
+  neither asked nor prepared again: their preparation at width 1 stands (`Strategy.before_step`). A strategy whose schedule is fixed for the
   whole image says which windows it could run at (`window_options`); the scheduler picks one when it
   admits the image and restarts the image's requests with it, before their first forward. A strategy
   whose rows start at the scheduler's word offers each start before a step
@@ -78,7 +79,8 @@ class _Tracked:
         self.starts_rows = kind.row_start is not Strategy.row_start
         self.may_run_rows = kind.runs_rows is not Strategy.runs_rows
         self.phased = kind.phase is not Strategy.phase
-        self.reports = kind.step_width is not Strategy.step_width or kind.step_drafts is not Strategy.step_drafts
+        self.reports_width = kind.step_width is not Strategy.step_width
+        self.reports_drafts = kind.step_drafts is not Strategy.step_drafts
         self.reports_window = kind.image_window is not Strategy.image_window
 
 
@@ -103,6 +105,7 @@ class VisualARScheduler(Scheduler):
         self._last_phase = None  # the phase the previous step ran
         self._batch_changes = 0  # requests admitted or freed so far: a step's batch is (this, its phase)
         self._width_policy = WidthPolicy()  # load-aware widths: a cost model of the steps run, and the choice
+        self._at_width_1: set[str] = set()  # requests the last choice of widths gave width 1
         # id(scheduler output) -> (end of schedule, its StepShape)
         self._timing: dict[int, tuple] = {}
         seqs = min(self.max_num_running_reqs, self.max_num_active_reqs)
@@ -240,12 +243,13 @@ class VisualARScheduler(Scheduler):
             if tracked.rewrites_output:
                 eco.new_token_ids = strategy.frontend_tokens(request, eco.new_token_ids)
             last = eco.finish_reason is not None
-            if not (tracked.reports or tracked.reports_window and last) or eco.kv_transfer_params is not None:
+            if not (tracked.reports_width or tracked.reports_drafts or tracked.reports_window and last) or (
+                    eco.kv_transfer_params is not None):
                 continue
             step = {}
-            if tracked.reports and (width := strategy.step_width(request)) is not None:
+            if tracked.reports_width and (width := strategy.step_width(request)) is not None:
                 step[STEP_WIDTH_KEY] = width
-            if tracked.reports and (drafts := strategy.step_drafts(request)) is not None:
+            if tracked.reports_drafts and (drafts := strategy.step_drafts(request)) is not None:
                 step[STEP_DRAFTS_KEY] = drafts
             # the image's window: once, with its last tokens
             if last and tracked.reports_window and (window := strategy.image_window(request)) is not None:
@@ -389,14 +393,10 @@ class VisualARScheduler(Scheduler):
         others: list[Request] = []
         batch = (self._batch_changes, phase)
         holding = self._width_policy.holds(batch)  # the last choice held every image at width 1 and stands
-        for r in self.running:
-            if phase_of[r.request_id] != phase:
-                continue
-            tracked = self._tracked[r.request_id]
-            key = (tracked.pair_key or r.request_id) if tracked.chooses_width else None
-            if key is not None and holding and r.num_computed_tokens >= r.num_prompt_tokens:
-                tracked.strategy.before_step(r, 1)
-            elif key in choices:  # the partner of an image already asked: its streams feed the same tokens
+        kept: list[tuple[Request, _Tracked, str]] = []  # held at width 1 by that choice
+
+        def ask(r: Request, tracked: _Tracked, key: str | None) -> None:
+            if key in choices:  # the partner of an image already asked: its streams feed the same tokens
                 choices[key][1].append(r)
             elif key is not None and (choice := tracked.strategy.width_choice(r)) is not None:
                 choices[key] = (choice, [r])
@@ -404,9 +404,23 @@ class VisualARScheduler(Scheduler):
                 if tracked.prepares:
                     tracked.strategy.before_step(r)
                 others.append(r)
+
+        for r in self.running:
+            if phase_of[r.request_id] != phase:
+                continue
+            tracked = self._tracked[r.request_id]
+            key = (tracked.pair_key or r.request_id) if tracked.chooses_width else None
+            if key is not None and holding and r.request_id in self._at_width_1:
+                kept.append((r, tracked, key))  # prepared at width 1 by that choice: nothing to ask or prepare
+            else:
+                ask(r, tracked, key)
         if choices:
-            for r, width in self._widths(list(choices.values()), others, starting, batch).items():
+            for held_one in kept:  # an image the choice did not hold (past its prompt since) asks: all are asked
+                ask(*held_one)
+            widths = self._widths(list(choices.values()), others, starting, batch)
+            for r, width in widths.items():
                 self._tracked[r.request_id].strategy.before_step(r, width)
+            self._at_width_1 = {r.request_id for r, width in widths.items() if width == 1}
         running = [r for r in self.running if phase_of[r.request_id] == phase]
         if any(self._tracked[r.request_id].starts_rows for r in running):
             self._start_rows(running, starting)
