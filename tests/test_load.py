@@ -321,7 +321,7 @@ def test_zipar_windows_chosen_at_admission_pay_alone_and_not_under_load():
     policy.rows = cost
     for _ in range(WidthPolicy.stale_after):
         policy.observe(StepShape(32), 6e-3)
-    assert policy.options(ZIPAR_W4, 2, 2, 32, 16) == [2, 0]  # no rows for a while: one image probes them
+    assert policy.options(ZIPAR_W4, 2, 2, 32, 16) == [2, 2]  # no rows for a while: the group probes them
     assert policy.options(ZIPAR_W4, 2, 1, 32, 16) == [0]
     for _ in range(WidthPolicy.stale_after):
         policy.observe(StepShape(2, 0, 2, 4, 300), 5e-3)
@@ -409,6 +409,45 @@ def test_the_width_of_each_forward_is_reported_and_within_the_window(tiny_genera
                 committed.append(len(out.outputs[0].token_ids))
     assert widths and all(1 <= w <= 8 for w in widths)
     assert all(1 <= c <= w for c, w in zip(committed, widths))
+
+
+def test_a_step_is_timed_with_the_work_around_its_forward_and_never_across_an_idle_wait(tiny_generator,
+                                                                                       monkeypatch):
+    """The cost models see a step from the start of its scheduling to the start of the next: the work
+    around the forward (scheduling, the outputs' processing by the client) counts, as it does in
+    images/s, and a decoding that takes fewer steps saves it. A step that leaves the engine with
+    nothing to do is not timed: the next one may come after an idle wait."""
+    import time
+
+    from vllm.sampling_params import RequestOutputKind
+
+    from vllm_visual_ar.requests import SamplingSettings, image_requests
+    from conftest import scheduler_of
+
+    engine = tiny_generator.llm.llm_engine
+    policy = scheduler_of(tiny_generator)._width_policy
+    seen = []
+    observe = policy.observe
+    monkeypatch.setattr(policy, "observe", lambda shape, seconds: (seen.append(seconds), observe(shape, seconds)))
+
+    def run(name: str, pause: float) -> int:
+        for j, (prompt, sp) in enumerate(image_requests(tiny_generator.config, 3, SamplingSettings(**SAMPLED), seed=1,
+                                                        image_id=name)):
+            sp.output_kind = RequestOutputKind.DELTA
+            engine.add_request(f"{name}-{j}", prompt, sp)
+        steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+            time.sleep(pause)  # a slow client between steps
+        return steps
+
+    steps = run("timed-slow", 0.02)
+    assert len(seen) == steps - 1 and min(seen) >= 0.02  # the last step, after which the engine idles, is not timed
+    time.sleep(0.3)
+    seen.clear()
+    steps = run("timed-fast", 0.0)
+    assert len(seen) == steps - 1 and max(seen) < 0.3
 
 
 @pytest.fixture
