@@ -236,18 +236,19 @@ class WidthPolicy:
         (`RowCost.choose`): `sequences` and `images` in the step they join, themselves included;
         `queued`: the (sequences, images) waiting for room behind them; `others_wide`: whether
         anything else in it may feed several tokens. Where
-        the model would keep rows out and no step has had any for `stale_after` steps, they get their
-        own window anyway, all of them; where it would give rows to images joining others and no
-        step has been without them as long, one of them gets raster order: steps with and without
-        rows, at the load of the moment, are what tell their costs apart, and the machine may have
-        changed since the model's evidence of one side was taken. A probe of rows is the whole group's:
-        the first row stream's set-up is paid by the whole step, and one image alone with rows beside
-        15 in raster order cost that wave 13% here, where the 16 with rows gained 3-10%. Alone, each ZipAR image's first row is such a step, so a single image is
+        the model would keep rows out and no step has had any for `stale_after` steps, one of them
+        gets its own window anyway; where it would give rows to images joining others and no step has
+        been without them as long, one of them gets raster order: steps with and without rows, at
+        the load of the moment, are what tell their costs apart, and the machine may have changed
+        since the model's evidence of one side was taken. One image probes, not the group: the group's
+        probe costs what its option costs at that load (64 images given ZipAR w=8's rows ran a wave
+        at 0.61x raster), one image's about the masked path's set-up for the step (0.87x at 16 in
+        flight with ZipAR w=4), and a probe is due where the model has long found rows not to pay. Alone, each ZipAR image's first row is such a step, so a single image is
         never made to probe."""
         index = self.rows.choose(options, streams, count, sequences, images, queued, others_wide)
         chosen = [index] * count
         if index == 0 and self._since_rows >= self.stale_after:
-            self._since_rows, chosen = 0, [len(options) - 1] * count
+            self._since_rows, chosen[0] = 0, len(options) - 1
         elif index > 0 and images > 1 and self._since_plain >= self.stale_after:
             self._since_plain, chosen[0] = 0, 0
         return chosen

@@ -321,7 +321,7 @@ def test_zipar_windows_chosen_at_admission_pay_alone_and_not_under_load():
     policy.rows = cost
     for _ in range(WidthPolicy.stale_after):
         policy.observe(StepShape(32), 6e-3)
-    assert policy.options(ZIPAR_W4, 2, 2, 32, 16) == [2, 2]  # no rows for a while: the group probes them
+    assert policy.options(ZIPAR_W4, 2, 2, 32, 16) == [2, 0]  # no rows for a while: one image probes them
     assert policy.options(ZIPAR_W4, 2, 1, 32, 16) == [0]
     for _ in range(WidthPolicy.stale_after):
         policy.observe(StepShape(2, 0, 2, 4, 300), 5e-3)
