@@ -273,8 +273,8 @@ class VisualARScheduler(Scheduler):
         of this one, the whole step as the engine's clients see it (vLLM's scheduling, the forward,
         the outputs' processing). Under load the work around the forward is a good part of a step
         on a small model (here 0.5 ms of a 4.4 ms raster step with 16 images), and a decoding that
-        takes fewer steps saves it: timed from the forward alone, rows and drafts were charged as
-        if it did not count."""
+        takes fewer steps saves it: timed from the forward alone, wider steps were charged as if it
+        did not count."""
         if self._last_step is not None:
             start, shape = self._last_step
             self._last_step = None
