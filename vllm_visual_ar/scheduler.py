@@ -272,7 +272,7 @@ class VisualARScheduler(Scheduler):
         """Give the cost models the last step's time: from the start of its `schedule` to the start
         of this one, the whole step as the engine's clients see it (vLLM's scheduling, the forward,
         the outputs' processing). Under load the work around the forward is a good part of a step
-        on a small model (here 0.5 ms of a 4.4 ms raster step with 16 images), and a decoding that
+        on a small model (here 0.5 ms of a 4.4 ms one-token step with 16 images), and a decoding that
         takes fewer steps saves it: timed from the forward alone, wider steps were charged as if it
         did not count."""
         if self._last_step is not None:
