@@ -4,7 +4,8 @@
 
 Rows: raster (and raster with coupled draws), exact SJD at windows 16/32/64 with horizontal drafts,
 the same with coupled draws (SCD) and with adaptive continuation (SJD-PAC's chain), SJD and coupled
-SJD at 16 and 64 with load-aware windows, ZipAR (pinned and load-aware), ZipAR x SJD (and its best
+SJD at 16 and 64 with load-aware windows, SJD with 3 candidates for each forward's first draft
+(SJD-PAC's draft tree, its first level), ZipAR (pinned and load-aware), ZipAR x SJD (and its best
 setting load-aware), and the lossy knobs (relaxed and group
 acceptance; ZipAR and ZipAR x SJD are not exact either). Columns: forwards per image, tokens
 per forward (= step compression against raster's one), images/s at each number of guided images
@@ -34,6 +35,10 @@ def configs() -> list[tuple[str, dict]]:
                  (f"SJD L={w} + continuation (SJD-PAC chain)", dict(sjd, continue_after_reject=True))]
     rows += [(f"{name}, load-aware", dict(decoding, load_aware=True)) for name, decoding in rows
              if decoding.get("window") in (16, 64) and not decoding.get("continue_after_reject")]
+    rows += [("SJD L=16 + 3 candidates (SJD-PAC tree, first level)",
+              dict(strategy="sjd", window=16, init="horizontal", draft_candidates=3)),
+             ("SJD L=32 + continuation + 3 candidates (SJD-PAC tree, first level)",
+              dict(strategy="sjd", window=32, init="horizontal", continue_after_reject=True, draft_candidates=3))]
     rows += [("ZipAR w=8 (lossy)", dict(strategy="zipar", window=8)),
              ("ZipAR w=4 (lossy)", dict(strategy="zipar", window=4)),
              ("ZipAR w=8 (lossy), load-aware", dict(strategy="zipar", window=8, load_aware=True)),

@@ -238,7 +238,7 @@ def generate_sjd(model: LlamaGenReference, label: int, window: int, guidance_sca
     with its true context, and the slots after it are overwritten.
 
     candidates > 1: a two-level draft tree, SJD-PAC's proactive drafting cut to its first level
-    (a measurement, not an engine strategy). The first draft, when it was sampled (carried with a
+    (the oracle for the engine's `draft_candidates`). The first draft, when it was sampled (carried with a
     real q), gets up to candidates - 1 siblings drawn from the same q without replacement
     (`sjd.draw_candidates`), fed at its position in cache slots past the image, each seeing the
     committed tokens and itself; the chain continues after the first draft only. The position is
@@ -247,8 +247,7 @@ def generate_sjd(model: LlamaGenReference, label: int, window: int, guidance_sca
     position's slot (SJD-PAC compacts the winning path's KV the same way); the chain's later
     samples are carried as plain SJD carries them (with `continued`, SJD-PAC's rule: the chain's
     drafts kept where they pass against this forward's targets, `sjd.continued_carry`)."""
-    from vllm_visual_ar.samplers.sjd import (Drafts, continued_carry, draw, draw_candidates, fill_drafts, verify,
-                                             verify_candidates)
+    from vllm_visual_ar.samplers.sjd import Drafts, draw_candidates, fill_drafts, verify, verify_with_siblings
 
     cfg = model.config
     device = next(model.parameters()).device
@@ -283,25 +282,9 @@ def generate_sjd(model: LlamaGenReference, label: int, window: int, guidance_sca
         if not siblings:
             committed, carried = verify(p, drafts, generator, continued=continued)
         else:
-            token, chosen = verify_candidates(p[0], drafts.tokens[:1] + siblings, drafts.q[0], generator)
-            if chosen == 0:  # the chain's own draft: verify the chain on from it
-                rest, carried = verify(p[1:k], Drafts(drafts.tokens[1:], drafts.q[1:]), generator,
-                                       continued=continued)
-                committed = [token] + rest
-            else:  # position 1 holds a sibling or a residual draw: the chain past it is carried
-                sibling = chosen is not None
-                committed = [token]
-                if sibling:  # the target its own output gives follows it
-                    committed.append(int(draw(p[k + chosen - 1][None], generator)[0]))
-                    model.copy_cache(int(sibling_slots[chosen - 1]), int(pos[1]))  # its entry, at its position
-                first = len(committed)  # positions first + 1 .. k are carried (targets p[first:k])
-                if continued and first < k - 1:  # as SJD-PAC: the chain's drafts kept where they pass
-                    later = torch.tensor(drafts.tokens[first:], device=device)
-                    u = torch.rand(len(later), generator=generator, device=device)
-                    tokens = continued_carry(p[first:k], later, drafts.q[first:].to(device), u, generator)
-                else:
-                    tokens = draw(p[first:k], generator)
-                carried = Drafts(tokens.tolist(), p[first:k])
+            committed, carried, sibling = verify_with_siblings(p[:k], p[k:], drafts, siblings, generator, continued)
+            if sibling is not None:  # its cache entry, at its position
+                model.copy_cache(int(sibling_slots[sibling]), int(pos[1]))
         forwards, verified, accepted = forwards + 1, verified + k - 1, accepted + len(committed) - 1
         codes += committed
     return ReferenceResult(torch.tensor([codes], device=device), forwards, time.perf_counter() - t0,

@@ -44,11 +44,15 @@ left) - 1` speculative-token slots; the runner half writes the image's drafts in
 drafts into both guidance streams), reads logits at every fed token, verifies the drafts against the
 guided, filtered, tempered targets and appends the committed tokens; vLLM rolls back the KV of the
 rest (`num_computed_tokens -= rejected`). The image's Jacobi state (carried drafts and the
-distributions they were drawn from) lives in the runner half between forwards.
+distributions they were drawn from) lives in the runner half between forwards. With
+`draft_candidates` K, K - 1 more slots carry siblings of the first draft (`verify_with_siblings`):
+the runner half feeds them at that draft's position under masked attention, and a forward that
+commits one makes the next feed it again at its position (its key/value was written in a sibling's
+slot), by a one-token rewind in the scheduler half.
 """
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -62,12 +66,22 @@ from vllm_visual_ar.samplers.strategy import (DRAW_ONLY, Footprint, RowPlan, Str
 
 INITS = ("random", "horizontal")
 DEFAULT_WINDOW = 16
+MAX_CANDIDATES = 8  # a forward's first draft and its siblings (SJD-PAC's default tree: 3 per level)
 
 
 def check_sjd_window(window) -> int:
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an integer >= 1 (SJD: tokens per forward, 1 = raster), got {window!r}")
     return window
+
+
+def check_candidates(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CANDIDATES:
+        raise ValueError(f"draft_candidates must be an integer in 1..{MAX_CANDIDATES} (candidates for each forward's "
+                         f"first draft; 1: the chain alone), got {value!r}")
+    return value
 
 
 def check_init(init) -> str:
@@ -316,6 +330,38 @@ def verify_candidates(p: torch.Tensor, candidates: list[int], q: torch.Tensor,
     return int(draw(p[None], generator)[0]), None
 
 
+def verify_with_siblings(p: torch.Tensor, siblings_p: torch.Tensor, drafts: Drafts, siblings: list[int],
+                         generator: torch.Generator | None, continued: bool = False
+                         ) -> tuple[list[int], Drafts, int | None]:
+    """A forward's verification when the first draft has sibling candidates (SJD-PAC's proactive
+    drafting cut to its first level; `draw_candidates`). p [k, V]: targets at the chain's k inputs
+    (x0 and k-1 drafts); siblings_p [len(siblings), V]: the targets each sibling's own query gives
+    (its successor's). The first position is verified by the multi-candidate rule
+    (`verify_candidates`) over the chain's draft and then the siblings. If the chain's draft wins,
+    the chain is verified on from it (`verify`); otherwise the position holds a sibling or a residual
+    draw, and an accepted sibling is followed by a draw from its own target. The chain's later
+    targets were computed past the losing draft, so they are carried as plain SJD carries the
+    positions after a rejection (with `continued`, SJD-PAC's rule: its drafts kept where they pass,
+    `continued_carry`). -> (committed tokens, carried drafts, index of the accepted sibling or None)."""
+    k = p.shape[0]
+    token, chosen = verify_candidates(p[0], drafts.tokens[:1] + siblings, drafts.q[0], generator)
+    if chosen == 0:  # the chain's own draft: verify the chain on from it
+        rest, carried = verify(p[1:k], Drafts(drafts.tokens[1:], drafts.q[1:]), generator, continued=continued)
+        return [token] + rest, carried, None
+    committed = [token]
+    sibling = None if chosen is None else chosen - 1
+    if sibling is not None:  # the target its own output gives follows it
+        committed.append(int(draw(siblings_p[sibling][None], generator)[0]))
+    first = len(committed)  # positions first + 1 .. k are carried (targets p[first:k])
+    if continued and first < k - 1:
+        later = torch.tensor(drafts.tokens[first:], device=p.device)
+        u = torch.rand(len(later), generator=generator, device=p.device)
+        tokens = continued_carry(p[first:k], later, drafts.q[first:].to(p.device), u, generator)
+    else:
+        tokens = draw(p[first:k], generator)
+    return committed, Drafts(tokens.tolist(), p[first:k]), sibling
+
+
 def verify_prefix(p: torch.Tensor, drafts: Drafts, upto: int, generator: torch.Generator | None,
                   continued: bool = False, group: tuple[torch.Tensor, float] | None = None
                   ) -> tuple[list[int], Drafts]:
@@ -365,6 +411,7 @@ class _Jacobi:
     current: Drafts | None = None
     first: int = 0  # output index of current's first draft
     carried_at: int = 0  # output index of carried's first draft
+    siblings: list[int] = field(default_factory=list)  # this forward's siblings of current's first draft
 
 
 class SJDRunner(StrategyRunner):
@@ -376,6 +423,7 @@ class SJDRunner(StrategyRunner):
         self.groups = GroupTables(self.model, self.device)
         self.coupled = CoupledTokens(self.device)
         self._single: set[int] = set()  # this forward's coupled rows that draw one token
+        self._refeeding: set[int] = set()  # this forward's sampling rows that committed a sibling
 
     @staticmethod
     def _space(layout) -> int:
@@ -391,9 +439,10 @@ class SJDRunner(StrategyRunner):
         return bool(info.decoding.coupled)
 
     def prepare(self, step, rows):
-        """Each image's drafts (carried Jacobi tail, then initialised), written into both streams."""
+        """Each image's drafts (carried Jacobi tail, then initialised), written into both streams;
+        with `draft_candidates`, the first draft's siblings after them (`_siblings_plan`)."""
         images: dict[str, list[int]] = {}
-        plans, self._leads, self._single = {}, {}, set()
+        plans, self._leads, self._single, self._refeeding = {}, {}, set(), set()
         # as lists: asked of every row in every step (under load, mostly rows at width 1)
         fed = np.diff(step.query_start).tolist()
         past_prompt = (step.computed >= step.prompt_lens).tolist()
@@ -406,29 +455,63 @@ class SJDRunner(StrategyRunner):
         for image_id, streams in images.items():
             streams.sort(key=lambda r: step.info(r).role == "uncond")
             lead = streams[0]
-            layout = self.layout_of(step.info(lead))
+            info = step.info(lead)
+            layout = self.layout_of(info)
             codes, space = layout.codebook_size, self._space(layout)
             state = self.images.setdefault(image_id, _Jacobi(Drafts.empty(space)))
             history = step.state(lead).output_token_ids
             start, end = step.fed(lead)
+            # 1 where the forward first feeds again the sibling the last one committed (its key/value
+            # was computed in a sibling's slot; the scheduler half rewound vLLM's count over it)
+            refeed = int(step.prompt_lens[lead]) + len(history) - 1 - int(step.computed[lead])
+            n = end - start - refeed  # x0, the chain's drafts and the siblings' slots
+            extra = (info.decoding.draft_candidates or 1) - 1 if n > 1 else 0
             last = history[-1] - layout.code_ids.start
             state.first = len(history)
             if (behind := state.first - state.carried_at) > 0:
                 # Steps at width 1 (load-aware) committed tokens by vLLM's own path since the carry
                 # was made: its drafts for those positions are spent, the rest still line up.
                 state.carried = Drafts(state.carried.tokens[behind:], state.carried.q[behind:])
-            state.current = fill_drafts(state.carried, end - start - 1, step.info(lead).decoding.init, space,
+            state.current = fill_drafts(state.carried, n - extra - 1, info.decoding.init, space,
                                         last if 0 <= last < codes else codes, len(history), layout.row_stride,
                                         step.generator(lead), self.device, codes,
                                         lambda position: layout.forced(position) is not None,
-                                        self.coupled.seed(step, lead) if step.info(lead).decoding.coupled else None)
+                                        self.coupled.seed(step, lead) if info.decoding.coupled else None)
             tokens = [self._token(layout, d, state.first + i) for i, d in enumerate(state.current.tokens)]
+            plan = RowPlan(range(refeed, end - start), slot_tokens=tokens)
+            state.siblings = []
+            if extra:
+                plan = self._siblings_plan(step, lead, state, layout, refeed, n - extra, extra, tokens)
             for row in streams:
                 if step.fed(row)[1] - step.fed(row)[0] != end - start:
                     raise RuntimeError(f"SJD image {image_id}: its streams got different numbers of draft slots")
-                plans[row] = RowPlan(range(end - start), slot_tokens=tokens)
+                plans[row] = plan
             self._leads[lead] = image_id
         return plans
+
+    def _siblings_plan(self, step, lead, state, layout, refeed, chain, extra, tokens) -> RowPlan:
+        """The forward of an image with `draft_candidates`: [the sibling fed again, if any] x0, the
+        chain's drafts, then `extra` slots for the first draft's siblings (`draw_candidates`; none
+        where that draft was initialised, not sampled: its q is one-hot). A sibling sits at the first
+        draft's position and sees the committed tokens, x0 and itself, never the chain (masked
+        attention); slots no sibling fills repeat the first draft and are not read."""
+        state.siblings = draw_candidates(state.current.q[0], state.current.tokens[0], extra + 1, step.generator(lead))
+        pad = state.siblings + [state.current.tokens[0]] * (extra - len(state.siblings))
+        computed = int(step.computed[lead])
+        x0 = computed + refeed  # x0's index in the request's sequence
+        positions = [*range(computed, x0 + chain), *[x0 + 1] * extra]
+        visible = None
+        if state.siblings:
+            first_sibling = x0 + chain
+
+            def visible(q, kv):
+                seen = kv[None, :] <= q[:, None]
+                siblings = q >= first_sibling
+                seen[siblings] = (kv[None, :] <= x0) | (kv[None, :] == q[siblings][:, None])
+                return seen
+
+        return RowPlan(range(refeed, refeed + chain + extra), positions=positions, visible=visible,
+                       slot_tokens=tokens + [self._token(layout, d, state.first) for d in pad])
 
     def emit(self, step, rows, logits, at):
         """Verify each image's drafts against its (guided) targets; carry the Jacobi tail."""
@@ -441,13 +524,14 @@ class SJDRunner(StrategyRunner):
             layout = self.layout_of(step.info(row))
             state = self.images[self._leads[row]]
             p = target_probs(logits[at[row]], params.temperature, max(params.top_k or 0, 0), params.top_p)
+            k = len(state.current.tokens) + 1  # the chain's targets; the siblings' follow
             space = self._space(layout)
             if space > p.shape[1]:
                 # Targets at placed positions: all mass on K (position first + k is predicted by input k).
                 p = torch.nn.functional.pad(p, (0, space - p.shape[1]))
-                for k in range(p.shape[0]):
-                    if layout.forced(state.first + k) is not None:
-                        p[k].zero_()[layout.codebook_size] = 1.0
+                for i in range(k):
+                    if layout.forced(state.first + i) is not None:
+                        p[i].zero_()[layout.codebook_size] = 1.0
             decoding = step.info(row).decoding
             relaxed = None if decoding.relaxed_delta is None else (
                 self._latent_neighbours(decoding.relaxed_neighbours), decoding.relaxed_delta)
@@ -457,12 +541,22 @@ class SJDRunner(StrategyRunner):
                 drawn = coupled_draw(p, [self.coupled.seed(step, row)] * len(positions), positions,
                                      layout.codebook_size)
                 committed, state.carried = verify_coupled(p, state.current, drawn)
+            elif state.siblings:
+                committed, state.carried, sibling = verify_with_siblings(
+                    p[:k], p[k:], state.current, state.siblings, step.generator(row),
+                    continued=bool(decoding.continue_after_reject))
+                if sibling is not None:  # its key/value sits in its own slot: the next forward feeds it again
+                    self._refeeding.add(row)
             else:
-                committed, state.carried = verify(p, state.current, step.generator(row), relaxed,
+                committed, state.carried = verify(p[:k], state.current, step.generator(row), relaxed,
                                                   continued=bool(decoding.continue_after_reject), group=group)
             state.carried_at = state.first + len(committed)
             out[row] = [self._token(layout, d, state.first + i) for i, d in enumerate(committed)]
         return out
+
+    def report(self, step, row):
+        """True where the forward committed a sibling (`SJD.runner_report`)."""
+        return True if row in self._refeeding else None
 
     def forget(self, req_id, info):
         if info is not None:
@@ -494,7 +588,7 @@ _FADE = 0.95  # the weight a forward's yield evidence keeps per later forward (a
 
 class SJD(Strategy):
     fields = ("window", "init", "relaxed_delta", "relaxed_neighbours", "coupled", "continue_after_reject",
-              "load_aware", "group_acceptance")
+              "load_aware", "group_acceptance", "draft_candidates")
     runner = SJDRunner
     uses_spec_slots = True
 
@@ -513,7 +607,12 @@ class SJD(Strategy):
         if continued and coupled:
             raise ValueError("continue_after_reject and coupled are two ways of keeping the drafts after a "
                              "rejection: choose one")
-        return {"load_aware": check_flag(decoding.load_aware, "load_aware"),
+        load_aware = check_flag(decoding.load_aware, "load_aware")
+        candidates = check_candidates(decoding.draft_candidates)
+        if candidates is not None and candidates > 1 and (coupled or delta is not None or grouped or load_aware):
+            raise ValueError("draft_candidates applies to SJD's own test (with or without continue_after_reject), "
+                             "not with coupled, relaxed_delta, group_acceptance or load_aware")
+        return {"load_aware": load_aware, "draft_candidates": candidates,
                 "window": check_sjd_window(DEFAULT_WINDOW if decoding.window is None else decoding.window),
                 "init": check_init("random" if decoding.init is None else decoding.init),
                 "relaxed_delta": delta, "relaxed_neighbours": neighbours, "coupled": coupled,
@@ -536,13 +635,24 @@ class SJD(Strategy):
         if decoding.relaxed_delta is not None and not isinstance(getattr(config, "vq", None), dict):
             # The latent neighbours come from a LlamaGen folder's VQ codebook (`_latent_neighbours`).
             return "relaxed acceptance (relaxed_delta) needs a LlamaGen model's VQ codebook; this model has none"
+        layout = image_layout(config)
+        if (decoding.draft_candidates or 1) > 1 and (layout.row_end is not None or layout.image_end):
+            # the engine's siblings are checked against LlamaGen's reference loop only
+            return ("draft_candidates applies to models whose images hold no placed tokens (LlamaGen); this "
+                    "model's rows end with a token the engine places")
         return None
 
     @classmethod
     def draft_stats(cls, decoding, image_tokens, done, committed, width=None):
         return forward_drafts(width or decoding.window, image_tokens, done, committed)
 
+    @property
+    def _siblings(self) -> int:
+        """Slots for the first draft's siblings in a forward that has drafts."""
+        return (self.decoding.draft_candidates or 1) - 1
+
     def start(self, request):
+        self._refeed = False  # the last forward committed a sibling (`runner_report`)
         self._seen = (0, 0)  # (output tokens, width) of the step being run
         self._accepted, self._log_widths = 0, 0.0  # drafts accepted, and the sum of ln(width) of their forwards
         return whole_image_problem(self.layout, request, self.decoding.strategy)
@@ -584,18 +694,27 @@ class SJD(Strategy):
         window = min(self.decoding.window, output_tokens)  # a longer window verifies no more than the image
         # A load-aware image reserves width 2 of the step budget; the scheduler fits wider steps into
         # what is spare (`load.cap_to_budget`). Its KV look-ahead is the whole window.
-        return Footprint(output_tokens, min(window, 2) if self.decoding.load_aware else window, window)
+        # Siblings add their slots, and a forward after one was committed feeds it again.
+        widest = min(window, 2) if self.decoding.load_aware else window + (self._siblings + 1 if self._siblings else 0)
+        return Footprint(output_tokens, widest, window + self._siblings)
 
     def before_step(self, request, width=None):
         """Draft slots for the forward, once past the prompt: the runner half fills them; `width`
         (the load-aware policy's) narrows the window for this step. The scheduler asks only one
         stream of a pair for its `width_choice`: the other counts the last step's yield here."""
         self._observe(request)
+        if self._refeed:  # a committed sibling's key/value is in its own slot: feed it again, at its position
+            request.num_computed_tokens -= 1
+            self._refeed = False
         if request.num_computed_tokens >= request.num_prompt_tokens:
             outputs = request.num_output_tokens
             slots = draft_slots(width or self.decoding.window, request.max_tokens - outputs)
-            request.spec_token_ids = [0] * slots
+            request.spec_token_ids = [0] * (slots + (self._siblings if slots else 0))
             self._seen = (outputs, slots + 1)
+
+    def runner_report(self, request, report):
+        """The runner half committed a sibling of the first draft (`SJDRunner.report`)."""
+        self._refeed = bool(report)
 
     def step_width(self, request):
         """The tokens per stream the step just run fed: the window (the policy's, when load-aware),

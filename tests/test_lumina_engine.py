@@ -328,6 +328,7 @@ def test_sampled_sjd_follows_the_exact_distribution(enumerable_lumina, decoding)
     (dict(prompts=["a cat"], strategy="zipar", window=1), "window must be >= 2"),
     (dict(prompts=["a cat"], strategy="zipar_sjd", window=1), "window must be >= 2"),
     (dict(prompts=["a cat"], strategy="sjd", relaxed_delta=0.1), "relaxed"),
+    (dict(prompts=["a cat"], strategy="sjd", draft_candidates=3), "draft_candidates applies to models whose"),
     (dict(prompts=["cat " * 2000]), "max_model_len|longer"),
 ])
 def test_bad_text_to_image_input(lumina_generator, kwargs, match):

@@ -71,7 +71,8 @@ def test_health_models_and_metrics(server):
         assert generate(server, prompt="1", **decoding).status_code == 200
         assert metric(server, "vllm_visual_ar:image_forward_passes_count", strategy=decoding["strategy"]) == before + 1
     for decoding in (dict(strategy="sjd", window=8), dict(strategy="zipar_sjd", window=4, sjd_window=8),
-                     dict(strategy="sjd", window=8, group_acceptance=True)):
+                     dict(strategy="sjd", window=8, group_acceptance=True),
+                     dict(strategy="sjd", window=8, draft_candidates=3)):
         drafts = metric(server, "vllm_visual_ar:sjd_draft_tokens_total")
         assert generate(server, prompt="1", **decoding).status_code == 200
         assert metric(server, "vllm_visual_ar:sjd_draft_tokens_total") > drafts, decoding
@@ -141,6 +142,9 @@ BAD = [
     ({"prompt": "3", "sjd_window": 4}, "sjd_window"),
     ({"prompt": "3", "group_acceptance": True}, "group_acceptance"),
     ({"prompt": "3", "strategy": "sjd", "group_acceptance": True, "relaxed_delta": 0.1}, "group_acceptance"),
+    ({"prompt": "3", "strategy": "sjd", "draft_candidates": 9}, "draft_candidates"),
+    ({"prompt": "3", "draft_candidates": 2}, "draft_candidates"),
+    ({"prompt": "3", "strategy": "sjd", "draft_candidates": 2, "load_aware": True}, "draft_candidates"),
     ({"prompt": "3", "guidance_scale": -1}, "guidance_scale"),
     ({"prompt": "3", "guidance_scale": "high"}, "guidance_scale"), ({"prompt": "3", "seed": -1}, "seed"),
     ({"prompt": "3", "seed": "abc"}, "seed"), ({"prompt": "3", "temperature": -0.5}, "temperature"),
@@ -181,7 +185,7 @@ def test_openapi_shows_the_images_request(server):
         "prompt", "model", "n", "size", "response_format", "output_format", "stream", "partial_images", "user",
         "extra_params", "seed", "guidance_scale", "temperature", "top_k", "top_p", "strategy", "window", "init",
         "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled", "continue_after_reject", "load_aware",
-        "sjd_window", "group_acceptance", "negative_prompt", "timeout"}
+        "sjd_window", "group_acceptance", "draft_candidates", "negative_prompt", "timeout"}
     assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
     assert {t["type"] for t in fields["prompt"]["anyOf"]} == {"string", "integer"}
     assert fields["n"]["type"] == "integer" and (fields["n"]["default"], fields["n"]["minimum"],

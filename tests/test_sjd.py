@@ -216,6 +216,55 @@ def test_greedy_sjd_with_continuation_equals_greedy_raster(tiny_generator, tiny_
     assert all(im.stats.forward_passes <= im.stats.tokens for im in images)
 
 
+@pytest.mark.parametrize("guidance_scale,continued", [(3.0, False), (1.0, True)])
+def test_forced_siblings_in_the_engine_equal_the_reference_loop(tiny_generator, tiny_model, monkeypatch,
+                                                                guidance_scale, continued):
+    """Siblings of the first draft, forced at every forward that has drafts and always accepted: each
+    such forward commits a sibling and the token its own query gives, so that token shows the
+    sibling's position, its attention (the committed tokens, x0 and itself, not the chain) and its
+    key/value, which the next forward feeds again. Under greedy targets the engine must then give
+    the reference loop's codes and forward count, alone and beside raster and ZipAR images."""
+    import vllm_visual_ar.samplers.sjd as sjd
+
+    _, ref = tiny_model
+    cfg, engine, scheduler = tiny_generator.config, tiny_generator.llm.llm_engine, scheduler_of(tiny_generator)
+    monkeypatch.setattr(sjd, "draw_candidates", lambda q, first, count, g: [(first + 1) % cfg.codebook_size])
+    monkeypatch.setattr(sjd, "verify_candidates", lambda p, candidates, q, g: (candidates[1], 1))
+    decoding = dict(strategy="sjd", window=4, init="horizontal", draft_candidates=2, continue_after_reject=continued)
+    expected = [reference_sjd(ref, c, 4, guidance_scale=guidance_scale, candidates=2, continued=continued, **GREEDY)
+                for c in (3, 6)]
+    images = tiny_generator.generate([3, 6], guidance_scale=guidance_scale, **decoding, **GREEDY)
+    for image, want in zip(images, expected):
+        assert torch.equal(image.codes.flatten(), want.codes[0])
+        assert image.stats.forward_passes == want.forward_passes
+    raster = reference_raster(ref, [3], guidance_scale=guidance_scale, **GREEDY).codes[0]
+    assert not torch.equal(expected[0].codes[0], raster)  # the forcing shows
+    idle_free = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    plan = [(0, 3, Decoding("sjd", 4, "horizontal", draft_candidates=2, continue_after_reject=continued or None)),
+            (0, 3, Decoding()), (2, 5, Decoding("zipar", 2)),
+            (3, 6, Decoding("sjd", 4, "horizontal", draft_candidates=2, continue_after_reject=continued or None))]
+    submit_at: dict[int, list] = {}
+    for i, (step, c, decoding) in enumerate(plan):
+        reqs = image_requests(cfg, c, SamplingSettings(guidance_scale=guidance_scale, **GREEDY), image_id=f"sib{i}",
+                              decoding=decoding)
+        submit_at.setdefault(step, []).extend((f"sib{i}-{j}", prompt, sp) for j, (prompt, sp) in enumerate(reqs))
+    done = step_until_done(engine, submit_at)
+    wanted = [expected[0].codes[0], raster,
+              reference_zipar(ref, [5], 2, guidance_scale=guidance_scale, **GREEDY).codes[0], expected[1].codes[0]]
+    for i, want in enumerate(wanted):
+        assert torch.equal(torch.tensor(done[f"sib{i}-0"].token_ids), want), i
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == idle_free
+
+
+def test_greedy_sjd_with_unforced_siblings_equals_greedy_raster(tiny_generator, tiny_model):
+    """Greedy carried drafts are one-hot, so no sibling is drawn: the sibling slots are fed and not read."""
+    _, ref = tiny_model
+    images = tiny_generator.generate([2, 9], guidance_scale=3.0, strategy="sjd", window=8, draft_candidates=3,
+                                     **GREEDY)
+    expected = reference_raster(ref, [2, 9], guidance_scale=3.0, **GREEDY).codes
+    assert torch.equal(torch.stack([im.codes.flatten() for im in images]), expected)
+
+
 def test_every_forward_commits_between_one_and_window_tokens(tiny_generator):
     from vllm.sampling_params import RequestOutputKind
 
@@ -288,9 +337,12 @@ def test_sampled_sjd_is_reproducible_by_seed_in_any_batch(tiny_generator):
 
 @pytest.mark.parametrize("kwargs", [dict(window=0), dict(window=-2), dict(window=1.5), dict(window="4"),
                                     dict(init="vertical"), dict(window=4, init=3), dict(continue_after_reject="yes"),
-                                    dict(continue_after_reject=True, coupled=True)])
+                                    dict(continue_after_reject=True, coupled=True), dict(draft_candidates=0),
+                                    dict(draft_candidates=9), dict(draft_candidates=2.0),
+                                    dict(draft_candidates=2, coupled=True), dict(draft_candidates=3, load_aware=True),
+                                    dict(draft_candidates=2, group_acceptance=True)])
 def test_bad_sjd_arguments_are_value_errors(tiny_generator, kwargs):
-    with pytest.raises(ValueError, match="window|init|continue_after_reject"):
+    with pytest.raises(ValueError, match="window|init|continue_after_reject|draft_candidates"):
         tiny_generator.generate([1], strategy="sjd", **kwargs)
 
 
@@ -318,10 +370,12 @@ def test_bad_sjd_requests_finish_with_an_error(tiny_generator, case):
 @pytest.mark.parametrize("decoding", [
     dict(strategy="sjd", window=3), dict(strategy="sjd", window=4, init="horizontal"),
     dict(strategy="sjd", window=4, continue_after_reject=True), dict(strategy="sjd", window=4, load_aware=True),
+    dict(strategy="sjd", window=3, draft_candidates=3),
+    dict(strategy="sjd", window=4, continue_after_reject=True, draft_candidates=2),
     dict(coupled=True), dict(strategy="zipar_sjd", window=1, sjd_window=2, init="random"), dict()])
 def test_engine_samples_follow_the_exact_distribution(enumerable_model, decoding):
-    """Every exact decoding through the engine (SJD, its continuation, load-aware windows, coupled
-    draws), raster sampling as the control: 3,000 images each. Coupled SJD is coupled raster's image
+    """Every exact decoding through the engine (SJD, its continuation, load-aware windows, siblings of
+    the first draft, coupled draws), raster sampling as the control: 3,000 images each. Coupled SJD is coupled raster's image
     token for token (`test_coupling.py`), so coupled raster's case covers it. ZipAR x SJD is exact on
     a 2-row image: row 1 starts once row 0 is complete, so its rows are SJD windows in raster order."""
     gen, ref = enumerable_model

@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--continue-after-reject", action="store_true",
                    help="SJD, zipar_sjd: keep verifying the drafts after a rejection (SJD-PAC's adaptive "
                         "continuation)")
+    g.add_argument("--draft-candidates", type=int, default=None,
+                   help="SJD: candidates for each forward's first draft, its siblings fed beside the chain "
+                        "(SJD-PAC's draft tree, first level; exact; default 1)")
     g.add_argument("--load-aware", action="store_true",
                    help="SJD: the scheduler narrows each step's window under load; ZipAR: it picks the window "
                         "(up to raster order) when it admits the image; zipar_sjd: it may run the image as "

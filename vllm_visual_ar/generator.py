@@ -114,7 +114,8 @@ class ImageGenerator:
                  timeout: float | None = None, prompts: list[str] | str | None = None,
                  negative_prompt: str | None = None, size=None, coupled: bool | None = None,
                  continue_after_reject: bool | None = None, load_aware: bool | None = None,
-                 sjd_window: int | None = None, group_acceptance: bool | None = None) -> list[GeneratedImage]:
+                 sjd_window: int | None = None, group_acceptance: bool | None = None,
+                 draft_candidates: int | None = None) -> list[GeneratedImage]:
         """n images per class (class-conditional models) or per prompt (text-to-image models:
         `prompts`, an optional `negative_prompt` for the unconditional stream, `size` as "WxH" or
         (width, height) among the model's sizes), in order. Image i of the call uses seed + i, so a seed
@@ -128,7 +129,9 @@ class ImageGenerator:
         `coupled` (raster, "sjd") draws each token from noise fixed per (seed, position)
         (`samplers/coupling.py`): a seed then gives the same image in raster order and with SJD.
         `continue_after_reject` (SJD): SJD-PAC's adaptive continuation, the drafts after a rejection kept
-        where they still fit (`samplers/sjd.py::verify`). `load_aware` (SJD, opt-in): the window is a
+        where they still fit (`samplers/sjd.py::verify`). `draft_candidates` K (SJD, exact): the first
+        draft of each forward has K - 1 siblings fed beside the chain (SJD-PAC's draft tree, first
+        level; `samplers/sjd.py::verify_with_siblings`). `load_aware` (SJD, opt-in): the window is a
         ceiling that the scheduler narrows step by step when extra tokens would cost throughput
         (`samplers/load.py`); an uncoupled SJD image then depends on the load, a coupled one does not.
         With ZipAR the window is the most parallel one the scheduler may pick when it admits the image
@@ -145,7 +148,8 @@ class ImageGenerator:
         size = self.family.size(self.config, parse_size(size))
         options = dict(window=window, init=init, relaxed_delta=relaxed_delta, relaxed_neighbours=relaxed_neighbours,
                        draft_steps=draft_steps, coupled=coupled, continue_after_reject=continue_after_reject,
-                       load_aware=load_aware, sjd_window=sjd_window, group_acceptance=group_acceptance)
+                       load_aware=load_aware, sjd_window=sjd_window, group_acceptance=group_acceptance,
+                       draft_candidates=draft_candidates)
         items, settings, decoding = check_generate_args(self.config, classes, n, seed, guidance_scale, temperature,
                                                         top_k, top_p, strategy, prompts, size, **options)
         if timeout is not None:

@@ -78,7 +78,9 @@ class Decoding:
     before every step). "zipar_sjd"
     (`samplers/zipar_sjd.py`): ZipAR's rows (`window`), each verifying up to `sjd_window` tokens per
     forward with SJD's rule (default 8, init "horizontal"). `group_acceptance` (SJD; not exact): GSD's
-    grouped test of each draft (`samplers/sjd.py::group_ratio`)."""
+    grouped test of each draft (`samplers/sjd.py::group_ratio`). `draft_candidates` (SJD, exact): K
+    candidates for the first draft of each forward, its K - 1 siblings fed beside the chain (SJD-PAC's
+    draft tree, first level; `samplers/sjd.py::verify_with_siblings`)."""
     strategy: str = "raster"
     window: int | None = None
     init: str | None = None
@@ -90,6 +92,7 @@ class Decoding:
     load_aware: bool | None = None
     sjd_window: int | None = None
     group_acceptance: bool | None = None
+    draft_candidates: int | None = None
 
     def __post_init__(self):
         from vllm_visual_ar.samplers import strategy_class, strategy_names
@@ -122,7 +125,7 @@ class Decoding:
 
 
 DECODING_OPTIONS = ("window", "init", "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled",
-                    "continue_after_reject", "load_aware", "sjd_window", "group_acceptance")
+                    "continue_after_reject", "load_aware", "sjd_window", "group_acceptance", "draft_candidates")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ shown in the server's /docs and /openapi.json; unknown fields are a 400):
      "group_acceptance": true,                           # SJD: GSD's group acceptance (not exact)
      "coupled": true,                                    # raster, SJD: noise fixed per (seed, position)
      "continue_after_reject": true,                      # SJD: SJD-PAC's adaptive continuation
+     "draft_candidates": 3,                              # SJD: candidates for each forward's first draft (exact)
      "load_aware": true,                                 # SJD, ZipAR, ZipAR x SJD: the scheduler narrows the window under load
      "strategy": "code", "draft_steps": 2,               # VAR models with a CoDe refiner
      "extra_params": {...any of the fields above...},   # vllm-omni style; wins over top level
@@ -108,6 +109,10 @@ class DecodingFields(BaseModel):
     group_acceptance: bool | None = Field(None, description="sjd: GSD's group acceptance (not exact): a draft "
                                                             "is tested with the target mass of the codes ranked, "
                                                             "weighted and embedded near it (default false).")
+    draft_candidates: int | None = Field(None, description="sjd: candidates for the first draft of each forward, "
+                                                           "in 1..8: its siblings are fed beside the chain and "
+                                                           "verified by the multi-candidate rule (SJD-PAC's draft "
+                                                           "tree, first level; exact). Default 1.")
     draft_steps: int | None = Field(None, description="code: the scales the drafter decodes, before the refiner.")
     coupled: bool | None = Field(None, description="raster, sjd: draw each token from noise fixed per (seed, "
                                                    "position), so that a seed gives the same image in raster "
@@ -319,7 +324,7 @@ def parse_images_request(body, config) -> ImagesJob:
     if problem := per_scale_problem(settings.per_scale, getattr(config, "num_scales", None)):
         raise BadRequest(problem, next(iter(sorted(settings.per_scale))))
     names = ("strategy", "init", "window", "relaxed_delta", "relaxed_neighbours", "draft_steps", "coupled",
-             "continue_after_reject", "load_aware", "sjd_window", "group_acceptance")
+             "continue_after_reject", "load_aware", "sjd_window", "group_acceptance", "draft_candidates")
     try:
         decoding = Decoding(request.strategy, **{name: getattr(request, name)
                                                  for name in DECODING_OPTIONS}).fitted(config, size)
