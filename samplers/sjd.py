@@ -465,7 +465,9 @@ class SJDRunner(StrategyRunner):
             # was computed in a sibling's slot; the scheduler half rewound vLLM's count over it)
             refeed = int(step.prompt_lens[lead]) + len(history) - 1 - int(step.computed[lead])
             n = end - start - refeed  # x0, the chain's drafts and the siblings' slots
-            extra = (info.decoding.draft_candidates or 1) - 1 if n > 1 else 0
+            # the siblings' slots follow the window's drafts (vLLM cuts spec slots past max_model_len
+            # from the end: siblings first)
+            extra = n - 1 - min(n - 1, draft_slots(info.decoding.window, layout.num_tokens - len(history)))
             last = history[-1] - layout.code_ids.start
             state.first = len(history)
             if (behind := state.first - state.carried_at) > 0:

@@ -20,6 +20,7 @@ LLAMAGEN = [dict(classes=[1, 7], guidance_scale=3.0, **sampling, **decoding) for
     (dict(strategy="sjd", window=4, init="horizontal"), SAMPLED),
     (dict(strategy="sjd", window=4, init="horizontal", continue_after_reject=True), GREEDY),
     (dict(strategy="sjd", window=6, coupled=True), SAMPLED),
+    (dict(strategy="sjd", window=6, init="horizontal", draft_candidates=3), SAMPLED),
     (dict(strategy="zipar_sjd", window=2, sjd_window=4), GREEDY),
     (dict(strategy="zipar_sjd", window=2, sjd_window=4), SAMPLED)]]
 # Lumina-mGPT's attention splits its per-head query/key norms over the ranks (`chameleon.py`).
