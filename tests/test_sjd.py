@@ -321,14 +321,17 @@ def test_abort_mid_image_frees_the_pair(tiny_generator):
     assert not scheduler.requests and scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == idle_free
 
 
-def test_sampled_sjd_is_reproducible_by_seed_in_any_batch(tiny_generator):
-    sampling = dict(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9, strategy="sjd", window=6)
+@pytest.mark.parametrize("candidates", [None, 3])
+def test_sampled_sjd_is_reproducible_by_seed_in_any_batch(tiny_generator, candidates):
+    """Plain, and with siblings of the first draft (drawn from the image's own generator)."""
+    sampling = dict(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9, strategy="sjd", window=6,
+                    draft_candidates=candidates)
     alone = tiny_generator.generate([3], seed=31, **sampling)[0].codes
     batch = tiny_generator.generate([1, 3, 5], seed=30, **sampling)
     assert torch.equal(alone, batch[1].codes)
     cfg = tiny_generator.config
     settings = SamplingSettings(guidance_scale=3.0, temperature=1.0, top_k=20, top_p=0.9)
-    reqs = image_requests(cfg, 3, settings, seed=31, decoding=Decoding("sjd", 6))
+    reqs = image_requests(cfg, 3, settings, seed=31, decoding=Decoding("sjd", 6, draft_candidates=candidates))
     reqs += image_requests(cfg, 4, settings, seed=5) + image_requests(cfg, 6, settings, seed=6,
                                                                       decoding=Decoding("zipar", 3))
     outs = tiny_generator.llm.generate([p for p, _ in reqs], [sp for _, sp in reqs], use_tqdm=False)

@@ -212,7 +212,7 @@ def test_group_acceptance_accepts_more_and_is_exact_zipar_sjd_under_greedy_targe
 
 
 def test_every_strategy_shares_a_batch(tiny_generator, tiny_model):
-    """Continuous batching: zipar_sjd beside raster, zipar and sjd, guided and not, arriving at
+    """Continuous batching: zipar_sjd beside raster, zipar and sjd (one with sibling slots), guided and not, arriving at
     different steps (one pair's halves 2 steps apart), more images than fit; every image equals its
     reference run alone and the KV cache is back to idle afterwards."""
     _, ref = tiny_model
@@ -221,7 +221,7 @@ def test_every_strategy_shares_a_batch(tiny_generator, tiny_model):
     plan = [(0, 1, 3.0, Decoding("zipar_sjd", 2, sjd_window=4)), (0, 2, 3.0, Decoding("sjd", 6)),
             (0, 3, 1.0, Decoding("zipar_sjd", 3, sjd_window=8)), (3, 4, 2.0, Decoding("zipar", 2)),
             (3, 5, 1.0, Decoding()), (7, 6, 3.0, Decoding("zipar_sjd", 1, sjd_window=2)),
-            (12, 8, 2.0, Decoding("zipar_sjd", 8, sjd_window=3))]
+            (12, 8, 2.0, Decoding("zipar_sjd", 8, sjd_window=3)), (12, 9, 2.0, Decoding("sjd", 5, draft_candidates=3))]
     submit_at: dict[int, list] = {}
     for i, (step, c, s, decoding) in enumerate(plan):
         reqs = image_requests(cfg, c, SamplingSettings(guidance_scale=s, **GREEDY), image_id=f"zs{i}",
