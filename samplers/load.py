@@ -243,8 +243,8 @@ class WidthPolicy:
         since the model's evidence of one side was taken. One image probes, not the group: the group's
         probe costs what its option costs at that load (64 images given ZipAR w=8's rows ran a wave
         at 0.61x raster), one image's about the masked path's set-up for the step (0.87x at 16 in
-        flight with ZipAR w=4), and a probe is due where the model has long found rows not to pay. Alone, each ZipAR image's first row is such a step, so a single image is
-        never made to probe."""
+        flight with ZipAR w=4), and a probe is due where the model has long found rows not to pay.
+        Alone, each ZipAR image's first row is such a step, so a single image is never made to probe."""
         index = self.rows.choose(options, streams, count, sequences, images, queued, others_wide)
         chosen = [index] * count
         if index == 0 and self._since_rows >= self.stale_after:

@@ -275,11 +275,21 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
     resampled = int(residual_draw(p[j - 1: j], q[j - 1: j], generator)[0])
     # Jacobi: positions j+1 .. K were predicted from the rejected prefix; fresh samples of their
     # targets carry over (drawn only where they are used: the noise is most of verification's cost).
-    if continued and j < k - 1:  # drafts d_{j+1} .. d_{K-1} exist: keep those that pass
-        carried = continued_carry(p[j:], tokens[j:], q[j:], u[j: k - 1], generator)
-    else:
-        carried = draw(p[j:], generator)
+    carried = carry_past(p[j:], tokens[j:], q[j:], generator, continued, u[j: k - 1])
     return drafts.tokens[: j - 1] + [resampled], Drafts(carried.tolist(), p[j:])
+
+
+def carry_past(p: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None,
+               continued: bool, u: torch.Tensor | None = None) -> torch.Tensor:
+    """The next window's drafts for the positions past a forward's committed tokens: p [n + 1, V]
+    their targets from this forward, tokens [n] / q [n, V] the drafts that stood there; fresh samples
+    of the targets (SJD), or with `continued` the old drafts kept where they pass
+    (`continued_carry`, u [n] their uniforms, drawn here if not given)."""
+    if continued and len(tokens):  # drafts stood past the committed ones: keep those that pass
+        if u is None:
+            u = torch.rand(len(tokens), generator=generator, device=p.device)
+        return continued_carry(p, tokens, q, u, generator)
+    return draw(p, generator)
 
 
 def continued_carry(p: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor, u: torch.Tensor,
@@ -353,12 +363,8 @@ def verify_with_siblings(p: torch.Tensor, siblings_p: torch.Tensor, drafts: Draf
     if sibling is not None:  # the target its own output gives follows it
         committed.append(int(draw(siblings_p[sibling][None], generator)[0]))
     first = len(committed)  # positions first + 1 .. k are carried (targets p[first:k])
-    if continued and first < k - 1:
-        later = torch.tensor(drafts.tokens[first:], device=p.device)
-        u = torch.rand(len(later), generator=generator, device=p.device)
-        tokens = continued_carry(p[first:k], later, drafts.q[first:].to(p.device), u, generator)
-    else:
-        tokens = draw(p[first:k], generator)
+    later = torch.tensor(drafts.tokens[first:], dtype=torch.long, device=p.device)
+    tokens = carry_past(p[first:k], later, drafts.q[first:].to(p.device), generator, continued)
     return committed, Drafts(tokens.tolist(), p[first:k]), sibling
 
 
@@ -480,10 +486,9 @@ class SJDRunner(StrategyRunner):
                                         lambda position: layout.forced(position) is not None,
                                         self.coupled.seed(step, lead) if info.decoding.coupled else None)
             tokens = [self._token(layout, d, state.first + i) for i, d in enumerate(state.current.tokens)]
-            plan = RowPlan(range(refeed, end - start), slot_tokens=tokens)
             state.siblings = []
-            if extra:
-                plan = self._siblings_plan(step, lead, state, layout, refeed, n - extra, extra, tokens)
+            plan = (self._siblings_plan(step, lead, state, layout, refeed, n - extra, extra, tokens) if extra
+                    else RowPlan(range(refeed, end - start), slot_tokens=tokens))
             for row in streams:
                 if step.fed(row)[1] - step.fed(row)[0] != end - start:
                     raise RuntimeError(f"SJD image {image_id}: its streams got different numbers of draft slots")
@@ -697,7 +702,7 @@ class SJD(Strategy):
         # A load-aware image reserves width 2 of the step budget; the scheduler fits wider steps into
         # what is spare (`load.cap_to_budget`). Its KV look-ahead is the whole window.
         # Siblings add their slots, and a forward after one was committed feeds it again.
-        widest = min(window, 2) if self.decoding.load_aware else window + (self._siblings + 1 if self._siblings else 0)
+        widest = min(window, 2) if self.decoding.load_aware else window + self._siblings + bool(self._siblings)
         return Footprint(output_tokens, widest, window + self._siblings)
 
     def before_step(self, request, width=None):
