@@ -164,12 +164,14 @@ class WidthPolicy:
     probe_images = 4  # images a probe widens: enough drafts to show their cost, a fraction of a loaded step's
     probe_width = 16  # the widest a probe goes: a draft's cost is linear enough to extrapolate from there
     hold_steps = 8
+    hold_steps_most = 64
 
     def __init__(self):
         self.cost = StepCost()
         self.rows = RowCost()
         self._since_rows = self._since_plain = 0  # steps since the last with / without wide streams
-        self._held: tuple[int, object] | None = None  # (step, batch) of the last choice that held all at width 1
+        # (step, batch, steps it stands) of the last choice that held every image at width 1
+        self._held: tuple[int, object, int] | None = None
         self._probe_wait = self.probe_every
         self._next_probe = self.probe_every  # the step of the next probe, should every image stay at width 1
         self._probes = 0
@@ -187,7 +189,7 @@ class WidthPolicy:
         `batch`: what identifies the requests in the step (`holds`)."""
         ceilings = [c.ceiling for c in choices]
         marginal = self.cost.marginal()
-        self._held = None
+        last, self._held = self._held, None
         if marginal is None:
             return exploring_widths(ceilings, self.cost.steps)
         chosen = choose_widths(choices, self.cost.predict(narrow, marginal), other_commits, marginal)
@@ -195,7 +197,9 @@ class WidthPolicy:
         if max(chosen) > 1:
             self._probe_wait, self._next_probe = self.probe_every, steps + self.probe_every
         elif steps < self._next_probe:
-            self._held = (steps, batch) if batch is not None else None
+            if batch is not None:  # a choice that holds again in the same batch stands twice as long
+                again = last is not None and last[1] == batch
+                self._held = (steps, batch, min(2 * last[2], self.hold_steps_most) if again else self.hold_steps)
         else:
             # a quarter of the windows and the whole windows (up to `probe_width`) in turn: drafts
             # per stream vary, so what a draft costs and what a verifying stream costs stay apart;
@@ -212,14 +216,16 @@ class WidthPolicy:
 
     def holds(self, batch: object) -> bool:
         """Whether the last choice, which held every image at width 1, stands for this step too
-        (its images then run at width 1 without being asked): for `hold_steps` steps after it, in
-        the same `batch` (no request admitted or gone since), and unless a probe is due. Under
-        load that choice moves slowly (an image's estimate drifts back to the prior over tens of
-        forwards, the cost model over hundreds of steps), and making it was the dearest part of
-        the scheduler's step (measured here: 0.5 ms of a 13 ms step with 64 images)."""
+        (its images then run at width 1 without being asked): in the same `batch` (no request
+        admitted or gone since), unless a probe is due, for `hold_steps` steps after it, and twice as
+        many each time the choice made at the end of a hold holds again in the same batch (up to
+        `hold_steps_most`). Under load that choice moves slowly (an image's estimate drifts back to
+        the prior over tens of forwards, the cost model over hundreds of steps), and making it was the
+        dearest part of the scheduler's step (measured here: 0.5 ms of a 13 ms step with 64 images;
+        every 8 steps it still cost about 1% of a 16-image wave)."""
         steps = self.cost.steps
-        return (self._held is not None and self._held[1] == batch and steps - self._held[0] < self.hold_steps
-                and steps < self._next_probe)
+        held = self._held
+        return held is not None and held[1] == batch and steps - held[0] < held[2] and steps < self._next_probe
 
     def row_starts(self, starts: list[RowStart], step: StepShape, other_commits: float) -> list[bool]:
         """Which paced images start a row this step (`RowCost.starts`); `step`: the step as it stands.

@@ -254,29 +254,105 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
     is carried as it is, one that fails is replaced by a draw from its residual. Either way the
     carried token is an exact sample of that target, which is carried as its q, as plain SJD carries
     a fresh sample; but a draft that still fits stays, so the window keeps what it had built. Only the
-    accepted prefix and the resampled token are committed, as in SJD."""
-    k = p.shape[0]
-    assert len(drafts.tokens) == k - 1
-    u = torch.rand(k, generator=generator, device=p.device)
-    tokens = torch.tensor(drafts.tokens, dtype=torch.long, device=p.device)
-    q = drafts.q.to(p.device)
-    rows = torch.arange(k - 1, device=p.device)
-    if group is not None:
-        ratio = group_ratio(p[: k - 1], q, tokens, group[0].to(p.device), group[1])
-    else:
-        target = p[rows, tokens] if relaxed is None else relaxed_mass(p[: k - 1], tokens, relaxed[0].to(p.device),
-                                                                      relaxed[1])
-        ratio = target / q[rows, tokens]
-    accepted = u[: k - 1] < torch.clamp(ratio, max=1.0)
-    rejected = (~accepted).nonzero()
-    if len(rejected) == 0:  # a bonus token from the last target
-        return drafts.tokens + [int(draw(p[k - 1:], generator)[0])], Drafts.empty(p.shape[1])
-    j = int(rejected[0]) + 1  # the first rejected draft, d_j
-    resampled = int(residual_draw(p[j - 1: j], q[j - 1: j], generator)[0])
-    # Jacobi: positions j+1 .. K were predicted from the rejected prefix; fresh samples of their
-    # targets carry over (drawn only where they are used: the noise is most of verification's cost).
-    carried = carry_past(p[j:], tokens[j:], q[j:], generator, continued, u[j: k - 1])
-    return drafts.tokens[: j - 1] + [resampled], Drafts(carried.tolist(), p[j:])
+    accepted prefix and the resampled token are committed, as in SJD. (`verify_batch` for one image.)"""
+    ratio = None
+    if relaxed is not None or group is not None:
+        k = p.shape[0]
+        tokens = torch.tensor(drafts.tokens, dtype=torch.long, device=p.device)
+        q = drafts.q.to(p.device)
+        if group is not None:
+            ratio = group_ratio(p[: k - 1], q, tokens, group[0].to(p.device), group[1])
+        else:
+            rows = torch.arange(k - 1, device=p.device)
+            ratio = relaxed_mass(p[: k - 1], tokens, relaxed[0].to(p.device), relaxed[1]) / q[rows, tokens]
+    return verify_batch([p], [drafts], [generator], [continued], None if ratio is None else [ratio])[0]
+
+
+def verify_batch(ps: list[torch.Tensor], drafts: list[Drafts], generators: list, continued: list[bool],
+                 ratios: list[torch.Tensor] | None = None) -> list[tuple[list[int], Drafts]]:
+    """`verify` of several images' forwards at once: ps[i] [k_i, V] the targets of image i, drafts[i]
+    its k_i - 1 drafts, tested by SJD's ratio p(d) / q(d), or by `ratios[i]` [k_i - 1] (relaxed or
+    group acceptance; continuation still keeps a later draft by SJD's own ratio). Each image draws
+    from its own generator, in a fixed order and shapes (its uniforms, then the noise of its
+    resampled or bonus token, then its carry's: a fresh sample of each later target, or with
+    continuation a residual draw for each later draft and a sample of the last target), so its
+    result does not depend on what else is in the batch; the arithmetic around the draws runs once
+    for the whole batch (per image it was most of an SJD step's own work under load)."""
+    device = ps[0].device
+    ks = [p.shape[0] for p in ps]
+    us = [torch.rand(k, generator=g, device=device) for k, g in zip(ks, generators)]
+    one = len(ps) == 1
+    p = ps[0] if one else torch.cat(ps)
+    q = drafts[0].q.to(device) if one else torch.cat([d.q.to(device) for d in drafts])
+    tokens = [t for d in drafts for t in d.tokens]
+    assert len(tokens) == sum(ks) - len(ks), "an image's forward verifies k - 1 drafts"
+    starts = [0] if one else np.cumsum([0] + ks[:-1]).tolist()
+    draft_rows = (torch.arange(ks[0] - 1, device=device) if one else torch.from_numpy(
+        np.concatenate([np.arange(s, s + k - 1) for s, k in zip(starts, ks)])).to(device))
+    index = torch.tensor(tokens, dtype=torch.long, device=device)
+    ratio = p[draft_rows, index] / q[torch.arange(len(tokens), device=device), index]
+    u = us[0][:-1] if one else torch.cat([u[: k - 1] for u, k in zip(us, ks)])
+    passes = (u < torch.clamp(ratio, max=1.0)).tolist()  # SJD's own test of every draft
+    accepted = passes if ratios is None else (u < torch.clamp(torch.cat(ratios), max=1.0)).tolist()
+    # What each image draws, in its draw order: from residuals norm(max(0, p - q)) (p rows [a, b), q
+    # rows from c), then from targets (p rows [a, b)); each image's rows of either kind are contiguous.
+    residual_rows, residual_noise, target_rows, target_noise = [], [], [], []
+    plans = []  # per image: (first rejected draft j or None, later drafts carried by continuation)
+    vocab, dtype = p.shape[1], p.dtype
+    first_q = 0
+    for i, (start, k, g) in enumerate(zip(starts, ks, generators)):
+        tested = accepted[first_q: first_q + k - 1]
+        if all(tested):  # a bonus token from the last target
+            target_rows.append((start + k - 1, start + k))
+            target_noise.append(exponential_noise((1, vocab), g, device, dtype))
+            plans.append((None, 0))
+        else:
+            j = tested.index(False) + 1  # the first rejected draft, d_j: resampled from its residual
+            residual_noise.append(exponential_noise((1, vocab), g, device, dtype))
+            # Jacobi: positions j+1 .. K were predicted from the rejected prefix; fresh samples of
+            # their targets carry over (drawn only where they are used: the noise is most of the cost)
+            later = (k - 1 - j) if continued[i] else 0
+            if later:  # continuation: a residual draw for each later draft, then the last target
+                residual_noise.append(exponential_noise((later, vocab), g, device, dtype))
+                target_rows.append((start + k - 1, start + k))
+                target_noise.append(exponential_noise((1, vocab), g, device, dtype))
+            else:
+                target_rows.append((start + j, start + k))
+                target_noise.append(exponential_noise((k - j, vocab), g, device, dtype))
+            residual_rows.append((start + j - 1, start + j + later, first_q + j - 1))
+            plans.append((j, later))
+        first_q += k - 1
+
+    def gathered(x, rows):
+        return x[rows[0][0]: rows[0][1]] if len(rows) == 1 else torch.cat([x[a:b] for a, b in rows])
+
+    drawn_residual = []
+    if residual_rows:  # a residual all zero (only through rounding) draws from p
+        rp = gathered(p, [(a, b) for a, b, _ in residual_rows])
+        residual = torch.clamp(rp - gathered(q, [(c, c + b - a) for a, b, c in residual_rows]), min=0)
+        total = residual.sum(-1, keepdim=True)
+        probs = torch.where(total > 0, residual / total.clamp(min=1e-30), rp)
+        drawn_residual = probs.div(torch.cat(residual_noise)).argmax(-1).tolist()
+    drawn_target = gathered(p, target_rows).div(torch.cat(target_noise)).argmax(-1).tolist()
+    out, r, t, first_q = [], 0, 0, 0
+    for i, (k, (j, later)) in enumerate(zip(ks, plans)):
+        own = drafts[i].tokens
+        if j is None:
+            out.append((own + [drawn_target[t]], Drafts.empty(vocab)))
+            t += 1
+        else:
+            committed = own[: j - 1] + [drawn_residual[r]]
+            r += 1
+            if later:  # continuation: each later draft kept where it passes SJD's test, else its residual's draw
+                kept = passes[first_q + j: first_q + k - 1]
+                carried = [own[j + m] if kept[m] else drawn_residual[r + m] for m in range(later)]
+                carried.append(drawn_target[t])
+                r, t = r + later, t + 1
+            else:
+                carried, t = drawn_target[t: t + k - j], t + k - j
+            out.append((committed, Drafts(carried, ps[i][j:])))
+        first_q += k - 1
+    return out
 
 
 def carry_past(p: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None,
@@ -447,24 +523,31 @@ class SJDRunner(StrategyRunner):
     def prepare(self, step, rows):
         """Each image's drafts (carried Jacobi tail, then initialised), written into both streams;
         with `draft_candidates`, the first draft's siblings after them (`_siblings_plan`)."""
-        images: dict[str, list[int]] = {}
+        images: dict[str, list] = {}  # image id -> [its sampling (lead) row and info, its other rows]
         plans, self._leads, self._single, self._refeeding = {}, {}, set(), set()
         # as lists: asked of every row in every step (under load, mostly rows at width 1)
         fed = np.diff(step.query_start).tolist()
         past_prompt = (step.computed >= step.prompt_lens).tolist()
         for row in rows:
+            info = step.info(row)
             if past_prompt[row] and fed[row] > 1:  # x0 and fed - 1 drafts
-                images.setdefault(step.info(row).image_id, []).append(row)
-            elif step.info(row).decoding.coupled:  # one token, drawn coupled (else vLLM's own draw)
+                image = images.setdefault(info.image_id, [None, None, []])
+                if image[0] is None and info.role != "uncond":
+                    image[:2] = row, info
+                else:
+                    image[2].append(row)
+            elif info.decoding.coupled:  # one token, drawn coupled (else vLLM's own draw)
                 plans[row] = DRAW_ONLY
                 self._single.add(row)
-        for image_id, streams in images.items():
-            streams.sort(key=lambda r: step.info(r).role == "uncond")
-            lead = streams[0]
-            info = step.info(lead)
+        for image_id, (lead, info, others) in images.items():
+            if lead is None:  # only an uncond stream (the scheduler never splits a pair)
+                lead, others = others[0], others[1:]
+                info = step.info(lead)
+            streams = [lead, *others]
             layout = self.layout_of(info)
             codes, space = layout.codebook_size, self._space(layout)
-            state = self.images.setdefault(image_id, _Jacobi(Drafts.empty(space)))
+            if (state := self.images.get(image_id)) is None:
+                state = self.images[image_id] = _Jacobi(Drafts.empty(space))
             history = step.state(lead).output_token_ids
             start, end = step.fed(lead)
             # 1 where the forward first feeds again the sibling the last one committed (its key/value
@@ -485,7 +568,9 @@ class SJDRunner(StrategyRunner):
                                         step.generator(lead), self.device, codes,
                                         lambda position: layout.forced(position) is not None,
                                         self.coupled.seed(step, lead) if info.decoding.coupled else None)
-            tokens = [self._token(layout, d, state.first + i) for i, d in enumerate(state.current.tokens)]
+            first_id = layout.code_ids.start
+            tokens = ([first_id + d for d in state.current.tokens] if space == codes else
+                      [self._token(layout, d, state.first + i) for i, d in enumerate(state.current.tokens)])
             state.siblings = []
             plan = (self._siblings_plan(step, lead, state, layout, refeed, n - extra, extra, tokens) if extra
                     else RowPlan(range(refeed, end - start), slot_tokens=tokens))
@@ -521,16 +606,17 @@ class SJDRunner(StrategyRunner):
                        slot_tokens=tokens + [self._token(layout, d, state.first) for d in pad])
 
     def emit(self, step, rows, logits, at):
-        """Verify each image's drafts against its (guided) targets; carry the Jacobi tail."""
+        """Verify each image's drafts against its (guided) targets; carry the Jacobi tail. The targets
+        of rows with the same sampling settings are computed together, and the images that take
+        SJD's own test (neither coupled nor relaxed, grouped or with siblings) are verified together
+        (`verify_batch`)."""
         single = [row for row in rows if row in self._single]
         out = self.coupled.tokens(step, single, logits, at, self.layout_of) if single else {}
-        for row in rows:
-            if row in self._single:
-                continue
-            params = step.state(row).sampling_params
+        verifying = [row for row in rows if row not in self._single]
+        together = []  # (row, targets, state, layout) for `verify_batch`
+        for row, p in zip(verifying, self._targets(step, verifying, logits, at)):
             layout = self.layout_of(step.info(row))
             state = self.images[self._leads[row]]
-            p = target_probs(logits[at[row]], params.temperature, max(params.top_k or 0, 0), params.top_p)
             k = len(state.current.tokens) + 1  # the chain's targets; the siblings' follow
             space = self._space(layout)
             if space > p.shape[1]:
@@ -540,9 +626,6 @@ class SJDRunner(StrategyRunner):
                     if layout.forced(state.first + i) is not None:
                         p[i].zero_()[layout.codebook_size] = 1.0
             decoding = step.info(row).decoding
-            relaxed = None if decoding.relaxed_delta is None else (
-                self._latent_neighbours(decoding.relaxed_neighbours), decoding.relaxed_delta)
-            group = self.groups(layout, space) if decoding.group_acceptance else None
             if decoding.coupled:
                 positions = range(state.first, state.first + p.shape[0])  # input k predicts first + k
                 drawn = coupled_draw(p, [self.coupled.seed(step, row)] * len(positions), positions,
@@ -554,12 +637,46 @@ class SJDRunner(StrategyRunner):
                     continued=bool(decoding.continue_after_reject))
                 if sibling is not None:  # its key/value sits in its own slot: the next forward feeds it again
                     self._refeeding.add(row)
-            else:
+            elif decoding.relaxed_delta is not None or decoding.group_acceptance:
+                relaxed = None if decoding.relaxed_delta is None else (
+                    self._latent_neighbours(decoding.relaxed_neighbours), decoding.relaxed_delta)
+                group = self.groups(layout, space) if decoding.group_acceptance else None
                 committed, state.carried = verify(p[:k], state.current, step.generator(row), relaxed,
                                                   continued=bool(decoding.continue_after_reject), group=group)
-            state.carried_at = state.first + len(committed)
-            out[row] = [self._token(layout, d, state.first + i) for i, d in enumerate(committed)]
+            else:
+                together.append((row, p[:k], state, layout))
+                continue
+            out[row] = self._committed(state, layout, committed)
+        if together:
+            verified = verify_batch([p for _, p, _, _ in together], [state.current for _, _, state, _ in together],
+                                    [step.generator(row) for row, _, _, _ in together],
+                                    [bool(step.info(row).decoding.continue_after_reject) for row, _, _, _ in together])
+            for (row, _, state, layout), (committed, state.carried) in zip(together, verified):
+                out[row] = self._committed(state, layout, committed)
         return out
+
+    def _committed(self, state: _Jacobi, layout, committed: list[int]) -> list[int]:
+        """The token ids of the indices a forward committed, the image's Jacobi state moved past them."""
+        state.carried_at = state.first + len(committed)
+        return [self._token(layout, d, state.first + i) for i, d in enumerate(committed)]
+
+    @staticmethod
+    def _targets(step, rows: list[int], logits: torch.Tensor, at: list[slice]) -> list[torch.Tensor]:
+        """Each row's targets (`target_probs` of `logits[at[row]]`), the rows with the same sampling
+        settings in one call."""
+        groups: dict[tuple, list[int]] = {}
+        for row in rows:
+            params = step.state(row).sampling_params
+            groups.setdefault((params.temperature, max(params.top_k or 0, 0), params.top_p), []).append(row)
+        targets = {}
+        for (temperature, top_k, top_p), members in groups.items():
+            index = np.concatenate([np.arange(at[row].start, at[row].stop) for row in members])
+            p = target_probs(logits[torch.from_numpy(index).to(logits.device)], temperature, top_k, top_p)
+            first = 0
+            for row in members:
+                n = at[row].stop - at[row].start
+                targets[row], first = p[first: first + n], first + n
+        return [targets[row] for row in rows]
 
     def report(self, step, row):
         """True where the forward committed a sibling (`SJD.runner_report`)."""

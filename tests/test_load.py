@@ -97,7 +97,8 @@ def test_probes_go_no_wider_than_probe_width():
 
 def test_a_choice_that_holds_every_image_at_width_1_stands_for_a_few_steps_of_the_same_batch():
     """Under load the scheduler skips asking while the last choice, all at width 1, stands: for
-    `hold_steps` steps in the same batch, and never over a probe."""
+    `hold_steps` steps in the same batch, twice as long each time it holds again (up to
+    `hold_steps_most`), back to `hold_steps` in another batch, and never over a probe."""
     rng = np.random.default_rng(4)
     policy = WidthPolicy()
     simulated_policy(policy, 64, 100, rng)  # learnt: under load, width 1
@@ -116,6 +117,16 @@ def test_a_choice_that_holds_every_image_at_width_1_stands_for_a_few_steps_of_th
         assert policy.holds("b")
         step([1] * 64)
     assert not policy.holds("b")  # asked again
+    policy._next_probe = policy.cost.steps + 10**4  # no probe in between
+    for batch, lengths in (("b", [2, 4, 8, 8]), ("c", [1, 2])):  # in units of hold_steps
+        for length in lengths:
+            assert set(step(batch=batch)) == {1}
+            for _ in range(length * WidthPolicy.hold_steps - 1):
+                assert policy.holds(batch)
+                step([1] * 64)
+            assert not policy.holds(batch)
+    assert WidthPolicy.hold_steps_most == 8 * WidthPolicy.hold_steps
+    policy._next_probe = policy.cost.steps + 8
     assert set(step(batch=None)) == {1} and not policy.holds(None)  # a choice not tied to a batch holds nothing
     while policy.cost.steps < policy._next_probe - 1:
         step()

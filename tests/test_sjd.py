@@ -12,7 +12,7 @@ from vllm_visual_ar.model_executors.llamagen_reference import generate as refere
 from vllm_visual_ar.model_executors.llamagen_reference import generate_sjd as reference_sjd
 from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar as reference_zipar
 from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
-from vllm_visual_ar.samplers.sjd import Drafts, fill_drafts, target_probs, verify
+from vllm_visual_ar.samplers.sjd import Drafts, fill_drafts, target_probs, verify, verify_batch
 
 GREEDY = dict(top_k=1)
 
@@ -49,6 +49,62 @@ def exact_distribution(length, vocab, temperature, top_k) -> dict[tuple, float]:
             prob *= float(synthetic_probs(seq[:i], vocab, temperature, top_k)[seq[i]])
         out[seq] = prob
     return out
+
+
+def one_image_verify(p, drafts, generator, continued=False):
+    """SJD's rule for one image written out plainly, as the authors' loop reads (the oracle of
+    `verify_batch`): the uniforms, the first rejection, its residual draw (or a bonus token), then
+    the carry: fresh samples of the later targets, or with continuation each later draft kept where
+    it passes, else its residual draw, and a sample of the last target. Same draws, same order."""
+    from vllm_visual_ar.samplers.sjd import draw, residual_draw
+
+    k = p.shape[0]
+    u = torch.rand(k, generator=generator)
+    tokens = torch.tensor(drafts.tokens, dtype=torch.long)
+    passes = [bool(u[i] < min(1.0, float(p[i, t] / drafts.q[i, t]))) for i, t in enumerate(drafts.tokens)]
+    if all(passes):
+        return drafts.tokens + [int(draw(p[k - 1:], generator)[0])], Drafts.empty(p.shape[1])
+    j = passes.index(False) + 1
+    committed = drafts.tokens[: j - 1] + [int(residual_draw(p[j - 1: j], drafts.q[j - 1: j], generator)[0])]
+    if continued and j < k - 1:
+        redrawn = residual_draw(p[j: k - 1], drafts.q[j:], generator).tolist()
+        carried = [int(tokens[m]) if passes[m] else redrawn[m - j] for m in range(j, k - 1)]
+        carried.append(int(draw(p[k - 1:], generator)[0]))
+    else:
+        carried = draw(p[j:], generator).tolist()
+    return committed, Drafts(carried, p[j:])
+
+
+def test_verification_alone_and_batched_is_the_plain_rule_to_the_bit():
+    """The engine verifies the images of a step together (`verify_batch`; `verify` is its one-image
+    case): each image, drawing from its own generator, must get what the plain rule gives it alone
+    (committed tokens, carried drafts and their q), with or without continuation, whatever the
+    others' windows, drafts (sampled or initialised) and outcomes."""
+    vocab = 7
+    rng = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        images = []
+        for i in range(int(torch.randint(1, 6, (1,), generator=rng))):
+            k = int(torch.randint(1, 9, (1,), generator=rng))
+            p = torch.randn(k, vocab, generator=rng).mul(2).softmax(-1)
+            sampled = int(torch.randint(0, k, (1,), generator=rng))  # drafts carried with a real q, then one-hot
+            q = torch.cat([torch.randn(sampled, vocab, generator=rng).softmax(-1),
+                           torch.eye(vocab)[torch.randint(0, vocab, (k - 1 - sampled,), generator=rng)]])
+            tokens = [int(torch.multinomial(row, 1, generator=rng)) if j < sampled else int(row.argmax())
+                      for j, row in enumerate(q)]
+            if trial % 4 == 0 and k > 1:  # drafts that the targets hold likely: long accepted runs, bonus tokens
+                tokens = p[:-1].argmax(-1).tolist()
+                q = torch.eye(vocab)[tokens]
+            images.append((p, Drafts(tokens, q), 100 * trial + i, bool(torch.randint(0, 2, (1,), generator=rng))))
+        plain = [one_image_verify(p, d, torch.Generator().manual_seed(seed), c) for p, d, seed, c in images]
+        alone = [verify(p, d, torch.Generator().manual_seed(seed), continued=c) for p, d, seed, c in images]
+        together = verify_batch([p for p, _, _, _ in images], [d for _, d, _, _ in images],
+                                [torch.Generator().manual_seed(seed) for _, _, seed, _ in images],
+                                [c for _, _, _, c in images])
+        for want, *got in zip(plain, alone, together):
+            for committed, carried in got:
+                assert committed == want[0]
+                assert carried.tokens == want[1].tokens and torch.equal(carried.q, want[1].q)
 
 
 @pytest.mark.parametrize("window,init,temperature,top_k,continued", [
