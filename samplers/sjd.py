@@ -613,9 +613,10 @@ class SJDRunner(StrategyRunner):
         single = [row for row in rows if row in self._single]
         out = self.coupled.tokens(step, single, logits, at, self.layout_of) if single else {}
         verifying = [row for row in rows if row not in self._single]
-        together = []  # (row, targets, state, layout) for `verify_batch`
+        together = []  # (row, targets, state, layout, continued) for `verify_batch`
         for row, p in zip(verifying, self._targets(step, verifying, logits, at)):
-            layout = self.layout_of(step.info(row))
+            info = step.info(row)
+            layout = self.layout_of(info)
             state = self.images[self._leads[row]]
             k = len(state.current.tokens) + 1  # the chain's targets; the siblings' follow
             space = self._space(layout)
@@ -625,7 +626,7 @@ class SJDRunner(StrategyRunner):
                 for i in range(k):
                     if layout.forced(state.first + i) is not None:
                         p[i].zero_()[layout.codebook_size] = 1.0
-            decoding = step.info(row).decoding
+            decoding = info.decoding
             if decoding.coupled:
                 positions = range(state.first, state.first + p.shape[0])  # input k predicts first + k
                 drawn = coupled_draw(p, [self.coupled.seed(step, row)] * len(positions), positions,
@@ -644,14 +645,14 @@ class SJDRunner(StrategyRunner):
                 committed, state.carried = verify(p[:k], state.current, step.generator(row), relaxed,
                                                   continued=bool(decoding.continue_after_reject), group=group)
             else:
-                together.append((row, p[:k], state, layout))
+                together.append((row, p[:k], state, layout, bool(decoding.continue_after_reject)))
                 continue
             out[row] = self._committed(state, layout, committed)
         if together:
-            verified = verify_batch([p for _, p, _, _ in together], [state.current for _, _, state, _ in together],
-                                    [step.generator(row) for row, _, _, _ in together],
-                                    [bool(step.info(row).decoding.continue_after_reject) for row, _, _, _ in together])
-            for (row, _, state, layout), (committed, state.carried) in zip(together, verified):
+            batch_rows, ps, states, layouts, continued = zip(*together)
+            verified = verify_batch(list(ps), [state.current for state in states],
+                                    [step.generator(row) for row in batch_rows], list(continued))
+            for row, state, layout, (committed, state.carried) in zip(batch_rows, states, layouts, verified):
                 out[row] = self._committed(state, layout, committed)
         return out
 
