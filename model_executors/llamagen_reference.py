@@ -384,9 +384,9 @@ def generate_zipar_sjd(model: LlamaGenReference, label: int, window: int, sjd_wi
     Each forward feeds what the previous one committed (and a stand-in when a row starts), then for
     every started, unfinished row the drafts of its next columns, at most `sjd_window` - 1, within
     the row. A row's head is its latest code, else its stand-in, else (hand-over) the row above's last
-    code. Each row's targets up to the column the row above allows (its codes less `window`) are
-    verified as one SJD window, the samples past it carried (`sjd.verify_prefix`). Committed tokens
-    keep their cache slots; the drafts' slots are reused by the next forward."""
+    code. Each row's chain is verified as one SJD window, of which the codes up to the column the
+    row above allows (its codes less `window`) are committed, the rest carried (`sjd.verify_prefix`).
+    Committed tokens keep their cache slots; the drafts' slots are reused by the next forward."""
     from vllm_visual_ar.samplers.sjd import Drafts, verify_prefix
 
     cfg = model.config

@@ -269,10 +269,12 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
 
 
 def verify_batch(ps: list[torch.Tensor], drafts: list[Drafts], generators: list, continued: list[bool],
-                 ratios: list[torch.Tensor] | None = None) -> list[tuple[list[int], Drafts]]:
+                 ratios: list[torch.Tensor | None] | None = None) -> list[tuple[list[int], Drafts]]:
     """`verify` of several images' forwards at once: ps[i] [k_i, V] the targets of image i, drafts[i]
-    its k_i - 1 drafts, tested by SJD's ratio p(d) / q(d), or by `ratios[i]` [k_i - 1] (relaxed or
-    group acceptance; continuation still keeps a later draft by SJD's own ratio). Each image draws
+    its k_i - 1 drafts, tested by SJD's ratio p(d) / q(d), or where `ratios[i]` is given by it [k_i - 1]
+    (relaxed or group acceptance; continuation still keeps a later draft by SJD's own ratio). Several
+    entries may share a generator (ZipAR x SJD's rows of one image): each then draws in entry order,
+    all the entries' uniforms first. Each image draws
     from its own generator, in a fixed order and shapes (its uniforms, then the noise of its
     resampled or bonus token, then its carry's: a fresh sample of each later target, or with
     continuation a residual draw for each later draft and a sample of the last target), so its
@@ -293,7 +295,11 @@ def verify_batch(ps: list[torch.Tensor], drafts: list[Drafts], generators: list,
     ratio = p[draft_rows, index] / q[torch.arange(len(tokens), device=device), index]
     u = us[0][:-1] if one else torch.cat([u[: k - 1] for u, k in zip(us, ks)])
     passes = (u < torch.clamp(ratio, max=1.0)).tolist()  # SJD's own test of every draft
-    accepted = passes if ratios is None else (u < torch.clamp(torch.cat(ratios), max=1.0)).tolist()
+    accepted = passes
+    if ratios is not None and any(r is not None for r in ratios):  # SJD's own ratio where none is given
+        own = ratio.split([k - 1 for k in ks])
+        given = torch.cat([own[i] if r is None else r.to(device) for i, r in enumerate(ratios)])
+        accepted = (u < torch.clamp(given, max=1.0)).tolist()
     # What each image draws, in its draw order: from residuals norm(max(0, p - q)) (p rows [a, b), q
     # rows from c), then from targets (p rows [a, b)); each image's rows of either kind are contiguous.
     residual_rows, residual_noise, target_rows, target_noise = [], [], [], []
@@ -447,15 +453,21 @@ def verify_with_siblings(p: torch.Tensor, siblings_p: torch.Tensor, drafts: Draf
 def verify_prefix(p: torch.Tensor, drafts: Drafts, upto: int, generator: torch.Generator | None,
                   continued: bool = False, group: tuple[torch.Tensor, float] | None = None
                   ) -> tuple[list[int], Drafts]:
-    """`verify` over the first `upto` targets only: nothing past them may be committed yet (ZipAR x
-    SJD: the row above has not reached them). Past them, the forward's samples are carried into the
-    next window with their targets as q, as SJD carries the positions after a rejection."""
-    if upto >= p.shape[0]:
-        return verify(p, drafts, generator, continued=continued, group=group)
-    committed, carried = verify(p[:upto], Drafts(drafts.tokens[: upto - 1], drafts.q[: upto - 1]), generator,
-                                continued=continued, group=group)
-    tail = p[upto:]
-    return committed, Drafts(carried.tokens + draw(tail, generator).tolist(), torch.cat([carried.q.to(p.device), tail]))
+    """`verify` of the whole window, committing at most the first `upto` tokens (`held_back`)."""
+    return held_back(verify(p, drafts, generator, continued=continued, group=group), p, upto)
+
+
+def held_back(verified: tuple[list[int], Drafts], p: torch.Tensor, upto: int) -> tuple[list[int], Drafts]:
+    """A verified window (`verify`) of which only the first `upto` tokens may be committed yet (ZipAR x
+    SJD: the row above has not reached the rest). The tokens the test settled past them (accepted
+    drafts, the draw at the first rejection or the bonus) are exact samples of their targets p, so they
+    lead the next window's drafts with p as their q, followed by the window's own carry: a row held
+    back by the row above keeps what it verified rather than redrawing it, and the drafts after it
+    keep the context they were predicted from."""
+    committed, carried = verified
+    if len(committed) <= upto:
+        return verified
+    return committed[:upto], Drafts(committed[upto:] + carried.tokens, p[upto:])
 
 
 def verify_coupled(p: torch.Tensor, drafts: Drafts, drawn: torch.Tensor) -> tuple[list[int], Drafts]:
@@ -477,6 +489,24 @@ def verify_coupled(p: torch.Tensor, drafts: Drafts, drawn: torch.Tensor) -> tupl
         return drafts.tokens + [int(drawn[k - 1])], Drafts.empty(p.shape[1])
     i = int(mismatch[0])
     return drafts.tokens[:i] + [int(drawn[i])], Drafts(drawn[i + 1:].tolist(), p[i + 1:])
+
+
+def targets_of(step, rows: list[int], logits: torch.Tensor, at: list[slice]) -> list[torch.Tensor]:
+    """Each row's targets (`target_probs` of `logits[at[row]]`), the rows with the same sampling
+    settings in one call."""
+    groups: dict[tuple, list[int]] = {}
+    for row in rows:
+        params = step.state(row).sampling_params
+        groups.setdefault((params.temperature, max(params.top_k or 0, 0), params.top_p), []).append(row)
+    targets = {}
+    for (temperature, top_k, top_p), members in groups.items():
+        index = np.concatenate([np.arange(at[row].start, at[row].stop) for row in members])
+        p = target_probs(logits[torch.from_numpy(index).to(logits.device)], temperature, top_k, top_p)
+        first = 0
+        for row in members:
+            n = at[row].stop - at[row].start
+            targets[row], first = p[first: first + n], first + n
+    return [targets[row] for row in rows]
 
 
 # -- the strategy: what vLLM's scheduler and the plugin's runner ask of SJD ----------------------------
@@ -614,7 +644,7 @@ class SJDRunner(StrategyRunner):
         out = self.coupled.tokens(step, single, logits, at, self.layout_of) if single else {}
         verifying = [row for row in rows if row not in self._single]
         together = []  # (row, targets, state, layout, continued) for `verify_batch`
-        for row, p in zip(verifying, self._targets(step, verifying, logits, at)):
+        for row, p in zip(verifying, targets_of(step, verifying, logits, at)):
             info = step.info(row)
             layout = self.layout_of(info)
             state = self.images[self._leads[row]]
@@ -660,24 +690,6 @@ class SJDRunner(StrategyRunner):
         """The token ids of the indices a forward committed, the image's Jacobi state moved past them."""
         state.carried_at = state.first + len(committed)
         return [self._token(layout, d, state.first + i) for i, d in enumerate(committed)]
-
-    @staticmethod
-    def _targets(step, rows: list[int], logits: torch.Tensor, at: list[slice]) -> list[torch.Tensor]:
-        """Each row's targets (`target_probs` of `logits[at[row]]`), the rows with the same sampling
-        settings in one call."""
-        groups: dict[tuple, list[int]] = {}
-        for row in rows:
-            params = step.state(row).sampling_params
-            groups.setdefault((params.temperature, max(params.top_k or 0, 0), params.top_p), []).append(row)
-        targets = {}
-        for (temperature, top_k, top_p), members in groups.items():
-            index = np.concatenate([np.arange(at[row].start, at[row].stop) for row in members])
-            p = target_probs(logits[torch.from_numpy(index).to(logits.device)], temperature, top_k, top_p)
-            first = 0
-            for row in members:
-                n = at[row].stop - at[row].start
-                targets[row], first = p[first: first + n], first + n
-        return [targets[row] for row in rows]
 
     def report(self, step, row):
         """True where the forward committed a sibling (`SJD.runner_report`)."""

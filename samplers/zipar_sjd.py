@@ -21,12 +21,13 @@ Rows (H rows of W codes). How a row starts is ZipAR's (`zipar.py::zipar_schedule
   one token per forward therefore never stalls, which SJD guarantees;
 - each forward, a row's chain is its head (the token whose logits predict its next column: its
   latest code, the stand-in, or the row above's last code at a hand-over) and up to
-  `sjd_window - 1` drafts for its next columns, within the row. The targets up to the column the
-  row above allows are verified as one SJD window (`sjd.verify_prefix`): 1 to `sjd_window` codes
-  are committed per row. Past that column the forward's samples are carried as the next drafts (a
-  Jacobi step), so a row that waits on the row above keeps refining its next codes: a row's window
-  is not cut to its room under the row above, where SJD's yield (which grows with the window) would
-  be lost.
+  `sjd_window - 1` drafts for its next columns, within the row. The whole chain is verified as one
+  SJD window and at most the codes up to the column the row above allows are committed
+  (`sjd.held_back`): 1 to `sjd_window` per row. What the test settled past that column (accepted
+  drafts, the draw at a rejection) leads the next drafts, then the forward's samples past a
+  rejection (a Jacobi step), so a row that waits on the row above keeps what it verified and
+  refines its next codes: a row's window is not cut to its room under the row above, where SJD's
+  yield (which grows with the window) would be lost.
 
 Attention: the tokens a forward commits are fed by the next forward (their keys/values are computed
 then, seeing every committed token whose raster index is <= theirs, as in ZipAR); drafts are queries
@@ -69,8 +70,9 @@ import torch
 
 from vllm_visual_ar.families import image_layout
 from vllm_visual_ar.samplers.coupling import check_flag
-from vllm_visual_ar.samplers.sampling import sample_planned, target_probs
-from vllm_visual_ar.samplers.sjd import Drafts, GroupTables, check_init, verify_prefix
+from vllm_visual_ar.samplers.sampling import sample_planned
+from vllm_visual_ar.samplers.sjd import (Drafts, GroupTables, check_init, group_ratio, held_back, targets_of,
+                                         verify_batch)
 from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 from vllm_visual_ar.samplers.zipar import RasterRelease, check_window
 
@@ -436,40 +438,56 @@ class ZipARSJDRunner(StrategyRunner):
     def emit(self, step, rows, logits, at):
         """Verify each row's chain (SJD's rule), append the committed codes, top row first, then the
         stand-in that starts a row. Images whose forward has no drafts (rows alone, sjd_window 1) draw
-        one code per row, all batched, as ZipAR does."""
+        one code per row, all batched, as ZipAR does; the chains of all the others are verified
+        together (`sjd.verify_batch`)."""
         plain = [r for r in rows if not self.images[self._leads[r]].front.draft_count()]
         drawn = sample_planned(step, plain, logits, at) if plain else {}
+        verified = self._verify(step, [r for r in rows if r not in drawn], logits, at)
         out = {}
         for row in rows:
             image = self.images[self._leads[row]]
-            info = step.info(row)
-            layout = self.layout_of(info)
+            layout = self.layout_of(step.info(row))
             if row in drawn:
                 committed = {chain.row: 1 for chain in image.chains}
                 for chain, code in zip(image.chains, drawn[row]):
                     image.codes[chain.row * layout.row_stride + chain.first] = code
                     image.carried.pop(chain.row, None)
             else:
-                committed = self._verify(step, row, image, info, layout, logits[at[row]])
+                committed = verified[row]
             entries = image.front.commit(committed)
             image.append(entries)
             image.report = tuple(committed.items())
             out[row] = [self._token(image, layout, e) for e in entries]
         return out
 
-    def _verify(self, step, row, image, info, layout, logits) -> dict[int, int]:
-        """Each chain verified by SJD's rule: -> codes committed per image row."""
-        params = step.state(row).sampling_params
-        p = target_probs(logits, params.temperature, max(params.top_k or 0, 0), params.top_p)
-        group = self.groups(layout, layout.codebook_size) if info.decoding.group_acceptance else None
-        committed, first = {}, 0
-        for chain in image.chains:
-            n = chain.drafts + 1
-            codes, image.carried[chain.row] = verify_prefix(
-                p[first:first + n], image.drafts[chain.row], chain.most, step.generator(row),
-                continued=bool(info.decoding.continue_after_reject), group=group)
-            first += n
-            committed[chain.row] = len(codes)
+    def _verify(self, step, rows, logits, at) -> dict[int, dict[int, int]]:
+        """Every chain of these rows' images verified by SJD's rule in one batch, each up to the column
+        the row above allows (`sjd.held_back`): -> per row, codes committed per image row."""
+        if not rows:
+            return {}
+        chains, ps, drafts, generators, continued, ratios = [], [], [], [], [], []
+        for row, p in zip(rows, targets_of(step, rows, logits, at)):
+            image = self.images[self._leads[row]]
+            info = step.info(row)
+            layout = self.layout_of(info)
+            group = self.groups(layout, layout.codebook_size) if info.decoding.group_acceptance else None
+            first = 0
+            for chain in image.chains:
+                n = chain.drafts + 1
+                chains.append((row, image, layout, chain))
+                ps.append(p[first:first + n])
+                drafts.append(image.drafts[chain.row])
+                generators.append(step.generator(row))
+                continued.append(bool(info.decoding.continue_after_reject))
+                ratios.append(None if group is None else group_ratio(
+                    ps[-1][:-1], drafts[-1].q.to(p.device),
+                    torch.tensor(drafts[-1].tokens, dtype=torch.long, device=p.device), *group))
+                first += n
+        committed = {row: {} for row in rows}
+        for (row, image, layout, chain), p, result in zip(chains, ps, verify_batch(ps, drafts, generators, continued,
+                                                                                   ratios)):
+            codes, image.carried[chain.row] = held_back(result, p, chain.most)
+            committed[row][chain.row] = len(codes)
             for i, code in enumerate(codes):
                 image.codes[chain.row * layout.row_stride + chain.first + i] = code
         return committed

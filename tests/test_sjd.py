@@ -12,7 +12,7 @@ from vllm_visual_ar.model_executors.llamagen_reference import generate as refere
 from vllm_visual_ar.model_executors.llamagen_reference import generate_sjd as reference_sjd
 from vllm_visual_ar.model_executors.llamagen_reference import generate_zipar as reference_zipar
 from vllm_visual_ar.requests import Decoding, SamplingSettings, image_requests
-from vllm_visual_ar.samplers.sjd import Drafts, fill_drafts, target_probs, verify, verify_batch
+from vllm_visual_ar.samplers.sjd import Drafts, fill_drafts, target_probs, verify, verify_batch, verify_prefix
 
 GREEDY = dict(top_k=1)
 
@@ -51,20 +51,23 @@ def exact_distribution(length, vocab, temperature, top_k) -> dict[tuple, float]:
     return out
 
 
-def one_image_verify(p, drafts, generator, continued=False):
+def one_image_verify(p, drafts, generator, continued=False, ratio=None):
     """SJD's rule for one image written out plainly, as the authors' loop reads (the oracle of
     `verify_batch`): the uniforms, the first rejection, its residual draw (or a bonus token), then
     the carry: fresh samples of the later targets, or with continuation each later draft kept where
-    it passes, else its residual draw, and a sample of the last target. Same draws, same order."""
+    it passes, else its residual draw, and a sample of the last target. Same draws, same order.
+    `ratio`: the drafts' acceptance ratios when not SJD's own (relaxed, group); continuation still
+    keeps a later draft by SJD's."""
     from vllm_visual_ar.samplers.sjd import draw, residual_draw
 
     k = p.shape[0]
     u = torch.rand(k, generator=generator)
     tokens = torch.tensor(drafts.tokens, dtype=torch.long)
     passes = [bool(u[i] < min(1.0, float(p[i, t] / drafts.q[i, t]))) for i, t in enumerate(drafts.tokens)]
-    if all(passes):
+    accepted = passes if ratio is None else [bool(u[i] < min(1.0, float(ratio[i]))) for i in range(k - 1)]
+    if all(accepted):
         return drafts.tokens + [int(draw(p[k - 1:], generator)[0])], Drafts.empty(p.shape[1])
-    j = passes.index(False) + 1
+    j = accepted.index(False) + 1
     committed = drafts.tokens[: j - 1] + [int(residual_draw(p[j - 1: j], drafts.q[j - 1: j], generator)[0])]
     if continued and j < k - 1:
         redrawn = residual_draw(p[j: k - 1], drafts.q[j:], generator).tolist()
@@ -79,7 +82,8 @@ def test_verification_alone_and_batched_is_the_plain_rule_to_the_bit():
     """The engine verifies the images of a step together (`verify_batch`; `verify` is its one-image
     case): each image, drawing from its own generator, must get what the plain rule gives it alone
     (committed tokens, carried drafts and their q), with or without continuation, whatever the
-    others' windows, drafts (sampled or initialised) and outcomes."""
+    others' windows, drafts (sampled or initialised), acceptance ratios (SJD's own or given, as
+    relaxed and group acceptance give them) and outcomes."""
     vocab = 7
     rng = torch.Generator().manual_seed(3)
     for trial in range(40):
@@ -95,16 +99,44 @@ def test_verification_alone_and_batched_is_the_plain_rule_to_the_bit():
             if trial % 4 == 0 and k > 1:  # drafts that the targets hold likely: long accepted runs, bonus tokens
                 tokens = p[:-1].argmax(-1).tolist()
                 q = torch.eye(vocab)[tokens]
-            images.append((p, Drafts(tokens, q), 100 * trial + i, bool(torch.randint(0, 2, (1,), generator=rng))))
-        plain = [one_image_verify(p, d, torch.Generator().manual_seed(seed), c) for p, d, seed, c in images]
-        alone = [verify(p, d, torch.Generator().manual_seed(seed), continued=c) for p, d, seed, c in images]
-        together = verify_batch([p for p, _, _, _ in images], [d for _, d, _, _ in images],
-                                [torch.Generator().manual_seed(seed) for _, _, seed, _ in images],
-                                [c for _, _, _, c in images])
+            given = torch.rand(k - 1, generator=rng) * 1.5 if trial % 3 == 1 and i % 2 else None
+            images.append((p, Drafts(tokens, q), 100 * trial + i, bool(torch.randint(0, 2, (1,), generator=rng)),
+                           given))
+        plain = [one_image_verify(p, d, torch.Generator().manual_seed(seed), c, r) for p, d, seed, c, r in images]
+        alone = [verify_batch([p], [d], [torch.Generator().manual_seed(seed)], [c], [r])[0]
+                 for p, d, seed, c, r in images]
+        together = verify_batch([p for p, *_ in images], [d for _, d, *_ in images],
+                                [torch.Generator().manual_seed(seed) for _, _, seed, *_ in images],
+                                [c for *_, c, _ in images], [r for *_, r in images])
         for want, *got in zip(plain, alone, together):
             for committed, carried in got:
                 assert committed == want[0]
                 assert carried.tokens == want[1].tokens and torch.equal(carried.q, want[1].q)
+
+
+def test_a_window_held_back_commits_its_first_tokens_and_carries_what_it_settled_past_them():
+    """ZipAR x SJD: a row may commit only up to the column the row above allows (`verify_prefix`). The
+    whole window is verified; the tokens the test settled past that column (accepted drafts, the
+    draw at the first rejection, the bonus) lead the next drafts with their targets as q, so that
+    the drafts after them keep the context they were predicted from, then the window's own carry."""
+    vocab = 6
+    rng = torch.Generator().manual_seed(5)
+    cut = 0
+    for trial in range(60):
+        k = int(torch.randint(1, 9, (1,), generator=rng))
+        p = torch.randn(k, vocab, generator=rng).mul(3).softmax(-1)
+        tokens = p[:-1].argmax(-1).tolist() if trial % 2 else torch.randint(0, vocab, (k - 1,), generator=rng).tolist()
+        drafts, continued = Drafts(tokens, torch.eye(vocab)[tokens]), trial % 3 == 0
+        full, carry = verify(p, drafts, torch.Generator().manual_seed(trial), continued=continued)
+        for upto in range(1, k + 1):
+            committed, carried = verify_prefix(p, drafts, upto, torch.Generator().manual_seed(trial),
+                                               continued=continued)
+            n = min(upto, len(full))
+            cut += n < len(full)
+            assert committed == full[:n]
+            assert carried.tokens == full[n:] + carry.tokens
+            assert torch.equal(carried.q, p[n:])
+    assert cut > 20  # windows that settled more than they could commit
 
 
 @pytest.mark.parametrize("window,init,temperature,top_k,continued", [
