@@ -272,14 +272,16 @@ def verify_batch(ps: list[torch.Tensor], drafts: list[Drafts], generators: list,
                  ratios: list[torch.Tensor | None] | None = None) -> list[tuple[list[int], Drafts]]:
     """`verify` of several images' forwards at once: ps[i] [k_i, V] the targets of image i, drafts[i]
     its k_i - 1 drafts, tested by SJD's ratio p(d) / q(d), or where `ratios[i]` is given by it [k_i - 1]
-    (relaxed or group acceptance; continuation still keeps a later draft by SJD's own ratio). Several
-    entries may share a generator (ZipAR x SJD's rows of one image): each then draws in entry order,
-    all the entries' uniforms first. Each image draws
-    from its own generator, in a fixed order and shapes (its uniforms, then the noise of its
-    resampled or bonus token, then its carry's: a fresh sample of each later target, or with
-    continuation a residual draw for each later draft and a sample of the last target), so its
-    result does not depend on what else is in the batch; the arithmetic around the draws runs once
-    for the whole batch (per image it was most of an SJD step's own work under load)."""
+    (relaxed or group acceptance; continuation still keeps a later draft by SJD's own ratio).
+
+    Each image draws from its own generator, in a fixed order and shapes: its uniforms, then in one
+    block the noise of the tokens it draws, in their order (the resampled token, with continuation a
+    residual draw for each later draft, then the samples of the targets: the bonus token, the later
+    targets' fresh samples or with continuation the last target's), so its result does not depend
+    on what else is in the batch. Entries that share a generator (ZipAR x SJD's rows of one image)
+    draw all their uniforms first, then their blocks, in entry order. The arithmetic around the
+    draws runs once for the whole batch: one acceptance test of every draft, one exponential race
+    for every token drawn (per image it was most of an SJD step's own work under load)."""
     device = ps[0].device
     ks = [p.shape[0] for p in ps]
     us = [torch.rand(k, generator=g, device=device) for k, g in zip(ks, generators)]
@@ -289,76 +291,74 @@ def verify_batch(ps: list[torch.Tensor], drafts: list[Drafts], generators: list,
     tokens = [t for d in drafts for t in d.tokens]
     assert len(tokens) == sum(ks) - len(ks), "an image's forward verifies k - 1 drafts"
     starts = [0] if one else np.cumsum([0] + ks[:-1]).tolist()
-    draft_rows = (torch.arange(ks[0] - 1, device=device) if one else torch.from_numpy(
-        np.concatenate([np.arange(s, s + k - 1) for s, k in zip(starts, ks)])).to(device))
-    index = torch.tensor(tokens, dtype=torch.long, device=device)
-    ratio = p[draft_rows, index] / q[torch.arange(len(tokens), device=device), index]
-    u = us[0][:-1] if one else torch.cat([u[: k - 1] for u, k in zip(us, ks)])
-    passes = (u < torch.clamp(ratio, max=1.0)).tolist()  # SJD's own test of every draft
-    accepted = passes
-    if ratios is not None and any(r is not None for r in ratios):  # SJD's own ratio where none is given
-        own = ratio.split([k - 1 for k in ks])
-        given = torch.cat([own[i] if r is None else r.to(device) for i, r in enumerate(ratios)])
-        accepted = (u < torch.clamp(given, max=1.0)).tolist()
-    # What each image draws, in its draw order: from residuals norm(max(0, p - q)) (p rows [a, b), q
-    # rows from c), then from targets (p rows [a, b)); each image's rows of either kind are contiguous.
-    residual_rows, residual_noise, target_rows, target_noise = [], [], [], []
-    plans = []  # per image: (first rejected draft j or None, later drafts carried by continuation)
+    passes = accepted = []
+    if tokens:
+        index = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+        p_at_drafts = p[:-1] if one else p[torch.from_numpy(
+            np.concatenate([np.arange(s, s + k - 1) for s, k in zip(starts, ks)])).to(device)]
+        ratio = p_at_drafts.gather(1, index)[:, 0] / q.gather(1, index)[:, 0]
+        u = us[0][:-1] if one else torch.cat([u[: k - 1] for u, k in zip(us, ks)])
+        passes = accepted = (u < ratio).tolist()  # SJD's own test: u < min(1, r) is u < r for u in [0, 1)
+        if ratios is not None and any(r is not None for r in ratios):  # SJD's own ratio where none is given
+            own = ratio.split([k - 1 for k in ks])
+            accepted = (u < torch.cat([own[i] if r is None else r.to(device) for i, r in enumerate(ratios)])).tolist()
+    # Per image, the tokens it draws: from residuals norm(max(0, p - q)) (p rows a .. b, q rows from
+    # c), then from targets (p rows a .. b); the noise of both in one block.
     vocab, dtype = p.shape[1], p.dtype
+    plans, residual_rows, target_rows, noise = [], [], [], []
     first_q = 0
     for i, (start, k, g) in enumerate(zip(starts, ks, generators)):
         tested = accepted[first_q: first_q + k - 1]
         if all(tested):  # a bonus token from the last target
-            target_rows.append((start + k - 1, start + k))
-            target_noise.append(exponential_noise((1, vocab), g, device, dtype))
             plans.append((None, 0))
+            target_rows.append((start + k - 1, start + k))
+            noise.append(exponential_noise((1, vocab), g, device, dtype))
         else:
             j = tested.index(False) + 1  # the first rejected draft, d_j: resampled from its residual
-            residual_noise.append(exponential_noise((1, vocab), g, device, dtype))
-            # Jacobi: positions j+1 .. K were predicted from the rejected prefix; fresh samples of
-            # their targets carry over (drawn only where they are used: the noise is most of the cost)
+            # Jacobi: positions j+1 .. K were predicted from the rejected prefix; samples of their
+            # targets carry over, or with continuation the later drafts that pass, each other one
+            # redrawn from its residual, and a sample of the last target
             later = (k - 1 - j) if continued[i] else 0
-            if later:  # continuation: a residual draw for each later draft, then the last target
-                residual_noise.append(exponential_noise((later, vocab), g, device, dtype))
-                target_rows.append((start + k - 1, start + k))
-                target_noise.append(exponential_noise((1, vocab), g, device, dtype))
-            else:
-                target_rows.append((start + j, start + k))
-                target_noise.append(exponential_noise((k - j, vocab), g, device, dtype))
-            residual_rows.append((start + j - 1, start + j + later, first_q + j - 1))
             plans.append((j, later))
+            residual_rows.append((start + j - 1, start + j + later, first_q + j - 1))
+            target_rows.append((start + k - 1, start + k) if later else (start + j, start + k))
+            noise.append(exponential_noise((k - j + 1, vocab), g, device, dtype))
         first_q += k - 1
-
-    def gathered(x, rows):
-        return x[rows[0][0]: rows[0][1]] if len(rows) == 1 else torch.cat([x[a:b] for a, b in rows])
-
-    drawn_residual = []
+    pieces = []
     if residual_rows:  # a residual all zero (only through rounding) draws from p
-        rp = gathered(p, [(a, b) for a, b, _ in residual_rows])
-        residual = torch.clamp(rp - gathered(q, [(c, c + b - a) for a, b, c in residual_rows]), min=0)
+        rp = _rows(p, [(a, b) for a, b, _ in residual_rows])
+        residual = torch.clamp(rp - _rows(q, [(c, c + b - a) for a, b, c in residual_rows]), min=0)
         total = residual.sum(-1, keepdim=True)
-        probs = torch.where(total > 0, residual / total.clamp(min=1e-30), rp)
-        drawn_residual = probs.div(torch.cat(residual_noise)).argmax(-1).tolist()
-    drawn_target = gathered(p, target_rows).div(torch.cat(target_noise)).argmax(-1).tolist()
-    out, r, t, first_q = [], 0, 0, 0
+        residual = torch.where(total > 0, residual / total.clamp(min=1e-30), rp)
+    r = 0
+    for (j, later), (a, b) in zip(plans, target_rows):
+        if j is not None:
+            pieces.append(residual[r: r + 1 + later])
+            r += 1 + later
+        pieces.append(p[a:b])
+    probs = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    drawn = probs.div(noise[0] if len(noise) == 1 else torch.cat(noise)).argmax(-1).tolist()
+    out, at, first_q = [], 0, 0
     for i, (k, (j, later)) in enumerate(zip(ks, plans)):
         own = drafts[i].tokens
         if j is None:
-            out.append((own + [drawn_target[t]], Drafts.empty(vocab)))
-            t += 1
+            out.append((own + [drawn[at]], Drafts.empty(vocab)))
+            at += 1
         else:
-            committed = own[: j - 1] + [drawn_residual[r]]
-            r += 1
+            block = drawn[at: at + k - j + 1]
+            at += k - j + 1
             if later:  # continuation: each later draft kept where it passes SJD's test, else its residual's draw
                 kept = passes[first_q + j: first_q + k - 1]
-                carried = [own[j + m] if kept[m] else drawn_residual[r + m] for m in range(later)]
-                carried.append(drawn_target[t])
-                r, t = r + later, t + 1
+                carried = [own[j + m] if kept[m] else block[1 + m] for m in range(later)] + [block[-1]]
             else:
-                carried, t = drawn_target[t: t + k - j], t + k - j
-            out.append((committed, Drafts(carried, ps[i][j:])))
+                carried = block[1:]
+            out.append((own[: j - 1] + [block[0]], Drafts(carried, ps[i][j:])))
         first_q += k - 1
     return out
+
+
+def _rows(x: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    return x[spans[0][0]: spans[0][1]] if len(spans) == 1 else torch.cat([x[a:b] for a, b in spans])
 
 
 def carry_past(p: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None,
@@ -500,6 +500,9 @@ def targets_of(step, rows: list[int], logits: torch.Tensor, at: list[slice]) -> 
         groups.setdefault((params.temperature, max(params.top_k or 0, 0), params.top_p), []).append(row)
     targets = {}
     for (temperature, top_k, top_p), members in groups.items():
+        if len(members) == 1:
+            targets[members[0]] = target_probs(logits[at[members[0]]], temperature, top_k, top_p)
+            continue
         index = np.concatenate([np.arange(at[row].start, at[row].stop) for row in members])
         p = target_probs(logits[torch.from_numpy(index).to(logits.device)], temperature, top_k, top_p)
         first = 0

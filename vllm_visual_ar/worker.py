@@ -45,7 +45,6 @@ class _StepLayout:
     step: Step
     logits_rows: list[slice]  # per batch row: its rows in the logits tensor
     planned: list[tuple[StrategyRunner, list[int]]]  # each strategy's half and the rows it planned
-    draws_only: bool = False  # every row of the batch is planned DRAW_ONLY
 
 
 class VisualARRunnerMixin:
@@ -220,8 +219,7 @@ class VisualARRunnerMixin:
             raise RuntimeError("requests whose strategy rewrites their forward cannot run in an engine with "
                                "vLLM's speculative decoding enabled")
         if all(plan is DRAW_ONLY for plan in plans.values()):  # vLLM's forward: only the draws are planned
-            self._step_layout = _StepLayout(step, [slice(i, i + 1) for i in range(batch.num_reqs)], planned,
-                                            draws_only=len(plans) == batch.num_reqs)
+            self._step_layout = _StepLayout(step, [slice(i, i + 1) for i in range(batch.num_reqs)], planned)
             return logits_indices, None, max_sampled
         # Plain lists: a row's pieces are a few tokens each, too small for numpy to pay.
         qsl = step.query_start
@@ -296,18 +294,24 @@ class VisualARRunnerMixin:
             if guided is not None:
                 output.sampled_token_ids[guided[1]] = output.sampled_token_ids[guided[0]]
             return output
-        # vLLM's sampler takes one row per request (each request's first) and draws for all of them,
-        # planned ones included, even when only planned requests are in the batch: a seeded
-        # request's generator then advances the same way whatever shares its batch. The strategies
-        # then turn their rows' logits into tokens. A batch of draw-only rows alone skips it: their
-        # tokens are the strategy's own draws, and vLLM's would be thrown away (a strategy that plans
-        # draw-only rows reads nothing from their requests' generators).
-        if layout.draws_only and self.input_batch.max_num_logprobs is None:
+        # vLLM's sampler draws the tokens of the rows no strategy planned, one row per request (each
+        # request's first). A planned row's token is its strategy's, so vLLM's draw for it would be
+        # thrown away: its request's generator is set aside during the call (the row draws from the
+        # global one), so that a seeded request's generator gives the strategy the same draws
+        # whatever shares its batch; a batch of planned rows alone skips vLLM's sampler (at one
+        # image in flight it was a fifth of an SJD step's own work).
+        planned_rows = {r for _, mine in layout.planned for r in mine}
+        if len(planned_rows) == len(rows) and self.input_batch.max_num_logprobs is None:
             output = SamplerOutput(sampled_token_ids=torch.full((len(rows), 1), -1, dtype=torch.int32),
                                    logprobs_tensors=None)
         else:
             first = torch.tensor([r.start for r in rows], device=logits.device)
-            output = super()._sample(logits[first], None)
+            generators = self.input_batch.generators
+            aside = {r: generators.pop(r) for r in planned_rows if r in generators}
+            try:
+                output = super()._sample(logits[first], None)
+            finally:
+                generators.update(aside)
         uncond_rows = set(guided[1]) if guided is not None else set()
         emitted: dict[int, list[int]] = {}
         reports: dict[int, object] = {}
