@@ -45,6 +45,7 @@ class _StepLayout:
     step: Step
     logits_rows: list[slice]  # per batch row: its rows in the logits tensor
     planned: list[tuple[StrategyRunner, list[int]]]  # each strategy's half and the rows it planned
+    draws_only: bool = False  # every row of the batch is planned DRAW_ONLY
 
 
 class VisualARRunnerMixin:
@@ -219,7 +220,8 @@ class VisualARRunnerMixin:
             raise RuntimeError("requests whose strategy rewrites their forward cannot run in an engine with "
                                "vLLM's speculative decoding enabled")
         if all(plan is DRAW_ONLY for plan in plans.values()):  # vLLM's forward: only the draws are planned
-            self._step_layout = _StepLayout(step, [slice(i, i + 1) for i in range(batch.num_reqs)], planned)
+            self._step_layout = _StepLayout(step, [slice(i, i + 1) for i in range(batch.num_reqs)], planned,
+                                            draws_only=len(plans) == batch.num_reqs)
             return logits_indices, None, max_sampled
         # Plain lists: a row's pieces are a few tokens each, too small for numpy to pay.
         qsl = step.query_start
@@ -294,14 +296,19 @@ class VisualARRunnerMixin:
             if guided is not None:
                 output.sampled_token_ids[guided[1]] = output.sampled_token_ids[guided[0]]
             return output
-        # vLLM's sampler draws the tokens of the rows no strategy planned, one row per request (each
-        # request's first). A planned row's token is its strategy's, so vLLM's draw for it would be
-        # thrown away: its request's generator is set aside during the call (the row draws from the
-        # global one), so that a seeded request's generator gives the strategy the same draws
-        # whatever shares its batch; a batch of planned rows alone skips vLLM's sampler (at one
-        # image in flight it was a fifth of an SJD step's own work).
+        # vLLM's sampler takes one row per request (each request's first) and draws for all of them;
+        # the strategies then turn their rows' logits into tokens, and vLLM's draws for planned rows
+        # are thrown away. The generators of the planned requests are set aside during its call
+        # (their rows draw from the global one), so that a seeded request's generator gives its
+        # strategy the same draws whatever shares its batch, and is not spent on a draw nobody uses.
+        # It still runs when every row is planned: skipping it then made a step in which every image
+        # took drafts cheaper by the sampler's fixed cost, which the load-aware cost model
+        # (`load.StepCost`, linear in the step's shape) read as drafts being cheap, and it widened
+        # every image under load (side run, SJD L=64 at 64 in flight: 0.71x raster, 0.98x without
+        # the skip). A batch of draw-only rows alone skips it: their tokens are the strategy's own
+        # draws, and such rows take no drafts.
         planned_rows = {r for _, mine in layout.planned for r in mine}
-        if len(planned_rows) == len(rows) and self.input_batch.max_num_logprobs is None:
+        if layout.draws_only and self.input_batch.max_num_logprobs is None:
             output = SamplerOutput(sampled_token_ids=torch.full((len(rows), 1), -1, dtype=torch.int32),
                                    logprobs_tensors=None)
         else:
