@@ -255,17 +255,22 @@ def verify(p: torch.Tensor, drafts: Drafts, generator: torch.Generator | None,
     carried token is an exact sample of that target, which is carried as its q, as plain SJD carries
     a fresh sample; but a draft that still fits stays, so the window keeps what it had built. Only the
     accepted prefix and the resampled token are committed, as in SJD. (`verify_batch` for one image.)"""
-    ratio = None
-    if relaxed is not None or group is not None:
-        k = p.shape[0]
-        tokens = torch.tensor(drafts.tokens, dtype=torch.long, device=p.device)
-        q = drafts.q.to(p.device)
-        if group is not None:
-            ratio = group_ratio(p[: k - 1], q, tokens, group[0].to(p.device), group[1])
-        else:
-            rows = torch.arange(k - 1, device=p.device)
-            ratio = relaxed_mass(p[: k - 1], tokens, relaxed[0].to(p.device), relaxed[1]) / q[rows, tokens]
-    return verify_batch([p], [drafts], [generator], [continued], None if ratio is None else [ratio])[0]
+    return verify_batch([p], [drafts], [generator], [continued], [given_ratio(p, drafts, relaxed, group)])[0]
+
+
+def given_ratio(p: torch.Tensor, drafts: Drafts, relaxed: tuple[torch.Tensor, float] | None = None,
+                group: tuple[torch.Tensor, float] | None = None) -> torch.Tensor | None:
+    """The acceptance ratios [K-1] of a window's drafts under relaxed or group acceptance (`verify`);
+    None for SJD's own."""
+    if relaxed is None and group is None:
+        return None
+    k = p.shape[0]
+    tokens = torch.tensor(drafts.tokens, dtype=torch.long, device=p.device)
+    q = drafts.q.to(p.device)
+    if group is not None:
+        return group_ratio(p[: k - 1], q, tokens, group[0].to(p.device), group[1])
+    rows = torch.arange(k - 1, device=p.device)
+    return relaxed_mass(p[: k - 1], tokens, relaxed[0].to(p.device), relaxed[1]) / q[rows, tokens]
 
 
 def verify_batch(ps: list[torch.Tensor], drafts: list[Drafts], generators: list, continued: list[bool],
@@ -640,13 +645,13 @@ class SJDRunner(StrategyRunner):
 
     def emit(self, step, rows, logits, at):
         """Verify each image's drafts against its (guided) targets; carry the Jacobi tail. The targets
-        of rows with the same sampling settings are computed together, and the images that take
-        SJD's own test (neither coupled nor relaxed, grouped or with siblings) are verified together
-        (`verify_batch`)."""
+        of rows with the same sampling settings are computed together, and the images that are neither
+        coupled nor with siblings are verified together (`verify_batch`; relaxed and group acceptance
+        pass their ratios, `given_ratio`)."""
         single = [row for row in rows if row in self._single]
         out = self.coupled.tokens(step, single, logits, at, self.layout_of) if single else {}
         verifying = [row for row in rows if row not in self._single]
-        together = []  # (row, targets, state, layout, continued) for `verify_batch`
+        together = []  # (row, targets, state, layout, continued, given ratio) for `verify_batch`
         for row, p in zip(verifying, targets_of(step, verifying, logits, at)):
             info = step.info(row)
             layout = self.layout_of(info)
@@ -671,20 +676,18 @@ class SJDRunner(StrategyRunner):
                     continued=bool(decoding.continue_after_reject))
                 if sibling is not None:  # its key/value sits in its own slot: the next forward feeds it again
                     self._refeeding.add(row)
-            elif decoding.relaxed_delta is not None or decoding.group_acceptance:
+            else:
                 relaxed = None if decoding.relaxed_delta is None else (
                     self._latent_neighbours(decoding.relaxed_neighbours), decoding.relaxed_delta)
                 group = self.groups(layout, space) if decoding.group_acceptance else None
-                committed, state.carried = verify(p[:k], state.current, step.generator(row), relaxed,
-                                                  continued=bool(decoding.continue_after_reject), group=group)
-            else:
-                together.append((row, p[:k], state, layout, bool(decoding.continue_after_reject)))
+                together.append((row, p[:k], state, layout, bool(decoding.continue_after_reject),
+                                 given_ratio(p[:k], state.current, relaxed, group)))
                 continue
             out[row] = self._committed(state, layout, committed)
         if together:
-            batch_rows, ps, states, layouts, continued = zip(*together)
+            batch_rows, ps, states, layouts, continued, ratios = zip(*together)
             verified = verify_batch(list(ps), [state.current for state in states],
-                                    [step.generator(row) for row in batch_rows], list(continued))
+                                    [step.generator(row) for row in batch_rows], list(continued), list(ratios))
             for row, state, layout, (committed, state.carried) in zip(batch_rows, states, layouts, verified):
                 out[row] = self._committed(state, layout, committed)
         return out

@@ -71,7 +71,7 @@ import torch
 from vllm_visual_ar.families import image_layout
 from vllm_visual_ar.samplers.coupling import check_flag
 from vllm_visual_ar.samplers.sampling import sample_planned
-from vllm_visual_ar.samplers.sjd import (Drafts, GroupTables, check_init, group_ratio, held_back, targets_of,
+from vllm_visual_ar.samplers.sjd import (Drafts, GroupTables, check_init, given_ratio, held_back, targets_of,
                                          verify_batch)
 from vllm_visual_ar.samplers.strategy import Footprint, RowPlan, Strategy, StrategyRunner, whole_image_problem
 from vllm_visual_ar.samplers.zipar import RasterRelease, check_window
@@ -479,9 +479,7 @@ class ZipARSJDRunner(StrategyRunner):
                 drafts.append(image.drafts[chain.row])
                 generators.append(step.generator(row))
                 continued.append(bool(info.decoding.continue_after_reject))
-                ratios.append(None if group is None else group_ratio(
-                    ps[-1][:-1], drafts[-1].q.to(p.device),
-                    torch.tensor(drafts[-1].tokens, dtype=torch.long, device=p.device), *group))
+                ratios.append(given_ratio(ps[-1], drafts[-1], group=group))
                 first += n
         committed = {row: {} for row in rows}
         for (row, image, layout, chain), p, result in zip(chains, ps, verify_batch(ps, drafts, generators, continued,

@@ -1,7 +1,7 @@
 """vLLM worker whose model runner decodes images: guided pairs sampled as one, and each request's
 forward shaped by its decoding strategy (`samplers/`), which this runner asks and never names.
 
-Guidance: the runner mixes each pair's logits over the image codes as the model family says
+Guidance: the runner mixes each pair's logits over the image tokens as the model family says
 (`families.py`, e.g. `uncond + s * (cond - uncond)`), samples from the mixed row of the cond request (its
 temperature, top-k, top-p and seed) and writes that token to the uncond request as well, so both
 streams feed the same token next step. The scheduler (`scheduler.py`) guarantees both rows are in the batch.
@@ -56,30 +56,30 @@ class VisualARRunnerMixin:
     _halves: dict | None = None  # strategy class -> its runner half
     _owner = None  # the half that owns whole batches (a family's own order), False if none
     _guidance_mix = None  # the model family's guidance mix (cond, uncond, scale) -> logits
-    _places_tokens = None  # whether the family's layout has tokens the engine places (or codes past id 0)
+    _places_tokens = None  # whether the family's layout has tokens the engine places (or image tokens past id 0)
     _reports = None  # this step's strategy reports: request id -> report
     _guidance = None  # (the batch's request ids, their guided pairs) of the last step
     _guidance_tensors = None  # (those pairs, their logits-row tensors) when each request had one logits row
-    _codes: slice | None = None
+    _image_ids: slice | None = None
 
     def _mix(self, cond, uncond, scale):
         if self._guidance_mix is None:
             self._guidance_mix = load_object(family_of(self.model_config.hf_config).guidance_mix)
         return self._guidance_mix(cond, uncond, scale)
 
-    def _code_ids(self) -> slice:
-        """The vocabulary ids of image codes (the family's layout): guidance mixes them, strategies
+    def _image_id_slice(self) -> slice:
+        """The vocabulary ids of image tokens (the family's layout): guidance mixes them, strategies
         read their logits."""
-        if self._codes is None:
+        if self._image_ids is None:
             ids = image_layout(self.model_config.hf_config).code_ids
-            self._codes = slice(ids.start, ids.stop)
-        return self._codes
+            self._image_ids = slice(ids.start, ids.stop)
+        return self._image_ids
 
     def _place_forced_tokens(self, logits, rows, planned=frozenset()) -> None:
         """Families whose image holds tokens no one samples (an end of line after each row, image-end
         tokens: `ImageLayout.forced`) get them here: the logits row of a request whose next token is
-        forced keeps only that token, every other row of such a family keeps only the image codes.
-        Rows a strategy planned are its own: it reads the codes' logits and places those tokens itself."""
+        forced keeps only that token, every other row of such a family keeps only the image tokens.
+        Rows a strategy planned are its own: it reads the image tokens' logits and places those tokens itself."""
         config = self.model_config.hf_config
         if self._places_tokens is False:
             return
@@ -285,11 +285,12 @@ class VisualARRunnerMixin:
         if logits is None or spec_decode_metadata is not None:
             return super()._sample(logits, spec_decode_metadata)
         guided = self._guidance_rows()
-        codes = self._code_ids() if guided is not None or layout is not None else None
+        image_ids = self._image_id_slice() if guided is not None or layout is not None else None
         rows = layout.logits_rows if layout is not None else [slice(i, i + 1) for i in range(logits.shape[0])]
         if guided is not None:
             cond, uncond, scale = self._guidance_index(guided, rows, logits.device)
-            logits[cond, codes] = self._mix(logits[cond, codes], logits[uncond, codes], scale).to(logits.dtype)
+            mixed = self._mix(logits[cond, image_ids], logits[uncond, image_ids], scale)
+            logits[cond, image_ids] = mixed.to(logits.dtype)
         self._place_forced_tokens(logits, rows, {r for _, mine in layout.planned for r in mine} if layout else ())
         if layout is None:
             output = super()._sample(logits, spec_decode_metadata)
@@ -304,17 +305,16 @@ class VisualARRunnerMixin:
         # It still runs when every row is planned: skipping it then made a step in which every image
         # took drafts cheaper by the sampler's fixed cost, which the load-aware cost model
         # (`load.StepCost`, linear in the step's shape) read as drafts being cheap, and it widened
-        # every image under load (side run, SJD L=64 at 64 in flight: 0.71x raster, 0.98x without
-        # the skip). A batch of draw-only rows alone skips it: their tokens are the strategy's own
+        # every image under load (side run, load-aware windows of 64 at 64 in flight: 0.71x raster,
+        # 0.98x without the skip). A batch of draw-only rows alone skips it: their tokens are the strategy's own
         # draws, and such rows take no drafts.
-        planned_rows = {r for _, mine in layout.planned for r in mine}
         if layout.draws_only and self.input_batch.max_num_logprobs is None:
             output = SamplerOutput(sampled_token_ids=torch.full((len(rows), 1), -1, dtype=torch.int32),
                                    logprobs_tensors=None)
         else:
             first = torch.tensor([r.start for r in rows], device=logits.device)
             generators = self.input_batch.generators
-            aside = {r: generators.pop(r) for r in planned_rows if r in generators}
+            aside = {r: generators.pop(r) for _, mine in layout.planned for r in mine if r in generators}
             try:
                 output = super()._sample(logits[first], None)
             finally:
@@ -325,7 +325,7 @@ class VisualARRunnerMixin:
         for half, planned in layout.planned:
             sampling = [r for r in planned if r not in uncond_rows]
             if sampling:
-                emitted.update(half.emit(layout.step, sampling, logits[:, codes], rows))
+                emitted.update(half.emit(layout.step, sampling, logits[:, image_ids], rows))
                 reports.update((r, report) for r in sampling if (report := half.report(layout.step, r)) is not None)
         if reports:
             partner = dict(zip(guided[0], guided[1])) if guided is not None else {}
