@@ -31,7 +31,10 @@ window, not like independent draft acceptances would make it (measured on the em
 in bursts. k_i is estimated from the image's own recent forwards (accepted drafts over the sum of
 ln w, the evidence fading per forward: `sjd.SJD._observe`). The step's throughput is (sum of
 c_i(w_i) + the other requests' tokens) / t(the step); each image picks the width that maximises it
-given the others' (up to two rounds of best responses, vectorised). An image held at width 1 sees
+given the others' (up to two rounds of best responses, vectorised). Under load (more images than a
+probe widens) the draft and stream costs are taken at their upper bounds, two standard errors above
+the estimates (`StepCost.marginal`): evidence there is a few probes in noisy steps, and a choice
+that widens every image on a cost fitted too low loses a whole wave. An image held at width 1 sees
 its estimate drift back to the prior, so a low one is measured again. A choice that holds every
 image at width 1 stands for the next few steps of the same batch (`WidthPolicy.holds`): under load
 making it every step cost more than the slow drift it would follow.
@@ -97,12 +100,13 @@ class StepCost:
     differences of consecutive steps, and the recent steps' mean time and shape (`follow`: the weight
     of the newest step)."""
 
-    def __init__(self, forget: float = 0.98, follow: float = 0.2, prior_weight: float = 2.0):
-        self.forget, self.follow, self.prior_weight = forget, follow, prior_weight
+    def __init__(self, forget: float = 0.98, follow: float = 0.2, prior_weight: float = 2.0, confidence: float = 2.0):
+        self.forget, self.follow, self.prior_weight, self.confidence = forget, follow, prior_weight, confidence
         self._xx = np.zeros((4, 4))
         self._xy = np.zeros(4)
+        self._yy = 0.0  # forgetting-weighted sum of the squared time differences (the fit's residual)
         self._weight = 0.0  # forgetting-weighted count of the differences seen
-        self._fitted: Marginal | None = None  # the last fit, until a difference changes it
+        self._fitted: tuple[Marginal, Marginal] | None = None  # the last fit and its upper bounds
         self._draft_diffs = 0  # differences in which drafts or wide streams moved
         self.steps = 0  # steps observed
         self._last: tuple[np.ndarray, float] | None = None
@@ -115,6 +119,7 @@ class StepCost:
         if self._last is not None and (dx := x - self._last[0]).any():
             self._xx = self.forget * self._xx + np.outer(dx, dx)
             self._xy = self.forget * self._xy + (seconds - self._last[1]) * dx
+            self._yy = self.forget * self._yy + (seconds - self._last[1]) ** 2
             self._weight = self.forget * self._weight + 1.0
             self._fitted = None
             self._draft_diffs += bool(dx[1] != 0 or dx[2] != 0)
@@ -124,21 +129,29 @@ class StepCost:
         self._mean = (x, seconds) if self._mean is None else (
             (1 - f) * self._mean[0] + f * x, (1 - f) * self._mean[1] + f * seconds)
 
-    def marginal(self) -> Marginal | None:
+    def marginal(self, upper: bool = False) -> Marginal | None:
         """The marginal costs, once drafts have varied between consecutive steps 8 times, else None.
         The estimates are pulled towards 0 by a prior worth `prior_weight` differences: while the
         evidence is thin (a few noisy steps) it errs towards drafts being cheap, which the wider
         steps it leads to then correct; an error the other way would hold every image at width 1,
-        where nothing more is learnt of drafts."""
+        where nothing more is learnt of drafts. `upper`: each cost `confidence` standard errors
+        above its estimate (the fit's residual spread through the evidence it has): what widening
+        is weighed at (`WidthPolicy.widths`), so that a few noisy steps cannot make drafts look free
+        where they are not (one fast probe step under load had a verifying stream's cost fitted at
+        0 and 16 images widened to 2-4 for a whole wave: 0.77x raster)."""
         if self._draft_diffs < 8:
             return None
-        if self._fitted is not None:
-            return self._fitted
-        typical = np.diag(self._xx) / self._weight  # a difference's mean square, per cost
-        ridge = np.diag(self.prior_weight * typical) + 1e-9 * (typical.sum() + 1e-12) * np.eye(4)
-        beta = np.linalg.solve(self._xx + ridge, self._xy)
-        self._fitted = Marginal(*(float(max(v, 0.0)) for v in beta))
-        return self._fitted
+        if self._fitted is None:
+            typical = np.diag(self._xx) / self._weight  # a difference's mean square, per cost
+            ridge = np.diag(self.prior_weight * typical) + 1e-9 * (typical.sum() + 1e-12) * np.eye(4)
+            inverse = np.linalg.inv(self._xx + ridge)
+            beta = inverse @ self._xy
+            residual = max(self._yy - 2 * beta @ self._xy + beta @ self._xx @ beta, 0.0)
+            variance = residual / max(self._weight - 4, 1.0)  # of one difference's time
+            error = np.sqrt(np.maximum(np.diag(inverse), 0.0) * variance)
+            self._fitted = (Marginal(*(float(max(v, 0.0)) for v in beta)),
+                            Marginal(*(float(max(v, 0.0)) for v in beta + self.confidence * error)))
+        return self._fitted[upper]
 
     def predict(self, shape: StepShape, marginal: Marginal) -> float:
         """Seconds of a step of this shape: the recent mean moved by the marginal costs."""
@@ -192,7 +205,11 @@ class WidthPolicy:
         last, self._held = self._held, None
         if marginal is None:
             return exploring_widths(ceilings, self.cost.steps)
-        chosen = choose_widths(choices, self.cost.predict(narrow, marginal), other_commits, marginal)
+        # under load, widening is weighed at the costs' upper bounds: there a wrong choice widens
+        # every image for a wave, and evidence comes only from probes; a few images alone weigh it
+        # at the estimates, which each of their steps keeps testing
+        chosen = choose_widths(choices, self.cost.predict(narrow, marginal), other_commits,
+                               self.cost.marginal(upper=len(choices) > self.probe_images))
         steps = self.cost.steps
         if max(chosen) > 1:
             self._probe_wait, self._next_probe = self.probe_every, steps + self.probe_every

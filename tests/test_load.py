@@ -38,6 +38,36 @@ def test_the_cost_model_recovers_marginal_costs_under_a_drifting_fixed_cost():
     assert same.marginal() is None  # steps that never differ cannot tell what a draft costs: no claim
 
 
+def test_under_load_widening_is_weighed_at_the_costs_upper_bounds():
+    """Under load the evidence of drafts comes from probes (4 of 16 images widened every 4th step
+    here) in noisy steps: in 3 of 40 draws of the noise the estimates make widening every image look
+    worth it, where it costs (a verifying stream 0.2 ms on a 6 ms step); weighed at the costs' upper
+    bounds none does. With plenty of evidence (one image, 300 steps) the bounds stay close to the
+    estimates and a lone image still widens."""
+    images = [WidthChoice(64, 0.5, streams=2)] * 16
+    widened = {False: 0, True: 0}
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        cost = StepCost()
+        for i in range(40):
+            width = (4 if (i // 4) % 2 else 16) if i % 4 == 0 else 1
+            shape = StepShape(32, 8 * (width - 1), 8 * (width > 1))
+            cost.observe(shape, 6e-3 + 3e-5 * shape.drafts + 2e-4 * shape.wide_streams + rng.normal(0, 2e-3))
+        base = cost.predict(StepShape(32), cost.marginal())
+        for upper in (False, True):
+            widened[upper] += max(choose_widths(images, base, 0, cost.marginal(upper=upper))) > 1
+    assert widened == {False: 3, True: 0}
+    rng = np.random.default_rng(0)
+    alone = StepCost()
+    for i in range(300):
+        width = [16, 1, 4, 1][i % 4]
+        shape = StepShape(2, 2 * (width - 1), 2 * (width > 1))
+        alone.observe(shape, 2e-3 + 3e-5 * shape.drafts + 2e-4 * shape.wide_streams + rng.normal(0, 1e-4))
+    m, u = alone.marginal(), alone.marginal(upper=True)
+    assert m.wide_stream < u.wide_stream < 1.3 * m.wide_stream and m.draft < u.draft < 1.3 * m.draft
+    assert choose_widths([WidthChoice(64, 0.5, streams=2)], alone.predict(StepShape(2), m), 0, u)[0] > 8
+
+
 def test_free_tokens_give_wide_steps_and_costly_ones_narrow():
     images = [WidthChoice(32, 0.6, streams=2) for _ in range(16)]
     overhead_bound = Marginal(1e-4, 0.0, 0.0, 0.0)  # a GPU-like step: extra tokens free
