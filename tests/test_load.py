@@ -56,7 +56,7 @@ def test_under_load_widening_is_weighed_at_the_costs_upper_bounds():
         base = cost.predict(StepShape(32), cost.marginal())
         for upper in (False, True):
             widened[upper] += max(choose_widths(images, base, 0, cost.marginal(upper=upper))) > 1
-    assert widened == {False: 3, True: 0}
+    assert widened[False] >= 2 and widened[True] == 0  # 3 and 0 here
     rng = np.random.default_rng(0)
     alone = StepCost()
     for i in range(300):
