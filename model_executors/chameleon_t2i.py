@@ -244,8 +244,8 @@ class LuminaVocab:
     image_end: int
     end_of_turn: int
     end_of_line: int
-    code_ids: range                     # the image tokens: contiguous ids
-    bpe2img: torch.Tensor               # [K] long: code of token id code_ids.start + i
+    image_token_ids: range                     # the image tokens: contiguous ids
+    bpe2img: torch.Tensor               # [K] long: code of token id image_token_ids.start + i
     img2bpe: torch.Tensor               # [K] long: token id of code c
     resolution_ids: dict[int, int] = field(default_factory=dict)  # grids -> id of resolution_token(grids)
 
@@ -261,13 +261,13 @@ class LuminaVocab:
             raise ValueError("the vocabulary has no image tokens (names starting with 'IMGIMG')")
         ids = [i for i, _ in images]
         codes = torch.tensor([c for _, c in images], dtype=torch.long)
-        code_ids = range(ids[0], ids[-1] + 1)
-        if ids != list(code_ids):
+        image_token_ids = range(ids[0], ids[-1] + 1)
+        if ids != list(image_token_ids):
             raise ValueError(f"image token ids are not contiguous ({ids[0]}..{ids[-1]}, {len(ids)} tokens)")
         if sorted(codes.tolist()) != list(range(len(ids))):
             raise ValueError(f"image token names do not encode the codes 0..{len(ids) - 1} once each")
         img2bpe = torch.empty_like(codes)
-        img2bpe[codes] = torch.arange(code_ids.start, code_ids.stop, dtype=torch.long)
+        img2bpe[codes] = torch.arange(image_token_ids.start, image_token_ids.stop, dtype=torch.long)
         pattern = re.compile(r"<reserved(\d{5})>")
         resolution_ids = {}
         for name, i in vocab.items():
@@ -276,7 +276,7 @@ class LuminaVocab:
                 resolution_ids[int(m.group(1)) - 8800] = int(i)
         return cls(bos=token_id(vocab, BOS), image_start=token_id(vocab, IMAGE_START),
                    image_end=token_id(vocab, IMAGE_END), end_of_turn=token_id(vocab, END_OF_TURN),
-                   end_of_line=token_id(vocab, END_OF_LINE), code_ids=code_ids, bpe2img=codes,
+                   end_of_line=token_id(vocab, END_OF_LINE), image_token_ids=image_token_ids, bpe2img=codes,
                    img2bpe=img2bpe, resolution_ids=resolution_ids)
 
     def resolution_id(self, grids: int) -> int:
@@ -298,7 +298,7 @@ def image_layout(source, size: tuple[int, int], target_size: "int | SizeRule" = 
     """The generated tokens of one (width, height) image: rows x (cols codes + EOL), then `<eoss>`."""
     rows, cols = grid(size, target_size)
     vocab = LuminaVocab.of(source)
-    return ImageLayout(rows=rows, cols=cols, code_ids=vocab.code_ids, row_end=vocab.end_of_line,
+    return ImageLayout(rows=rows, cols=cols, image_token_ids=vocab.image_token_ids, row_end=vocab.end_of_line,
                        image_end=(vocab.image_end,))
 
 
@@ -390,11 +390,11 @@ def load_image_decoder(model_dir: str, device: str = "cpu"):
 
     def decode(tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         tokens = torch.as_tensor(tokens, dtype=torch.long)
-        return vq(vocab.bpe2img[tokens - vocab.code_ids.start], grid)
+        return vq(vocab.bpe2img[tokens - vocab.image_token_ids.start], grid)
 
     def preview(codes: list[int], total: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """The code tokens so far -> the image with its complete rows, the rest black."""
-        return vq.preview([int(vocab.bpe2img[t - vocab.code_ids.start]) for t in codes], total, grid)
+        return vq.preview([int(vocab.bpe2img[t - vocab.image_token_ids.start]) for t in codes], total, grid)
 
     decode.to_uint8, decode.preview = vq.to_uint8, preview
     return decode

@@ -151,17 +151,17 @@ class Emu3Vocab:
     image_token: int
     image_start: int
     image_end: int
-    code_ids: range  # visual token c is code_ids.start + c
+    image_token_ids: range  # visual token c is image_token_ids.start + c
 
     @property
     def bpe2img(self) -> torch.Tensor:
-        """[K] long: code of token id code_ids.start + i (the identity for Emu3)."""
-        return torch.arange(len(self.code_ids), dtype=torch.long)
+        """[K] long: code of token id image_token_ids.start + i (the identity for Emu3)."""
+        return torch.arange(len(self.image_token_ids), dtype=torch.long)
 
     @property
     def img2bpe(self) -> torch.Tensor:
         """[K] long: token id of code c."""
-        return torch.arange(self.code_ids.start, self.code_ids.stop, dtype=torch.long)
+        return torch.arange(self.image_token_ids.start, self.image_token_ids.stop, dtype=torch.long)
 
     @classmethod
     def of(cls, source) -> "Emu3Vocab":
@@ -188,7 +188,7 @@ class Emu3Vocab:
         return cls(bos=token_id(source, BOS), eos=token_id(source, EOS), pad=token_id(source, PAD),
                    end_of_line=token_id(source, END_OF_LINE), end_of_frame=token_id(source, END_OF_FRAME),
                    image_token=token_id(source, IMAGE_TOKEN), image_start=token_id(source, IMAGE_START),
-                   image_end=token_id(source, IMAGE_END), code_ids=range(first, first + len(visual)))
+                   image_end=token_id(source, IMAGE_END), image_token_ids=range(first, first + len(visual)))
 
 
 # ---- the request ----------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def image_layout(source, size: str | tuple[int, int] = "1:1", image_area: int = 
     """The generated tokens of one image: rows x (cols visual tokens + EOL), then EOF, EOI, EOS."""
     rows, cols = grid(size, image_area)
     vocab = Emu3Vocab.of(source)
-    return ImageLayout(rows=rows, cols=cols, code_ids=vocab.code_ids, row_end=vocab.end_of_line,
+    return ImageLayout(rows=rows, cols=cols, image_token_ids=vocab.image_token_ids, row_end=vocab.end_of_line,
                        image_end=(vocab.end_of_frame, vocab.image_end, vocab.eos))
 
 
@@ -276,7 +276,7 @@ def load_image_decoder(model_dir: str, device: str = "cpu"):
     from vllm_visual_ar.families import family_of
     from vllm_visual_ar.model_executors import emu3_vq
 
-    start = vocab_of(family_of(model_dir).config(model_dir)).code_ids.start
+    start = vocab_of(family_of(model_dir).config(model_dir)).image_token_ids.start
     vq = emu3_vq.load_image_decoder(model_dir, device)
 
     def decode(tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ def generate_image_tokens(next_logits: Callable[[list[int]], torch.Tensor], cond
     from vllm_visual_ar.samplers.sampling import target_probs
 
     tokens: list[int] = []
-    codes = slice(layout.code_ids.start, layout.code_ids.stop)
+    codes = slice(layout.image_token_ids.start, layout.image_token_ids.stop)
     for index in range(layout.num_tokens):
         forced = layout.forced(index)
         if forced is not None:
@@ -82,7 +82,7 @@ def generate_zipar_image_tokens(model, cond_ids: list[int], uncond_ids: list[int
     streams = [list(cond_ids)] + ([list(uncond_ids)] if uncond_ids is not None else [])
     caches = [DynamicCache() for _ in streams]
     key_slots: list[list[int]] = [[] for _ in streams]  # slot of every cached key (prompt: -1)
-    codes = slice(layout.code_ids.start, layout.code_ids.stop)
+    codes = slice(layout.image_token_ids.start, layout.image_token_ids.stop)
 
     def forward(i: int, ids: list[int], slots: list[int] | None) -> torch.Tensor:
         """Feed `ids` (at image `slots`, or the prompt) to stream i -> logits [len(ids), V]."""
@@ -175,7 +175,7 @@ def generate_zipar_sjd_image_tokens(model, cond_ids: list[int], uncond_ids: list
     streams = [list(cond_ids)] + ([list(uncond_ids)] if uncond_ids is not None else [])
     caches = [DynamicCache() for _ in streams]
     key_slots: list[list[int]] = [[] for _ in streams]
-    codes = slice(layout.code_ids.start, layout.code_ids.stop)
+    codes = slice(layout.image_token_ids.start, layout.image_token_ids.stop)
 
     def forward(i: int, ids: list[int], slots: list[int] | None, rows: list[int] | None = None, kept: int = 0):
         """Feed `ids` (the prompt, or tokens at image `slots`, the last ones drafts of `rows`) to stream

@@ -210,7 +210,7 @@ class CoupledTokens:
                 continue
             params = step.state(row).sampling_params
             key = (params.temperature, max(params.top_k or 0, 0), params.top_p, layout.codebook_size,
-                   layout.code_ids.start)
+                   layout.image_token_ids.start)
             groups.setdefault(key, []).append((row, position))
         for (temperature, top_k, top_p, codes, first_id), members in groups.items():
             last = torch.tensor([at[row].stop - 1 for row, _ in members], device=logits.device)

@@ -219,9 +219,9 @@ class GroupTables:
         self._tables: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}
 
     def __call__(self, layout, space: int) -> tuple[torch.Tensor, float]:
-        key = (layout.code_ids.start, space)
+        key = (layout.image_token_ids.start, space)
         if key not in self._tables:
-            start = layout.code_ids.start
+            start = layout.image_token_ids.start
             with torch.no_grad():
                 embeddings = self.model.embed_input_ids(
                     torch.arange(start, start + layout.codebook_size, device=self.device)).float()
@@ -552,7 +552,7 @@ class SJDRunner(StrategyRunner):
 
     @staticmethod
     def _token(layout, index: int, position: int) -> int:
-        return layout.forced(position) if index == layout.codebook_size else layout.code_ids.start + index
+        return layout.forced(position) if index == layout.codebook_size else layout.image_token_ids.start + index
 
     def takes_single(self, info):
         """A step at width 1 (load-aware) is vLLM's own, but for a coupled draw."""
@@ -595,7 +595,7 @@ class SJDRunner(StrategyRunner):
             # the siblings' slots follow the window's drafts (vLLM cuts spec slots past max_model_len
             # from the end: siblings first)
             extra = n - 1 - min(n - 1, draft_slots(info.decoding.window, layout.num_tokens - len(history)))
-            last = history[-1] - layout.code_ids.start
+            last = history[-1] - layout.image_token_ids.start
             state.first = len(history)
             if (behind := state.first - state.carried_at) > 0:
                 # Steps at width 1 (load-aware) committed tokens by vLLM's own path since the carry
@@ -606,7 +606,7 @@ class SJDRunner(StrategyRunner):
                                         step.generator(lead), self.device, codes,
                                         lambda position: layout.forced(position) is not None,
                                         self.coupled.seed(step, lead) if info.decoding.coupled else None)
-            first_id = layout.code_ids.start
+            first_id = layout.image_token_ids.start
             tokens = ([first_id + d for d in state.current.tokens] if space == codes else
                       [self._token(layout, d, state.first + i) for i, d in enumerate(state.current.tokens)])
             state.siblings = []

@@ -317,7 +317,7 @@ class ZipARRunner(StrategyRunner):
         out = {}
         for row in rows:
             schedule, t, layout = self._forwards[row]
-            offset = layout.code_ids.start
+            offset = layout.image_token_ids.start
             mine = [offset + c for c in codes[row]]
             n = len(mine)
             emitted = schedule.emitted(t)

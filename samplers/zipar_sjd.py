@@ -383,7 +383,7 @@ class ZipARSJDRunner(StrategyRunner):
             if image is None:
                 image = self.images[image_id] = _Image(wavefront(layout, info.decoding))
                 image.append(image.front.start())
-                image.codes[0] = step.state(lead).output_token_ids[0] - layout.code_ids.start
+                image.codes[0] = step.state(lead).output_token_ids[0] - layout.image_token_ids.start
             front, stride = image.front, layout.row_stride
             start, end = step.fed(lead)
             if front.opening() is not None and end - start != len(front.pending) + front.draft_count():
@@ -400,7 +400,7 @@ class ZipARSJDRunner(StrategyRunner):
                 image.drafts[chain.row] = drafts
                 draft_raster += [chain.row * stride + chain.first + i for i in range(chain.drafts)]
                 draft_rows += [chain.row] * chain.drafts
-                slot_tokens += [layout.code_ids.start + d for d in drafts.tokens]
+                slot_tokens += [layout.image_token_ids.start + d for d in drafts.tokens]
             pending = len(front.pending)
             # Logits rows: each chain's head, then its drafts (offsets among the fed tokens).
             logits, at = [], len(front.fed)
@@ -494,7 +494,7 @@ class ZipARSJDRunner(StrategyRunner):
     def _token(image, layout, entry: Entry) -> int:
         if entry.placed:
             return layout.forced(entry.raster)
-        return layout.code_ids.start + image.codes[entry.copy_of if entry.stand_in else entry.raster]
+        return layout.image_token_ids.start + image.codes[entry.copy_of if entry.stand_in else entry.raster]
 
     def report(self, step, row):
         return self.images[self._leads[row]].report

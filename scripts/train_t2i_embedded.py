@@ -394,7 +394,7 @@ class Sequences:
         body = torch.cat([tokens, torch.full((tokens.shape[0], 1), self.vocab.end_of_line)], 1).flatten()
         ids = torch.cat([torch.tensor(prefix), body, torch.tensor(self.end)])
         target = torch.full_like(ids, -100)
-        is_code = (ids >= self.vocab.code_ids.start) & (ids < self.vocab.code_ids.stop)
+        is_code = (ids >= self.vocab.image_token_ids.start) & (ids < self.vocab.image_token_ids.stop)
         target[:-1][is_code[1:]] = ids[1:][is_code[1:]]  # position t predicts token t + 1: the codes only
         return ids, target
 

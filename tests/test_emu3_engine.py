@@ -60,7 +60,7 @@ def test_emu3_negative_prompt_ratio_and_placed_tokens(emu3_generator, tiny_emu3)
     tokens = gen.llm.generate([p for p, _ in reqs], [sp for _, sp in reqs], use_tqdm=False)[0].outputs[0].token_ids
     vocab = emu3_t2i.vocab_of(gen.config)
     assert list(tokens[-3:]) == [vocab.end_of_frame, vocab.image_end, vocab.eos]
-    assert all(t == gen.layout.forced(i) if gen.layout.forced(i) is not None else t in vocab.code_ids
+    assert all(t == gen.layout.forced(i) if gen.layout.forced(i) is not None else t in vocab.image_token_ids
                for i, t in enumerate(tokens))
 
 

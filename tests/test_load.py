@@ -302,7 +302,7 @@ def test_a_load_aware_sjd_carry_stays_aligned_across_steps_at_width_1(tiny_gener
     runner = SJDRunner(tiny_generator.config, None, "", "cpu")
     layout = runner.layout
     info = ImageRequestInfo("image", "single", 1.0, Decoding("sjd", 4, init="horizontal", load_aware=True))
-    state = SimpleNamespace(output_token_ids=[layout.code_ids.start] * 5,
+    state = SimpleNamespace(output_token_ids=[layout.image_token_ids.start] * 5,
                             sampling_params=SimpleNamespace(temperature=1.0, top_k=0, top_p=1.0, seed=0))
 
     def step(fed):
@@ -316,12 +316,12 @@ def test_a_load_aware_sjd_carry_stays_aligned_across_steps_at_width_1(tiny_gener
         return logits
 
     wide = step(4)  # the last token and 3 drafts (copies of code 0, horizontal)
-    assert runner.prepare(wide, [0])[0].slot_tokens == [layout.code_ids.start] * 3
+    assert runner.prepare(wide, [0])[0].slot_tokens == [layout.image_token_ids.start] * 3
     committed = runner.emit(wide, [0], one_hot([1, 2, 3, 4]), [slice(0, 4)])[0]
-    assert committed == [layout.code_ids.start + 1]  # the first draft rejected; 2, 3, 4 carried for the next
-    state.output_token_ids += committed + [layout.code_ids.start + 9]  # then a step at width 1
+    assert committed == [layout.image_token_ids.start + 1]  # the first draft rejected; 2, 3, 4 carried for the next
+    state.output_token_ids += committed + [layout.image_token_ids.start + 9]  # then a step at width 1
     drafts = runner.prepare(step(4), [0])[0].slot_tokens
-    assert drafts[:2] == [layout.code_ids.start + 3, layout.code_ids.start + 4]  # the draft for 2 is spent
+    assert drafts[:2] == [layout.image_token_ids.start + 3, layout.image_token_ids.start + 4]  # the draft for 2 is spent
 
 
 def test_zipar_windows_chosen_at_admission_pay_alone_and_not_under_load():

@@ -71,7 +71,7 @@ def test_engine_places_end_of_line_and_image_end(lumina_generator, tiny_lumina):
     layout = gen.layout
     vocab = lumina.vocab_of(gen.config)
     for i, t in enumerate(tokens):
-        assert t == layout.forced(i) if layout.forced(i) is not None else t in vocab.code_ids
+        assert t == layout.forced(i) if layout.forced(i) is not None else t in vocab.image_token_ids
     assert tokens[-1] == vocab.image_end and tokens[layout.cols] == vocab.end_of_line
     assert list(out[1].outputs[0].token_ids) == list(tokens)  # both streams carry the image
 
@@ -180,7 +180,7 @@ def test_paced_rows_place_their_ends_of_line_early_or_at_the_row_s_end(lumina_ge
             out = gen.llm.generate([p for p, _ in reqs], [sp for _, sp in reqs], use_tqdm=False)
         tokens = out[0].outputs[0].token_ids
         assert list(tokens) == list(out[1].outputs[0].token_ids) and len(tokens) == layout.num_tokens
-        assert all(t == layout.forced(i) if layout.forced(i) is not None else t in layout.code_ids
+        assert all(t == layout.forced(i) if layout.forced(i) is not None else t in layout.image_token_ids
                    for i, t in enumerate(tokens))
 
 
@@ -203,7 +203,7 @@ def test_sampled_zipar_sjd_places_its_tokens_and_follows_its_seed(lumina_generat
     tokens = out[0].outputs[0].token_ids
     layout = gen.layout
     assert list(tokens) == list(out[1].outputs[0].token_ids) and len(tokens) == layout.num_tokens  # raster order
-    assert all(t == layout.forced(i) if layout.forced(i) is not None else t in layout.code_ids
+    assert all(t == layout.forced(i) if layout.forced(i) is not None else t in layout.image_token_ids
                for i, t in enumerate(tokens))
 
 
@@ -284,7 +284,7 @@ def enumerate_lumina_images(gen, hf, text: str, guidance_scale: float, size) -> 
 
     cond, uncond, size = prompt_pair(gen.config, text, None, size, gen.tokenizer)
     layout = gen.family.image_layout(gen.config, size)
-    ids = layout.code_ids
+    ids = layout.image_token_ids
     images = list(itertools.product(ids, repeat=layout.num_codes))
     seqs = []
     for codes in images:
@@ -316,7 +316,7 @@ def test_sampled_sjd_follows_the_exact_distribution(enumerable_lumina, decoding)
     gen, hf = enumerable_lumina
     sampling = dict(guidance_scale=2.0, temperature=1.0, top_k=0)
     images = gen.generate(prompts=["a red cat"], n=3000, seed=0, size="64x32", **sampling, **decoding)
-    samples = [tuple((im.codes.flatten() - gen.layout.code_ids.start).tolist()) for im in images]
+    samples = [tuple((im.codes.flatten() - gen.layout.image_token_ids.start).tolist()) for im in images]
     exact = enumerate_lumina_images(gen, hf, "a red cat", 2.0, (64, 32))
     assert chi_square_p(samples, exact) > 1e-3
 

@@ -130,10 +130,10 @@ def test_lumina_code_mapping_matches_transformers():
     mapping = ChameleonImageVocabularyMapping(vocab)
     for source in (hf, tok, vocab):
         v = lumina.LuminaVocab.of(source)
-        assert list(v.code_ids) == mapping.image_tokens == list(range(4, 4 + N_CODES))
-        assert {t: int(v.bpe2img[t - v.code_ids.start]) for t in v.code_ids} == mapping.bpe2img
+        assert list(v.image_token_ids) == mapping.image_tokens == list(range(4, 4 + N_CODES))
+        assert {t: int(v.bpe2img[t - v.image_token_ids.start]) for t in v.image_token_ids} == mapping.bpe2img
         assert torch.equal(v.img2bpe, mapping.img2bpe_mapping_tensor.long())
-        assert torch.equal(v.img2bpe[v.bpe2img], torch.arange(v.code_ids.start, v.code_ids.stop))
+        assert torch.equal(v.img2bpe[v.bpe2img], torch.arange(v.image_token_ids.start, v.image_token_ids.stop))
         assert not torch.equal(v.bpe2img, torch.arange(N_CODES))  # a real permutation is exercised
         assert int(v.img2bpe[12]) == vocab[code_name(12)] and int(v.bpe2img[vocab[code_name(12)] - 4]) == 12
         assert (v.bos, v.image_end, v.image_start) == (0, vocab["<eoss>"], vocab["<racm3:break>"])
@@ -158,7 +158,7 @@ def test_lumina_layout(size):
     layout = lumina.image_layout(hf, size, target_size=128)
     w, h = size
     assert (layout.rows, layout.cols) == (h // 16, w // 16)
-    assert layout.code_ids == range(4, 4 + N_CODES)
+    assert layout.image_token_ids == range(4, 4 + N_CODES)
     assert layout.row_end == vocab["<reserved08799>"] and layout.image_end == (vocab["<eoss>"],)
     assert layout.num_tokens == layout.rows * (layout.cols + 1) + 1
     roles = layout_sequence(layout)
@@ -179,7 +179,7 @@ def test_lumina_real_ids():
     vocab.update({code_name(c): 4 + i for i, c in enumerate(codes)})
     vocab.update({f"<reserved{j:05d}>": j + 4 for j in range(8194, 9000) if j != 8707})
     layout = lumina.image_layout(vocab, (768, 768), 768)
-    assert layout.code_ids == range(4, 8196)
+    assert layout.image_token_ids == range(4, 8196)
     assert (layout.row_end, layout.image_end, layout.num_tokens) == (8803, (8196,), 2353)
     # with the 3 header tokens and the closing 8710: SJD's "Steps: 2357" for Lumina-mGPT 768
     assert 3 + layout.num_tokens + 1 == 2357
@@ -306,14 +306,14 @@ def test_emu3_layout(ratio):
         layout = emu3.image_layout(source, ratio, TINY_AREA)
         assert (layout.rows, layout.cols) == emu3.grid(ratio, TINY_AREA)
         first = vocab["<|visual token 000000|>"]
-        assert layout.code_ids == range(first, first + N_VISUAL)
+        assert layout.image_token_ids == range(first, first + N_VISUAL)
         assert layout.row_end == vocab["<|extra_200|>"]
         assert layout.image_end == (vocab["<|extra_201|>"], vocab["<|image end|>"], vocab["<|extra_204|>"])
         assert layout.num_tokens == layout.rows * (layout.cols + 1) + 3
         roles = layout_sequence(layout)
         assert roles == [emu3_rule(layout, k) for k in range(1, len(roles) + 1)]
     v = emu3.Emu3Vocab.of(hf)
-    assert torch.equal(v.img2bpe[v.bpe2img], torch.arange(v.code_ids.start, v.code_ids.stop))
+    assert torch.equal(v.img2bpe[v.bpe2img], torch.arange(v.image_token_ids.start, v.image_token_ids.stop))
     assert emu3.image_layout(hf, "1:1", TINY_AREA).num_tokens == 75
 
 
@@ -327,7 +327,7 @@ def test_emu3_real_ids():
     assert (v.bos, v.eos, v.end_of_line, v.end_of_frame) == (151849, 151850, 151846, 151847)
     assert (v.image_token, v.image_start, v.image_end) == (151851, 151852, 151853)
     layout = emu3.image_layout(vocab, "1:1")
-    assert layout.code_ids == range(151854, 184622)
+    assert layout.image_token_ids == range(151854, 184622)
     assert (layout.row_end, layout.image_end) == (151846, (151847, 151853, 151850))
     assert layout.num_tokens == 8193  # SJD's "Steps: 8193" for Emu3-Gen 720
 

@@ -120,7 +120,7 @@ def test_image_layouts_of_the_class_to_image_families():
 
     llamagen = tiny_config(grid=8)
     layout = image_layout(llamagen)
-    assert (layout.rows, layout.cols, layout.code_ids, layout.num_tokens) == (8, 8, range(llamagen.codebook_size), 64)
+    assert (layout.rows, layout.cols, layout.image_token_ids, layout.num_tokens) == (8, 8, range(llamagen.codebook_size), 64)
     assert image_layout(llamagen) is layout  # computed once per config
     var = tiny_var_config()
     assert image_layout(var).num_tokens == var.num_image_tokens == 30 and image_layout(var).rows == 4

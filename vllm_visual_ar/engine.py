@@ -34,8 +34,8 @@ def engine_kwargs(model: str | None = None, max_images_in_flight: int = 16, **ov
 
     model_dir = resolve_model_dir(model)
     config = family_of(model_dir).config(model_dir)
-    # Room for every image in flight to take its widest step at once (VAR: its largest scale; CoDe:
-    # the refiner's hand-off, which at most feeds every scale but the last).
+    # Room for every image in flight to take its widest step at once (for a next-scale family, its
+    # largest scale, or a hand-off between two models that feeds every scale but the last).
     widest = max(image_need(config, decoding, True, block_size=16).tokens_per_step
                  for decoding in strategy_for(config, Decoding()).budget_decodings(config))
     kwargs = dict(
@@ -50,14 +50,15 @@ def engine_kwargs(model: str | None = None, max_images_in_flight: int = 16, **ov
                                    config.max_position_embeddings if family_of(model_dir).takes_text else 0),
         seed=0,
         # Image requests share no prefix worth caching (a one-token prompt), and a cached block is
-        # matched by token ids alone, while ZipAR places the same ids at other raster positions.
+        # matched by token ids alone, while a row-parallel strategy places the same ids at other
+        # raster positions.
         enable_prefix_caching=False,
-        # The plugin's runner returns a variable number of tokens per request and step (ZipAR),
+        # The plugin's runner returns a variable number of tokens per request and step,
         # which vLLM's async scheduling does not carry.
         async_scheduling=False,
     )
     # Eager mode everywhere: the plugin's runner changes positions, logits rows and attention per
-    # step (ZipAR), which CUDA graphs captured for one-token decode batches would not see.
+    # step, which CUDA graphs captured for one-token decode batches would not see.
     kwargs["enforce_eager"] = True
     if is_cpu():
         # AVX2-only CPUs emulate bf16 slowly.

@@ -33,10 +33,10 @@ class ImageLayout:
     rows of `cols` codes, each row followed by `row_end` when the family writes one (an end-of-line
     token, placed by the engine, never sampled), then `image_end` (tokens placed after the last row);
     a next-scale family (VAR) generates `num_tokens` codes scale by scale instead. Codes are sampled
-    among the token ids `code_ids` (a contiguous range; the decoder maps them to codebook entries)."""
+    among the token ids `image_token_ids` (a contiguous range; the decoder maps them to codebook entries)."""
     rows: int
     cols: int
-    code_ids: range
+    image_token_ids: range
     row_end: int | None = None
     image_end: tuple[int, ...] = ()
     scale_tokens: int | None = None  # next-scale families: codes over all scales (rows * cols is the last)
@@ -59,7 +59,7 @@ class ImageLayout:
 
     @property
     def codebook_size(self) -> int:
-        return len(self.code_ids)
+        return len(self.image_token_ids)
 
     def forced(self, index: int) -> int | None:
         """The token the engine places at generated token `index` (an end of line or an image end),

@@ -1,5 +1,5 @@
 """vLLM scheduler for image requests: classifier-free-guidance pairs advance in lockstep, and each
-request is decoded by its strategy (`samplers/`), which this scheduler asks and never names.
+request is stepped by its strategy (`samplers/`), which this scheduler asks and never names.
 
 A guided image is two requests (cond, uncond; see `requests.py`) whose logits the runner mixes in
 every step, so both must be scheduled together or not at all. vLLM's scheduler admits, budgets and

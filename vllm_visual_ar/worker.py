@@ -1,4 +1,4 @@
-"""vLLM worker whose model runner decodes images: guided pairs sampled as one, and each request's
+"""vLLM worker whose model runner samples images: guided pairs sampled as one, and each request's
 forward shaped by its decoding strategy (`samplers/`), which this runner asks and never names.
 
 Guidance: the runner mixes each pair's logits over the image tokens as the model family says
@@ -71,7 +71,7 @@ class VisualARRunnerMixin:
         """The vocabulary ids of image tokens (the family's layout): guidance mixes them, strategies
         read their logits."""
         if self._image_ids is None:
-            ids = image_layout(self.model_config.hf_config).code_ids
+            ids = image_layout(self.model_config.hf_config).image_token_ids
             self._image_ids = slice(ids.start, ids.stop)
         return self._image_ids
 
@@ -89,7 +89,7 @@ class VisualARRunnerMixin:
                 continue
             if self._places_tokens is None:  # asked of the family's default layout once
                 default = image_layout(config)
-                self._places_tokens = bool(default.row_end is not None or default.image_end or default.code_ids.start)
+                self._places_tokens = bool(default.row_end is not None or default.image_end or default.image_token_ids.start)
                 if not self._places_tokens:
                     return
             layout = image_layout(config, info.size)
@@ -99,8 +99,8 @@ class VisualARRunnerMixin:
                 logits[at].fill_(float("-inf"))
                 logits[at, forced] = 0.0
             else:
-                logits[at, : layout.code_ids.start] = float("-inf")
-                logits[at, layout.code_ids.stop:] = float("-inf")
+                logits[at, : layout.image_token_ids.start] = float("-inf")
+                logits[at, layout.image_token_ids.stop:] = float("-inf")
 
     def _half_of(self, cls) -> StrategyRunner | None:
         if cls.runner is None:
@@ -184,7 +184,7 @@ class VisualARRunnerMixin:
 
     # -- inputs ----------------------------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        logits_indices, spec_decode_metadata, max_sampled = super()._prepare_inputs(
+        logits_indices, spec_metadata, max_sampled = super()._prepare_inputs(
             scheduler_output, num_scheduled_tokens)
         self._step_layout = None
         model = self.get_model()
@@ -205,7 +205,7 @@ class VisualARRunnerMixin:
                     single or (fed[row] > 1 and computed[row] >= prompt_lens[row])):
                 by_half.setdefault(half, []).append(row)
         if not by_half:
-            return logits_indices, spec_decode_metadata, max_sampled
+            return logits_indices, spec_metadata, max_sampled
         step = self._step()
         plans: dict[int, RowPlan] = {}
         planned = []
@@ -215,8 +215,8 @@ class VisualARRunnerMixin:
                 plans.update(mine)
                 planned.append((half, sorted(mine)))
         if not plans:
-            return logits_indices, spec_decode_metadata, max_sampled
-        if spec_decode_metadata is not None:
+            return logits_indices, spec_metadata, max_sampled
+        if spec_metadata is not None:
             raise RuntimeError("requests whose strategy rewrites their forward cannot run in an engine with "
                                "vLLM's speculative decoding enabled")
         if all(plan is DRAW_ONLY for plan in plans.values()):  # vLLM's forward: only the draws are planned
@@ -277,13 +277,13 @@ class VisualARRunnerMixin:
             setattr(output, RUNNER_REPORTS, self._reports)
         return output
 
-    def _sample(self, logits, spec_decode_metadata):
+    def _sample(self, logits, spec_metadata):
         if logits is not None and (owner := self._batch_owner()) is not None:
             ids = owner.sample_batch(self._step(), logits)
             return SamplerOutput(sampled_token_ids=ids.to(self.device), logprobs_tensors=None)
         layout = self._step_layout
-        if logits is None or spec_decode_metadata is not None:
-            return super()._sample(logits, spec_decode_metadata)
+        if logits is None or spec_metadata is not None:
+            return super()._sample(logits, spec_metadata)
         guided = self._guidance_rows()
         image_ids = self._image_id_slice() if guided is not None or layout is not None else None
         rows = layout.logits_rows if layout is not None else [slice(i, i + 1) for i in range(logits.shape[0])]
@@ -293,7 +293,7 @@ class VisualARRunnerMixin:
             logits[cond, image_ids] = mixed.to(logits.dtype)
         self._place_forced_tokens(logits, rows, {r for _, mine in layout.planned for r in mine} if layout else ())
         if layout is None:
-            output = super()._sample(logits, spec_decode_metadata)
+            output = super()._sample(logits, spec_metadata)
             if guided is not None:
                 output.sampled_token_ids[guided[1]] = output.sampled_token_ids[guided[0]]
             return output
