@@ -129,3 +129,32 @@ def test_image_layouts_of_the_class_to_image_families():
     # a text-to-image layout: an end-of-line token after each row and two tokens after the image
     t2i = ImageLayout(3, 4, range(100, 164), row_end=7, image_end=(8, 9))
     assert (t2i.row_stride, t2i.num_tokens, t2i.num_codes, t2i.codebook_size) == (5, 17, 12, 64)
+
+
+def test_bench_accel_checks_the_targets_on_its_table():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from bench_accel import targets
+    from common import markdown_table
+
+    header = ["decoding", "forwards/image", "vs raster", "tokens/forward", "draft acceptance",
+              "images/s, 1 in flight", "speed-up (range)", "speed-up / step compression",
+              "images/s, 16 in flight", "speed-up (range)", "class agreement (200 images)", "Fréchet distance"]
+
+    def row(name, compression, share, loaded, agreement=0.92, frechet=18.5):
+        return [name, "-", "-", f"{compression:.2f}", "-", "1", "1.00x (1-1)", f"{share:.2f}", "1",
+                f"{loaded:.2f}x (0.9-1.1)", f"{agreement:.3f}", f"{frechet:.2f}"]
+
+    def check(loaded, hybrid):
+        table = markdown_table(header, [row("raster", 1, 1, 1.02), row("SJD L=64 + coupled", 4.5, 0.86, 0.5),
+                                        row("SJD L=64, load-aware", 1, 1.5, loaded),
+                                        row("ZipAR w=4 x SJD L=16 (lossy)", hybrid, 0.9, 0.4, 0.91, 18.6)])
+        return {line.split(" | ")[0].strip("| ")[:12]: line.split(" | ")[-1].strip(" |")
+                for line in targets(table, 0.3).splitlines()[2:]}
+
+    met = check(1.01, 5.2)
+    assert met == {"lossless row": "met", "ZipAR x SJD ": "met", "latency gain": "met", "load-aware: ": "met"}
+    missed = check(0.96, 3.5)
+    assert missed["load-aware: "] == "missed by 0.04 at worst (SJD L=64, load-aware, 16 in flight)"
+    assert missed["ZipAR x SJD "] == "missed by 1.50x (3.50x of 5x)"
